@@ -1,0 +1,1 @@
+"""Hydra configs of the commands (package data): `<command>.yaml` plus groups such as strategy/."""
