@@ -1,0 +1,43 @@
+"""Backends: where the engine's decisions happen. `sim` keeps two clocks from a hardware profile; `torch`
+moves real expert weights. Both get the same calls from the one replay loop (moesim/engine.py), make no
+policy decisions, and report what happened to a moesim.profiler.Profiler.
+
+Call order, per run:   setup  (begin_step  (load* compute)*L  end_step)*  finish
+"""
+from __future__ import annotations
+
+from strategies import Key
+
+
+class Backend:
+    """The interface the engine drives. Units: slots are indices into the device pool [0, n_slots)."""
+
+    name = "base"
+
+    def setup(self, spec, n_slots: int, profiler) -> None:
+        """Allocate what the run needs before the replay: `n_slots` device slots for routed experts, the
+        model's shared experts resident on the device; events go to `profiler`."""
+        raise NotImplementedError
+
+    def begin_step(self, step: int, n_tokens: int) -> None:
+        """A forward pass over `n_tokens` tokens starts."""
+
+    def load(self, key: Key, slot: int, prefetch: bool) -> None:
+        """Copy `key`'s weights from host memory into device slot `slot` (asynchronously where the device
+        allows: a later `compute` that needs `key` waits for it). `prefetch`: issued ahead of need."""
+        raise NotImplementedError
+
+    def compute(self, layer: int, device: list[tuple[Key, int, int]], host: list[tuple[Key, int]]) -> None:
+        """Run layer `layer`: `device` lists (key, slot, n_tokens) of experts computed from device slots
+        (waiting for their loads), `host` lists (key, n_tokens) computed on the host from host copies."""
+        raise NotImplementedError
+
+    def end_step(self) -> None:
+        """The forward pass ends (its latency is recorded)."""
+
+    def finish(self) -> None:
+        """The replay is over: wait for outstanding work, release device memory."""
+
+    def device_bytes(self) -> int:
+        """Peak device memory the run held for expert weights (routed slots + shared experts), bytes."""
+        raise NotImplementedError

@@ -1,0 +1,210 @@
+"""Residency of routed experts in device memory: slots, scope, pinning, the one miss path, counters.
+
+    cache = Cache(spec, n_slots=192, scope="per_layer", make_policy=LRU, trace=trace)
+    misses = cache.lookup(pos, layer, keys)     # pins `keys`; the policy sees the hits
+    for key in misses: slot, evicted = cache.insert(pos, key)
+    cache.release()                             # the layer has computed: unpin
+
+The cache owns capacity, scope, pinning and counters; a policy (strategies/) only chooses victims among
+the keys that are resident in its partition and not pinned. In `per_layer` scope each layer owns an equal
+share of the slots (budget // layers; the remainder stays unused and is reported); in `global` scope one
+pool serves all layers. Slots are indices into the device pool a backend allocates once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from strategies import CachePolicy, Context, Key
+
+from .errors import MoesimError
+from .trace import ModelSpec, Trace
+
+SCOPES = ("per_layer", "global")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Device memory for routed experts, resolved to slots."""
+
+    slots: int  # slots actually usable (per_layer: layers * per_layer_slots)
+    requested: str  # what the user asked for, as written
+    bytes: int  # slots * bytes per expert
+    per_layer_slots: int | None  # per_layer scope: each layer's share
+
+    def to_dict(self) -> dict:
+        return {"slots": self.slots, "bytes": self.bytes, "requested": self.requested,
+                "per_layer_slots": self.per_layer_slots}
+
+
+def parse_budget(value, spec: ModelSpec, scope: str) -> Budget:
+    """`192` slots, `25%` of all routed experts, or bytes (`4GiB`, `500MiB`, `1.5GB`) -> Budget.
+
+    Refuses, with the numbers, a budget that cannot hold one layer's top-k (per layer or in the pool)."""
+    if scope not in SCOPES:
+        raise MoesimError(f"scope={scope!r}: expected one of {', '.join(SCOPES)}")
+    text = str(value).strip()
+    total = spec.total_experts
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)", text)
+    if not m:
+        raise MoesimError(f"budget={text!r}: expected a number of slots (192), a share (25%) or bytes (4GiB, 500MiB)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "":
+        if num != int(num):
+            raise MoesimError(f"budget={text!r}: a number of slots must be whole")
+        slots = int(num)
+    elif unit == "%":
+        if not 0 < num <= 100:
+            raise MoesimError(f"budget={text!r}: a share must be in (0%, 100%]")
+        slots = round(total * num / 100)
+    elif unit in _UNITS:
+        slots = int(num * _UNITS[unit] // spec.bytes_per_expert)
+    else:
+        raise MoesimError(f"budget={text!r}: unknown unit {m.group(2)!r}; use %, B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
+    slots = min(slots, total)  # more slots than experts holds everything; the extra would stay empty
+    per_layer = None
+    if scope == "per_layer":
+        per_layer = slots // spec.layers
+        if per_layer < spec.top_k:
+            raise MoesimError(
+                f"budget={text!r} gives {slots} slots = {per_layer} per layer over {spec.layers} layers, "
+                f"but each layer needs at least top-k = {spec.top_k} ({spec.top_k * spec.layers} slots, "
+                f"{spec.top_k * spec.layers * spec.bytes_per_expert / 2**30:.2f} GiB for {spec.name})")
+        slots = per_layer * spec.layers
+    elif slots < spec.top_k:
+        raise MoesimError(f"budget={text!r} gives {slots} slots, but one layer needs top-k = {spec.top_k} "
+                          f"({spec.top_k * spec.bytes_per_expert / 2**20:.0f} MiB for {spec.name})")
+    return Budget(slots, text, slots * spec.bytes_per_expert, per_layer)
+
+
+class _Candidates:
+    """Keys of one partition that are resident and not pinned (what a policy may evict)."""
+
+    __slots__ = ("_resident", "_pinned")
+
+    def __init__(self, resident: dict, pinned: set):
+        self._resident, self._pinned = resident, pinned
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._resident and key not in self._pinned
+
+    def __iter__(self) -> Iterator[Key]:
+        return (k for k in self._resident if k not in self._pinned)
+
+    def __len__(self) -> int:
+        return sum(1 for k in self._resident if k not in self._pinned)
+
+
+@dataclass
+class Partition:
+    capacity: int
+    layers: tuple[int, ...]
+    policy: CachePolicy
+    slots: list[int]  # the device slots this partition owns
+    resident: dict = field(default_factory=dict)  # Key -> slot
+    free: list = field(default_factory=list)  # free slots
+
+
+@dataclass
+class Counters:
+    """Owned by the mechanism, never by policies."""
+
+    requests: int = 0  # expert requests: distinct experts per (step, layer)
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0  # copies into the device (demand + prefetch)
+    prefetch_loads: int = 0
+    evictions: int = 0
+    host_computes: int = 0  # misses computed on the host instead of loaded
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Cache:
+    """Device residency of routed experts under one budget and scope; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, n_slots: int, scope: str, make_policy: Callable[[], CachePolicy],
+                 trace: Trace | None = None):
+        if scope not in SCOPES:
+            raise MoesimError(f"scope={scope!r}: expected one of {', '.join(SCOPES)}")
+        self.spec, self.n_slots, self.scope, self.trace = spec, n_slots, scope, trace
+        L = spec.layers
+        if scope == "per_layer":
+            share = n_slots // L
+            groups = [((l,), list(range(l * share, (l + 1) * share))) for l in range(L)]
+        else:
+            groups = [(tuple(range(L)), list(range(n_slots)))]
+        self.partitions = [Partition(len(slots), layers, make_policy(), slots) for layers, slots in groups]
+        self.part_of_layer = [0] * L if scope == "global" else list(range(L))
+        self.pinned: set[Key] = set()
+        self.counters = Counters()
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache (counters are kept) and set the policies up again."""
+        for p in self.partitions:
+            for key in list(p.resident):
+                p.policy.on_evict(key)
+            p.resident.clear()
+            p.free = list(reversed(p.slots))
+            p.policy.setup(Context(self.trace, self.spec, p.layers, p.capacity, self.scope))
+        self.pinned.clear()
+
+    def is_resident(self, key: Key) -> bool:
+        return key in self.partitions[self.part_of_layer[key[0]]].resident
+
+    def slot_of(self, key: Key) -> int:
+        return self.partitions[self.part_of_layer[key[0]]].resident[key]
+
+    def lookup(self, pos: int, layer: int, keys: list[Key]) -> list[Key]:
+        """Request `keys` (distinct, best first) of `layer` at `pos`: pins them all, tells the policy the
+        hits (in order), counts, and returns the misses in order."""
+        p = self.partitions[self.part_of_layer[layer]]
+        hits = [k for k in keys if k in p.resident]
+        misses = [k for k in keys if k not in p.resident]
+        self.pinned.update(keys)
+        c = self.counters
+        c.requests += len(keys)
+        c.hits += len(hits)
+        c.misses += len(misses)
+        if hits:
+            p.policy.on_access(pos, hits)
+        return misses
+
+    def insert(self, pos: int, key: Key, prefetched: bool = False) -> tuple[int, Key | None] | None:
+        """Make `key` resident: a free slot, else the policy's victim among unpinned residents.
+        Returns (slot, evicted key or None), or None if every resident is pinned (a prefetch then waits;
+        a demand miss cannot hit this case, since the budget holds top-k per layer)."""
+        p = self.partitions[self.part_of_layer[key[0]]]
+        evicted = None
+        if p.free:
+            slot = p.free.pop()
+        else:
+            resident = p.resident
+            if len(resident) <= sum(1 for k in self.pinned if k in resident):
+                return None  # everything resident is in use
+            cand = _Candidates(resident, self.pinned)
+            evicted = p.policy.victim(cand)
+            if evicted not in cand:
+                raise RuntimeError(f"{type(p.policy).__name__}.victim returned {evicted}, which is not a "
+                                   f"resident, unpinned key of its partition")
+            slot = p.resident.pop(evicted)
+            p.policy.on_evict(evicted)
+            self.counters.evictions += 1
+        p.resident[key] = slot
+        p.policy.on_insert(pos, key, prefetched)
+        self.counters.loads += 1
+        if prefetched:
+            self.counters.prefetch_loads += 1
+        return slot, evicted
+
+    def release(self) -> None:
+        """The running layer has computed: its experts may be evicted again."""
+        self.pinned.clear()
+
+    def resident_count(self) -> int:
+        return sum(len(p.resident) for p in self.partitions)
