@@ -32,12 +32,15 @@ def compose(command: str, overrides: list[str]):
     """The resolved config of `command` with Hydra `overrides` applied (what tests call too)."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_module(config_module="moesim.conf", version_base="1.3"):
-            return hydra_compose(config_name=command, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
+            cfg = hydra_compose(config_name=command, overrides=overrides)
+        OmegaConf.resolve(cfg)  # a bad ${...} is an option error now, not a traceback later
+        return cfg
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: Hydra on `=1`
         msg = " ".join(str(e).split())
         raise MoesimError(f"{command}: bad option: {msg}") from None
 

@@ -105,8 +105,16 @@ class ModelSpec:
                 raise TraceError(f"{where}.{n}: expected a positive integer, got {v!r}")
         if spec.top_k > spec.experts:
             raise TraceError(f"{where}.top_k: {spec.top_k} is more than experts={spec.experts}")
-        if not (isinstance(spec.bits_per_weight, (int, float)) and spec.bits_per_weight > 0):
-            raise TraceError(f"{where}.bits_per_weight: expected a positive number, got {spec.bits_per_weight!r}")
+        for n in ("shared_experts", "shared_ffn"):
+            v = getattr(spec, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise TraceError(f"{where}.{n}: expected an integer >= 0, got {v!r}")
+        for n in ("name", "dtype"):
+            if not isinstance(getattr(spec, n), str):
+                raise TraceError(f"{where}.{n}: expected a string, got {getattr(spec, n)!r}")
+        b = spec.bits_per_weight
+        if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
+            raise TraceError(f"{where}.bits_per_weight: expected a positive number, got {b!r}")
         return spec
 
 
@@ -219,13 +227,16 @@ class Trace:
         """int64 [S+1]: token index where each step starts, and T at the end."""
         if not hasattr(self, "_step_starts"):
             s = np.asarray(self.step)
-            change = np.flatnonzero(s[1:] != s[:-1]) + 1 if len(s) else np.zeros(0, np.int64)
-            self._step_starts = np.concatenate([[0], change, [len(s)]]).astype(np.int64)
+            if len(s) == 0:  # no tokens, no steps
+                self._step_starts = np.zeros(1, np.int64)
+            else:
+                change = np.flatnonzero(s[1:] != s[:-1]) + 1
+                self._step_starts = np.concatenate([[0], change, [len(s)]]).astype(np.int64)
         return self._step_starts
 
     @property
     def n_steps(self) -> int:
-        return len(self.step_starts) - 1 if self.n_tokens else 0
+        return len(self.step_starts) - 1
 
     @property
     def n_seqs(self) -> int:
@@ -293,7 +304,11 @@ def _read_header(path: Path) -> tuple[dict, int]:
     size = path.stat().st_size
     if size < 8:
         raise TraceError(f"{path}: not a safetensors file ({size} bytes; a header length of 8 bytes is missing)")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TraceError(f"{path}: cannot be read ({e.strerror})") from None
+    with f:
         n = int.from_bytes(f.read(8), "little")
         if n < 2 or n > 100 * 2**20:
             raise TraceError(f"{path}: not a safetensors file (header length {n} is not plausible)")
@@ -302,7 +317,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: deep nesting
         raise TraceError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise TraceError(f"{path}: not a safetensors file (header is not a JSON object)")
@@ -348,12 +363,15 @@ def load_trace(path: str | os.PathLike, validate: bool = True) -> Trace:
             raise TraceError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected {tag}")
         shape, offs = info["shape"], info["data_offsets"]
         if (not isinstance(shape, list) or len(shape) != rank
-                or not all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise TraceError(f"{path}: tensor {name!r} has shape {shape}, expected rank {rank}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1]):
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise TraceError(f"{path}: tensor {name!r} has shape {shape}, expected rank {rank} of integers >= 0")
+        # numpy's limit: the size ignoring zero dimensions must fit in an int64 (else np.zeros/np.memmap fail)
+        if math.prod(max(d, 1) for d in shape) * np.dtype(np_dtype).itemsize >= 2**63:
+            raise TraceError(f"{path}: tensor {name!r} has shape {shape}, too large to be a trace")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs) and 0 <= offs[0] <= offs[1]):
             raise TraceError(f"{path}: tensor {name!r} has bad data_offsets {offs}")
-        nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize  # exact: np.prod wraps around in int64
         if offs[1] - offs[0] != nbytes:
             raise TraceError(f"{path}: tensor {name!r}: data_offsets span {offs[1] - offs[0]} bytes, "
                              f"shape {shape} of {tag} needs {nbytes}")
@@ -397,12 +415,12 @@ def validate_shapes(tr: Trace, where: str) -> None:
         raise TraceError(f"{where}: tensor 'predicted' has shape {list(p.shape)}, expected [{T}, {L}, P]")
 
 
-CHUNK_TOKENS = 1 << 16  # tokens checked at a time: bounded memory whatever the trace's length
+CHUNK_ELEMENTS = 1 << 22  # ids checked at a time (T*L*K elements): bounded memory whatever the trace's shape
 
 
 def validate_arrays(tr: Trace, where: str) -> None:
     """Check every value: ids in range and unique per row, weights finite and >= 0, step non-decreasing,
-    phase 0/1. Scans in chunks of CHUNK_TOKENS so a memory-mapped trace is never loaded whole."""
+    phase 0/1. Scans in chunks of CHUNK_ELEMENTS ids so a memory-mapped trace is never loaded whole."""
     validate_shapes(tr, where)
     for name, (np_dtype, _, _) in TENSORS.items():
         a = getattr(tr, name)
@@ -411,8 +429,9 @@ def validate_arrays(tr: Trace, where: str) -> None:
     E = tr.spec.experts
     T = tr.n_tokens
     prev_step = None
-    for lo in range(0, T, CHUNK_TOKENS):
-        hi = min(T, lo + CHUNK_TOKENS)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, tr.n_layers * tr.top_k))  # tokens
+    for lo in range(0, T, chunk):
+        hi = min(T, lo + chunk)
         e = np.asarray(tr.experts[lo:hi])
         _check_ids(e, E, "experts", lo, where)
         w = np.asarray(tr.weights[lo:hi])

@@ -1,0 +1,149 @@
+"""Tests of the command line dispatcher (moesim/__main__.py): listing, --help, bad options, exit codes.
+
+    pytest tests/test_cli.py -q
+
+The commands themselves (stats, import, run) are tested in their own files; here only the paths that
+compose a config without running one, plus the error handling around a command, are exercised.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+import moesim.__main__ as cli
+from moesim.__main__ import COMMANDS, compose, main
+from moesim.errors import MoesimError, TraceError
+
+
+def command_lines(text: str) -> dict[str, str]:
+    """{command: its help} from the lines of `text` that list a command."""
+    out = {}
+    for line in text.splitlines():
+        words = line.split(maxsplit=1)
+        if len(words) == 2 and words[0] in COMMANDS and line.startswith("  "):
+            assert words[0] not in out, f"{words[0]} listed twice"
+            out[words[0]] = words[1]
+    return out
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"], ["help"]])
+def test_lists_commands(capsys, argv):
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "usage: python -m moesim <command>" in out
+    assert command_lines(out) == {name: help_ for name, (_, help_) in COMMANDS.items()}  # one line each
+
+
+def test_unknown_command(capsys):
+    assert main(["nosuchcommand", "x=1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[0] == "moesim: unknown command 'nosuchcommand'"
+    assert set(command_lines(err)) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_command_help_shows_config(capsys, flag):
+    assert main(["stats", "json=true", flag]) == 0  # --help anywhere; shows defaults, not the overrides
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(f"python -m moesim stats [key=value ...]: {COMMANDS['stats'][1]}")
+    defaults = compose("stats", [])
+    assert len(defaults) > 0
+    assert OmegaConf.to_yaml(defaults) in out
+    for key in defaults:
+        assert f"\n{key}:" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_a_config(command):
+    # a command listed without moesim/conf/<command>.yaml would fail only when a user calls it
+    try:
+        compose(command, [])
+    except MoesimError as e:
+        pytest.fail(f"{command}: {e}")
+
+
+def test_compose_applies_overrides():
+    cfg = compose("stats", ["json=true", "trace=some/file.moetrace.safetensors"])
+    assert cfg.json is True and cfg.trace == "some/file.moetrace.safetensors"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("nosuchkey=1", ["nosuchkey"]),
+    ("json", ["json"]),  # not key=value
+    ("json=1=2", ["'='"]),
+    ("json=[1,", ["[1,"]),  # unparsable value
+    ("+json=1", ["json"]),  # appending a key that exists
+    ("~nosuch", ["nosuch"]),
+    ("trace@x=1", ["trace@x=1"]),
+    ("=1", []),  # Hydra raises a plain ValueError here
+])
+def test_bad_override_is_one_line(capsys, override, words):
+    assert main(["stats", override]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moesim: error: stats: bad option:")
+    for w in words:
+        assert w in lines[0]
+
+
+def test_compose_raises_moesim_error():
+    with pytest.raises(MoesimError, match="nosuchkey"):
+        compose("stats", ["nosuchkey=1"])
+
+
+def test_compose_rejects_unresolvable_interpolation():
+    with pytest.raises(MoesimError, match="oops"):
+        compose("stats", ["json=${oops}"])
+
+
+def test_command_errors_become_exit_2(capsys, monkeypatch):
+    seen = []
+
+    def failing(command, cfg):
+        seen.append((command, cfg.json))
+        raise TraceError("traces/x.moetrace.safetensors: tensor 'step' decreases at token 4 (3 -> 2)")
+
+    monkeypatch.setattr(cli, "call", failing)
+    assert main(["stats", "json=true"]) == 2
+    assert seen == [("stats", True)]  # the composed config with the override reached the command
+    out, err = capsys.readouterr()
+    assert err == "moesim: error: traces/x.moetrace.safetensors: tensor 'step' decreases at token 4 (3 -> 2)\n"
+
+
+def test_interrupt_exits_130(capsys, monkeypatch):
+    def interrupted(command, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "call", interrupted)
+    assert main(["stats"]) == 130
+    assert capsys.readouterr().err == "moesim: interrupted\n"
+
+
+def test_other_exceptions_are_not_hidden(monkeypatch):
+    # a bug is not a user mistake: it must surface with its traceback, not as "moesim: error"
+    def buggy(command, cfg):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(cli, "call", buggy)
+    with pytest.raises(ZeroDivisionError):
+        main(["stats"])
+
+
+def test_module_entry_point():
+    listing = subprocess.run([sys.executable, "-m", "moesim"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert set(command_lines(listing.stdout)) == set(COMMANDS)
+    bad = subprocess.run([sys.executable, "-m", "moesim", "stats", "nosuchkey=1"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("moesim: error: stats: bad option:") and bad.stderr.count("\n") == 1
