@@ -1,0 +1,108 @@
+"""The `sim` backend: a cost-model clock for `python -m moesim run backend=sim hardware=h200 ...`.
+
+Three timelines, as a GPU server has them (times in ms from the start of the replay):
+  - copy engine: one host->device copy at a time, in issue order; a copy starts at
+    max(issue time, copy engine free) and takes hardware.copy_ms(bytes_per_expert) (latency + bytes/bw).
+  - compute (device): layers one after another. A layer starts at max(previous layer's end, ready time of
+    every device expert it needs); the wait beyond the previous layer's end is its stall. It takes the
+    sum of expert_ms for each device expert (with that expert's token count) plus the layer's shared
+    experts (spec.shared_experts, over all the step's tokens).
+  - host compute (CPU): a layer's host experts start when the layer's input exists (the previous layer's
+    end) or when the CPU is free, whichever is later, in parallel with the device experts. They take the
+    activations' round trip (hardware.activations_ms for min(step tokens, tokens routed to host experts):
+    down to the host and the summed output back up, small copies assumed not to queue behind expert
+    copies on the copy engine) plus expert_ms(where="host") of each host expert. The layer ends at the
+    later of its device and host parts.
+Issue time: a copy is issued at the compute timeline's current time: a demand miss is found when its layer
+is about to run (the previous layer's end), and a prefetch issued after layer l is issued at l's end.
+A step's latency is its last layer's end minus its start (the previous step's end). Attention and dense
+layers are not modelled (the model spec has no numbers for them). The sim makes no decisions: the engine
+(moesim/engine.py) tells it what to load and where to compute.
+"""
+from __future__ import annotations
+
+from . import Backend
+from ..hardware import HardwareProfile, load_hardware
+
+
+class SimBackend(Backend):
+    name = "sim"
+
+    def __init__(self, hardware: HardwareProfile | str = "h200", pinned: bool = True):
+        self.hardware = load_hardware(hardware)
+        self.pinned = pinned
+        self.spec = None
+
+    def setup(self, spec, n_slots: int, profiler) -> None:
+        self.spec, self.n_slots, self.profiler = spec, n_slots, profiler
+        self._nbytes = spec.bytes_per_expert  # bytes per copy
+        self._copy_ms = self.hardware.copy_ms(spec.bytes_per_expert, self.pinned)
+        self._slot_ready = [0.0] * n_slots  # ms: when the last copy into each slot completes
+        self._now = 0.0  # ms: end of the last computed layer = issue time of the next copies
+        self._copy_free = 0.0  # ms: when the copy engine finishes its queue
+        self._host_free = 0.0  # ms: when the CPU finishes its queue
+        self._device_ms: dict[int, float] = {}  # n_tokens -> one routed expert's device time
+        self._host_ms: dict[int, float] = {}  # n_tokens -> one routed expert's host time
+        self._shared_ms: dict[int, float] = {}  # n_tokens -> all shared experts of a layer
+        self._add_copy, self._add_compute = profiler.copy, profiler.compute
+        self._step, self._n_tokens, self._step_start, self._step_shared_ms = 0, 0, 0.0, 0.0
+
+    def begin_step(self, step: int, n_tokens: int) -> None:
+        self._step, self._n_tokens, self._step_start = step, n_tokens, self._now
+        s = self._shared_ms.get(n_tokens)
+        if s is None:
+            s = self._shared_ms[n_tokens] = self.spec.shared_experts * self.hardware.expert_ms(
+                n_tokens, self.spec, "device", shared=True)
+        self._step_shared_ms = s
+
+    def load(self, key, slot: int, prefetch: bool) -> None:
+        start = self._now if self._now > self._copy_free else self._copy_free
+        end = start + self._copy_ms
+        self._copy_free = end
+        self._slot_ready[slot] = end
+        self._add_copy(key, self._nbytes, start, end, prefetch)
+
+    def compute(self, layer: int, device, host) -> None:
+        free = start = self._now
+        ready, device_ms = self._slot_ready, self._device_ms
+        duration = self._step_shared_ms
+        for _key, slot, n in device:
+            r = ready[slot]
+            if r > start:
+                start = r
+            d = device_ms.get(n)
+            if d is None:
+                d = device_ms[n] = self.hardware.expert_ms(n, self.spec, "device")
+            duration += d
+        end = start + duration
+        self._add_compute(layer, start, end, start - free, "device")
+        if host:
+            end = max(end, self._compute_host(layer, free, host))
+        self._now = end
+
+    def _compute_host(self, layer: int, input_ready: float, host) -> float:
+        """Run `host` [(key, n_tokens)] on the CPU timeline; returns when their output is back on the device."""
+        host_ms, hw = self._host_ms, self.hardware
+        tokens = min(self._n_tokens, sum(n for _, n in host))
+        duration = hw.activations_ms(tokens, self.spec)
+        for _key, n in host:
+            d = host_ms.get(n)
+            if d is None:
+                d = host_ms[n] = hw.expert_ms(n, self.spec, "host")
+            duration += d
+        start = input_ready if input_ready > self._host_free else self._host_free
+        end = self._host_free = start + duration
+        self._add_compute(layer, start, end, 0.0, "host")
+        return end
+
+    def end_step(self) -> None:
+        self.profiler.step(self._step, self._n_tokens, self._step_start, self._now)
+
+    def finish(self) -> None:
+        """Nothing to wait for or release: copies still queued after the last step (unused prefetches) are
+        already in the profiler and do not change any step's latency."""
+
+    def device_bytes(self) -> int:
+        """Device memory the run holds: the expert slots plus every layer's shared experts (bytes)."""
+        s = self.spec
+        return self.n_slots * s.bytes_per_expert + s.layers * s.shared_experts * s.bytes_per_shared_expert

@@ -1,0 +1,163 @@
+"""Results directories: what `python -m moesim run ...` writes, and how sweeps and reports read it back.
+
+    reports/runs/<YYYYmmdd-HHMMSS>-<name>/
+        config.yaml      the resolved config of the run
+        steps.parquet    one row per step (moesim.profiler.STEPS_TABLE_COLUMNS)
+        layers.parquet   one row per layer (moesim.profiler.LAYERS_TABLE_COLUMNS)
+        timeline.json    Chrome trace format: open in https://ui.perfetto.dev
+        summary.json     metrics; written last, so its presence marks a complete run
+
+Every file is written to a temp file in the same directory and renamed into place (os.replace), so a
+killed run never leaves a partial file under a final name. Reading uses JSON, YAML (safe loader) and
+parquet (pyarrow) only: result directories may come from other people, and nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoesimError
+from .profiler import LAYERS_TABLE_COLUMNS, STEPS_TABLE_COLUMNS
+
+CONFIG, SUMMARY, TIMELINE = "config.yaml", "summary.json", "timeline.json"
+STEPS, LAYERS = "steps.parquet", "layers.parquet"
+FILES = (CONFIG, STEPS, LAYERS, TIMELINE, SUMMARY)  # in the order they are written: summary last
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(temp_path), then rename the temp file to `path`; on any failure remove the temp file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def _jsonable(x):
+    """Plain JSON values: numpy scalars and arrays to Python, NaN and infinities to null, paths to strings."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, os.PathLike):
+        return str(x)
+    return x
+
+
+def _config_yaml(config) -> str:
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(config, DictConfig):
+        config = OmegaConf.create(_jsonable(dict(config)))
+    return OmegaConf.to_yaml(config, resolve=True)
+
+
+def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict) -> Path:
+    """Write a run's results directory (created if needed); summary.json last. Returns the directory."""
+    import orjson
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # rewriting a directory: it must not look complete while its other files are being replaced
+    (out / SUMMARY).unlink(missing_ok=True)
+    _write_text(out / CONFIG, _config_yaml(config))
+    _atomic_write(out / STEPS, lambda tmp: steps.to_parquet(tmp, engine="pyarrow", index=False))
+    _atomic_write(out / LAYERS, lambda tmp: layers.to_parquet(tmp, engine="pyarrow", index=False))
+    _atomic_write(out / TIMELINE, lambda tmp: Path(tmp).write_bytes(
+        orjson.dumps(timeline, option=orjson.OPT_SERIALIZE_NUMPY)))
+    _write_text(out / SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def is_complete(run_dir) -> bool:
+    """True when `run_dir` holds a finished run: summary.json (written last) and every other file."""
+    d = Path(run_dir)
+    return all((d / name).is_file() for name in FILES)
+
+
+def read_run(run_dir) -> dict:
+    """{"dir", "summary", "config", "steps", "layers", "timeline_path"} of a complete run. Raises MoesimError
+    naming the file when one is missing or malformed. The timeline is not parsed (it can be large)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise MoesimError(f"{d}: no such results directory")
+    for name in FILES:
+        if not (d / name).is_file():
+            hint = " (summary.json is written last: the run did not finish)" if name == SUMMARY else ""
+            raise MoesimError(f"{d / name}: missing{hint}")
+    path = d / SUMMARY
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoesimError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise MoesimError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    import yaml
+
+    path = d / CONFIG
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise MoesimError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise MoesimError(f"{path}: expected a mapping, got {type(config).__name__}")
+    return {"dir": d, "summary": summary, "config": config,
+            "steps": _read_table(d / STEPS, STEPS_TABLE_COLUMNS),
+            "layers": _read_table(d / LAYERS, LAYERS_TABLE_COLUMNS),
+            "timeline_path": d / TIMELINE}
+
+
+def _read_table(path: Path, columns: tuple[str, ...]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise MoesimError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise MoesimError(f"{path}: column(s) {missing} missing; expected {list(columns)}")
+    return table.to_pandas()
+
+
+def default_run_dir(name: str, root="reports/runs") -> Path:
+    """A new, empty directory `<root>/<YYYYmmdd-HHMMSS>-<name>` (suffix -2, -3, ... if taken). It is created
+    here, with an exclusive mkdir, so two runs started in the same second never share one."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(name)).strip("-.") or "run"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    for i in range(1, 10_000):
+        path = root / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise MoesimError(f"{root}: could not create a new run directory named {base}-N")

@@ -1,0 +1,160 @@
+"""Hardware profiles: presets, YAML round trip, bad files, cost formulas on a toy spec."""
+import dataclasses
+
+import pytest
+import yaml
+
+from moesim.errors import MoesimError
+from moesim.hardware import PRESETS, Cost, HardwareProfile, load_hardware, save_hardware
+from moesim.trace import ModelSpec, model_spec
+
+# 3 * 1000 * 1000 weights at 8 bits: 3e6 bytes per expert; 6e6 flops per token
+TOY = ModelSpec("toy", layers=2, experts=4, top_k=1, hidden=1000, ffn=1000, bits_per_weight=8,
+                shared_experts=1, shared_ffn=2000)
+# round numbers: GB/s x 1e6 = bytes per ms; TFLOP/s x 1e9 and GFLOP/s x 1e6 = flops per ms
+HW = HardwareProfile("toy", h2d_pinned_gbps=3, h2d_pageable_gbps=1.5, copy_latency_us=500, device_mem_gbps=1.5,
+                     device_tflops=0.006, host_mem_gbps=1, host_gflops=3, vram_gib=1, kernel_overhead_us=250,
+                     host_overhead_us=100)
+
+
+def test_presets_load_and_are_sane():
+    assert set(PRESETS) == {"h200", "h100-pcie", "a100-pcie", "rtx-4090", "rtx-3060-12gb", "t4"}
+    for name in PRESETS:
+        hw = load_hardware(name)
+        assert hw.name == name
+        assert hw.h2d_pageable_gbps < hw.h2d_pinned_gbps < hw.device_mem_gbps
+        assert hw.host_mem_gbps < hw.device_mem_gbps and hw.host_gflops < hw.device_tflops * 1e3
+        assert hw.vram_gib > 0 and hw.source
+    # the rule: 80% of PCIe Gen5 x16 (63.0 GB/s per direction)
+    assert load_hardware("h200").h2d_pinned_gbps == pytest.approx(50.4)
+    assert load_hardware("t4").h2d_pinned_gbps == pytest.approx(12.6)
+
+
+def test_unknown_preset_names_the_value_and_lists_presets():
+    with pytest.raises(MoesimError, match=r"'h300'.*h200"):
+        load_hardware("h300")
+    with pytest.raises(MoesimError, match="no such file"):
+        load_hardware("nowhere/mine.yaml")
+
+
+def test_yaml_round_trip(tmp_path):
+    table = [{"where": "device", "tokens": 1, "expert_bytes": 3_000_000, "ms": 0.5},
+             {"where": "device", "tokens": 8, "expert_bytes": 3_000_000, "ms": 0.9}]
+    hw = dataclasses.replace(HW, name="measured", source="calibrate on box", ffn_table=table)
+    path = save_hardware(hw, tmp_path / "sub" / "mine.yaml")
+    assert [p.name for p in path.parent.iterdir()] == ["mine.yaml"]  # no temp file left
+    back = load_hardware(str(path))
+    assert back == hw
+    assert back.expert_ms(1, TOY) == 0.5
+    for preset in PRESETS.values():
+        assert load_hardware(str(save_hardware(preset, tmp_path / f"{preset.name}.yaml"))) == preset
+
+
+def test_dict_and_omegaconf_values():
+    from omegaconf import OmegaConf
+
+    d = HW.to_dict()
+    assert load_hardware(d) == HW
+    assert load_hardware(OmegaConf.create(d)) == HW
+    assert load_hardware(HW) is HW
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"bogus": 1}, "bogus"),
+    ({"h2d_pinned_gbps": None}, "h2d_pinned_gbps"),
+    ({"device_tflops": "fast"}, "device_tflops"),
+    ({"vram_gib": True}, "vram_gib"),
+    ({"host_gflops": -3}, "host_gflops"),
+    ({"device_mem_gbps": 0}, "device_mem_gbps"),
+    ({"copy_latency_us": -1}, "copy_latency_us"),
+    ({"name": 5}, "name"),
+    ({"ffn_table": {"a": 1}}, "ffn_table"),
+    ({"ffn_table": [{"where": "gpu", "tokens": 1, "expert_bytes": 1, "ms": 1}]}, r"ffn_table\[0\]\.where"),
+    ({"ffn_table": [{"where": "host", "tokens": 0, "expert_bytes": 1, "ms": 1}]}, r"ffn_table\[0\]\.tokens"),
+    ({"ffn_table": [{"where": "host", "tokens": 1, "expert_bytes": 1, "ms": -1}]}, r"ffn_table\[0\]\.ms"),
+    ({"ffn_table": [{"where": "host", "tokens": 1}]}, r"ffn_table\[0\]"),
+])
+def test_bad_field_names_file_and_field(tmp_path, change, field):
+    d = HW.to_dict()
+    d.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(MoesimError, match=rf"bad\.yaml.*{field}"):
+        load_hardware(str(path))
+
+
+def test_missing_field_and_malformed_yaml(tmp_path):
+    d = HW.to_dict()
+    del d["host_mem_gbps"]
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(MoesimError, match=r"short\.yaml.*missing.*host_mem_gbps"):
+        load_hardware(str(path))
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(MoesimError, match=r"short\.yaml.*not a YAML"):
+        load_hardware(str(path))
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(MoesimError, match=r"short\.yaml.*mapping"):
+        load_hardware(str(path))
+    path.write_text("!!python/object/apply:os.system ['true']\n")  # safe_load refuses python tags
+    with pytest.raises(MoesimError, match=r"short\.yaml"):
+        load_hardware(str(path))
+
+
+def test_copy_ms():
+    assert HW.copy_ms(3_000_000) == pytest.approx(0.5 + 1.0)  # latency + 3e6 B / 3e6 B/ms
+    assert HW.copy_ms(3_000_000, pinned=False) == pytest.approx(0.5 + 2.0)
+
+
+def test_expert_ms_roofline():
+    # device: weights 3e6 B / 1.5e6 B/ms = 2 ms; flops 6e6 * n / 6e6 flop/ms = n ms; + 0.25 ms
+    assert HW.expert_ms(1, TOY) == pytest.approx(2.25)  # memory-bound
+    assert HW.expert_ms(2, TOY) == pytest.approx(2.25)  # the crossing point
+    assert HW.expert_ms(8, TOY) == pytest.approx(8.25)  # compute-bound
+    assert HW.expert_ms(0, TOY) == 0.0
+    # host: 3e6 B / 1e6 B/ms = 3 ms; 6e6 * n / 3e6 flop/ms = 2n ms; + 0.1 ms
+    assert HW.expert_ms(1, TOY, "host") == pytest.approx(3.1)
+    assert HW.expert_ms(4, TOY, "host") == pytest.approx(8.1)
+    # shared expert: ffn 2000 -> 6e6 B (4 ms on device), 1.2e7 flops per token
+    assert HW.expert_ms(1, TOY, shared=True) == pytest.approx(4.25)
+    assert HW.expert_ms(3, TOY, shared=True) == pytest.approx(6.25)
+    with pytest.raises(ValueError):
+        HW.expert_ms(1, TOY, "tpu")
+
+
+def test_expert_ms_uses_ffn_table_when_present():
+    b = TOY.bytes_per_expert  # 3e6
+    table = [{"where": "device", "tokens": 1, "expert_bytes": b, "ms": 1.0},
+             {"where": "device", "tokens": 5, "expert_bytes": b, "ms": 3.0},
+             {"where": "device", "tokens": 1, "expert_bytes": 2 * b, "ms": 2.0},
+             {"where": "device", "tokens": 5, "expert_bytes": 2 * b, "ms": 6.0}]
+    hw = dataclasses.replace(HW, ffn_table=table)
+    assert hw.expert_ms(1, TOY) == 1.0  # a measured point
+    assert hw.expert_ms(3, TOY) == pytest.approx(2.0)  # between tokens
+    assert hw.expert_ms(9, TOY) == pytest.approx(5.0)  # beyond: last slope 0.5 ms/token
+    # shared expert of ffn 2000 = 2b bytes: the other measured size
+    assert hw.expert_ms(5, TOY, shared=True) == pytest.approx(6.0)
+    # between sizes: 1.5b is halfway between b and 2b
+    mid = ModelSpec("mid", 2, 4, 1, 1000, 1500, bits_per_weight=8)
+    assert hw.expert_ms(1, mid) == pytest.approx(1.5)
+    # outside the sizes: scaled by bytes from the nearest
+    small = ModelSpec("small", 2, 4, 1, 1000, 500, bits_per_weight=8)
+    assert hw.expert_ms(5, small) == pytest.approx(1.5)
+    # no host points: the host still uses the roofline
+    assert hw.expert_ms(1, TOY, "host") == pytest.approx(3.1)
+
+
+def test_cost_for_offload_policies():
+    cost = Cost(HW, TOY)
+    assert cost.fetch_ms((0, 1)) == pytest.approx(1.5)
+    assert cost.device_ms((0, 1), 8) == pytest.approx(8.25)
+    # host expert + activations round trip: 2 copies of 1 token x 1000 x 2 bytes
+    assert cost.host_ms((1, 3), 1) == pytest.approx(3.1 + 2 * (0.5 + 2000 / 3e6))
+    assert Cost(HW, TOY, pinned=False).fetch_ms((0, 0)) == pytest.approx(2.5)
+
+
+def test_real_model_numbers_are_plausible():
+    # gpt-oss-20b on an H200 preset: 13.2 MB expert over 50.4 GB/s ~ 0.27 ms; decode FFN memory-bound, ~us
+    spec, hw = model_spec("gpt-oss-20b"), load_hardware("h200")
+    assert 0.25 < hw.copy_ms(spec.bytes_per_expert) < 0.3
+    assert hw.expert_ms(1, spec) < 0.02 < hw.copy_ms(spec.bytes_per_expert)
