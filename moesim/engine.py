@@ -162,7 +162,7 @@ def run(cfg, write: bool = True) -> RunOutput:
     prefetcher = instantiate(strat.prefetch) if strat.get("prefetch") else None
     offload = instantiate(strat.offload) if strat.get("offload") else None
     backend = instantiate(cfg.backend, hardware=hardware)
-    profiler = Profiler()
+    profiler = Profiler(n_layers=spec.layers)
     backend.setup(spec, budget.slots, profiler)
     counters = replay(trace, cache, backend, prefetcher, offload, Cost(hardware, spec),
                       reset_per_seq=bool(cfg.reset_per_seq), prefetch_max=int(strat.get("prefetch_max", 0) or 0),

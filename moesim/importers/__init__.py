@@ -1,0 +1,163 @@
+"""Foreign trace formats -> Trace, and what a `trace=` option accepts.
+
+    python -m moesim import src=../shared/traces/gpt-oss-20b out=traces/gpt-oss-20b.moetrace.safetensors
+    python -m moesim import src=routing.jsonl format=jsonl jsonl.model=mixtral-8x7b
+
+One module per format (gpt_oss.py, jsonl.py), each with `IMPORTER` (its name), `DEFAULTS` (options of read()),
+`input_files(path)`,
+`looks_like(path)` and `read(path, **options) -> Trace`. `open_trace(value)` resolves a `trace=` value:
+a `.moetrace.safetensors` file; a foreign file or directory (format sniffed from its content), converted once
+and cached under traces/cache/; or the name of a synthetic preset (moesim.synthetic).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import MoesimError, TraceError
+from ..trace import FORMAT_VERSION, SUFFIX, Trace, load_trace, save_trace
+from . import gpt_oss, jsonl
+
+FORMATS = {gpt_oss.IMPORTER: gpt_oss, jsonl.IMPORTER: jsonl}
+CACHE_ENV = "MOESIM_TRACE_CACHE"
+CACHE_VERSION = "1"  # bump when an importer's output changes, so stale cached conversions are not reused
+
+
+def detect_format(path: str | Path, **options) -> str:
+    """The name of the format of the file or directory `path`, read from its content."""
+    path = Path(path)
+    if not path.exists():
+        raise MoesimError(f"{path}: no such file or directory")
+    fields = {k: v for k, v in options.items() if k in ("layer", "experts")}
+    if jsonl.looks_like(path, **fields):
+        return jsonl.IMPORTER
+    if gpt_oss.looks_like(path):
+        return gpt_oss.IMPORTER
+    raise MoesimError(f"{path}: format not recognised; supported: {_formats_help()}")
+
+
+def _formats_help() -> str:
+    return ("gpt-oss-fingerprint (a .json/.json.xz/.json.gz file, or a directory of them, holding 'router_data'), "
+            "jsonl (one JSON object per token and layer with 'layer' and 'experts' fields)")
+
+
+def _module(fmt: str):
+    if fmt not in FORMATS:
+        raise MoesimError(f"format={fmt!r}: unknown; expected auto or one of {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def _options(fmt: str, options: dict) -> dict:
+    """`options` checked against what the format's read() takes, with its defaults filled in (for the cache key)."""
+    defaults = _module(fmt).DEFAULTS
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise MoesimError(f"option(s) {unknown} do not apply to format {fmt}; it takes {', '.join(defaults)}")
+    return {**defaults, **options}
+
+
+def import_trace(src: str | Path, fmt: str = "auto", **options) -> Trace:
+    """Read the foreign trace at `src` (format `fmt`, or sniffed when "auto") into a Trace in memory."""
+    src = Path(src)
+    if not src.exists():
+        raise MoesimError(f"{src}: no such file or directory")
+    if fmt == "auto":
+        fmt = detect_format(src, **options)
+    return _module(fmt).read(src, **_options(fmt, options))
+
+
+def cache_dir_default() -> Path:
+    """Where converted foreign traces are kept: $MOESIM_TRACE_CACHE, else traces/cache under the working dir."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.cwd() / "traces" / "cache"
+
+
+def cache_path(src: Path, fmt: str, options: dict, cache_dir: Path) -> Path:
+    """The cached conversion's file: named after `src`, keyed by a hash of every input file's relative path,
+    size and mtime_ns plus the importer, its options and the format versions."""
+    h = hashlib.sha256()
+    h.update(json.dumps([fmt, CACHE_VERSION, FORMAT_VERSION, options], sort_keys=True, default=str).encode())
+    for rel, path in _module(fmt).input_files(src):
+        st = path.stat()
+        h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return cache_dir / f"{stem(src)}-{fmt}-{h.hexdigest()[:16]}{SUFFIX}"
+
+
+def stem(src: Path) -> str:
+    """`src`'s name without compression and JSON suffixes: data.jsonl.gz -> data."""
+    name = src.resolve().name
+    for suffix in (".xz", ".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name or "trace"
+
+
+def open_trace(value: str | os.PathLike, cache_dir: Path | None = None, fmt: str = "auto", **options) -> Trace:
+    """The trace a `trace=` value names: a .moetrace.safetensors file; a file or directory in a foreign format
+    (converted once, then read from the cache: `cache_dir`, else $MOESIM_TRACE_CACHE, else ./traces/cache);
+    or a synthetic preset's name. `fmt` and `options` go to the importer of a foreign trace."""
+    text = str(value)
+    if text.endswith(SUFFIX):
+        return load_trace(text)
+    path = Path(text)
+    if path.exists():
+        if fmt == "auto":
+            fmt = detect_format(path, **options)
+        opts = _options(fmt, options)
+        cached = cache_path(path, fmt, opts, Path(cache_dir) if cache_dir is not None else cache_dir_default())
+        if cached.is_file():
+            try:
+                return load_trace(cached)
+            except TraceError as e:
+                print(f"moesim: warning: cached conversion unusable ({e}); converting again", file=sys.stderr)
+        print(f"moesim: converting {path} ({fmt}) once; cached as {cached}", file=sys.stderr)
+        save_trace(_module(fmt).read(path, **opts), cached)
+        return load_trace(cached)
+    presets = _synthetic_presets()
+    if presets is not None and text in presets:
+        from ..synthetic import preset_trace
+
+        return preset_trace(text)
+    known = ", ".join(presets) if presets else "none (moesim.synthetic is not available)"
+    raise MoesimError(f"trace={text!r}: not found. trace= takes a {SUFFIX} file, a file or directory in a "
+                      f"foreign format ({_formats_help()}), or a synthetic preset; presets: {known}")
+
+
+def _synthetic_presets():
+    """The synthetic preset names, or None where moesim.synthetic does not exist (yet)."""
+    if importlib.util.find_spec("moesim.synthetic") is None:
+        return None
+    from ..synthetic import PRESETS
+
+    return PRESETS
+
+
+def import_command(cfg) -> None:
+    """`python -m moesim import src=PATH [out=FILE] [format=auto] [exclude_repetition=true] [jsonl.model=...]`:
+    convert, write atomically (overwriting), print the path and a summary."""
+    from omegaconf import OmegaConf
+
+    src = Path(str(cfg.src))
+    if not src.exists():
+        raise MoesimError(f"src={src}: no such file or directory")
+    fmt = str(cfg.format)
+    jsonl_options = {k: v for k, v in OmegaConf.to_container(cfg.jsonl, resolve=True).items() if v is not None}
+    if fmt == "auto":
+        fmt = detect_format(src, **jsonl_options)
+    if fmt == gpt_oss.IMPORTER:
+        options = {"exclude_repetition": bool(cfg.exclude_repetition)}
+    elif fmt == jsonl.IMPORTER:
+        if cfg.exclude_repetition:
+            raise MoesimError("exclude_repetition=true applies to format gpt-oss-fingerprint only")
+        options = jsonl_options
+    else:
+        _module(fmt)  # raises: unknown format
+    out = Path(str(cfg.out)) if cfg.get("out") else Path("traces") / f"{stem(src)}{SUFFIX}"
+    if not out.name.endswith(SUFFIX):
+        raise MoesimError(f"out={out}: expected a file name ending in {SUFFIX}")
+    trace = import_trace(src, fmt, **options)
+    save_trace(trace, out)
+    print(f"{out}: {trace.describe()}")
