@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("moesim.engine:run_command", "replay a trace through one strategy and write a results directory"),
     "stats": ("moesim.stats:stats_command", "routing statistics of a trace (skew, entropy, reuse, layer correlation)"),
     "import": ("moesim.importers:import_command", "convert a foreign trace (gpt-oss-fingerprint, jsonl) to .moetrace.safetensors"),
+    "record": ("moesim.record:record_command", "record routing traces from a Hugging Face transformers MoE model"),
 }
 
 
@@ -25,6 +26,21 @@ def usage() -> str:
     lines = ["usage: python -m moesim <command> [key=value ...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`python -m moesim <command> --help` shows a command's options and defaults."]
+    return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    """The command's config file as written (its comments explain each option) and the choices of its groups."""
+    from importlib.resources import files
+
+    conf = files("moesim.conf")
+    text = conf.joinpath(f"{command}.yaml").read_text()
+    lines = [f"python -m moesim {command} [key=value ...]: {COMMANDS[command][1]}", "",
+             f"options and defaults (moesim/conf/{command}.yaml):", text.rstrip()]
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        if f"{group}:" in text:
+            names = sorted(f.name[:-5] for f in conf.joinpath(group).iterdir() if f.name.endswith(".yaml"))
+            lines.append(f"{group}= one of: {', '.join(names)}")
     return "\n".join(lines)
 
 
@@ -62,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if any(a in ("-h", "--help") for a in rest):
-            from omegaconf import OmegaConf
-
-            print(f"python -m moesim {command} [key=value ...]: {COMMANDS[command][1]}\n\n"
-                  f"options (defaults):\n{OmegaConf.to_yaml(compose(command, []))}")
+            print(command_help(command))
             return 0
         call(command, compose(command, rest))
     except MoesimError as e:
@@ -74,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `python -m moesim ... | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

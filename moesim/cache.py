@@ -154,6 +154,10 @@ class Cache:
             p.policy.setup(Context(self.trace, self.spec, p.layers, p.capacity, self.scope))
         self.pinned.clear()
 
+    def capacity_of(self, layer: int) -> int:
+        """Slots of the partition that holds `layer`'s experts."""
+        return self.partitions[self.part_of_layer[layer]].capacity
+
     def is_resident(self, key: Key) -> bool:
         return key in self.partitions[self.part_of_layer[key[0]]].resident
 

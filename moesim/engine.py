@@ -5,7 +5,9 @@
 
 Per step and per layer (position `pos = step * L + layer`): the layer's distinct experts are looked up
 (all pinned while the layer computes), each miss is fetched into the cache (the policy picks a victim) or,
-if the offload policy says so, computed on the host; the backend computes the layer; the cache unpins;
+if the offload policy says so, computed on the host; the backend computes the layer; the cache unpins.
+A layer that needs more distinct experts than its slots (a prefill chunk, a large batch) runs in waves of
+at most that many experts, hits first, each wave pinned while it computes;
 the prefetcher observes and may load experts of later layers ahead. With `backend=None` the same loop
 only counts hits (the cache-only replay that policies are tested with).
 """
@@ -76,7 +78,6 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
 
         steps = tqdm(steps, total=trace.n_steps, unit="step", desc="replay", file=sys.stderr,
                      disable=None, mininterval=0.5)
-    c = cache.counters
     for s, start, n_tokens, requests in steps:
         if reset_per_seq:
             new = set(seq[start:start + n_tokens].tolist()) - seen_seqs
@@ -88,25 +89,15 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
             backend.begin_step(s, n_tokens)
         for layer, (ids, counts) in enumerate(requests):
             pos = s * L + layer
-            keys = [(layer, e) for e in ids]
-            misses = cache.lookup(pos, layer, keys)
-            host: list[tuple[Key, int]] = []
-            for key in misses:
-                if offload is not None:
-                    n = 1 if counts is None else counts[ids.index(key[1])]
-                    if offload.on_miss(key, n, cost) == "host":
-                        host.append((key, n))
-                        c.host_computes += 1
-                        continue
-                slot, _ = cache.insert(pos, key)
-                if backend is not None:
-                    backend.load(key, slot, False)
-            if backend is not None:
-                ns = counts or [1] * len(keys)
-                hosted = {k for k, _ in host}
-                device = [(k, cache.slot_of(k), n) for k, n in zip(keys, ns) if k not in hosted]
-                backend.compute(layer, device, host)
-            cache.release()
+            ns = counts or [1] * len(ids)
+            cap = cache.capacity_of(layer)
+            if len(ids) <= cap:
+                _serve(cache, backend, offload, cost, pos, layer, ids, ns)
+            else:  # more distinct experts than the layer's slots (prefill, big batches): stream in waves
+                order = sorted(range(len(ids)), key=lambda i: not cache.is_resident((layer, ids[i])))  # hits first
+                for w in range(0, len(order), cap):
+                    wave = order[w:w + cap]
+                    _serve(cache, backend, offload, cost, pos, layer, [ids[i] for i in wave], [ns[i] for i in wave])
             if prefetcher is not None:
                 prefetcher.observe(pos, layer, ids)
                 if prefetch_max:
@@ -115,7 +106,29 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
             backend.end_step()
     if backend is not None:
         backend.finish()
-    return c
+    return cache.counters
+
+
+def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, ids: list[int], ns: list[int]) -> None:
+    """One layer's experts `ids` (chosen by `ns` tokens each): look up (pinning them), fetch or host-compute
+    each miss, compute, unpin."""
+    keys = [(layer, e) for e in ids]
+    misses = cache.lookup(pos, layer, keys)
+    host: list[tuple[Key, int]] = []
+    for key in misses:
+        if offload is not None:
+            n = ns[ids.index(key[1])]
+            if offload.on_miss(key, n, cost) == "host":
+                host.append((key, n))
+                cache.counters.host_computes += 1
+                continue
+        slot, _ = cache.insert(pos, key)
+        if backend is not None:
+            backend.load(key, slot, False)
+    if backend is not None:
+        hosted = {k for k, _ in host}
+        backend.compute(layer, [(k, cache.slot_of(k), n) for k, n in zip(keys, ns) if k not in hosted], host)
+    cache.release()
 
 
 def _prefetch(cache: Cache, backend, keys: list[Key], pos: int) -> None:

@@ -145,3 +145,36 @@ def test_step_requests_merge_batched_tokens():
     assert out[0][3][0] == ([0, 1, 4], [1, 2, 1])
     assert out[0][3][1] == ([2, 3, 5], [1, 2, 1])
     assert out[1][3][0] == ([5, 0], None)
+
+
+def test_layer_needing_more_experts_than_slots_runs_in_waves():
+    """A prefill step whose layer needs 6 distinct experts with 4 slots: served in waves, hits first."""
+    spec = ModelSpec("toy", layers=1, experts=8, top_k=2, hidden=4, ffn=4)
+    rows = [[[0, 1]], [[0, 1]], [[2, 3]], [[4, 5]], [[0, 1]]]
+    tr = _trace(rows, spec, step=[0, 1, 1, 1, 2])  # step 1: three tokens, experts {0..5}
+
+    calls = []
+
+    class Recorder:
+        def begin_step(self, s, n):
+            pass
+
+        def load(self, key, slot, prefetch):
+            calls.append(("load", key))
+
+        def compute(self, layer, device, host):
+            calls.append(("compute", sorted(k[1] for k, _, _ in device)))
+
+        def end_step(self):
+            pass
+
+        def finish(self):
+            pass
+
+    cache = Cache(spec, 4, "global", TinyLRU, tr)
+    c = replay(tr, cache, backend=Recorder())
+    computes = [x[1] for x in calls if x[0] == "compute"]
+    # step 0: {0,1}; step 1: wave 1 = hits 0, 1 first, then 2, 3; wave 2 = 4, 5; step 2: {0, 1} again
+    assert computes == [[0, 1], [0, 1, 2, 3], [4, 5], [0, 1]]
+    assert (c.requests, c.hits) == (2 + 6 + 2, 2 + 0)
+    assert c.requests == c.hits + c.misses and c.loads == c.misses
