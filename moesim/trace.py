@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import TraceError
+from .errors import MoesimError, TraceError
 
 FORMAT = "moesim-trace"
 FORMAT_VERSION = "1"
@@ -158,6 +158,55 @@ def model_spec(name_or_spec: str | dict | ModelSpec) -> ModelSpec:
     if name_or_spec not in MODEL_SPECS:
         raise TraceError(f"model: unknown preset {name_or_spec!r}; known: {', '.join(MODEL_SPECS)}")
     return MODEL_SPECS[name_or_spec]
+
+
+# Dtypes a backend can store expert weights in (torch has them); quantised formats are stored as bf16.
+DTYPE_BITS = {"bf16": 16, "fp16": 16, "fp32": 32}
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "f16": "fp16", "half": "fp16", "float32": "fp32",
+                  "f32": "fp32", "float": "fp32"}
+
+
+def weights_dtype(spec_dtype: str, requested: str = "auto") -> str:
+    """The torch dtype name (bf16 | fp16 | fp32) expert weights are stored in: `requested`, or with "auto"
+    the spec's own where torch has it, else bf16 (mxfp4, fp8 and other quantised formats)."""
+    if requested != "auto":
+        name = _DTYPE_ALIASES.get(str(requested).lower(), str(requested).lower())
+        if name not in DTYPE_BITS:
+            raise MoesimError(f"backend.dtype={requested!r}: expected auto, bf16, fp16 or fp32")
+        return name
+    name = _DTYPE_ALIASES.get(spec_dtype.lower(), spec_dtype.lower())
+    return name if name in DTYPE_BITS else "bf16"
+
+
+def stored_spec(spec: ModelSpec, dtype: str = "auto") -> ModelSpec:
+    """`spec` as this backend stores it: dtype and bits per weight of the torch dtype (bf16 for mxfp4/fp8),
+    so bytes_per_expert is the bytes each load really moves. Run the sim on it to compare with torch."""
+    name = weights_dtype(spec.dtype, dtype)
+    bits = float(DTYPE_BITS[name])
+    if spec.dtype == name and spec.bits_per_weight == bits:
+        return spec
+    return dataclasses.replace(spec, dtype=name, bits_per_weight=bits)
+
+
+def scale_spec(spec: ModelSpec, scale: float) -> ModelSpec:
+    """`spec` with hidden, ffn and shared_ffn multiplied by `scale` (rounded), routing unchanged (layers,
+    experts, top-k): `model.scale=0.25` makes every expert 16x smaller. Refuses a scale that leaves a
+    dimension at zero."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise MoesimError(f"model.scale={scale!r}: expected a number > 0 (0.25 shrinks hidden and ffn sizes 4x)")
+    if scale == 1:
+        return spec
+    dims = {"hidden": spec.hidden, "ffn": spec.ffn}
+    if spec.shared_ffn:
+        dims["shared_ffn"] = spec.shared_ffn
+    scaled = {k: int(round(v * scale)) for k, v in dims.items()}
+    for k, v in scaled.items():
+        if v < 1:
+            smallest = 0.5 / min(dims.values())
+            raise MoesimError(f"model.scale={scale:g} leaves {k} = {dims[k]} x {scale:g} = 0 for {spec.name}; "
+                              f"the smallest usable scale is {smallest:.2g} (try model.scale={max(smallest, 0.01):.2g} "
+                              f"or larger)")
+    return dataclasses.replace(spec, name=f"{spec.name}@{scale:g}", **scaled)
 
 
 # ------------------------------------------------------------------------------------------------- trace

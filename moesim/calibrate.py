@@ -1,0 +1,483 @@
+"""Measure this machine into a hardware profile for the sim backend: `python -m moesim calibrate [out=FILE]`.
+
+    python -m moesim calibrate                                    # CUDA if present, else the CPU
+    python -m moesim calibrate out=mine.yaml model=gpt-oss-20b scale=0.25   # + that model's exact expert size
+    python -m moesim calibrate backend.device=cpu backend.copy_worker=false
+    python -m moesim run backend=sim hardware=mine.yaml ...       # the sim, predicting the torch backend
+
+Everything is measured through the torch backend's own code (moesim/backends/torch.py: its copies,
+`expert_ffn`, its threads), with the backend config composed as for `run` (`backend.*` overrides apply),
+so that the sim predicts that backend on this machine:
+  copies      host->device copies of expert-sized blocks, rotating over more memory than the caches hold:
+              CUDA: on a copy stream, each timed by events, from pinned and from pageable memory; cpu: host
+              memory into the device-pool block, a memcpy as the backend issues it (with the copy worker:
+              from issue to the waiting thread's wake-up), pinned = pageable. A least-squares fit of
+              time = latency + bytes / bandwidth (relative errors) gives copy_latency_us and h2d_*_gbps.
+  expert FFN  one SwiGLU expert over 1, 2, 4, ... tokens (until one call takes `stop_ms`), for several expert
+              sizes, on the device and on the host -> ffn_table, which the sim interpolates.
+  rates       a fit of the 1-token FFN times against bytes gives memory bandwidth and the fixed cost per
+              expert (device_mem_gbps + kernel_overhead_us, host_mem_gbps + host_overhead_us); the best
+              flop rate at the largest token count gives device_tflops / host_gflops. vram_gib: the GPU's
+              memory (cpu: MemTotal).
+The profile records the dtype, threads and copy mode it was measured with in `source`: the sim's
+predictions hold for torch runs with the same settings.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, host_memory_total, memcpy,
+                             resolve_device, resolve_threads, scale_spec, weights_dtype)
+from .errors import MoesimError
+from .hardware import HardwareProfile, save_hardware
+from .trace import model_spec
+
+MiB = 2**20
+CPU_DIMS = (256, 512, 1024, 2048)  # hidden = ffn of the expert sizes measured by default (bf16: 0.4-25 MB)
+CUDA_DIMS = (512, 1024, 2048, 4096, 8192)  # bf16: 1.6-403 MB per expert
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+ROTATE_BYTES = {"cpu": 128 * MiB, "cuda": 512 * MiB}  # memory a measurement rotates over: past the caches
+
+
+@dataclass
+class Measurements:
+    """What calibrate measured, before it becomes a profile (kept for printing and for tests)."""
+
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    copies: str  # the torch backend's copy mode: stream | worker | sync
+    copy_points: dict = field(default_factory=dict)  # "pinned"/"pageable" -> [(bytes, ms)]
+    copy_fit: dict = field(default_factory=dict)  # "pinned"/"pageable" -> (latency ms, GB/s)
+    ffn_points: list = field(default_factory=list)  # [{"where", "tokens", "expert_bytes", "ms"}]
+    skipped: list = field(default_factory=list)  # what the time limit left out
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- fits
+def fit_latency_rate(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of ms = latency + bytes * slope over (bytes, ms) points, each residual relative to its ms
+    (small and large sizes count alike); latency clamped at >= 0. Returns (latency ms, bytes per ms)."""
+    x = np.array([p[0] for p in points], dtype=np.float64)
+    t = np.array([p[1] for p in points], dtype=np.float64)
+    if len(x) == 0 or not (t > 0).all():
+        raise ValueError(f"need positive times to fit, got {points}")
+    w = 1.0 / t
+    if len(set(x.tolist())) >= 2:
+        A = np.stack([w, w * x], axis=1)
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+    else:
+        a, b = -1.0, 0.0
+    if a < 0 or b <= 0:  # no usable intercept: through the origin
+        a = 0.0
+        b = float(np.sum(w * w * t * x) / np.sum(w * w * x * x))
+    return float(a), float(1.0 / b)
+
+
+# -------------------------------------------------------------------------------------------- timing
+def _mean_ms(samples: list[float]) -> float:
+    """The mean, not the median: a replay's latency is a sum of many such operations, and a sum follows
+    their means (on a busy machine, preemptions make a short operation's median far below its mean)."""
+    return float(np.mean(samples))
+
+
+def _blocks(n_bytes_each: int, device: torch.device, dtype: torch.dtype, pinned: bool, seed: int | None) -> torch.Tensor:
+    """[n, width] blocks of `n_bytes_each` bytes, n so that they cover ROTATE_BYTES (at least 2): random from
+    `seed` (weights: a GPU's matmul speed depends on the data), or a constant with seed None (copies, whose
+    speed does not; a memset is much faster to fill)."""
+    item = torch.finfo(dtype).bits // 8
+    width = max(1, n_bytes_each // item)
+    n = max(2, min(256, math.ceil(ROTATE_BYTES[device.type] / (width * item))))
+    t = torch.empty((n, width), dtype=dtype, device=device, pin_memory=pinned)
+    if seed is None:
+        return t.fill_(0.01)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return t.uniform_(-0.05, 0.05, generator=gen)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How often an operation is repeated: at least `min_n` times and `min_ms` in all, at most `max_n`."""
+
+    min_n: int = 10
+    min_ms: float = 60.0
+    max_n: int = 400
+
+
+def _sample(run_one, sampling: Sampling) -> float:
+    """Mean ms of `run_one(i)` (which returns one call's ms) after one warm-up call, under `sampling`."""
+    run_one(0)
+    times: list[float] = []
+    total, i = 0.0, 1
+    while len(times) < sampling.max_n and (len(times) < sampling.min_n or total < sampling.min_ms):
+        ms = run_one(i)
+        times.append(ms)
+        total += ms
+        i += 1
+    return _mean_ms(times)
+
+
+def _cuda_sample(issue_one, sampling: Sampling, stream=None) -> float:
+    """Like _sample for CUDA work: `issue_one(i)` queues one call; each is timed by events around it, calls
+    queued back to back as the backend queues them (so launch gaps count where the host is the bottleneck)."""
+    issue_one(0)
+    n = max(sampling.min_n, 1)
+    total, times = 0.0, []
+    while len(times) < sampling.max_n and (not times or total < sampling.min_ms):
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for i, (e0, e1) in enumerate(evs):
+            e0.record(stream)
+            issue_one(len(times) + i + 1)
+            e1.record(stream)
+        evs[-1][1].synchronize()
+        batch = [e0.elapsed_time(e1) for e0, e1 in evs]
+        times += batch
+        total += sum(batch)
+    return _mean_ms(times)
+
+
+def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, pinned: bool, mode: str,
+                   sampling: Sampling = Sampling()) -> list[tuple[int, float]]:
+    """Mean ms of one host->device copy of each size in `sizes` (bytes), as the torch backend in `mode`
+    ("stream" | "worker" | "sync") issues it, rotating source and destination blocks."""
+    out = []
+    worker = CopyWorker() if mode == "worker" else None
+    try:
+        for size in sizes:
+            src = _blocks(size, torch.device("cpu"), dtype, pinned and device.type == "cuda", None)
+            dst = _blocks(size, device, dtype, False, None)
+            ns, nd = src.shape[0], dst.shape[0]
+            if mode == "stream":
+                stream = torch.cuda.Stream(device)
+
+                def issue(i):
+                    with torch.cuda.stream(stream):
+                        dst[(i * 7) % nd].copy_(src[i % ns], non_blocking=True)
+
+                ms = _cuda_sample(issue, sampling, stream)
+            else:
+                def one(i):
+                    t0 = time.perf_counter()
+                    if worker is not None:  # from issue until the waiting thread runs again
+                        worker.wait(worker.submit(dst[(i * 7) % nd], src[i % ns]))
+                    else:
+                        memcpy(dst[(i * 7) % nd], src[i % ns])
+                    return (time.perf_counter() - t0) * 1e3
+
+                ms = _sample(one, sampling)
+            out.append((src.shape[1] * src.element_size(), ms))
+    finally:
+        if worker is not None:
+            worker.close()
+    return out
+
+
+def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int, tokens: tuple[int, ...],
+                stop_ms: float, sampling: Sampling = Sampling(), deadline: float | None = None
+                ) -> list[tuple[int, float]]:
+    """Mean ms of one `expert_ffn` (the backend's) over n tokens for n in `tokens`, ascending, rotating over
+    blocks of `hidden` x `ffn` experts in `device` memory; stops after the first n whose call takes
+    `stop_ms` or more, or at `deadline` (time.perf_counter)."""
+    item = torch.finfo(dtype).bits // 8
+    blocks = _blocks(3 * hidden * ffn * item, device, dtype, False, 13)
+    nb = blocks.shape[0]
+    top = max(tokens)
+    gen = torch.Generator(device=device).manual_seed(17)
+    x = torch.empty((top, hidden), dtype=dtype, device=device).uniform_(-1, 1, generator=gen)
+    out = torch.zeros((top, hidden), dtype=dtype, device=device)
+    points = []
+    for n in sorted(tokens):
+        xs, ys = x[:n], out[:n]
+        if device.type == "cuda":
+            ms = _cuda_sample(lambda i: expert_ffn(blocks[i % nb], xs, ys, hidden, ffn, 0.25), sampling)
+        else:
+            def one(i):
+                t0 = time.perf_counter()
+                expert_ffn(blocks[i % nb], xs, ys, hidden, ffn, 0.25)
+                return (time.perf_counter() - t0) * 1e3
+
+            ms = _sample(one, sampling)
+        points.append((n, ms))
+        if ms >= stop_ms or (deadline is not None and time.perf_counter() > deadline):
+            break
+    return points
+
+
+# ------------------------------------------------------------------------------------------- calibrate
+def _model_dims(model, scale: float) -> tuple[list[tuple[int, int]], str | None]:
+    """(hidden, ffn) pairs of `model` at `scale` (routed expert; shared expert if its size differs), and the
+    model's dtype."""
+    if model in (None, "", "null"):
+        return [], None
+    spec = scale_spec(model_spec(model if isinstance(model, str) else dict(model)), float(scale))
+    dims = [(spec.hidden, spec.ffn)]
+    if spec.shared_experts and spec.shared_ffn and spec.shared_ffn != spec.ffn:
+        dims.append((spec.hidden, spec.shared_ffn))
+    return dims, spec.dtype
+
+
+def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, pinned: bool = True,
+            model=None, scale: float = 1.0, dims=None, tokens=TOKENS, stop_ms: float | None = None,
+            max_s: float = 100.0, host: bool = True, sampling: Sampling = Sampling(),
+            log=print) -> Measurements:
+    """Measure copies and expert FFNs (see the module docstring). `dims`: (hidden, ffn) pairs or ints
+    (hidden = ffn) of the expert sizes for the FFN table, default by device; `model`/`scale` add that model's
+    exact expert size (measured first). `max_s`: sizes still unmeasured then are skipped (and listed)."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    model_dims, model_dtype = _model_dims(model, scale)
+    dname = weights_dtype(model_dtype or "bf16", dtype)
+    tdtype = TORCH_DTYPES[dname]
+    cuda = dev.type == "cuda"
+    mode = "stream" if cuda else ("worker" if copy_worker else "sync")
+    n_threads = resolve_threads(threads, dev, bool(copy_worker))
+    threads_before = torch.get_num_threads()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    if cuda:
+        torch.cuda.set_device(dev)
+    if dims is None:
+        dims = CUDA_DIMS if cuda else CPU_DIMS
+    pairs = list(model_dims) + [d if isinstance(d, (tuple, list)) else (int(d), int(d)) for d in dims]
+    pairs = list(dict.fromkeys((int(h), int(f)) for h, f in pairs))  # model sizes first, no repeats
+    for h, f in pairs:
+        if h < 1 or f < 1:
+            raise MoesimError(f"calibrate: expert dims must be >= 1, got hidden={h}, ffn={f}")
+    if stop_ms is None:
+        stop_ms = 20.0 if not cuda else 5.0
+    item = torch.finfo(tdtype).bits // 8
+    m = Measurements(str(dev), device_name(dev), dname, torch.get_num_threads(), mode)
+    deadline = started + max_s
+    try:
+        # copies: small blocks for the fixed cost, then the expert sizes
+        sizes = sorted({64 * 1024, 256 * 1024} | {3 * h * f * item for h, f in pairs})
+        sizes = [s for s in sizes if s <= (2048 if cuda else 256) * MiB]
+        log(f"calibrate: {m.device_name}, {dname}, {m.threads} threads, copies: {mode}")
+        kinds = ("pinned", "pageable") if cuda else ("pinned",)
+        for kind in kinds:
+            pts = measure_copies(dev, sizes, tdtype, kind == "pinned", mode, sampling)
+            m.copy_points[kind] = pts
+            m.copy_fit[kind] = fit_latency_rate(pts)
+        if not cuda:  # no pinned memory without CUDA: both are the same memcpy
+            m.copy_points["pageable"], m.copy_fit["pageable"] = m.copy_points["pinned"], m.copy_fit["pinned"]
+        for kind in ("pinned", "pageable"):
+            lat, rate = m.copy_fit[kind]
+            log(f"  copies {kind:8s}: {lat * 1e3:7.1f} us + bytes / {rate / 1e6:6.2f} GB/s   "
+                + "  ".join(f"{b / MiB:.2f}MiB:{t:.3f}ms" for b, t in m.copy_points[kind]))
+        # expert FFNs, smallest first after the model's own sizes
+        wheres = [("device", dev)] + ([("host", torch.device("cpu"))] if host and cuda else [])
+        for i, (h, f) in enumerate(pairs):
+            nbytes = 3 * h * f * item
+            for where, d in wheres:
+                if i and time.perf_counter() > deadline:  # the first size is always measured
+                    m.skipped.append(f"{where} ffn {h}x{f}")
+                    continue
+                pts = measure_ffn(d, tdtype, h, f, tuple(tokens), stop_ms, sampling, deadline if i else None)
+                m.ffn_points += [{"where": where, "tokens": n, "expert_bytes": nbytes, "ms": ms} for n, ms in pts]
+                if not cuda and host:  # device=cpu: the host is the same CPU and the same code
+                    m.ffn_points += [{"where": "host", "tokens": n, "expert_bytes": nbytes, "ms": ms}
+                                     for n, ms in pts]
+                log(f"  ffn {where:6s} {h}x{f} ({nbytes / MiB:.2f} MiB): "
+                    + "  ".join(f"{n}:{ms:.3f}" for n, ms in pts) + "  (tokens:ms)")
+        if m.skipped:
+            log(f"  time limit max_s={max_s:g} reached: skipped {', '.join(m.skipped)}")
+    finally:
+        torch.set_num_threads(threads_before)
+    m.seconds = time.perf_counter() - started
+    return m
+
+
+def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, float, float]:
+    """(memory GB/s, fixed us per expert, GFLOP/s) of `where` from its FFN points."""
+    mine = [p for p in points if p["where"] == where]
+    one = [(p["expert_bytes"], p["ms"]) for p in mine if p["tokens"] == 1]
+    overhead_ms, bytes_per_ms = fit_latency_rate(one)
+    best = 0.0
+    for nbytes in {p["expert_bytes"] for p in mine}:
+        pts = [p for p in mine if p["expert_bytes"] == nbytes]
+        top = max(pts, key=lambda p: p["tokens"])
+        flops = 6.0 * hidden_of[nbytes] * top["tokens"]  # 2 * 3 * hidden * ffn * tokens; hidden*ffn = bytes/3/item
+        best = max(best, flops / (top["ms"] * 1e6))  # GFLOP/s
+    return bytes_per_ms / 1e6, overhead_ms * 1e3, best
+
+
+def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
+    """The HardwareProfile of measurements `m` (its `source` says how it was measured)."""
+    item = torch.finfo(TORCH_DTYPES[m.dtype]).bits // 8
+    hf_of = {p["expert_bytes"]: p["expert_bytes"] / (3 * item) for p in m.ffn_points}  # hidden * ffn
+    dev_gbps, dev_us, dev_gflops = _rates(m.ffn_points, "device", hf_of)
+    have_host = any(p["where"] == "host" for p in m.ffn_points)
+    host_gbps, host_us, host_gflops = _rates(m.ffn_points, "host", hf_of) if have_host else (dev_gbps, dev_us, dev_gflops)
+    cuda = m.device.startswith("cuda")
+    if cuda:
+        vram = torch.cuda.get_device_properties(torch.device(m.device)).total_memory / 2**30
+    else:
+        vram = host_memory_total() / 2**30
+    lat_pinned, rate_pinned = m.copy_fit["pinned"]
+    _, rate_pageable = m.copy_fit["pageable"]
+    label = name or ("calibrated-" + "-".join(m.device_name.lower().replace("(", "").replace(")", "").split()))
+    note = "" if cuda else ("; device=cpu: the 'device' is a block of host memory, host->device is a memcpy "
+                            "(pinned = pageable), host FFN rows repeat the device ones (same CPU, same code)")
+    source = (f"python -m moesim calibrate on {socket.gethostname()}, {datetime.date.today().isoformat()}: "
+              f"{m.device_name}, torch {torch.__version__}, weights {m.dtype}, {m.threads} threads, "
+              f"copies {m.copies}{note}" + (f"; skipped (time limit): {', '.join(m.skipped)}" if m.skipped else ""))
+    return HardwareProfile(
+        name=label,
+        h2d_pinned_gbps=round(rate_pinned / 1e6, 4), h2d_pageable_gbps=round(rate_pageable / 1e6, 4),
+        copy_latency_us=round(lat_pinned * 1e3, 3),
+        device_mem_gbps=round(dev_gbps, 4), device_tflops=round(dev_gflops / 1e3, 6),
+        host_mem_gbps=round(host_gbps, 4), host_gflops=round(host_gflops, 4),
+        vram_gib=round(vram, 3),
+        kernel_overhead_us=round(dev_us, 3), host_overhead_us=round(host_us, 3),
+        source=source,
+        ffn_table=[dict(p, ms=round(p["ms"], 6)) for p in m.ffn_points],
+    )
+
+
+def calibrate(**options) -> HardwareProfile:
+    """measure(**options) as a HardwareProfile (`name` option: the profile's name)."""
+    name = options.pop("name", None)
+    return to_profile(measure(**options), name)
+
+
+def calibrate_command(cfg) -> None:
+    """`python -m moesim calibrate [out=FILE] [model=NAME scale=S] [check=TRACE] [backend.device=cpu] ...`:
+    measure, print, write the profile (YAML, atomically); with `check=`, replay that trace's first
+    `check_tokens` tokens on the torch backend and on the sim with the new profile, and print the errors."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    b = cfg.backend
+    dims = None if cfg.dims in (None, "auto") else list(cfg.dims)
+    model, trace = cfg.model, None
+    if cfg.check:
+        trace = check_trace(str(cfg.check), int(cfg.check_tokens))
+        if model is None:
+            model = trace.spec.to_dict()
+    try:
+        m = measure(device=b.device, dtype=b.dtype, threads=b.threads, copy_worker=bool(b.copy_worker),
+                    pinned=bool(b.pinned), model=model, scale=float(cfg.scale), dims=dims,
+                    tokens=tuple(int(t) for t in cfg.tokens), stop_ms=cfg.stop_ms, max_s=float(cfg.max_s),
+                    log=lambda s: print(s, file=sys.stderr))
+    except torch.cuda.OutOfMemoryError as e:
+        raise MoesimError(f"calibrate: out of device memory ({e}); use smaller dims=") from None
+    profile = to_profile(m, cfg.name)
+    out = Path(cfg.out) if cfg.out else Path("reports/hardware") / f"{profile.name}.yaml"
+    save_hardware(profile, out)
+    print(profile_table(profile, m))
+    print(f"profile: {out}  (use: python -m moesim run hardware={out} ...)")
+    if trace is not None:
+        from omegaconf import OmegaConf
+
+        options = {k: v for k, v in OmegaConf.to_container(b, resolve=True).items() if k != "_target_"}
+        strat = cfg.strategy
+        r = compare_backends(trace, profile, lambda: instantiate(strat.cache), cfg.budget, cfg.scope,
+                             float(cfg.scale), options)
+        print(f"\ncheck: {trace.describe()} at scale {cfg.scale:g}, strategy {strat.name}, budget {cfg.budget} "
+              f"= {r['slots']} slots, {cfg.scope}")
+        print(comparison_table(r))
+
+
+def check_trace(value: str, tokens: int):
+    """The first whole steps of trace `value` (file or preset) covering at most `tokens` tokens (one step
+    at least)."""
+    from .importers import open_trace
+
+    trace = open_trace(value)
+    starts = trace.step_starts
+    i = int(np.searchsorted(starts, tokens, side="right")) - 1
+    cut = int(starts[max(1, min(i, len(starts) - 1))])
+    return trace.slice_tokens(0, cut)
+
+
+def profile_table(p: HardwareProfile, m: Measurements) -> str:
+    rows = [
+        ("device", f"{m.device_name} ({m.device}), {m.dtype}, {m.threads} threads, copies {m.copies}"),
+        ("host->device pinned", f"{p.h2d_pinned_gbps:.2f} GB/s + {p.copy_latency_us:.1f} us per copy"),
+        ("host->device pageable", f"{p.h2d_pageable_gbps:.2f} GB/s"),
+        ("device expert FFN", f"{p.device_mem_gbps:.2f} GB/s weights read (1 token), {p.device_tflops * 1e3:.1f} "
+                              f"GFLOP/s best, {p.kernel_overhead_us:.1f} us fixed"),
+        ("host expert FFN", f"{p.host_mem_gbps:.2f} GB/s weights read (1 token), {p.host_gflops:.1f} GFLOP/s best, "
+                            f"{p.host_overhead_us:.1f} us fixed"),
+        ("memory", f"{p.vram_gib:.1f} GiB"),
+        ("ffn table", f"{len(p.ffn_table)} points, {len({q['expert_bytes'] for q in p.ffn_table})} expert sizes"),
+        ("took", f"{m.seconds:.1f} s"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+# -------------------------------------------------------------------------------------------- fidelity
+def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%", scope: str = "per_layer",
+                     scale: float = 1.0, backend_options: dict | None = None, make_prefetcher=None,
+                     prefetch_max: int = 0) -> dict:
+    """Replay `trace` (model at `scale`, weights as the torch backend stores them) through the same strategy
+    and budget on the torch backend and on the sim backend with `profile`; returns both runs' numbers and
+    the sim's relative errors: {"real": {...}, "sim": {...}, "error": {...}, "spec": ..., "slots": ...}.
+
+    `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None)."""
+    from .backends.sim import SimBackend
+    from .backends.torch import TorchBackend, stored_spec
+    from .cache import Cache, parse_budget
+    from .engine import replay
+    from .profiler import Profiler
+
+    options = dict(backend_options or {})
+    torch_backend = TorchBackend(**options)
+    spec = stored_spec(scale_spec(trace.spec, scale), options.get("dtype", "auto"))
+    slots = parse_budget(budget, trace.spec, scope).slots  # slots: the same decisions at any scale
+    runs = {}
+    for name, backend in (("real", torch_backend), ("sim", SimBackend(profile, pinned=options.get("pinned", True)))):
+        cache = Cache(spec, slots, scope, make_policy, trace)
+        profiler = Profiler(spec.layers)
+        backend.setup(spec, slots, profiler)
+        t0 = time.perf_counter()
+        c = replay(trace, cache, backend, make_prefetcher() if make_prefetcher else None,
+                   prefetch_max=prefetch_max)
+        wall = time.perf_counter() - t0
+        mt = profiler.metrics()
+        runs[name] = {"hits": c.hits, "misses": c.misses, "loads": mt["loads"], "bytes_h2d": mt["bytes_h2d"],
+                      "latency_p50_ms": mt["latency_ms"]["p50"], "latency_mean_ms": mt["latency_ms"]["mean"],
+                      "stall_ms": mt["stall_ms"], "compute_ms": mt["compute_busy_ms"],
+                      "overlap": mt["overlap"], "replay_s": wall}
+        if name == "real":
+            runs[name]["memory"] = backend.memory()
+            runs[name]["info"] = backend.info()
+    real, sim = runs["real"], runs["sim"]
+
+    def err(k):
+        r, s = real[k], sim[k]
+        return None if r is None or s is None or r == 0 else (s - r) / r
+
+    return {**runs, "error": {k: err(k) for k in ("latency_p50_ms", "latency_mean_ms", "stall_ms", "compute_ms")},
+            "same_decisions": real["hits"] == sim["hits"] and real["bytes_h2d"] == sim["bytes_h2d"],
+            "spec": spec.to_dict(), "slots": slots, "scope": scope, "tokens": trace.n_tokens}
+
+
+def comparison_table(r: dict) -> str:
+    """The rows of compare_backends' result, for a terminal."""
+    real, sim, e = r["real"], r["sim"], r["error"]
+
+    def pct(x):
+        return "n/a" if x is None else f"{x * 100:+.1f}%"
+
+    rows = [("", "torch (measured)", "sim (predicted)", "error"),
+            ("hits", str(real["hits"]), str(sim["hits"]), "same" if real["hits"] == sim["hits"] else "DIFFERENT"),
+            ("bytes moved", str(real["bytes_h2d"]), str(sim["bytes_h2d"]),
+             "same" if real["bytes_h2d"] == sim["bytes_h2d"] else "DIFFERENT"),
+            ("latency p50 ms", f"{real['latency_p50_ms']:.3f}", f"{sim['latency_p50_ms']:.3f}", pct(e["latency_p50_ms"])),
+            ("latency mean ms", f"{real['latency_mean_ms']:.3f}", f"{sim['latency_mean_ms']:.3f}", pct(e["latency_mean_ms"])),
+            ("stall ms", f"{real['stall_ms']:.1f}", f"{sim['stall_ms']:.1f}", pct(e["stall_ms"])),
+            ("compute ms", f"{real['compute_ms']:.1f}", f"{sim['compute_ms']:.1f}", pct(e["compute_ms"]))]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

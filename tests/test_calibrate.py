@@ -1,0 +1,123 @@
+"""`python -m moesim calibrate` (moesim/calibrate.py): fits, measurements, the profile it writes.
+
+    pytest tests/test_calibrate.py -q
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moesim.backends.torch import scale_spec, stored_spec
+from moesim.calibrate import Sampling, fit_latency_rate, measure, to_profile
+from moesim.errors import MoesimError
+from moesim.hardware import load_hardware, save_hardware
+from moesim.trace import MODEL_SPECS, ModelSpec
+
+CUDA = torch.cuda.is_available()
+FAST = Sampling(min_n=3, min_ms=2.0, max_n=20)  # a few calls per point: tests check shapes, not speeds
+
+
+def test_fit_recovers_latency_and_bandwidth():
+    # 20 us + bytes / 5 GB/s, exactly
+    points = [(b, 0.02 + b / 5e6) for b in (2**16, 2**20, 2**22, 2**24)]
+    latency_ms, bytes_per_ms = fit_latency_rate(points)
+    assert latency_ms == pytest.approx(0.02, rel=1e-6)
+    assert bytes_per_ms == pytest.approx(5e6, rel=1e-6)
+
+
+def test_fit_without_a_positive_intercept_goes_through_the_origin():
+    points = [(1e6, 0.1), (2e6, 0.25), (4e6, 0.55)]  # the line would cross at -0.05 ms
+    latency_ms, bytes_per_ms = fit_latency_rate(points)
+    assert latency_ms == 0.0
+    assert 7e6 < bytes_per_ms < 1e7
+    assert fit_latency_rate([(1e6, 0.2)]) == (0.0, pytest.approx(5e6))
+    with pytest.raises(ValueError):
+        fit_latency_rate([(1e6, 0.0)])
+
+
+def test_measure_and_profile_on_cpu(tmp_path):
+    m = measure(device="cpu", dtype="fp32", dims=[32, (48, 64)], tokens=(1, 2, 4), sampling=FAST, log=lambda s: None)
+    assert (m.device, m.dtype, m.copies, m.threads) == ("cpu", "fp32", "sync", 1)
+    sizes = {3 * 32 * 32 * 4, 3 * 48 * 64 * 4}
+    assert {b for b, _ in m.copy_points["pinned"]} >= sizes  # the expert sizes are among the copies
+    assert all(ms > 0 for _, ms in m.copy_points["pinned"])
+    for where in ("device", "host"):
+        got = {(p["expert_bytes"], p["tokens"]) for p in m.ffn_points if p["where"] == where}
+        assert got == {(b, n) for b in sizes for n in (1, 2, 4)}
+    p = to_profile(m, name="test-cpu")
+    assert p.name == "test-cpu" and "calibrate" in p.source and "fp32" in p.source and "memcpy" in p.source
+    assert p.h2d_pinned_gbps > 0 and p.h2d_pinned_gbps == p.h2d_pageable_gbps
+    assert p.device_mem_gbps > 0 and p.device_tflops > 0 and p.vram_gib > 0
+    # the sim reads the measured FFN times back from the table
+    spec = ModelSpec("t", 1, 4, 1, 48, 64, dtype="fp32", bits_per_weight=32)
+    point = next(q for q in m.ffn_points if q["where"] == "device" and q["expert_bytes"] == spec.bytes_per_expert
+                 and q["tokens"] == 2)
+    assert p.expert_ms(2, spec) == pytest.approx(point["ms"], rel=1e-4)
+    path = save_hardware(p, tmp_path / "cpu.yaml")
+    assert load_hardware(str(path)) == p
+
+
+def test_model_option_measures_that_exact_expert_size():
+    m = measure(device="cpu", model="gpt-oss-20b", scale=1 / 32, dims=[], tokens=(1, 2), sampling=FAST,
+                log=lambda s: None)
+    spec = stored_spec(scale_spec(MODEL_SPECS["gpt-oss-20b"], 1 / 32))  # 90 x 90, bf16
+    assert m.dtype == "bf16"
+    assert {p["expert_bytes"] for p in m.ffn_points} == {spec.bytes_per_expert}
+
+
+def test_time_limit_skips_and_says_so():
+    lines = []
+    m = measure(device="cpu", dtype="fp32", dims=[16, 24, 32], tokens=(1,), sampling=FAST, max_s=0.0,
+                log=lines.append)
+    assert m.skipped == ["device ffn 24x24", "device ffn 32x32"]  # the first size is always measured
+    assert {p["expert_bytes"] for p in m.ffn_points} == {3 * 16 * 16 * 4}
+    assert any("skipped" in s for s in lines)
+    assert "skipped (time limit)" in to_profile(m).source
+
+
+def test_bad_model_scale_refused():
+    with pytest.raises(MoesimError, match="model.scale"):
+        measure(device="cpu", model="gpt-oss-20b", scale=1e-5, dims=[], log=lambda s: None)
+
+
+def test_calibrate_command_writes_a_loadable_profile(tmp_path, capsys):
+    pytest.importorskip("hydra")
+    from moesim.__main__ import compose
+    from moesim.calibrate import calibrate_command
+
+    out = tmp_path / "mine.yaml"
+    cfg = compose("calibrate", [f"out={out}", "dims=[32]", "tokens=[1,2]", "backend.dtype=fp32", "name=mine",
+                                "max_s=30"])
+    calibrate_command(cfg)
+    printed = capsys.readouterr().out
+    assert "host->device pinned" in printed and str(out) in printed
+    p = load_hardware(str(out))
+    assert p.name == "mine" and len(p.ffn_table) == 4  # 1 size x 2 token counts x device, host
+
+
+def test_calibrate_check_compares_on_a_trace(tmp_path, capsys):
+    pytest.importorskip("hydra")
+    from moesim.__main__ import compose
+    from moesim.calibrate import calibrate_command
+
+    from moesim.trace import from_arrays, save_trace
+
+    spec = MODEL_SPECS["olmoe-1b-7b"]  # 16 layers x 64 experts, top-8
+    rows = [[list(range((t + l) % 8, (t + l) % 8 + 8)) for l in range(16)] for t in range(10)]
+    trace = save_trace(from_arrays(spec, rows, [[[0.125] * 8] * 16] * 10), tmp_path / "t.moetrace.safetensors")
+    cfg = compose("calibrate", [f"out={tmp_path / 'c.yaml'}", "dims=[]", "tokens=[1,2]", f"check={trace}",
+                                "check_tokens=6", "scale=0.03125", "max_s=30"])
+    calibrate_command(cfg)
+    printed = capsys.readouterr().out
+    assert "check: 6 tokens" in printed and "strategy lru" in printed
+    assert "hits" in printed and "DIFFERENT" not in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
+def test_calibrate_on_cuda():
+    m = measure(device="cuda", dims=[512], tokens=(1, 8, 64), sampling=FAST, log=lambda s: None)
+    assert m.copies == "stream"
+    p = to_profile(m)
+    assert p.h2d_pinned_gbps > 1 and p.h2d_pageable_gbps > 0 and p.vram_gib > 1
+    assert {q["where"] for q in p.ffn_table} == {"device", "host"}

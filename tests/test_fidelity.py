@@ -1,0 +1,79 @@
+"""Fidelity: the sim backend with a profile `calibrate` measured here predicts the torch backend on the same
+trace, strategy and budget. Same decisions exactly (hits, bytes); latency within a tolerant bound (the
+measured error, on a larger trace, is reported by tests/bench/test_bench_fidelity.py and docs/fidelity.md).
+
+    pytest tests/test_fidelity.py -q
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from moesim.calibrate import Sampling, compare_backends, measure, to_profile
+from moesim.trace import MODEL_SPECS, ModelSpec
+from strategies.lru import LRU
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+# tolerant: this runs on 2 cores shared with other work; the goal (10% here, 5% ideally) is the benchmark's
+LATENCY_BOUND = 0.35
+ATTEMPTS = 3
+# 4 layers x 16 experts, top-2, fp32 (fast CPU matmuls): 1.5 MiB per expert, copies and FFNs both count
+SPEC = ModelSpec("fidelity", layers=4, experts=16, top_k=2, hidden=256, ffn=512, dtype="fp32", bits_per_weight=32)
+
+
+def _locality_trace(spec, steps, batch=1):
+    path = REPO / "scripts" / "gpu_check.py"
+    mod_spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.locality_trace(spec, steps, batch=batch, reuse=0.5, skew=1.0, seed=3)
+
+
+def _profile(device: str, model, scale: float):
+    m = measure(device=device, model=model, scale=scale, dims=[], tokens=(1, 2, 4, 8),
+                sampling=Sampling(min_n=10, min_ms=25.0, max_n=300), log=lambda s: None)
+    return to_profile(m)
+
+
+def test_sim_predicts_torch_on_cpu():
+    """Calibrate, then replay on both backends; up to ATTEMPTS times, since other processes' load on a shared
+    2-core machine changes within seconds (five runs here: p50 errors -35%, -19%, +3%, +2%, +19%). A broken
+    model (bytes, copies or FFNs mispriced) misses by a factor, every time."""
+    trace = _locality_trace(SPEC, steps=100)
+    errors = []
+    for _ in range(ATTEMPTS):
+        r = compare_backends(trace, _profile("cpu", SPEC.to_dict(), 1.0), LRU, "25%", "per_layer", 1.0,
+                             {"device": "cpu"})
+        assert r["same_decisions"], r
+        assert r["real"]["hits"] == r["sim"]["hits"] and r["real"]["bytes_h2d"] == r["sim"]["bytes_h2d"]
+        assert r["real"]["loads"] == r["sim"]["loads"] > 0
+        errors.append(r["error"]["latency_p50_ms"])
+        if abs(errors[-1]) < LATENCY_BOUND:
+            break
+    assert abs(errors[-1]) < LATENCY_BOUND, errors
+
+
+def test_decisions_do_not_depend_on_scale():
+    gpt = MODEL_SPECS["gpt-oss-20b"]
+    trace = _locality_trace(gpt, steps=6)
+    profile = _profile("cpu", "gpt-oss-20b", 1 / 64)
+    a = compare_backends(trace, profile, LRU, "25%", "per_layer", 1 / 64, {"device": "cpu"})
+    b = compare_backends(trace, profile, LRU, "25%", "per_layer", 1 / 32, {"device": "cpu"})
+    assert a["same_decisions"] and b["same_decisions"]
+    assert a["real"]["hits"] == b["real"]["hits"] and a["real"]["loads"] == b["real"]["loads"]
+    assert b["real"]["bytes_h2d"] == 4 * a["real"]["bytes_h2d"]  # bf16 experts of 90x90 against 45x45
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
+def test_sim_predicts_torch_on_cuda():
+    gpt = MODEL_SPECS["gpt-oss-20b"]
+    trace = _locality_trace(gpt, steps=100, batch=8)
+    r = compare_backends(trace, _profile("cuda", "gpt-oss-20b", 0.5), LRU, "25%", "per_layer", 0.5,
+                         {"device": "cuda"})
+    assert r["same_decisions"], r
+    assert abs(r["error"]["latency_p50_ms"]) < LATENCY_BOUND, r
