@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("moesim.importers:import_command", "convert a foreign trace (gpt-oss-fingerprint, jsonl) to .moetrace.safetensors"),
     "calibrate": ("moesim.calibrate:calibrate_command", "measure this machine's copies and expert FFNs into a hardware profile for the sim"),
     "record": ("moesim.record:record_command", "record routing traces from a Hugging Face transformers MoE model"),
+    "sweep": ("moesim.sweep:sweep_command", "a grid of runs (Hydra multirun, resumable): a results directory per cell, one table and report"),
+    "report": ("moesim.report:report_command", "HTML report of one run, or comparison of a sweep or of several runs"),
 }
 
 
@@ -68,6 +70,13 @@ def call(command: str, cfg):
     return getattr(importlib.import_module(mod), fn)(cfg)
 
 
+def raw_args(command: str) -> bool:
+    """True for a command that parses its own arguments (sweep: Hydra's multirun syntax `a,b`, which a
+    single composition refuses; report: directories, not key=value): it gets them as given."""
+    mod, fn = COMMANDS[command][0].split(":")
+    return bool(getattr(getattr(importlib.import_module(mod), fn), "raw_args", False))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(command))
             return 0
-        call(command, compose(command, rest))
+        call(command, rest if raw_args(command) else compose(command, rest))
     except MoesimError as e:
         print(f"moesim: error: {e}", file=sys.stderr)
         return 2

@@ -45,11 +45,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoesimError
+from .files import atomic_write_text
 
 WHERE = ("device", "host")
 _FFN_POINT_FIELDS = {"where": str, "tokens": int, "expert_bytes": int, "ms": float}
@@ -335,12 +335,4 @@ def save_hardware(profile: HardwareProfile, path) -> Path:
     text = ("# moesim hardware profile: python -m moesim run hardware=" + str(path) + "\n"
             "# units: GB/s = 1e9 bytes/s, TFLOP/s = 1e12, GFLOP/s = 1e9, us = microseconds\n"
             + yaml.safe_dump(profile.to_dict(), sort_keys=False))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import MoesimError
+from .files import atomic_write
 from .trace import DECODE, PREFILL, SUFFIX, ModelSpec, Trace, from_arrays, save_trace
 
 
@@ -408,25 +408,14 @@ def _open_partial(partial_dir: Path, args: dict) -> set[int]:
                               f"{', '.join(differ)}); rerun with those to resume, or delete it to start over")
         return {int(p.name[6:12]) for p in partial_dir.glob("batch-*.safetensors")}
     partial_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args_file, lambda tmp: Path(tmp).write_text(json.dumps(args, indent=1)))
+    atomic_write(args_file, lambda tmp: Path(tmp).write_text(json.dumps(args, indent=1)))
     return set()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_part(path: Path, part: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    _atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in part.items()}, tmp))
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in part.items()}, tmp))
 
 
 def _load_part(path: Path, spec: ModelSpec, predict: bool, n_seqs: int) -> dict[str, np.ndarray]:

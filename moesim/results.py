@@ -5,6 +5,7 @@
         steps.parquet    one row per step (moesim.profiler.STEPS_TABLE_COLUMNS)
         layers.parquet   one row per layer (moesim.profiler.LAYERS_TABLE_COLUMNS)
         timeline.json    Chrome trace format: open in https://ui.perfetto.dev
+        experts.parquet  optional: tokens that chose each (layer, expert) (moesim.report.expert_use)
         summary.json     metrics; written last, so its presence marks a complete run
 
 Every file is written to a temp file in the same directory and renamed into place (os.replace), so a
@@ -17,37 +18,20 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MoesimError
+from .files import atomic_write, atomic_write_text
 from .profiler import LAYERS_TABLE_COLUMNS, STEPS_TABLE_COLUMNS
 
 CONFIG, SUMMARY, TIMELINE = "config.yaml", "summary.json", "timeline.json"
 STEPS, LAYERS = "steps.parquet", "layers.parquet"
 FILES = (CONFIG, STEPS, LAYERS, TIMELINE, SUMMARY)  # in the order they are written: summary last
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temp_path), then rename the temp file to `path`; on any failure remove the temp file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    _atomic_write(path, write)
+EXPERTS = "experts.parquet"  # optional (runs written before it existed lack it), so not in FILES
+EXPERTS_TABLE_COLUMNS = ("layer", "expert", "requests")
 
 
 def _jsonable(x):
@@ -75,20 +59,25 @@ def _config_yaml(config) -> str:
     return OmegaConf.to_yaml(config, resolve=True)
 
 
-def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict) -> Path:
-    """Write a run's results directory (created if needed); summary.json last. Returns the directory."""
+def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict, experts=None) -> Path:
+    """Write a run's results directory (created if needed); summary.json last. Returns the directory.
+    `experts`: optional DataFrame of EXPERTS_TABLE_COLUMNS (moesim.report.expert_use(trace))."""
     import orjson
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # rewriting a directory: it must not look complete while its other files are being replaced
     (out / SUMMARY).unlink(missing_ok=True)
-    _write_text(out / CONFIG, _config_yaml(config))
-    _atomic_write(out / STEPS, lambda tmp: steps.to_parquet(tmp, engine="pyarrow", index=False))
-    _atomic_write(out / LAYERS, lambda tmp: layers.to_parquet(tmp, engine="pyarrow", index=False))
-    _atomic_write(out / TIMELINE, lambda tmp: Path(tmp).write_bytes(
+    atomic_write_text(out / CONFIG, _config_yaml(config))
+    atomic_write(out / STEPS, lambda tmp: steps.to_parquet(tmp, engine="pyarrow", index=False))
+    atomic_write(out / LAYERS, lambda tmp: layers.to_parquet(tmp, engine="pyarrow", index=False))
+    atomic_write(out / TIMELINE, lambda tmp: Path(tmp).write_bytes(
         orjson.dumps(timeline, option=orjson.OPT_SERIALIZE_NUMPY)))
-    _write_text(out / SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    if experts is not None:
+        atomic_write(out / EXPERTS, lambda tmp: experts.to_parquet(tmp, engine="pyarrow", index=False))
+    else:  # a rewritten directory must not keep another run's table
+        (out / EXPERTS).unlink(missing_ok=True)
+    atomic_write_text(out / SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
     return out
 
 
@@ -99,8 +88,9 @@ def is_complete(run_dir) -> bool:
 
 
 def read_run(run_dir) -> dict:
-    """{"dir", "summary", "config", "steps", "layers", "timeline_path"} of a complete run. Raises MoesimError
-    naming the file when one is missing or malformed. The timeline is not parsed (it can be large)."""
+    """{"dir", "summary", "config", "steps", "layers", "experts", "timeline_path"} of a complete run ("experts"
+    is None where the run has no experts.parquet). Raises MoesimError naming the file when one is missing or
+    malformed. The timeline is not parsed (it can be large)."""
     d = Path(run_dir)
     if not d.is_dir():
         raise MoesimError(f"{d}: no such results directory")
@@ -129,6 +119,7 @@ def read_run(run_dir) -> dict:
     return {"dir": d, "summary": summary, "config": config,
             "steps": _read_table(d / STEPS, STEPS_TABLE_COLUMNS),
             "layers": _read_table(d / LAYERS, LAYERS_TABLE_COLUMNS),
+            "experts": _read_table(d / EXPERTS, EXPERTS_TABLE_COLUMNS) if (d / EXPERTS).is_file() else None,
             "timeline_path": d / TIMELINE}
 
 

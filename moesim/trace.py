@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import MoesimError, TraceError
+from .files import atomic_write
 
 FORMAT = "moesim-trace"
 FORMAT_VERSION = "1"
@@ -332,16 +332,7 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
                for name in TENSORS if getattr(trace, name) is not None}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "model_spec": json.dumps(trace.spec.to_dict()), "source": json.dumps(trace.source)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 _DTYPE_TAGS = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 import moesim.__main__ as cli
 from moesim.__main__ import COMMANDS, compose, main

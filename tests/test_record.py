@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -37,7 +37,6 @@ backend object (memory() and tests read them).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import math
 import os
 import resource
