@@ -80,6 +80,25 @@ def parse_budget(value, spec: ModelSpec, scope: str) -> Budget:
     return Budget(slots, text, slots * spec.bytes_per_expert, per_layer)
 
 
+def parse_inflight(value, bytes_per_expert: int, where: str) -> int | None:
+    """A cap on bytes of queued copies: None (no cap), bytes (1000000), a size with a unit (`256MiB`,
+    `1.5GB`) or a number of expert copies (`4 experts`)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise MoesimError(f"{where}={value}: expected bytes >= 0")
+        return value
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
+    unit = m.group(2).lower() if m else None
+    if unit in ("expert", "experts"):
+        return int(float(m.group(1)) * bytes_per_expert)
+    if unit is None or unit not in _UNITS | {"": 1}:
+        raise MoesimError(f"{where}={value!r}: expected null, bytes (1000000), a size with a unit (256MiB, "
+                          f"1.5GB; units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB) or expert copies (4 experts)")
+    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+
+
 class _Candidates:
     """Keys of one partition that are resident and not pinned (what a policy may evict)."""
 
@@ -124,6 +143,19 @@ class Counters:
         return dict(self.__dict__)
 
 
+@dataclass
+class PrefetchCounters:
+    """What became of prefetched loads (kept apart from Counters, whose fields the compiled path mirrors)."""
+
+    used: int = 0  # prefetched keys requested while still resident (their first request)
+    wasted: int = 0  # prefetched keys evicted (or reset away) before any request
+    unused: set = field(default_factory=set)  # resident prefetched keys not requested yet
+
+    def to_dict(self) -> dict:
+        return {"prefetch_used": self.used, "prefetch_wasted": self.wasted,
+                "prefetch_unused_at_end": len(self.unused)}
+
+
 class Cache:
     """Device residency of routed experts under one budget and scope; see the module docstring."""
 
@@ -142,10 +174,14 @@ class Cache:
         self.part_of_layer = [0] * L if scope == "global" else list(range(L))
         self.pinned: set[Key] = set()
         self.counters = Counters()
+        self.prefetch = PrefetchCounters()
         self.reset()
 
     def reset(self) -> None:
         """Empty the cache (counters are kept) and set the policies up again."""
+        unused = self.prefetch.unused
+        self.prefetch.wasted += len(unused)  # reset away before their first request
+        unused.clear()
         for p in self.partitions:
             for key in list(p.resident):
                 p.policy.on_evict(key)
@@ -176,7 +212,13 @@ class Cache:
         c.hits += len(hits)
         c.misses += len(misses)
         if hits:
-            p.policy.on_access(pos, hits)
+            unused = self.prefetch.unused
+            if unused:  # a prefetched key's first request: the prefetch was used
+                for k in hits:
+                    if k in unused:
+                        unused.discard(k)
+                        self.prefetch.used += 1
+        p.policy.on_access(pos, hits)  # also with no hits: policies that age with time see every position
         return misses
 
     def insert(self, pos: int, key: Key, prefetched: bool = False) -> tuple[int, Key | None] | None:
@@ -189,7 +231,8 @@ class Cache:
             slot = p.free.pop()
         else:
             resident = p.resident
-            if len(resident) <= sum(1 for k in self.pinned if k in resident):
+            pinned = self.pinned
+            if len(resident) <= len(pinned) and len(resident) <= sum(1 for k in pinned if k in resident):
                 return None  # everything resident is in use
             cand = _Candidates(resident, self.pinned)
             evicted = p.policy.victim(cand)
@@ -199,11 +242,16 @@ class Cache:
             slot = p.resident.pop(evicted)
             p.policy.on_evict(evicted)
             self.counters.evictions += 1
+            unused = self.prefetch.unused
+            if unused and evicted in unused:  # prefetched, never requested: its copy was wasted
+                unused.discard(evicted)
+                self.prefetch.wasted += 1
         p.resident[key] = slot
         p.policy.on_insert(pos, key, prefetched)
         self.counters.loads += 1
         if prefetched:
             self.counters.prefetch_loads += 1
+            self.prefetch.unused.add(key)
         return slot, evicted
 
     def release(self) -> None:
