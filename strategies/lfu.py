@@ -43,6 +43,8 @@ class LFU(CachePolicy):
     def _advance(self, pos: int) -> None:
         if self.decay == 1.0:
             return
+        if not self.count:  # nothing counted (start, or after a reset): age from now, so powers stay finite
+            self.epoch0 = pos // self.period
         self.unit = self.decay ** (self.epoch0 - pos // self.period)  # a power: exact for decay = 2**-n
         if self.unit > RESCALE_AT:  # fold the factor into every count: rare, keeps floats finite
             for key in self.count:

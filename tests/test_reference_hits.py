@@ -1,7 +1,8 @@
 """Hit rates of LRU, LFU and Belady on the real gpt-oss-20b traces against independently measured values,
 and against libCacheSim (the `libcachesim` package) replaying the same per-layer streams.
 
-    python -m pytest tests/test_reference_hits.py -q -m slow      # the checks (minutes: 6 full replays)
+    python -m pytest tests/test_reference_hits.py -q               # the checks on the compiled loop (seconds)
+    python -m pytest tests/test_reference_hits.py -q -m slow       # the same on the Python reference (minutes)
     python tests/test_reference_hits.py                            # prints every number docs/policies.md quotes
 
 The trace is all 532 files, sequences in path order, the cache persisting across sequences; scope
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moesim import fast
+from moesim.cache import Counters
 from moesim.engine import hit_counts
 from strategies.belady import Belady
 from strategies.lfu import LFU
@@ -35,13 +38,20 @@ REFERENCE = {8: {"lru": 0.6420, "lfu": 0.6026, "belady": 0.7679},
 TOLERANCE = {"lru": 0.00005, "lfu": 0.002, "belady": 0.00005}  # LRU, Belady: equal to 4 decimals
 POLICIES = {"lru": LRU, "lfu": LFU, "belady": Belady}
 
-_counters: dict = {}  # (policy, slots per layer) -> Counters: each full replay runs once per session
+_counters: dict = {}  # (policy, slots per layer, loop) -> Counters: each full replay runs once per session
 
 
-def counters(trace, name: str, per_layer: int):
-    if (name, per_layer) not in _counters:
-        _counters[name, per_layer] = hit_counts(trace, POLICIES[name], per_layer * trace.n_layers, "per_layer")
-    return _counters[name, per_layer]
+def counters(trace, name: str, per_layer: int, loop: str = "fast"):
+    """The counters of a full replay: `fast` is moesim/fast.py's compiled loop (equal to the Python one,
+    tests/test_fast.py), `python` the plain-Python reference loop with the strategies' classes."""
+    if (name, per_layer, loop) not in _counters:
+        slots = per_layer * trace.n_layers
+        if loop == "fast":
+            c = Counters(**fast.hit_counts(trace, name, {}, slots, "per_layer"))
+        else:
+            c = hit_counts(trace, POLICIES[name], slots, "per_layer")
+        _counters[name, per_layer, loop] = c
+    return _counters[name, per_layer, loop]
 
 
 # ------------------------------------------------------------------------------------------- libCacheSim
@@ -117,11 +127,11 @@ def test_hits_first_order_matches_set_lru(tmp_path):
         assert libcachesim_hits(hits_first(rows, cap), "LRU", cap, tmp_path) == ours
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["fast", pytest.param("python", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("per_layer", sorted(REFERENCE))
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_reference_hit_rate(real_trace, name, per_layer):
-    c = counters(real_trace, name, per_layer)
+def test_reference_hit_rate(real_trace, name, per_layer, loop):
+    c = counters(real_trace, name, per_layer, loop)
     assert c.requests == 155_103 * 24 * 4 and c.requests == c.hits + c.misses
     rate = c.hits / c.requests
     assert abs(rate - REFERENCE[per_layer][name]) <= TOLERANCE[name], (name, per_layer, rate)
@@ -154,7 +164,7 @@ if __name__ == "__main__":  # the numbers of docs/policies.md
     print(f"{'slots/layer':>11} {'policy':>7} {'ours':>8} {'reference':>9} {'libCacheSim':>11}")
     for per_layer in sorted(REFERENCE):
         for name in POLICIES:
-            c = counters(trace, name, per_layer)
+            c = counters(trace, name, per_layer, "python")
             lcs = ""
             if name in ("lru", "belady"):
                 h, n = libcachesim_per_layer(trace, "LRU" if name == "lru" else "Belady", per_layer)
