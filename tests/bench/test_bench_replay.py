@@ -49,6 +49,19 @@ def bench_trace(request):
     return trace
 
 
+def timed(benchmark, fn, args, rounds: int = 1, warmup_rounds: int = 0) -> tuple[object, float]:
+    """(result, fastest wall time): pytest-benchmark's measurement with --benchmark-enable; with the default
+    --benchmark-disable (plain `pytest`, CI) the same rounds timed here, so the ratio floors hold either way."""
+    if getattr(benchmark, "disabled", False):
+        for _ in range(warmup_rounds):
+            fn(*args)
+        wall, out = best_time(lambda: fn(*args), rounds=rounds)
+        benchmark(lambda: out)  # keeps the fixture used; costs nothing
+        return out, wall
+    out = benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=warmup_rounds)
+    return out, benchmark.stats.stats.min
+
+
 def best_time(fn, rounds: int = 3, clock=time.perf_counter) -> tuple[float, object]:
     """(fastest time of `rounds` calls on `clock`, last result)."""
     best, out = float("inf"), None
@@ -112,8 +125,7 @@ def test_lru_cache_only_vs_libcachesim(benchmark, bench_trace, tmp_path):
     which other jobs on a shared machine disturb less than wall time (both are reported)."""
     trace = bench_trace
     L = trace.n_layers
-    ours = benchmark.pedantic(fast.hit_counts, args=(trace, "lru", {}, SLOTS, SCOPE), rounds=5, warmup_rounds=1)
-    fast_wall = benchmark.stats.stats.min
+    ours, fast_wall = timed(benchmark, fast.hit_counts, (trace, "lru", {}, SLOTS, SCOPE), rounds=5, warmup_rounds=1)
     fast_cpu = best_time(lambda: fast.hit_counts(trace, "lru", {}, SLOTS, SCOPE), rounds=5, clock=time.process_time)[0]
     flags = fast.hit_flags(trace, "lru", {}, SLOTS, SCOPE)
     assert int(flags.sum()) == ours["hits"]
@@ -144,8 +156,8 @@ def test_cache_only_fast_vs_python_reference(benchmark, bench_trace, policy):
     from moesim.engine import hit_counts
 
     trace = bench_trace
-    ours = benchmark.pedantic(fast.hit_counts, args=(trace, policy, {}, SLOTS, SCOPE), rounds=3, warmup_rounds=1)
-    fast_rate = ours["requests"] / benchmark.stats.stats.min
+    ours, fast_s = timed(benchmark, fast.hit_counts, (trace, policy, {}, SLOTS, SCOPE), rounds=3, warmup_rounds=1)
+    fast_rate = ours["requests"] / fast_s
     head = trace.slice_tokens(0, REFERENCE_TOKENS)
     cls = fast.reference_class(policy)
     ref_s, ref = best_time(lambda: hit_counts(head, cls, SLOTS, SCOPE).to_dict(), rounds=1)
@@ -164,8 +176,7 @@ def test_hit_ratio_curve_one_pass(benchmark, bench_trace, policy):
     """Every per-layer budget (top-k .. 32 slots) in one pass, against replaying each budget once (the time of
     one compiled replay times the number of budgets)."""
     trace = bench_trace
-    df = benchmark.pedantic(curves.hit_ratio_curve, args=(trace, policy, SCOPE), rounds=1, warmup_rounds=1)
-    curve_s = benchmark.stats.stats.min
+    df, curve_s = timed(benchmark, curves.hit_ratio_curve, (trace, policy, SCOPE), rounds=1, warmup_rounds=1)
     one_s, one = best_time(lambda: fast.hit_counts(trace, policy, {}, SLOTS, SCOPE), rounds=1)
     assert int(df.hits[df.slots == SLOTS].iloc[0]) == one["hits"]
     per_budget_s = one_s * len(df)
@@ -190,8 +201,8 @@ def test_timed_sim_fast_vs_reference(benchmark, bench_trace, policy, scope):
     trace = bench_trace
     layer_steps = trace.n_steps * trace.n_layers
     fast.replay_sim(trace.slice_tokens(0, 100), policy, {}, SLOTS, scope, "h200")  # compile or load
-    run = benchmark.pedantic(fast.replay_sim, args=(trace, policy, {}, SLOTS, scope, "h200"), rounds=1)
-    fast_rate = layer_steps / benchmark.stats.stats.min
+    run, fast_s = timed(benchmark, fast.replay_sim, (trace, policy, {}, SLOTS, scope, "h200"), rounds=1)
+    fast_rate = layer_steps / fast_s
     head = trace.slice_tokens(0, REFERENCE_TOKENS)
     cls = fast.reference_class(policy)
 
