@@ -9,6 +9,7 @@ The cache owns capacity, scope, pinning and counters; a policy (strategies/) onl
 the keys that are resident in its partition and not pinned. In `per_layer` scope each layer owns an equal
 share of the slots (budget // layers; the remainder stays unused and is reported); in `global` scope one
 pool serves all layers. Slots are indices into the device pool a backend allocates once.
+`cache.prefetch` follows each prefetched key to its first request (used) or its eviction (wasted).
 """
 from __future__ import annotations
 
@@ -102,10 +103,11 @@ def parse_inflight(value, bytes_per_expert: int, where: str) -> int | None:
 class _Candidates:
     """Keys of one partition that are resident and not pinned (what a policy may evict)."""
 
-    __slots__ = ("_resident", "_pinned")
+    __slots__ = ("_resident", "_pinned", "pos")
 
-    def __init__(self, resident: dict, pinned: set):
+    def __init__(self, resident: dict, pinned: set, pos: int = -1):
         self._resident, self._pinned = resident, pinned
+        self.pos = pos  # the request position the eviction happens at
 
     def __contains__(self, key: Key) -> bool:
         return key in self._resident and key not in self._pinned
@@ -234,7 +236,7 @@ class Cache:
             pinned = self.pinned
             if len(resident) <= len(pinned) and len(resident) <= sum(1 for k in pinned if k in resident):
                 return None  # everything resident is in use
-            cand = _Candidates(resident, self.pinned)
+            cand = _Candidates(resident, self.pinned, pos)
             evicted = p.policy.victim(cand)
             if evicted not in cand:
                 raise RuntimeError(f"{type(p.policy).__name__}.victim returned {evicted}, which is not a "

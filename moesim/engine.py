@@ -80,7 +80,7 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
         offload.setup(Context(trace, trace.spec, tuple(range(L)), cache.n_slots, cache.scope))
     ask = prefetcher is not None and prefetch_max != 0
     ahead = None  # keys to prefetch once the current layer's misses are issued
-    nbytes = trace.spec.bytes_per_expert
+    nbytes = cache.spec.bytes_per_expert  # the stored size (model.scale and dtype apply)
     pf_cap = _inflight_cap(prefetcher, backend, "prefetch.max_inflight", nbytes) if ask else None
     host_cap = _inflight_cap(offload, backend, "offload.max_inflight", nbytes) if offload is not None else None
     steps = step_requests(trace)

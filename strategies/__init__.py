@@ -30,7 +30,11 @@ class Context:
 
 
 class Candidates(Protocol):
-    """Keys a policy may evict now: resident in its partition and not pinned by the running layer."""
+    """Keys a policy may evict now: resident in its partition and not pinned by the running layer.
+    `pos` is the request position the eviction happens at (a policy that ages keys needs it: on a request
+    with no hits, `on_access` is not called before `victim`)."""
+
+    pos: int
 
     def __contains__(self, key: Key) -> bool: ...
     def __iter__(self) -> Iterator[Key]: ...
@@ -62,29 +66,56 @@ class CachePolicy:
 
 class Prefetcher:
     """What to load before it is asked for. `predict` returns keys, most wanted first; the engine loads
-    those not resident, within the prefetch knobs, through the same cache mechanism."""
+    those not resident through the same cache mechanism (the cache policy picks victims; pinned keys are
+    never victims), stopping once `max_inflight` of copies are queued on the copy engine.
+
+    Knobs (set by `__init__`; the class defaults hold for subclasses that do not call it):
+    `lookahead` layers ahead a prediction reaches (l+1 .. l+lookahead, running on into the next step),
+    `per_layer` keys per predicted layer (None: as many as the prefetcher ranks), `max_inflight` (None: no
+    cap; bytes, `256MiB`, or `4 experts`; the engine resolves it, see moesim.cache.parse_inflight)."""
 
     bound = False
+    lookahead = 1  # layers
+    per_layer: int | None = None  # keys per predicted layer
+    max_inflight = None  # cap on queued copies (bytes, "256MiB", "4 experts"); None: no cap
+
+    def __init__(self, lookahead: int = 1, per_layer: int | None = None, max_inflight=None):
+        from moesim.cache import parse_inflight
+        from moesim.errors import MoesimError
+
+        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+            raise MoesimError(f"prefetch.lookahead: expected a whole number of layers >= 1, got {lookahead!r}")
+        if per_layer is not None and (not isinstance(per_layer, int) or isinstance(per_layer, bool)
+                                      or per_layer < 1):
+            raise MoesimError(f"prefetch.per_layer: expected a whole number >= 1 or null, got {per_layer!r}")
+        parse_inflight(max_inflight, 1, "prefetch.max_inflight")  # checks the form
+        self.lookahead, self.per_layer, self.max_inflight = lookahead, per_layer, max_inflight
 
     def setup(self, ctx: Context) -> None:
         """Called once before the replay, with the whole-trace context (layers = all layers)."""
 
     def observe(self, pos: int, layer: int, experts: Iterable[int]) -> None:
-        """Layer `layer` of the current step needed `experts` (it has just been computed)."""
+        """Layer `layer` of the current step was routed to `experts` (its router has run; its experts have
+        not computed yet)."""
 
     def predict(self, pos: int, layer: int) -> list[Key]:
-        """After layer `layer` computed at `pos`: keys to fetch ahead; default none."""
+        """Once layer `layer` is routed at `pos`: keys to fetch ahead (their copies overlap this layer's
+        compute), most wanted first; default none."""
         return []
 
 
 class OffloadPolicy:
-    """On a miss: load the expert (`"fetch"`) or compute it on the host from its host copy (`"host"`)."""
+    """On a miss: load the expert and wait for it (`"fetch"`), compute it on the host from its host copy
+    (`"host"`), or both: compute it on the host now and copy it into the cache in the background for later
+    requests (`"host_and_load"`, issued only while less than `max_inflight` of copies are queued)."""
 
     bound = False
+    max_inflight = None  # cap on queued copies for "host_and_load" (as Prefetcher.max_inflight); None: no cap
 
     def setup(self, ctx: Context) -> None:
         """Called once before the replay."""
 
-    def on_miss(self, key: Key, n_tokens: int, cost) -> Literal["fetch", "host"]:
-        """`cost` answers `cost.fetch_ms(key)` and `cost.host_ms(key, n_tokens)` under the hardware profile."""
+    def on_miss(self, key: Key, n_tokens: int, cost) -> Literal["fetch", "host", "host_and_load"]:
+        """`cost` answers `cost.fetch_ms(key)`, `cost.device_ms(key, n_tokens)` and `cost.host_ms(key,
+        n_tokens)` under the hardware profile."""
         return "fetch"

@@ -14,12 +14,18 @@ Three timelines, as a GPU server has them (times in ms from the start of the rep
     copies on the copy engine) plus expert_ms(where="host") of each host expert. The layer ends at the
     later of its device and host parts.
 Issue time: a copy is issued at the compute timeline's current time: a demand miss is found when its layer
-is about to run (the previous layer's end), and a prefetch issued after layer l is issued at l's end.
+is about to run (the previous layer's end); a prefetch the engine issues once layer l is routed is issued at
+that same time, queued behind l's own misses, so its copy overlaps l's compute.
+Requests: a device expert whose copy is complete when its layer could start (the previous layer's end) is
+served stall-free; a prefetched copy that completes after that time is a late prefetch (counted at the
+key's first use). `request_stats()` returns both counts; `inflight_bytes()` the copies still queued.
 A step's latency is its last layer's end minus its start (the previous step's end). Attention and dense
 layers are not modelled (the model spec has no numbers for them). The sim makes no decisions: the engine
 (moesim/engine.py) tells it what to load and where to compute.
 """
 from __future__ import annotations
+
+import math
 
 from . import Backend
 from ..hardware import HardwareProfile, load_hardware
@@ -46,6 +52,9 @@ class SimBackend(Backend):
         self._shared_ms: dict[int, float] = {}  # n_tokens -> all shared experts of a layer
         self._add_copy, self._add_compute = profiler.copy, profiler.compute
         self._step, self._n_tokens, self._step_start, self._step_shared_ms = 0, 0, 0.0, 0.0
+        self._prefetched: set[int] = set()  # slots whose prefetched copy has not been used yet
+        self._stall_free = 0  # device experts whose weights were ready when their layer could start
+        self._late = 0  # prefetched copies that completed after their first use could start
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         self._step, self._n_tokens, self._step_start = step, n_tokens, self._now
@@ -60,21 +69,46 @@ class SimBackend(Backend):
         end = start + self._copy_ms
         self._copy_free = end
         self._slot_ready[slot] = end
+        if prefetch:
+            self._prefetched.add(slot)
+        elif self._prefetched:
+            self._prefetched.discard(slot)  # the slot's earlier prefetched copy was evicted unused
         self._add_copy(key, self._nbytes, start, end, prefetch)
+
+    def inflight_bytes(self) -> int:
+        """Bytes of copies issued and not complete at the current issue time (the copy engine's queue,
+        which is contiguous: every copy takes the same time)."""
+        ahead = self._copy_free - self._now
+        if ahead <= 0:
+            return 0
+        return math.ceil(ahead / self._copy_ms - 1e-9) * self._nbytes
+
+    def request_stats(self) -> dict:
+        """Counts of served requests: `stall_free_requests` (device experts ready when their layer could
+        start) and `late_prefetches` (prefetched copies that completed after that time, at first use)."""
+        return {"stall_free_requests": self._stall_free, "late_prefetches": self._late}
 
     def compute(self, layer: int, device, host) -> None:
         free = start = self._now
-        ready, device_ms = self._slot_ready, self._device_ms
+        ready, device_ms, prefetched = self._slot_ready, self._device_ms, self._prefetched
         duration = self._step_shared_ms
+        waited = 0
         for _key, slot, n in device:
             r = ready[slot]
-            if r > start:
-                start = r
+            if r > free:
+                waited += 1
+                if r > start:
+                    start = r
+            if prefetched and slot in prefetched:  # first use of a prefetched copy
+                prefetched.discard(slot)
+                if r > free:
+                    self._late += 1
             d = device_ms.get(n)
             if d is None:
                 d = device_ms[n] = self.hardware.expert_ms(n, self.spec, "device")
             duration += d
         end = start + duration
+        self._stall_free += len(device) - waited
         self._add_compute(layer, start, end, start - free, "device")
         if host:
             end = max(end, self._compute_host(layer, free, host))

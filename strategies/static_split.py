@@ -1,0 +1,52 @@
+"""Static split: the experts of chosen layers live on the host for good and are computed there; the other
+layers' experts are loaded on a miss. `offload=static_split`.
+
+As llama.cpp's `--n-cpu-moe N` (keep the MoE weights of the first N layers in host memory, computed by the
+CPU; the rest on the GPU). `host_layers`:
+  N (an integer)   the first N layers
+  [l, ...]         these layers
+  auto             as many first layers as needed for the rest to fit the budget whole: N = L - slots // E.
+                   Needs `scope=global` (per layer, a layer's share of the slots never holds all its experts).
+With `scope=global` and `auto` the device layers' experts all fit, so after each is loaded once nothing is
+evicted: llama.cpp's load-time placement, warmed on first use.
+"""
+from __future__ import annotations
+
+from moesim.errors import MoesimError
+
+from . import OffloadPolicy
+
+
+class StaticSplit(OffloadPolicy):
+    def __init__(self, host_layers="auto"):
+        ok = (host_layers == "auto" or (isinstance(host_layers, int) and not isinstance(host_layers, bool)
+                                        and host_layers >= 0)
+              or (hasattr(host_layers, "__iter__") and not isinstance(host_layers, str)
+                  and all(isinstance(x, int) and not isinstance(x, bool) for x in host_layers)))
+        if not ok:
+            raise MoesimError(f"offload.host_layers={host_layers!r}: expected auto, a number of first layers, "
+                              f"or a list of layer indices")
+        self.host_layers = host_layers if isinstance(host_layers, (int, str)) else [int(x) for x in host_layers]
+
+    def setup(self, ctx) -> None:
+        L, E = ctx.spec.layers, ctx.spec.experts
+        spec = self.host_layers
+        if spec == "auto":
+            if ctx.scope != "global":
+                raise MoesimError("offload.host_layers=auto: the device layers must fit the budget whole, which "
+                                  "needs one pool; add scope=global (or give host_layers=N)")
+            n = max(0, L - ctx.capacity // E)
+            layers = range(n)
+        elif isinstance(spec, int):
+            if spec > L:
+                raise MoesimError(f"offload.host_layers={spec}: the model has {L} layers")
+            layers = range(spec)
+        else:
+            bad = [x for x in spec if not 0 <= x < L]
+            if bad:
+                raise MoesimError(f"offload.host_layers: layer(s) {bad} out of range 0..{L - 1}")
+            layers = spec
+        self.host = frozenset(layers)
+
+    def on_miss(self, key, n_tokens: int, cost) -> str:
+        return "host" if key[0] in self.host else "fetch"
