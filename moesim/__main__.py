@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("moesim.record:record_command", "record routing traces from a Hugging Face transformers MoE model"),
     "sweep": ("moesim.sweep:sweep_command", "a grid of runs (Hydra multirun, resumable): a results directory per cell, one table and report"),
     "report": ("moesim.report:report_command", "HTML report of one run, or comparison of a sweep or of several runs"),
+    "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
 }
 
 
@@ -36,6 +37,9 @@ def command_help(command: str) -> str:
     """The command's config file as written (its comments explain each option) and the choices of its groups."""
     from importlib.resources import files
 
+    usage = getattr(_function(command), "usage", None)
+    if usage:  # a command without a config file of its own
+        return f"python -m moesim {command}: {COMMANDS[command][1]}\n\n{usage.strip()}"
     conf = files("moesim.conf")
     text = conf.joinpath(f"{command}.yaml").read_text()
     lines = [f"python -m moesim {command} [key=value ...]: {COMMANDS[command][1]}", "",
@@ -70,11 +74,15 @@ def call(command: str, cfg):
     return getattr(importlib.import_module(mod), fn)(cfg)
 
 
+def _function(command: str):
+    mod, fn = COMMANDS[command][0].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
 def raw_args(command: str) -> bool:
     """True for a command that parses its own arguments (sweep: Hydra's multirun syntax `a,b`, which a
     single composition refuses; report: directories, not key=value): it gets them as given."""
-    mod, fn = COMMANDS[command][0].split(":")
-    return bool(getattr(getattr(importlib.import_module(mod), fn), "raw_args", False))
+    return bool(getattr(_function(command), "raw_args", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(command))
             return 0
-        call(command, rest if raw_args(command) else compose(command, rest))
+        rc = call(command, rest if raw_args(command) else compose(command, rest))
     except MoesimError as e:
         print(f"moesim: error: {e}", file=sys.stderr)
         return 2
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `python -m moesim ... | head`
         sys.stderr.close()
         return 0
-    return 0
+    return rc if isinstance(rc, int) else 0  # e.g. `baseline check`: 1 when results changed
 
 
 if __name__ == "__main__":

@@ -412,20 +412,24 @@ def project_command(args: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def baseline_command(argv: list[str]) -> int:
+    """`python -m moesim baseline write|check|project ...` (the CLI turns MoesimError into one line, exit 2)."""
     commands = {"write": write_command, "check": check_command, "project": project_command}
-    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in commands:
-        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help", "help") else sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
-    try:
-        return commands[argv[0]](argv[1:])
-    except MoesimError as e:
-        print(f"moesim: error: {e}", file=sys.stderr)
+    if not argv or argv[0] not in commands:
+        print(USAGE, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moesim: interrupted", file=sys.stderr)
-        return 130
+    return commands[argv[0]](argv[1:])
+
+
+baseline_command.raw_args = True  # subcommand and key=value pairs of its own, not one Hydra config
+baseline_command.usage = USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m moesim.baseline ...`: the same as `python -m moesim baseline ...`."""
+    from .__main__ import main as cli
+
+    return cli(["baseline", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

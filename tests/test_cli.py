@@ -68,6 +68,9 @@ def test_run_help_lists_group_choices(capsys):
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_a_config(command):
     # a command listed without moesim/conf/<command>.yaml would fail only when a user calls it
+    if getattr(cli._function(command), "usage", None):
+        assert command in cli.command_help(command)  # parses its own arguments and has its own usage
+        return
     try:
         compose(command, [])
     except MoesimError as e:
