@@ -286,7 +286,9 @@ def main(argv=None) -> int:
             results[(r["label"], r["hardware"], r["budget_requested"])] = r
             if "error" in r:
                 print(f"error: {r['label']} {r['hardware']} {r['budget_requested']}: {r['error']}", file=sys.stderr)
-    facts["when"] = time.strftime("%Y-%m-%d") + f", {len(jobs)} runs in {(time.time() - t0) / 60:.0f} min"
+    replay_s = sum(r.get("seconds", 0) for r in results.values() if "error" not in r)
+    facts["when"] = (time.strftime("%Y-%m-%d") + f"; {len(results)} runs, {replay_s / 60:.0f} min of replay in all, "
+                     f"{len(jobs)} of them run by this invocation in {(time.time() - t0) / 60:.0f} min, {args.jobs} processes")
     write_doc(Path(args.doc), tables(results, facts))
     print(f"wrote {args.doc}", file=sys.stderr)
     return 0

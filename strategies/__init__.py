@@ -22,7 +22,8 @@ Key = tuple[int, int]  # (layer, expert)
 class Context:
     """What a policy may know when it is set up: one cache partition and the run around it."""
 
-    trace: "Trace"  # the whole trace: oracles (Belady) read the future from it; others must not
+    trace: "Trace"  # the whole trace: oracles (Belady) read the future from it; others must not (precomputed
+    #                 predictions read it causally: strategies/prefetch_table.py)
     spec: "ModelSpec"
     layers: tuple[int, ...]  # layers whose experts live in this partition (one in per_layer scope)
     capacity: int  # slots of this partition

@@ -50,7 +50,7 @@ class History(TablePrefetcher, Calibrated):
 
     def build(self, ctx):
         tr = ctx.trace
-        S, L, E, D = tr.n_steps, tr.n_layers, tr.spec.experts, self.lookahead
+        S, L, D = tr.n_steps, tr.n_layers, self.lookahead
         width = self.per_layer or ctx.spec.top_k
         match = self.matches(tr)  # [S]: best past sequence per step, -1 before a sequence's first step
         ranked = rank(self.matrices, width) if len(self.matrices) else np.full((1, L, width), -1, np.int16)

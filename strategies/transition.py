@@ -13,7 +13,9 @@ Once layer l of step s is routed it scores each expert f of each predicted layer
           +      reuse_weight  * mean over the experts e last routed at m of R[m, e, f]
 
 ("last routed at m": this step's layer m when m <= l, else the previous step's), and prefetches the
-`per_layer` best (default top_k). Source experts never seen in calibration fall back to layer m's
+`per_layer` best (default top_k). reuse_weight 0.25 was chosen on calibration data alone: learning on the
+first half of the comparison's calibration part and scoring the second, the share of next-layer experts
+among the top 4 was 0.563, 0.565, 0.555, 0.516 for 0, 0.25, 0.5, 0.75. Source experts never seen in calibration fall back to layer m's
 popularity in calibration. Means over a batched step weigh each expert by its tokens.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Transition(TablePrefetcher, Calibrated):
     where = "prefetch"
 
     def __init__(self, lookahead: int = 1, per_layer: int | None = None, max_inflight=None,
-                 reuse_weight: float = 0.5, calibrate_tokens: int | None = None, calibrate_fraction: float = 0.1,
+                 reuse_weight: float = 0.25, calibrate_tokens: int | None = None, calibrate_fraction: float = 0.1,
                  calibrate_trace: str | None = None):
         super().__init__(lookahead, per_layer, max_inflight)
         if not (isinstance(reuse_weight, (int, float)) and not isinstance(reuse_weight, bool)
