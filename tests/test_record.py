@@ -25,7 +25,7 @@ from moesim.__main__ import compose  # noqa: E402
 from moesim.engine import hit_counts  # noqa: E402
 from moesim.errors import MoesimError  # noqa: E402
 from moesim.trace import DECODE, PREFILL, load_trace  # noqa: E402
-from strategies import CachePolicy  # noqa: E402
+from strategies.lru import LRU  # noqa: E402
 
 VOCAB = 48
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -327,31 +327,11 @@ def test_steps_sequences_padding_and_eos(batch_size, tmp_path):
     np.testing.assert_array_equal(loaded.experts, trace.experts)
     assert loaded.spec == trace.spec and loaded.source["recorder"] == "moesim.record"
     # (all experts fit: a prefill step can need every expert of a layer at once)
-    counters = hit_counts(loaded, TinyLRU, "100%", "per_layer")
+    counters = hit_counts(loaded, LRU, "100%", "per_layer")
     requests = sum(len(set(r[r >= 0].tolist())) for s in loaded.steps() for r in np.moveaxis(s.experts, 1, 0))
     keys = {(l, e) for l in range(loaded.n_layers) for e in loaded.experts[:, l].ravel().tolist()}
     assert counters.requests == requests == counters.hits + counters.misses
     assert counters.misses == len(keys) and counters.evictions == 0
-
-
-class TinyLRU(CachePolicy):
-    """A test-local LRU over an ordered dict, independent of strategies/lru.py."""
-
-    def setup(self, ctx):
-        self.order = {}
-
-    def on_access(self, pos, keys):
-        for k in keys:
-            self.order[k] = self.order.pop(k)
-
-    def on_insert(self, pos, key, prefetched):
-        self.order[key] = None
-
-    def on_evict(self, key):
-        del self.order[key]
-
-    def victim(self, candidates):
-        return next(k for k in self.order if k in candidates)
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
