@@ -11,7 +11,8 @@ so that the sim predicts that backend on this machine:
   copies      host->device copies of expert-sized blocks, rotating over more memory than the caches hold:
               CUDA: on a copy stream, each timed by events, from pinned and from pageable memory; cpu: host
               memory into the device-pool block, a memcpy as the backend issues it (with the copy worker:
-              from issue to the waiting thread's wake-up), pinned = pageable. A least-squares fit of
+              from issue to the waiting thread's wake-up), pinned = pageable. Blocks in random order. The
+              points go into copy_table (the sim interpolates them); a least-squares fit of
               time = latency + bytes / bandwidth (relative errors) gives copy_latency_us and h2d_*_gbps.
   expert FFN  one SwiGLU expert over 1, 2, 4, ... tokens (until one call takes `stop_ms`), for several expert
               sizes, on the device and on the host -> ffn_table, which the sim interpolates.
@@ -19,6 +20,11 @@ so that the sim predicts that backend on this machine:
               expert (device_mem_gbps + kernel_overhead_us, host_mem_gbps + host_overhead_us); the best
               flop rate at the largest token count gives device_tflops / host_gflops. vram_gib: the GPU's
               memory (cpu: MemTotal).
+  replay      device=cpu only, where the replay's host work and the compute share one thread: a short
+              replay through moesim's engine and the torch backend gives the replay's own time per layer,
+              per expert and per load (layer/expert/load_overhead_us), and, from its layers' compute
+              times against the loads before them, the copies' write-back cost (writeback_us_per_mib);
+              `replay=false` skips.
 The profile records the dtype, threads and copy mode it was measured with in `source`: the sim's
 predictions hold for torch runs with the same settings.
 """
@@ -35,7 +41,8 @@ import numpy as np
 import torch
 
 from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, host_memory_total, memcpy,
-                             resolve_device, resolve_threads, scale_spec, weights_dtype)
+                             resolve_device, resolve_threads, routed_ffn, scale_spec, stored_spec,
+                             weights_dtype)
 from .errors import MoesimError
 from .hardware import HardwareProfile, save_hardware
 from .trace import model_spec
@@ -60,6 +67,8 @@ class Measurements:
     copy_fit: dict = field(default_factory=dict)  # "pinned"/"pageable" -> (latency ms, GB/s)
     ffn_points: list = field(default_factory=list)  # [{"where", "tokens", "expert_bytes", "ms"}]
     skipped: list = field(default_factory=list)  # what the time limit left out
+    overheads: dict = field(default_factory=dict)  # device=cpu: the replay's own time (measure_replay_overhead)
+    writeback_us_per_mib: float = 0.0  # device=cpu: measure_replay_overhead
     seconds: float = 0.0
 
 
@@ -155,22 +164,30 @@ def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, p
         for size in sizes:
             src = _blocks(size, torch.device("cpu"), dtype, pinned and device.type == "cuda", None)
             dst = _blocks(size, device, dtype, False, None)
-            ns, nd = src.shape[0], dst.shape[0]
+            # (source, destination) views in a random order, as a replay picks experts and slots; made before
+            # timing: the backend indexes its pools outside its copy spans too
+            pairs = _random_pairs(src, dst, sampling.max_n + 1)
+            # cpu: between two timed copies, an untimed read of another block, as a layer's FFNs read weights
+            # between a replay's copies (back-to-back copies also wait for each other's write-backs: ~5% slower)
+            between = _blocks(size, torch.device("cpu"), dtype, False, None) if device.type == "cpu" else None
             if mode == "stream":
                 stream = torch.cuda.Stream(device)
 
                 def issue(i):
+                    s_, d_ = pairs[i % len(pairs)]
                     with torch.cuda.stream(stream):
-                        dst[(i * 7) % nd].copy_(src[i % ns], non_blocking=True)
+                        d_.copy_(s_, non_blocking=True)
 
                 ms = _cuda_sample(issue, sampling, stream)
             else:
                 def one(i):
+                    s_, d_ = pairs[i % len(pairs)]
+                    between[i % between.shape[0]].sum()
                     t0 = time.perf_counter()
                     if worker is not None:  # from issue until the waiting thread runs again
-                        worker.wait(worker.submit(dst[(i * 7) % nd], src[i % ns]))
+                        worker.wait(worker.submit(d_, s_))
                     else:
-                        memcpy(dst[(i * 7) % nd], src[i % ns])
+                        memcpy(d_, s_)
                     return (time.perf_counter() - t0) * 1e3
 
                 ms = _sample(one, sampling)
@@ -179,6 +196,13 @@ def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, p
         if worker is not None:
             worker.close()
     return out
+
+
+def _random_pairs(src: torch.Tensor, dst: torch.Tensor, n: int, seed: int = 5) -> list:
+    """n (src row, dst row) views, rows drawn at random (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    return [(src[int(a)], dst[int(b)]) for a, b in zip(rng.integers(0, src.shape[0], n),
+                                                       rng.integers(0, dst.shape[0], n))]
 
 
 def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int, tokens: tuple[int, ...],
@@ -190,19 +214,31 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
     item = torch.finfo(dtype).bits // 8
     blocks = _blocks(3 * hidden * ffn * item, device, dtype, False, 13)
     nb = blocks.shape[0]
-    top = max(tokens)
+    top = 2 * max(tokens)  # rows of the batch an expert's tokens are gathered from
     gen = torch.Generator(device=device).manual_seed(17)
     x = torch.empty((top, hidden), dtype=dtype, device=device).uniform_(-1, 1, generator=gen)
     out = torch.zeros((top, hidden), dtype=dtype, device=device)
+    order = np.random.default_rng(3).integers(0, nb, sampling.max_n + 1).tolist()  # experts in no memory order
     points = []
     for n in sorted(tokens):
-        xs, ys = x[:n], out[:n]
+        # as the backend computes an expert: one token's row and gate weight, or n rows gathered from a batch
+        # (here twice as large), computed, weighted and scattered back (moesim/backends/torch.py routed_ffn)
+        rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
+        gates = torch.full((n, 1), 0.25, dtype=dtype, device=device)
+
+        def ffn_call(i, n=n, rows=rows, gates=gates):
+            block = blocks[order[i % len(order)]]
+            if n == 1:
+                expert_ffn(block, x[:1], out[:1], hidden, ffn, 0.25)
+            else:
+                routed_ffn(block, x, out, hidden, ffn, rows, gates)
+
         if device.type == "cuda":
-            ms = _cuda_sample(lambda i: expert_ffn(blocks[i % nb], xs, ys, hidden, ffn, 0.25), sampling)
+            ms = _cuda_sample(ffn_call, sampling)
         else:
             def one(i):
-                t0 = time.perf_counter()
-                expert_ffn(blocks[i % nb], xs, ys, hidden, ffn, 0.25)
+                t0 = time.perf_counter()  # the block and activation views are made inside, as the backend does
+                ffn_call(i)
                 return (time.perf_counter() - t0) * 1e3
 
             ms = _sample(one, sampling)
@@ -210,6 +246,71 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
         if ms >= stop_ms or (deadline is not None and time.perf_counter() > deadline):
             break
     return points
+
+
+def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, step_ms: float) -> dict:
+    """device=cpu: the replay's own host time outside copies and FFNs (moesim/engine.py's lookups and LRU,
+    the torch backend's bookkeeping), from a short replay through both: per step, latency - compute - stall
+    = a * layers computed + b * experts computed + c * loads, least squares (a coefficient that comes out
+    negative is dropped). Synthetic batch-1 routing over 8 layers x 32 experts, 1-4 experts per token and
+    layer (so that layers and experts vary apart), 25% budget, experts of `hidden` x `ffn`; `step_ms`: a
+    guess of one step's time, to replay about 3 s. Also the copies' write-back cost: per layer, compute time
+    = c + d * experts + e * loads (least squares); e per MiB copied is writeback_us_per_mib. Returns
+    {"layer_overhead_us", "expert_overhead_us", "load_overhead_us", "writeback_us_per_mib"}."""
+    from .backends.torch import TorchBackend
+    from .cache import Cache
+    from .engine import replay
+    from .profiler import Profiler
+    from .trace import ModelSpec, from_arrays
+    from strategies.lru import LRU
+
+    L, E, K = 8, 32, 4
+    steps = int(min(120, max(30, 3000.0 / max(step_ms, 1e-3))))
+    spec = stored_spec(ModelSpec("calibrate-replay", L, E, K, hidden, ffn, dtype=dtype), dtype)
+    rng = np.random.default_rng(23)
+    popularity = rng.dirichlet(np.full(E, 0.3), size=L)  # skewed per layer: hits and misses both occur
+    experts = np.stack([np.stack([rng.choice(E, K, replace=False, p=popularity[layer]) for layer in range(L)])
+                        for _ in range(steps)])  # [steps, L, K]
+    experts[np.arange(K)[None, None, :] >= rng.integers(1, K + 1, (steps, L, 1))] = -1  # 1..K experts
+    trace = from_arrays(spec, experts, np.where(experts >= 0, 1.0 / K, 0.0))
+    backend, profiler = TorchBackend(**options), Profiler(L)
+    cache = Cache(spec, L * E // 4, "per_layer", LRU, trace)
+    backend.setup(spec, cache.n_slots, profiler)
+    replay(trace, cache, backend)
+    st, cp, cm = profiler.arrays()
+    rows, y = [], []
+    c0 = m0 = 0
+    for s in range(len(st)):
+        c1, m1 = int(st[s, 4]), int(st[s, 5])
+        latency = st[s, 3] - st[s, 2]
+        y.append(latency - float(np.sum(cm[m0:m1, 2] - cm[m0:m1, 1])) - float(np.sum(cm[m0:m1, 3])))
+        step_experts = int(np.count_nonzero(experts[s] >= 0))
+        rows.append((m1 - m0, step_experts, c1 - c0))
+        c0, m0 = c1, m1
+    us = _nonnegative_fit(np.array(rows[1:], dtype=np.float64), np.array(y[1:])) * 1e3  # step 0: warm-up
+    # per layer: its compute span against its experts and the loads just before it (sync: copies end before)
+    starts = np.concatenate([[-np.inf], cm[:-1, 2]])
+    loads = np.searchsorted(cp[:, 4], cm[:, 1], side="right") - np.searchsorted(cp[:, 4], starts, side="right")
+    n_experts = np.count_nonzero(experts >= 0, axis=2).ravel()  # [steps * L], as the compute events run
+    per_layer = np.stack([np.ones(len(cm)), n_experts, loads], axis=1)[L:]
+    writeback = _nonnegative_fit(per_layer, (cm[:, 2] - cm[:, 1])[L:], keep_first=True)[2] * 1e3  # us per load
+    return {"layer_overhead_us": float(us[0]), "expert_overhead_us": float(us[1]), "load_overhead_us": float(us[2]),
+            "writeback_us_per_mib": float(writeback / (spec.bytes_per_expert / MiB))}
+
+
+def _nonnegative_fit(A: np.ndarray, y: np.ndarray, keep_first: bool = False) -> np.ndarray:
+    """Least squares y ~ A @ coef with coef >= 0: the most negative coefficient is dropped (0) and the rest
+    refitted, until none is negative; `keep_first`: column 0 (an intercept) may stay negative."""
+    keep = list(range(A.shape[1]))
+    coef = np.zeros(A.shape[1])
+    while keep:
+        sol, *_ = np.linalg.lstsq(A[:, keep], y, rcond=None)
+        free = 1 if keep_first and keep[0] == 0 else 0  # leading entries exempt from the sign check
+        if (sol[free:] >= 0).all():
+            coef[keep] = sol
+            break
+        keep.pop(int(np.argmin(sol[free:])) + free)
+    return coef
 
 
 # ------------------------------------------------------------------------------------------- calibrate
@@ -227,11 +328,12 @@ def _model_dims(model, scale: float) -> tuple[list[tuple[int, int]], str | None]
 
 def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, pinned: bool = True,
             model=None, scale: float = 1.0, dims=None, tokens=TOKENS, stop_ms: float | None = None,
-            max_s: float = 100.0, host: bool = True, sampling: Sampling = Sampling(),
+            max_s: float = 100.0, host: bool = True, sampling: Sampling = Sampling(), replay: bool = True,
             log=print) -> Measurements:
     """Measure copies and expert FFNs (see the module docstring). `dims`: (hidden, ffn) pairs or ints
     (hidden = ffn) of the expert sizes for the FFN table, default by device; `model`/`scale` add that model's
-    exact expert size (measured first). `max_s`: sizes still unmeasured then are skipped (and listed)."""
+    exact expert size (measured first). `max_s`: sizes still unmeasured then are skipped (and listed).
+    `replay` (device=cpu): also measure the replay's own overheads and the copies' write-back cost."""
     started = time.perf_counter()
     dev = resolve_device(device)
     model_dims, model_dtype = _model_dims(model, scale)
@@ -288,12 +390,30 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
                                      for n, ms in pts]
                 log(f"  ffn {where:6s} {h}x{f} ({nbytes / MiB:.2f} MiB): "
                     + "  ".join(f"{n}:{ms:.3f}" for n, ms in pts) + "  (tokens:ms)")
+        if replay and not cuda:
+            h, f = _replay_dims(*pairs[0], item)
+            nbytes = 3 * h * f * item
+            first = min((p for p in m.ffn_points if p["tokens"] == 1), key=lambda p: abs(p["expert_bytes"] - nbytes))
+            options = {"device": str(dev), "dtype": dname, "threads": threads, "copy_worker": bool(copy_worker),
+                       "pinned": pinned}
+            m.overheads = measure_replay_overhead(options, dname, h, f, 8 * 3 * first["ms"] * nbytes / first["expert_bytes"])
+            m.writeback_us_per_mib = m.overheads.pop("writeback_us_per_mib")
+            log(f"  replay overheads ({h}x{f}): {m.overheads['layer_overhead_us']:.1f} us per layer + "
+                f"{m.overheads['expert_overhead_us']:.1f} us per expert + {m.overheads['load_overhead_us']:.1f} us "
+                f"per load; copies' write-back: {m.writeback_us_per_mib:.1f} us of compute per MiB copied")
         if m.skipped:
             log(f"  time limit max_s={max_s:g} reached: skipped {', '.join(m.skipped)}")
     finally:
         torch.set_num_threads(threads_before)
     m.seconds = time.perf_counter() - started
     return m
+
+
+def _replay_dims(hidden: int, ffn: int, item: int, most: int = 2 * MiB) -> tuple[int, int]:
+    """(hidden, ffn) shrunk alike so that an expert has at most `most` bytes: the replay overheads do not
+    depend on the expert's size, and their short replay holds 8 x 32 experts."""
+    f = min(1.0, math.sqrt(most / (3 * hidden * ffn * item)))
+    return max(1, int(hidden * f)), max(1, int(ffn * f))
 
 
 def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, float, float]:
@@ -340,6 +460,10 @@ def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
         kernel_overhead_us=round(dev_us, 3), host_overhead_us=round(host_us, 3),
         source=source,
         ffn_table=[dict(p, ms=round(p["ms"], 6)) for p in m.ffn_points],
+        copy_table=[{"pinned": kind == "pinned", "bytes": int(b), "ms": round(ms, 6)}
+                    for kind in ("pinned", "pageable") for b, ms in m.copy_points[kind]],
+        **{k: round(v, 3) for k, v in m.overheads.items()},
+        writeback_us_per_mib=round(m.writeback_us_per_mib, 3),
     )
 
 
@@ -368,6 +492,7 @@ def calibrate_command(cfg) -> None:
         m = measure(device=b.device, dtype=b.dtype, threads=b.threads, copy_worker=bool(b.copy_worker),
                     pinned=bool(b.pinned), model=model, scale=float(cfg.scale), dims=dims,
                     tokens=tuple(int(t) for t in cfg.tokens), stop_ms=cfg.stop_ms, max_s=float(cfg.max_s),
+                    replay=bool(cfg.get("replay", True)),
                     log=lambda s: print(s, file=sys.stderr))
     except torch.cuda.OutOfMemoryError as e:
         raise MoesimError(f"calibrate: out of device memory ({e}); use smaller dims=") from None
@@ -411,6 +536,8 @@ def profile_table(p: HardwareProfile, m: Measurements) -> str:
                             f"{p.host_overhead_us:.1f} us fixed"),
         ("memory", f"{p.vram_gib:.1f} GiB"),
         ("ffn table", f"{len(p.ffn_table)} points, {len({q['expert_bytes'] for q in p.ffn_table})} expert sizes"),
+        ("replay overheads", f"{p.layer_overhead_us:.1f} us per layer + {p.expert_overhead_us:.1f} us per expert + "
+                             f"{p.load_overhead_us:.1f} us per load; write-back {p.writeback_us_per_mib:.1f} us/MiB"),
         ("took", f"{m.seconds:.1f} s"),
     ]
     w = max(len(k) for k, _ in rows)

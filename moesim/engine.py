@@ -84,6 +84,7 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
     pf_cap = _inflight_cap(prefetcher, backend, "prefetch.max_inflight", nbytes) if ask else None
     host_cap = _inflight_cap(offload, backend, "offload.max_inflight", nbytes) if offload is not None else None
     steps = step_requests(trace)
+    route = getattr(backend, "route", None)  # optional: a backend written before it, or for tests, may lack it
     if progress:
         from tqdm import tqdm
 
@@ -98,6 +99,8 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
                 seen_seqs |= new
         if backend is not None:
             backend.begin_step(s, n_tokens)
+            if route is not None:
+                route(trace.experts[start:start + n_tokens], trace.weights[start:start + n_tokens])
         for layer, (ids, counts) in enumerate(requests):
             pos = s * L + layer
             ns = counts or [1] * len(ids)

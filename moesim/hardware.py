@@ -13,7 +13,10 @@ GEMM rate, VRAM, and the fixed cost of one expert FFN on each side. Two cost fun
         flops = 2 * 3 * hidden * ffn * n_tokens    gate, up and down matmuls, 2 flops per multiply-add
 
 When the profile has an `ffn_table` (expert FFN times `calibrate` measured), expert_ms interpolates it
-instead of the roofline (see `_table_ms`). Activations, attention and dense layers are not modelled: the
+instead of the roofline (see `_table_ms`); with a `copy_table`, copy_ms interpolates the measured copies
+between their sizes. Profiles `calibrate` writes on device=cpu also carry the replay's own host time
+(`replay_overhead_ms`: per layer, per expert, per load) and the copies' write-back cost (`writeback_ms`),
+which the sim adds serially; they are 0 in the presets (on a GPU the host queues work ahead of the device). Activations, attention and dense layers are not modelled: the
 model spec has no numbers for them.
 
 Presets live in this file, not in moesim/conf/hardware/: a directory of YAML files there would be a
@@ -73,16 +76,47 @@ class HardwareProfile:
     source: str = ""  # where the numbers come from (datasheet + rules, or `calibrate` on host X)
     # measured expert FFN times: [{"where": "device"|"host", "tokens": int, "expert_bytes": int, "ms": float}]
     ffn_table: list = field(default_factory=list)
+    # measured copy times: [{"pinned": bool, "bytes": int, "ms": float}]; copy_ms interpolates them
+    copy_table: list = field(default_factory=list)
+    # The replay's own host time, outside copies and FFNs (engine lookups, the policy, the backend's
+    # bookkeeping), added serially to each layer. `calibrate` measures it on device=cpu, where the compute
+    # waits for it; on a GPU the host queues work ahead of the device, so presets and CUDA profiles use 0.
+    layer_overhead_us: float = 0.0  # per layer computed
+    expert_overhead_us: float = 0.0  # per expert computed in it
+    load_overhead_us: float = 0.0  # per expert loaded for it
+    # device=cpu: the bytes a copy writes leave the caches (written back to memory) during the next layer's
+    # FFNs and slow them; extra compute in us per MiB copied since the previous layer (GPUs: 0)
+    writeback_us_per_mib: float = 0.0
 
     def __post_init__(self):
         # per `where`: {expert_bytes: (tokens ascending, ms)}, built once; the profile is immutable
         object.__setattr__(self, "_ffn_index", _index_table(self.ffn_table))
+        copies: dict[bool, dict[int, float]] = {True: {}, False: {}}  # pinned -> {bytes: ms}
+        for p in self.copy_table:
+            copies[bool(p["pinned"])].setdefault(int(p["bytes"]), float(p["ms"]))
+        object.__setattr__(self, "_copy_index", {k: sorted(v.items()) for k, v in copies.items()})
 
     # ---------------------------------------------------------------------------------------- costs
     def copy_ms(self, nbytes: int, pinned: bool = True) -> float:
-        """Time of one host->device copy of `nbytes` bytes: fixed latency + bytes / bandwidth."""
+        """Time of one host->device copy of `nbytes` bytes: fixed latency + bytes / bandwidth; between two
+        sizes of the profile's copy_table, linear between their measured times instead (a fitted line misses
+        single sizes by 10-15% on a CPU, where caches and page sizes bend it)."""
+        points = self._copy_index[bool(pinned)]
+        for (b0, t0), (b1, t1) in zip(points, points[1:]):
+            if b0 <= nbytes <= b1:
+                return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+        if len(points) == 1 and points[0][0] == nbytes:
+            return points[0][1]
         gbps = self.h2d_pinned_gbps if pinned else self.h2d_pageable_gbps
         return self.copy_latency_us * 1e-3 + nbytes / (gbps * 1e6)  # GB/s * 1e6 = bytes per ms
+
+    def replay_overhead_ms(self, n_experts: int, n_loads: int) -> float:
+        """The replay's own host time for one layer computing `n_experts` experts after `n_loads` loads."""
+        return (self.layer_overhead_us + self.expert_overhead_us * n_experts + self.load_overhead_us * n_loads) * 1e-3
+
+    def writeback_ms(self, nbytes: int) -> float:
+        """Extra compute time of the layer after copies of `nbytes` bytes in all (device=cpu profiles)."""
+        return self.writeback_us_per_mib * nbytes / 2**20 * 1e-3
 
     def expert_ms(self, n_tokens: int, spec, where: str = "device", shared: bool = False) -> float:
         """Time of one expert FFN over `n_tokens` tokens on `where` ("device" | "host"); `shared`: a shared
@@ -242,6 +276,9 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
 
 # ----------------------------------------------------------------------------------------- load / save
 _NUMBER_FIELDS = [f.name for f in dataclasses.fields(HardwareProfile) if f.type == "float"]
+_OPTIONAL_FIELDS = [f.name for f in dataclasses.fields(HardwareProfile)  # >= 0; absent = 0 (older profiles)
+                    if f.type == "float" and f.default is not dataclasses.MISSING]
+_COPY_POINT_FIELDS = {"pinned": bool, "bytes": int, "ms": float}
 
 
 def profile_from_dict(d, where: str) -> HardwareProfile:
@@ -252,7 +289,7 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
     unknown = sorted(set(map(str, d)) - set(names))
     if unknown:
         raise MoesimError(f"{where}: unknown field(s) {unknown}; a hardware profile has {names}")
-    missing = [n for n in ["name", *_NUMBER_FIELDS] if n not in d]
+    missing = [n for n in ["name", *_NUMBER_FIELDS] if n not in d and n not in _OPTIONAL_FIELDS]
     if missing:
         raise MoesimError(f"{where}: missing field(s) {missing}")
     if not isinstance(d["name"], str) or not d["name"]:
@@ -261,10 +298,10 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
         raise MoesimError(f"{where}: field 'source' must be a string, got {d['source']!r}")
     values = {}
     for n in _NUMBER_FIELDS:
-        v = d[n]
+        v = d.get(n, 0.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise MoesimError(f"{where}: field {n!r} must be a number, got {v!r}")
-        overhead = n.endswith("_us")
+        overhead = n.endswith("_us") or n in _OPTIONAL_FIELDS
         if v < 0 or (v == 0 and not overhead):
             raise MoesimError(f"{where}: field {n!r} must be {'>= 0' if overhead else '> 0'}, got {v!r}")
         values[n] = float(v)
@@ -287,7 +324,24 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
             raise MoesimError(f"{at}.ms' must be a positive number, got {ms!r}")
         points.append({"where": p["where"], "tokens": p["tokens"], "expert_bytes": p["expert_bytes"], "ms": float(ms)})
-    return HardwareProfile(name=d["name"], source=d.get("source", ""), ffn_table=points, **values)
+    copies = d.get("copy_table", []) or []
+    if not isinstance(copies, list):
+        raise MoesimError(f"{where}: field 'copy_table' must be a list of points, got {type(copies).__name__}")
+    copy_points = []
+    for i, p in enumerate(copies):
+        at = f"{where}: field 'copy_table[{i}]"
+        if not isinstance(p, dict) or set(p) != set(_COPY_POINT_FIELDS):
+            raise MoesimError(f"{at}' must be a mapping with exactly {sorted(_COPY_POINT_FIELDS)}, got {p!r}")
+        if not isinstance(p["pinned"], bool):
+            raise MoesimError(f"{at}.pinned' must be true or false, got {p['pinned']!r}")
+        if isinstance(p["bytes"], bool) or not isinstance(p["bytes"], int) or p["bytes"] <= 0:
+            raise MoesimError(f"{at}.bytes' must be a positive integer, got {p['bytes']!r}")
+        ms = p["ms"]
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
+            raise MoesimError(f"{at}.ms' must be a positive number, got {ms!r}")
+        copy_points.append({"pinned": p["pinned"], "bytes": p["bytes"], "ms": float(ms)})
+    return HardwareProfile(name=d["name"], source=d.get("source", ""), ffn_table=points, copy_table=copy_points,
+                           **values)
 
 
 def load_hardware(value) -> HardwareProfile:

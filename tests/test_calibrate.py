@@ -53,8 +53,20 @@ def test_measure_and_profile_on_cpu(tmp_path):
     point = next(q for q in m.ffn_points if q["where"] == "device" and q["expert_bytes"] == spec.bytes_per_expert
                  and q["tokens"] == 2)
     assert p.expert_ms(2, spec) == pytest.approx(point["ms"], rel=1e-4)
+    # copies: the measured points are in the profile, and copy_ms gives them back at their sizes
+    assert {(q["bytes"], q["pinned"]) for q in p.copy_table} == {(b, k) for b, _ in m.copy_points["pinned"]
+                                                                 for k in (True, False)}
+    b, ms = m.copy_points["pinned"][-1]
+    assert p.copy_ms(b) == pytest.approx(ms, rel=1e-4)
+    # the replay's own time: a Python engine spends some on every layer (or on every expert / load)
+    o = m.overheads
+    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"} and min(o.values()) >= 0
+    assert p.replay_overhead_ms(1, 1) > 0.001  # > 1 us per layer
+    assert p.writeback_us_per_mib >= 0
     path = save_hardware(p, tmp_path / "cpu.yaml")
     assert load_hardware(str(path)) == p
+    quick = measure(device="cpu", dtype="fp32", dims=[32], tokens=(1,), sampling=FAST, replay=False, log=lambda s: None)
+    assert quick.overheads == {} and to_profile(quick).replay_overhead_ms(4, 4) == 0.0
 
 
 def test_model_option_measures_that_exact_expert_size():

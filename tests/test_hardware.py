@@ -73,6 +73,13 @@ def test_dict_and_omegaconf_values():
     ({"ffn_table": [{"where": "host", "tokens": 0, "expert_bytes": 1, "ms": 1}]}, r"ffn_table\[0\]\.tokens"),
     ({"ffn_table": [{"where": "host", "tokens": 1, "expert_bytes": 1, "ms": -1}]}, r"ffn_table\[0\]\.ms"),
     ({"ffn_table": [{"where": "host", "tokens": 1}]}, r"ffn_table\[0\]"),
+    ({"copy_table": 3}, "copy_table"),
+    ({"copy_table": [{"pinned": "yes", "bytes": 1, "ms": 1}]}, r"copy_table\[0\]\.pinned"),
+    ({"copy_table": [{"pinned": True, "bytes": 0, "ms": 1}]}, r"copy_table\[0\]\.bytes"),
+    ({"copy_table": [{"pinned": True, "bytes": 1, "ms": 0}]}, r"copy_table\[0\]\.ms"),
+    ({"copy_table": [{"pinned": True, "ms": 1}]}, r"copy_table\[0\]"),
+    ({"layer_overhead_us": -1}, "layer_overhead_us"),
+    ({"writeback_us_per_mib": "x"}, "writeback_us_per_mib"),
 ])
 def test_bad_field_names_file_and_field(tmp_path, change, field):
     d = HW.to_dict()
@@ -104,6 +111,33 @@ def test_missing_field_and_malformed_yaml(tmp_path):
 def test_copy_ms():
     assert HW.copy_ms(3_000_000) == pytest.approx(0.5 + 1.0)  # latency + 3e6 B / 3e6 B/ms
     assert HW.copy_ms(3_000_000, pinned=False) == pytest.approx(0.5 + 2.0)
+
+
+def test_copy_ms_interpolates_the_copy_table_and_falls_back_to_the_line():
+    table = [{"pinned": True, "bytes": 1_000_000, "ms": 0.2}, {"pinned": True, "bytes": 3_000_000, "ms": 1.0},
+             {"pinned": False, "bytes": 3_000_000, "ms": 4.0}]
+    hw = dataclasses.replace(HW, copy_table=table)
+    assert hw.copy_ms(1_000_000) == pytest.approx(0.2)
+    assert hw.copy_ms(2_000_000) == pytest.approx(0.6)  # halfway between the two measured sizes
+    assert hw.copy_ms(3_000_000) == pytest.approx(1.0)
+    assert hw.copy_ms(6_000_000) == pytest.approx(0.5 + 2.0)  # outside the table: latency + bytes / rate
+    assert hw.copy_ms(3_000_000, pinned=False) == pytest.approx(4.0)  # a single point, at its own size
+    assert hw.copy_ms(1_000_000, pinned=False) == pytest.approx(0.5 + 1 / 1.5)
+
+
+def test_profiles_without_the_replay_fields_load_with_zeros(tmp_path):
+    d = HW.to_dict()
+    for k in ("copy_table", "layer_overhead_us", "expert_overhead_us", "load_overhead_us", "writeback_us_per_mib"):
+        del d[k]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(d))
+    hw = load_hardware(str(path))
+    assert hw == HW and hw.replay_overhead_ms(4, 2) == 0.0 and hw.writeback_ms(2**20) == 0.0
+    full = dataclasses.replace(HW, layer_overhead_us=50, expert_overhead_us=10, load_overhead_us=20,
+                               writeback_us_per_mib=30, copy_table=[{"pinned": True, "bytes": 9, "ms": 0.1}])
+    assert full.replay_overhead_ms(4, 2) == pytest.approx((50 + 40 + 40) / 1e3)
+    assert full.writeback_ms(2 * 2**20) == pytest.approx(0.06)
+    assert load_hardware(str(save_hardware(full, tmp_path / "full.yaml"))) == full
 
 
 def test_expert_ms_roofline():

@@ -57,6 +57,30 @@ def test_one_miss_per_layer_latency_is_copy_plus_compute():
     assert m["overlap"] == pytest.approx(0.0)  # nothing overlapped: every copy ran while compute waited
 
 
+def test_replay_overheads_and_write_back_are_serial():
+    """A calibrated CPU profile's own-time fields, after each layer's compute: 0.5 ms per layer, 0.25 ms per
+    load, 0.1 ms per expert; each copied expert (3e6 B) adds 0.35 ms to the next layer's compute."""
+    import dataclasses
+
+    mib = SPEC.bytes_per_expert / 2**20
+    hw = dataclasses.replace(HW, layer_overhead_us=500, load_overhead_us=250, expert_overhead_us=100,
+                             writeback_us_per_mib=350 / mib)
+    b, p = make(hw=hw)
+    b.begin_step(0, 1)
+    b.load((0, 0), 0, prefetch=False)  # layer 0: copy 1 ms, compute 2 + 0.35 ms, then 0.5 + 0.25 + 2 x 0.1 ms
+    b.compute(0, [((0, 0), 0, 1), ((0, 1), 1, 0)], [])
+    b.compute(1, [((1, 0), 2, 1)], [])  # layer 1, all hits: compute 2 ms, then 0.5 + 0.1 ms
+    b.end_step()
+    b.begin_step(1, 1)
+    b.load((0, 2), 3, prefetch=False)  # step 1, layer 0: issued after all of that
+    b.compute(0, [((0, 2), 3, 1)], [])
+    b.end_step()
+    b.finish()
+    assert spans(p, "copy") == [(0, 1), (6.9, 7.9)]
+    assert spans(p, "device") == [(0, 1, 3.35, 1.0), (1, 4.3, 6.3, 0.0), (0, 7.9, 10.25, 1.0)]
+    assert p.steps_table().latency_ms.tolist() == [pytest.approx(6.9), pytest.approx(11.1 - 6.9)]
+
+
 def test_prefetch_issued_early_overlaps_and_removes_the_stall():
     def run(prefetch: bool):
         b, p = make()

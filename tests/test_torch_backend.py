@@ -230,6 +230,27 @@ def test_compute_adds_device_and_host_experts_to_the_output():
     assert backend.device_bytes() == 4 * 3 * 16 * 24 * 4 + 2 * 3 * 16 * 24 * 4
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_each_expert_computes_its_own_tokens_weighted_by_the_trace_gates(batch):
+    """One layer through the engine: every token's output is the sum over its routed experts of the gate
+    weight times the expert's FFN of that token's row (batch 1: the row; batch 2: gathered, scattered back)."""
+    from moesim.trace import from_arrays
+
+    spec = ModelSpec("g", 1, 4, 2, 8, 12, dtype="fp32", bits_per_weight=32)
+    rows = [[[0, 1]], [[1, 2]]][:batch]  # token 0: experts 0, 1; token 1: experts 1, 2
+    gates = [[[0.75, 0.25]], [[0.625, 0.375]]][:batch]  # exact in fp16
+    trace = from_arrays(spec, rows, gates, step=[0] * batch)
+    backend, profiler = TorchBackend(device="cpu", workspace_tokens=4), Profiler(1)
+    backend.setup(spec, 4, profiler)
+    replay(trace, Cache(spec, 4, "per_layer", LRU, trace), backend)
+    x = backend._x[:batch]
+    want = torch.zeros(batch, 8)
+    for t in range(batch):
+        for e, g in zip(rows[t][0], gates[t][0]):
+            expert_ffn(backend.host_pool[e], x[t:t + 1], want[t:t + 1], 8, 12, g)
+    torch.testing.assert_close(backend._out[:batch], want)
+
+
 def test_replay_events_match_the_decisions():
     trace = _trace(steps=30, batch=2)
     backend, profiler, counters = _run(trace, SPEC)

@@ -2,7 +2,7 @@
 moves real expert weights. Both get the same calls from the one replay loop (moesim/engine.py), make no
 policy decisions, and report what happened to a moesim.profiler.Profiler.
 
-Call order, per run:   setup  (begin_step  (load* compute)*L  end_step)*  finish
+Call order, per run:   setup  (begin_step  route  (load* compute)*L  end_step)*  finish
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ class Backend:
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         """A forward pass over `n_tokens` tokens starts."""
+
+    def route(self, experts, weights) -> None:
+        """The step's routing, as the trace has it: experts [n_tokens, L, K] (ids, -1 = none) and their gate
+        weights [n_tokens, L, K]; a backend that computes real outputs weights each expert's by them."""
 
     def load(self, key: Key, slot: int, prefetch: bool) -> None:
         """Copy `key`'s weights from host memory into device slot `slot` (asynchronously where the device

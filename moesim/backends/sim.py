@@ -19,6 +19,11 @@ that same time, queued behind l's own misses, so its copy overlaps l's compute.
 Requests: a device expert whose copy is complete when its layer could start (the previous layer's end) is
 served stall-free; a prefetched copy that completes after that time is a late prefetch (counted at the
 key's first use). `request_stats()` returns both counts; `inflight_bytes()` the copies still queued.
+The replay's own host time (profile fields layer/expert/load_overhead_us, measured by `calibrate` on
+device=cpu, 0 for GPUs) is added serially after each layer's compute (per layer, per expert computed, per
+load issued since the previous layer), never overlapping a copy: on a CPU the replay, the copies and the
+compute share one thread. On device=cpu profiles, copies
+also slow the next layer's FFNs by writeback_us_per_mib of the bytes copied since the previous layer.
 A step's latency is its last layer's end minus its start (the previous step's end). Attention and dense
 layers are not modelled (the model spec has no numbers for them). The sim makes no decisions: the engine
 (moesim/engine.py) tells it what to load and where to compute.
@@ -55,6 +60,12 @@ class SimBackend(Backend):
         self._prefetched: set[int] = set()  # slots whose prefetched copy has not been used yet
         self._stall_free = 0  # device experts whose weights were ready when their layer could start
         self._late = 0  # prefetched copies that completed after their first use could start
+        hw = self.hardware
+        self._layer_ms = hw.replay_overhead_ms(0, 0)  # ms, once per layer
+        self._expert_ms = hw.expert_overhead_us * 1e-3  # ms per expert computed
+        self._load_ms = hw.load_overhead_us * 1e-3  # ms per load
+        self._writeback_ms = hw.writeback_ms(spec.bytes_per_expert)  # ms of compute per copy before a layer
+        self._loads = 0  # loads since the last computed layer
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         self._step, self._n_tokens, self._step_start = step, n_tokens, self._now
@@ -65,6 +76,7 @@ class SimBackend(Backend):
         self._step_shared_ms = s
 
     def load(self, key, slot: int, prefetch: bool) -> None:
+        self._loads += 1
         start = self._now if self._now > self._copy_free else self._copy_free
         end = start + self._copy_ms
         self._copy_free = end
@@ -91,7 +103,7 @@ class SimBackend(Backend):
     def compute(self, layer: int, device, host) -> None:
         free = start = self._now
         ready, device_ms, prefetched = self._slot_ready, self._device_ms, self._prefetched
-        duration = self._step_shared_ms
+        duration = self._step_shared_ms + self._writeback_ms * self._loads
         waited = 0
         for _key, slot, n in device:
             r = ready[slot]
@@ -112,7 +124,10 @@ class SimBackend(Backend):
         self._add_compute(layer, start, end, start - free, "device")
         if host:
             end = max(end, self._compute_host(layer, free, host))
-        self._now = end
+        # the replay's own work for this layer, serial and after it, so that it never overlaps a copy (on a
+        # CPU the replay, the copies and the compute share one thread); the layer's first copy is issued later
+        self._now = end + self._layer_ms + self._expert_ms * (len(device) + len(host)) + self._load_ms * self._loads
+        self._loads = 0
 
     def _compute_host(self, layer: int, input_ready: float, host) -> float:
         """Run `host` [(key, n_tokens)] on the CPU timeline; returns when their output is back on the device."""

@@ -24,8 +24,8 @@ Timelines, the same as moesim/backends/sim.py's so that the two compare number f
   compute  a layer waits for the loads of the slots it reads (their events on CUDA, the worker's
            progress on cpu), never for other copies in flight (prefetches), then runs its shared experts
            over the step's tokens and each device expert over its token count, SwiGLU
-           down(silu(gate x) * up x), scaled by 1/top_k (the engine passes no gate weights) and added
-           into the layer's output.
+           down(silu(gate x) * up x) over the rows of its tokens, scaled by their gate weights from
+           the trace (`route`) and added into the layer's output.
   host     experts the offload policy keeps on the host run on the CPU from the host pool, after the
            activations' round trip (to the host, result back); on CUDA in parallel with the device part.
 Measured: per copy start/end (CUDA events, else perf_counter), per layer start/end and the stall waiting
@@ -46,6 +46,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -233,11 +234,21 @@ def expert_ffn(block: torch.Tensor, x: torch.Tensor, out: torch.Tensor, hidden: 
                weight: float) -> None:
     """out += weight * down(silu(gate x) * up x): one SwiGLU expert whose weights are the contiguous
     `block` [3 * hidden * ffn] (gate rows, up rows, down), over x [n, hidden] into out [n, hidden]."""
+    out.add_(_swiglu(block, x, hidden, ffn), alpha=weight)
+
+
+def routed_ffn(block: torch.Tensor, x: torch.Tensor, out: torch.Tensor, hidden: int, ffn: int,
+               tokens: torch.Tensor, weights: torch.Tensor) -> None:
+    """out[tokens] += weights * expert(x[tokens]): one expert over the rows its tokens occupy in a batch
+    (tokens [n] int64, weights [n, 1] the gate weights), gathered, computed, scattered back."""
+    out.index_add_(0, tokens, _swiglu(block, x.index_select(0, tokens), hidden, ffn) * weights)
+
+
+def _swiglu(block: torch.Tensor, x: torch.Tensor, hidden: int, ffn: int) -> torch.Tensor:
     gate_up = block[: 2 * ffn * hidden].view(2 * ffn, hidden)
     down = block[2 * ffn * hidden:].view(hidden, ffn)
     h = F.linear(x, gate_up)  # [n, 2 ffn]: gate and up in one matmul
-    a = F.silu(h[:, :ffn]) * h[:, ffn:]  # [n, ffn]
-    out.add_(F.linear(a, down), alpha=weight)  # [n, hidden]
+    return F.linear(F.silu(h[:, :ffn]) * h[:, ffn:], down)  # [n, hidden]
 
 
 def fill_random(t: torch.Tensor, seed: int, bound: float, desc: str | None = None,
@@ -448,7 +459,8 @@ class TorchBackend(Backend):
         self.shared_pool = torch.empty((L * spec.shared_experts, 3 * H * Fs), dtype=self.dtype, device=dev)
         fill_random(self.shared_pool, self.seed + 1, 1.0 / math.sqrt(max(H, Fs)))
         self._shared_ffn = Fs
-        self._weight = 1.0 / spec.top_k  # the gate weight each routed expert's output is scaled by
+        self._weight = 1.0 / spec.top_k  # the gate weight of an expert the step's routing does not list
+        self._routes: dict = {}  # (layer, expert) -> its tokens' rows and gate weights in this step (`route`)
         self._alloc_activations(self.workspace_tokens)
         # bookkeeping of the replay
         self._slot_ticket = [0] * n_slots  # cpu: the copy ticket that last filled each slot
@@ -514,6 +526,33 @@ class TorchBackend(Backend):
         else:
             self._step_start = self._now()
 
+    def route(self, experts, weights) -> None:
+        """Index the step's routing [n, L, K] by (layer, expert): batch 1, the gate weight (a float); else
+        the rows of the expert's tokens and their weights, as tensors on the device (one upload per step)."""
+        e = np.asarray(experts)
+        w = np.asarray(weights, dtype=np.float32)
+        n, L, K = e.shape
+        if n == 1:
+            self._routes = {(layer, int(x)): float(g) for layer in range(L)
+                            for x, g in zip(e[0, layer].tolist(), w[0, layer].tolist()) if x >= 0}
+            return
+        flat = (np.arange(L)[None, :, None] * self._E + e.astype(np.int64)).ravel()  # [n*L*K] layer*E + expert
+        keep = e.ravel() >= 0
+        order = np.argsort(np.where(keep, flat, -1), kind="stable")[np.count_nonzero(~keep):]  # grouped by key
+        rows = np.repeat(np.arange(n), L * K)[order]  # token row of each routed pair, grouped
+        keys, first = np.unique(flat[order], return_index=True)
+        bounds = np.append(first, len(order))
+        dev = self.device
+        tok = torch.from_numpy(rows).to(dev)
+        gate = torch.from_numpy(w.ravel()[order]).to(device=dev, dtype=self.dtype).unsqueeze(1)
+        host_tok = tok if dev.type == "cpu" else torch.from_numpy(rows)
+        host_gate = gate if dev.type == "cpu" else gate.cpu()
+        row_list, gate_list = rows.tolist(), w.ravel()[order].tolist()
+        # an expert with one token: its row and weight as numbers (the plain FFN on that row, no gather)
+        self._routes = {divmod(int(k), self._E): (row_list[a], gate_list[a]) if b - a == 1 else
+                        (tok[a:b], gate[a:b], host_tok[a:b], host_gate[a:b])
+                        for k, a, b in zip(keys.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())}
+
     def load(self, key, slot: int, prefetch: bool) -> None:
         src = self.host_pool[key[0] * self._E + key[1]]
         dst = self.device_pool[slot]
@@ -572,17 +611,30 @@ class TorchBackend(Backend):
         for s in range(spec.shared_experts):  # shared experts: every token of the step, weight 1
             expert_ffn(self.shared_pool[layer * spec.shared_experts + s], x[:n_all], out[:n_all], H,
                        self._shared_ffn, 1.0)
-        for _key, slot, n in device:
-            expert_ffn(pool[slot], x[:n], out[:n], H, Fd, w)
+        routes = self._routes
+        for key, slot, n in device:
+            r = routes.get(key, w)
+            if isinstance(r, float):  # batch 1: the row, its gate weight
+                expert_ffn(pool[slot], x[:n], out[:n], H, Fd, r)
+            elif len(r) == 2:  # one token of a batch: its row, its gate weight
+                expert_ffn(pool[slot], x[r[0]:r[0] + 1], out[r[0]:r[0] + 1], H, Fd, r[1])
+            else:
+                routed_ffn(pool[slot], x, out, H, Fd, r[0], r[1])
 
     def _host_experts(self, host) -> None:
-        """Host experts from the host pool over the activations already in _host_x, summed into _host_y."""
+        """Host experts from the host pool over the activations already in _host_x, summed into _host_y. The
+        activations of the layer's host tokens travel compacted: an expert reads the buffer's first n rows."""
         H, Fd, w, E = self.spec.hidden, self.spec.ffn, self._weight, self._E
         tokens = min(self._n_tokens, sum(n for _, n in host))
         xs, ys = self._host_x[:tokens], self._host_y[:tokens]
         ys.zero_()
+        routes = self._routes
         for key, n in host:
-            expert_ffn(self.host_pool[key[0] * E + key[1]], xs[:n], ys[:n], H, Fd, w)
+            r = routes.get(key, w)
+            if isinstance(r, float) or len(r) == 2:
+                expert_ffn(self.host_pool[key[0] * E + key[1]], xs[:n], ys[:n], H, Fd, r if isinstance(r, float) else r[1])
+            else:
+                ys[:n].add_(_swiglu(self.host_pool[key[0] * E + key[1]], xs[:n], H, Fd) * r[3][:n])
 
     def _compute_cpu(self, layer: int, device, host) -> None:
         t_wait = self._now()
