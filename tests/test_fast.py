@@ -131,6 +131,22 @@ def test_bad_params_refused_like_the_reference():
         fast.hit_counts(trace, "arc", {}, 12, "per_layer")
 
 
+def _cpu_profile():
+    """A profile as `calibrate` writes it on device=cpu: an FFN and a copy table, the replay's own costs."""
+    import dataclasses
+
+    from moesim.hardware import PRESETS
+
+    return dataclasses.replace(
+        PRESETS["rtx-4090"], name="cpu-like", layer_overhead_us=31.5, expert_overhead_us=4.25,
+        load_overhead_us=22.0, writeback_us_per_mib=7.5,
+        copy_table=[{"pinned": True, "bytes": 2**10, "ms": 0.01}, {"pinned": True, "bytes": 2**30, "ms": 90.0}],
+        ffn_table=[{"where": "device", "tokens": t, "expert_bytes": 2**12, "ms": 0.1 * t ** 0.9} for t in (1, 2, 4)])
+
+
+CPU_PROFILE = _cpu_profile()
+
+
 def reference_sim(trace, policy, params, slots, scope, reset, hardware):
     from moesim.backends.sim import SimBackend
     from moesim.cache import Cache
@@ -154,7 +170,7 @@ def test_replay_sim_equals_engine_with_sim_backend(policy):
         need = max_request(trace)
         slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
         for params in POLICY_PARAMS[policy][:2]:
-            for hw in ("h200", "rtx-4090"):
+            for hw in ("h200", "rtx-4090", CPU_PROFILE):
                 want, prof, dev_bytes, stats = reference_sim(trace, policy, params, slots, scope, reset, hw)
                 got = fast.replay_sim(trace, policy, params, slots, scope, hw, reset)
                 assert got.counters == want
@@ -166,6 +182,23 @@ def test_replay_sim_equals_engine_with_sim_backend(policy):
                 assert got.profiler.metrics() == prof.metrics()
                 assert got.profiler.steps_table().equals(prof.steps_table())
                 assert got.profiler.layers_table().equals(prof.layers_table())
+
+
+@pytest.mark.parametrize("params", POLICY_PARAMS["lfru"])
+def test_lfru_global_pool_equals_reference(params):
+    """LFRU in a global pool of many slots, where its victim is searched on the front (fast.py: keys with a
+    smaller log f than every older one) and ties are frequent (decay 1, alpha 0: log f = log count): the
+    same counters and events as the reference, with and without resets, wide requests served in waves."""
+    trace = random_trace(12, T=600, L=4, E=16, K=3, max_batch=3, skew=0.9)
+    need = max_request(trace)
+    for slots, reset in ((need - 2, False), (need + 3, True), (2 * need, False), (40, True)):
+        want, prof, _, stats = reference_sim(trace, "lfru", params, slots, "global", reset, "h200")
+        got = fast.replay_sim(trace, "lfru", params, slots, "global", "h200", reset)
+        assert got.counters == want and got.request_stats == stats, (params, slots, reset)
+        assert want["evictions"] > 0
+        for a, b in zip(got.profiler.arrays(), prof.arrays()):
+            np.testing.assert_array_equal(a, b)
+        assert fast.hit_counts(trace, "lfru", params, slots, "global", reset) == want
 
 
 def test_replay_sim_with_shared_experts_and_batches():

@@ -187,12 +187,13 @@ def test_hit_ratio_curve_one_pass(benchmark, bench_trace, policy):
 
 
 # -------------------------------------------------------------------------------------- timed sim loop
-@pytest.mark.parametrize("policy,scope", [(p, "per_layer") for p in ("lru", "fifo", "lfu", "lfru", "belady", "static")]
-                         + [("lru", "global"), ("belady", "global")])
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "belady", "static"])
 def test_timed_sim_fast_vs_reference(benchmark, bench_trace, policy, scope):
-    """Layer-steps per second of the timed replay with the sim backend (hardware h200): the compiled path on
-    the whole trace against moesim.engine.replay + SimBackend + Profiler on the first REFERENCE_TOKENS tokens,
-    where both must give the same counters and per-step latencies."""
+    """Layer-steps per second of the timed replay with the sim backend (hardware h200), every built-in policy
+    in both scopes (goal: >= 500k on one core; measured 0.7-2.1 M, LFRU global the slowest): the compiled
+    path on the whole trace against moesim.engine.replay + SimBackend + Profiler on the first
+    REFERENCE_TOKENS tokens, where both must give the same counters and per-step latencies."""
     from moesim.backends.sim import SimBackend
     from moesim.cache import Cache
     from moesim.engine import replay
