@@ -37,11 +37,18 @@ def _need_enabled(benchmark):
         pytest.skip("a minute-long benchmark: run with --benchmark-enable")
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_bench_fidelity_cpu(benchmark, batch):
+@pytest.mark.parametrize("case", ["real", "batch1", "batch8"])
+def test_bench_fidelity_cpu(benchmark, request, case):
+    """real: the first 150 decode steps of the gpt-oss-20b trace; batchN: synthetic steps of N tokens."""
     _need_enabled(benchmark)
     gpt = MODEL_SPECS["gpt-oss-20b"]
-    trace = _gpu_check().locality_trace(gpt, 150 if batch == 1 else 40, batch=batch, reuse=0.5, skew=1.0, seed=0)
+    if case == "real":
+        real = request.getfixturevalue("real_trace")
+        trace = real.slice_tokens(0, int(real.step_starts[150]))
+    else:
+        batch = int(case[5:])
+        trace = _gpu_check().locality_trace(gpt, 150 if batch == 1 else 40, batch=batch, reuse=0.5, skew=1.0,
+                                            seed=0)
     m = measure(device="cpu", model="gpt-oss-20b", scale=SCALE, dims=[], tokens=(1, 2, 4, 8),
                 sampling=Sampling(min_n=20, min_ms=200.0, max_n=2000), log=lambda s: None)
     profile = to_profile(m)
