@@ -44,7 +44,7 @@ from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, 
                              resolve_device, resolve_threads, routed_ffn, scale_spec, stored_spec,
                              weights_dtype)
 from .errors import MoesimError
-from .hardware import HardwareProfile, save_hardware
+from .hardware import Cost, HardwareProfile, save_hardware
 from .trace import model_spec
 
 MiB = 2**20
@@ -464,6 +464,7 @@ def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
                     for kind in ("pinned", "pageable") for b, ms in m.copy_points[kind]],
         **{k: round(v, 3) for k, v in m.overheads.items()},
         writeback_us_per_mib=round(m.writeback_us_per_mib, 3),
+        serial_copies=m.copies == "sync",
     )
 
 
@@ -547,12 +548,13 @@ def profile_table(p: HardwareProfile, m: Measurements) -> str:
 # -------------------------------------------------------------------------------------------- fidelity
 def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%", scope: str = "per_layer",
                      scale: float = 1.0, backend_options: dict | None = None, make_prefetcher=None,
-                     prefetch_max: int = 0) -> dict:
+                     prefetch_max: int = 0, make_offload=None) -> dict:
     """Replay `trace` (model at `scale`, weights as the torch backend stores them) through the same strategy
     and budget on the torch backend and on the sim backend with `profile`; returns both runs' numbers and
     the sim's relative errors: {"real": {...}, "sim": {...}, "error": {...}, "spec": ..., "slots": ...}.
 
-    `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None)."""
+    `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None);
+    `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
     from .cache import Cache, parse_budget
@@ -569,11 +571,14 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
         profiler = Profiler(spec.layers)
         backend.setup(spec, slots, profiler)
         t0 = time.perf_counter()
-        c = replay(trace, cache, backend, make_prefetcher() if make_prefetcher else None,
+        offload = make_offload() if make_offload else None
+        cost = Cost(profile, spec, options.get("pinned", True)) if offload is not None else None
+        c = replay(trace, cache, backend, make_prefetcher() if make_prefetcher else None, offload, cost,
                    prefetch_max=prefetch_max)
         wall = time.perf_counter() - t0
         mt = profiler.metrics()
         runs[name] = {"hits": c.hits, "misses": c.misses, "loads": mt["loads"], "bytes_h2d": mt["bytes_h2d"],
+                      "host_computes": c.host_computes,
                       "latency_p50_ms": mt["latency_ms"]["p50"], "latency_mean_ms": mt["latency_ms"]["mean"],
                       "stall_ms": mt["stall_ms"], "compute_ms": mt["compute_busy_ms"],
                       "overlap": mt["overlap"], "replay_s": wall}
@@ -587,7 +592,8 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
         return None if r is None or s is None or r == 0 else (s - r) / r
 
     return {**runs, "error": {k: err(k) for k in ("latency_p50_ms", "latency_mean_ms", "stall_ms", "compute_ms")},
-            "same_decisions": real["hits"] == sim["hits"] and real["bytes_h2d"] == sim["bytes_h2d"],
+            "same_decisions": (real["hits"] == sim["hits"] and real["bytes_h2d"] == sim["bytes_h2d"]
+                               and real["host_computes"] == sim["host_computes"]),
             "spec": spec.to_dict(), "slots": slots, "scope": scope, "tokens": trace.n_tokens}
 
 

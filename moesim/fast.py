@@ -880,10 +880,10 @@ def _small_fifo(ids, ptr, L, E, cap, reset):
 
 @njit(cache=True, nogil=True)
 def _sim_kernel(I, F, nxt, prm, n_parts, ids, counts, ptr, reset, step_tokens, device_ms, shared_ms, copy_ms,
-                nbytes, n_slots, own):
+                nbytes, n_slots, own, serial):
     """The timed replay with the sim backend's clocks (moesim/backends/sim.py, no prefetch, no host experts).
     own: the profile's replay costs in ms, as SimBackend.setup computes them: [per layer, per expert, per
-    load, write-back per load].
+    load, write-back per load]; serial: the profile's serial_copies.
     Returns (hits, evictions, stall-free requests, status, position, steps [S, 6], copies [C, 6],
     computes [M, 5]): the rows the Profiler would hold (moesim/profiler.py: _STEP_COLUMNS, COPY_COLUMNS,
     COMPUTE_COLUMNS)."""
@@ -908,6 +908,7 @@ def _sim_kernel(I, F, nxt, prm, n_parts, ids, counts, ptr, reset, step_tokens, d
     stall_free = 0  # device experts whose weights were ready when their layer could start
     mark = 0  # pin mark of the running request (or wave)
     loads = 0  # since the last computed layer (SimBackend._loads)
+    phase = -1.0  # serial copies: when the copies since the last layer began (SimBackend._phase; -1: none)
     for s in range(S):
         if reset[s]:
             _reset(I, F, n_parts, prm.cm)
@@ -938,6 +939,10 @@ def _sim_kernel(I, F, nxt, prm, n_parts, ids, counts, ptr, reset, step_tokens, d
                         start = max(now, copy_free)
                         end = start + copy_ms
                         copy_free = end
+                        if serial:  # SimBackend with serial_copies: the copy holds the compute thread
+                            if phase < 0.0:
+                                phase = start
+                            now = end
                         slot_ready[out[1, i - wa]] = end
                         if n_cp == len(copies):
                             bigger = np.empty((2 * len(copies), 6))
@@ -951,11 +956,13 @@ def _sim_kernel(I, F, nxt, prm, n_parts, ids, counts, ptr, reset, step_tokens, d
                         copies[n_cp, 5] = 0.0
                         n_cp += 1
                 start = now  # SimBackend.compute: wait for every slot, sum the experts' times in row order
+                free = now if phase < 0.0 else phase
+                phase = -1.0
                 duration = shared + own[3] * loads
                 waited = 0
                 for i in range(wa, wb):
                     r = slot_ready[out[1, i - wa]]
-                    if r > now:
+                    if r > free:
                         waited += 1
                         start = max(start, r)
                     duration += device_ms[src_cnt[i]]
@@ -968,7 +975,7 @@ def _sim_kernel(I, F, nxt, prm, n_parts, ids, counts, ptr, reset, step_tokens, d
                 computes[n_cm, 0] = layer
                 computes[n_cm, 1] = start
                 computes[n_cm, 2] = end
-                computes[n_cm, 3] = start - now
+                computes[n_cm, 3] = start - free
                 computes[n_cm, 4] = 0.0
                 n_cm += 1
                 now = end + own[0] + own[1] * (wb - wa) + own[2] * loads  # the replay's own time, serial
@@ -1108,7 +1115,7 @@ def replay_sim(trace, policy: str, params: dict | None, n_slots: int, scope: str
     own = np.array([hw.replay_overhead_ms(0, 0), hw.expert_overhead_us * 1e-3, hw.load_overhead_us * 1e-3,
                     hw.writeback_ms(spec.bytes_per_expert)])  # as SimBackend.setup
     out = _sim_kernel(*st, prm, n_parts(st, trace), req.ids, counts, req.ptr, reset_steps(trace, reset_per_seq),
-                      req.step_tokens, device_ms, shared_ms, copy_ms, float(spec.bytes_per_expert), n_slots, own)
+                      req.step_tokens, device_ms, shared_ms, copy_ms, float(spec.bytes_per_expert), n_slots, own, bool(hw.serial_copies))
     hits, evictions, stall_free, status, where, steps, copies, computes = out
     if status < 0:
         raise kernel_error(status, req, int(st.I[CAP, st.I[PART, where % req.n_layers]]), where)

@@ -87,6 +87,9 @@ class HardwareProfile:
     # device=cpu: the bytes a copy writes leave the caches (written back to memory) during the next layer's
     # FFNs and slow them; extra compute in us per MiB copied since the previous layer (GPUs: 0)
     writeback_us_per_mib: float = 0.0
+    # device=cpu with inline copies: a copy holds the thread that computes, so copies never overlap compute
+    # (prefetches included); the sim then runs them on the compute timeline
+    serial_copies: bool = False
 
     def __post_init__(self):
         # per `where`: {expert_bytes: (tokens ascending, ms)}, built once; the profile is immutable
@@ -340,8 +343,11 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
             raise MoesimError(f"{at}.ms' must be a positive number, got {ms!r}")
         copy_points.append({"pinned": p["pinned"], "bytes": p["bytes"], "ms": float(ms)})
+    serial = d.get("serial_copies", False)
+    if not isinstance(serial, bool):
+        raise MoesimError(f"{where}: field 'serial_copies' must be true or false, got {serial!r}")
     return HardwareProfile(name=d["name"], source=d.get("source", ""), ffn_table=points, copy_table=copy_points,
-                           **values)
+                           serial_copies=serial, **values)
 
 
 def load_hardware(value) -> HardwareProfile:

@@ -139,7 +139,7 @@ def _cpu_profile():
 
     return dataclasses.replace(
         PRESETS["rtx-4090"], name="cpu-like", layer_overhead_us=31.5, expert_overhead_us=4.25,
-        load_overhead_us=22.0, writeback_us_per_mib=7.5,
+        load_overhead_us=22.0, writeback_us_per_mib=7.5, serial_copies=True,
         copy_table=[{"pinned": True, "bytes": 2**10, "ms": 0.01}, {"pinned": True, "bytes": 2**30, "ms": 90.0}],
         ffn_table=[{"where": "device", "tokens": t, "expert_bytes": 2**12, "ms": 0.1 * t ** 0.9} for t in (1, 2, 4)])
 

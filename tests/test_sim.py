@@ -107,6 +107,27 @@ def test_prefetch_issued_early_overlaps_and_removes_the_stall():
     assert m["overlap"] == pytest.approx(0.5)  # the prefetch (1 of 2 ms of copies) ran under layer 1
 
 
+def test_serial_copies_hold_the_compute_thread():
+    """device=cpu with inline copies: the prefetch of the test above no longer hides under layer 1; it delays
+    layer 1 and is layer 1's stall; host experts run after the layer's device experts."""
+    import dataclasses
+
+    b, p = make(hw=dataclasses.replace(HW, serial_copies=True))
+    b.begin_step(0, 1)
+    b.load((0, 0), 0, False)  # 0..1
+    b.compute(0, [((0, 0), 0, 1)], [])  # 1..3, stall 1
+    b.load((2, 0), 2, True)  # 3..4, holding the thread
+    b.compute(1, [((1, 0), 1, 1)], [((1, 1), 1)])  # device 4..6 (stall 1: the prefetch); host 6..9 + ACT
+    b.compute(2, [((2, 0), 2, 1)], [])  # ready long ago: no stall, (9 + ACT)..(11 + ACT)
+    b.end_step()
+    assert spans(p, "copy") == [(0, 1), (3, 4)]
+    assert spans(p, "device") == [(0, 1, 3, 1), (1, 4, 6, 1), (2, round(9 + ACT, 9), round(11 + ACT, 9), 0)]
+    assert spans(p, "host") == [(1, 6, round(9 + ACT, 9), 0)]
+    assert p.steps_table().latency_ms[0] == pytest.approx(11 + ACT)
+    assert b.inflight_bytes() == 0
+    assert b.request_stats() == {"stall_free_requests": 2, "late_prefetches": 0}  # layers 1 and 2 waited for no copy of theirs
+
+
 def test_copy_engine_serialises_copies_in_issue_order():
     b, p = make()
     b.begin_step(0, 1)

@@ -19,6 +19,10 @@ that same time, queued behind l's own misses, so its copy overlaps l's compute.
 Requests: a device expert whose copy is complete when its layer could start (the previous layer's end) is
 served stall-free; a prefetched copy that completes after that time is a late prefetch (counted at the
 key's first use). `request_stats()` returns both counts; `inflight_bytes()` the copies still queued.
+A profile with `serial_copies` (calibrate sets it for device=cpu with inline copies, where a copy holds
+the thread that computes) runs copies on the compute timeline instead: a copy, prefetch or not, delays
+everything after it; a layer's stall is the copies since the previous layer, and its host experts run after
+its device experts.
 The replay's own host time (profile fields layer/expert/load_overhead_us, measured by `calibrate` on
 device=cpu, 0 for GPUs) is added serially after each layer's compute (per layer, per expert computed, per
 load issued since the previous layer), never overlapping a copy: on a CPU the replay, the copies and the
@@ -61,6 +65,8 @@ class SimBackend(Backend):
         self._stall_free = 0  # device experts whose weights were ready when their layer could start
         self._late = 0  # prefetched copies that completed after their first use could start
         hw = self.hardware
+        self._serial = hw.serial_copies
+        self._phase = None  # serial: when the copies since the last layer began (None: no copy since)
         self._layer_ms = hw.replay_overhead_ms(0, 0)  # ms, once per layer
         self._expert_ms = hw.expert_overhead_us * 1e-3  # ms per expert computed
         self._load_ms = hw.load_overhead_us * 1e-3  # ms per load
@@ -80,6 +86,10 @@ class SimBackend(Backend):
         start = self._now if self._now > self._copy_free else self._copy_free
         end = start + self._copy_ms
         self._copy_free = end
+        if self._serial:  # the copy holds the thread that computes: nothing else runs meanwhile
+            if self._phase is None:
+                self._phase = start
+            self._now = end
         self._slot_ready[slot] = end
         if prefetch:
             self._prefetched.add(slot)
@@ -101,7 +111,9 @@ class SimBackend(Backend):
         return {"stall_free_requests": self._stall_free, "late_prefetches": self._late}
 
     def compute(self, layer: int, device, host) -> None:
-        free = start = self._now
+        start = self._now
+        free = start if self._phase is None else self._phase  # serial copies: the layer could start before them
+        self._phase = None
         ready, device_ms, prefetched = self._slot_ready, self._device_ms, self._prefetched
         duration = self._step_shared_ms + self._writeback_ms * self._loads
         waited = 0
@@ -122,8 +134,8 @@ class SimBackend(Backend):
         end = start + duration
         self._stall_free += len(device) - waited
         self._add_compute(layer, start, end, start - free, "device")
-        if host:
-            end = max(end, self._compute_host(layer, free, host))
+        if host:  # serial: on the same thread, after the device part
+            end = max(end, self._compute_host(layer, end if self._serial else free, host))
         # the replay's own work for this layer, serial and after it, so that it never overlaps a copy (on a
         # CPU the replay, the copies and the compute share one thread); the layer's first copy is issued later
         self._now = end + self._layer_ms + self._expert_ms * (len(device) + len(host)) + self._load_ms * self._loads
