@@ -37,12 +37,21 @@ def _need_enabled(benchmark):
         pytest.skip("a minute-long benchmark: run with --benchmark-enable")
 
 
-@pytest.mark.parametrize("case", ["real", "batch1", "batch8"])
+@pytest.mark.parametrize("case", ["real", "real+prefetch", "real+host", "batch1", "batch8"])
 def test_bench_fidelity_cpu(benchmark, request, case):
-    """real: the first 150 decode steps of the gpt-oss-20b trace; batchN: synthetic steps of N tokens."""
+    """real: the first 150 decode steps of the gpt-oss-20b trace (+prefetch: a perfect next-layer
+    prefetcher; +host: half the misses computed on the host, offload=host share=0.5); batchN: synthetic steps
+    of N tokens. LRU at 25% in every case."""
     _need_enabled(benchmark)
     gpt = MODEL_SPECS["gpt-oss-20b"]
-    if case == "real":
+    extra = {}
+    if case == "real+prefetch":
+        extra = {"make_prefetcher": _gpu_check().NextLayerOracle, "prefetch_max": gpt.top_k}
+    elif case == "real+host":
+        from strategies.host import Host
+
+        extra = {"make_offload": lambda: Host(share=0.5)}
+    if case.startswith("real"):
         real = request.getfixturevalue("real_trace")
         trace = real.slice_tokens(0, int(real.step_starts[150]))
     else:
@@ -55,10 +64,10 @@ def test_bench_fidelity_cpu(benchmark, request, case):
     result = {}
 
     def run():
-        result.update(compare_backends(trace, profile, LRU, "25%", "per_layer", SCALE, {"device": "cpu"}))
+        result.update(compare_backends(trace, profile, LRU, "25%", "per_layer", SCALE, {"device": "cpu"}, **extra))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    print(f"\n{trace.describe()}, scale {SCALE}, lru, 25%:\n{comparison_table(result)}")
+    print(f"\n{case}: {trace.describe()}, scale {SCALE}, lru, 25%:\n{comparison_table(result)}")
     benchmark.extra_info.update({f"error_{k}": v for k, v in result["error"].items()})
     benchmark.extra_info.update(real_p50_ms=result["real"]["latency_p50_ms"], sim_p50_ms=result["sim"]["latency_p50_ms"])
     assert result["same_decisions"]
