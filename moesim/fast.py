@@ -291,29 +291,41 @@ def _reset(I, F, P, cm):
 
 
 # linked list ---------------------------------------------------------------------------------------
+# A list of partition p is held in rows (head, tail) of I[:, p] and (prev, next) of I[:, kid]: the order-of-use
+# list in HEAD, TAIL, PREV, NEXT; LFRU's front in FHEAD, FTAIL, FPREV, FNEXT.
+@njit(**HOT)
+def _link_append(I, p, kid, head, tail, prev, next_):
+    t = I[tail, p]
+    I[prev, kid] = t
+    I[next_, kid] = -1
+    if t >= 0:
+        I[next_, t] = kid
+    else:
+        I[head, p] = kid
+    I[tail, p] = kid
+
+
+@njit(**HOT)
+def _link_between(I, p, a, b, head, tail, prev, next_):
+    """Make a and b neighbours (-1: the list's end), dropping whatever was between them."""
+    if a >= 0:
+        I[next_, a] = b
+    else:
+        I[head, p] = b
+    if b >= 0:
+        I[prev, b] = a
+    else:
+        I[tail, p] = a
+
+
 @njit(**HOT)
 def _list_append(I, p, kid):
-    t = I[TAIL, p]
-    I[PREV, kid] = t
-    I[NEXT, kid] = -1
-    if t >= 0:
-        I[NEXT, t] = kid
-    else:
-        I[HEAD, p] = kid
-    I[TAIL, p] = kid
+    _link_append(I, p, kid, HEAD, TAIL, PREV, NEXT)
 
 
 @njit(**HOT)
 def _list_remove(I, p, kid):
-    a, b = I[PREV, kid], I[NEXT, kid]
-    if a >= 0:
-        I[NEXT, a] = b
-    else:
-        I[HEAD, p] = b
-    if b >= 0:
-        I[PREV, b] = a
-    else:
-        I[TAIL, p] = a
+    _link_between(I, p, I[PREV, kid], I[NEXT, kid], HEAD, TAIL, PREV, NEXT)
 
 
 # indexed binary min-heap of kids on (K1, K2); partition p's heap is I[HEAP, off:off + I[HSIZE, p]] -----------
@@ -465,13 +477,7 @@ def _front_append(I, F, p, kid):
     if t >= 0 and not F[K1, kid] < F[K1, t]:  # the youngest member holds the least log f of the list
         return
     I[FRONT, kid] = 1
-    I[FPREV, kid] = t
-    I[FNEXT, kid] = -1
-    if t >= 0:
-        I[FNEXT, t] = kid
-    else:
-        I[FHEAD, p] = kid
-    I[FTAIL, p] = kid
+    _link_append(I, p, kid, FHEAD, FTAIL, FPREV, FNEXT)
 
 
 @njit(**HOT)
@@ -495,14 +501,7 @@ def _front_remove(I, F, p, kid):
                 I[FHEAD, p] = x
             a = x
         x = I[NEXT, x]
-    if a >= 0:
-        I[FNEXT, a] = b
-    else:
-        I[FHEAD, p] = b
-    if b >= 0:
-        I[FPREV, b] = a
-    else:
-        I[FTAIL, p] = a
+    _link_between(I, p, a, b, FHEAD, FTAIL, FPREV, FNEXT)
 
 
 @njit(**HOT)

@@ -55,7 +55,23 @@ from .errors import MoesimError
 from .files import atomic_write_text
 
 WHERE = ("device", "host")
-_FFN_POINT_FIELDS = {"where": str, "tokens": int, "expert_bytes": int, "ms": float}
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+
+
+# the keys of a measured point: (check, what it must be)
+_FFN_POINT_FIELDS = {"where": (lambda v: v in WHERE, "'device' or 'host'"),
+                     "tokens": (_positive_int, "a positive integer"),
+                     "expert_bytes": (_positive_int, "a positive integer"),
+                     "ms": (_positive_ms, "a positive number")}
+_COPY_POINT_FIELDS = {"pinned": (lambda v: isinstance(v, bool), "true or false"),
+                      "bytes": (_positive_int, "a positive integer"),
+                      "ms": (_positive_ms, "a positive number")}
 
 
 @dataclass(frozen=True)
@@ -281,7 +297,6 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
 _NUMBER_FIELDS = [f.name for f in dataclasses.fields(HardwareProfile) if f.type == "float"]
 _OPTIONAL_FIELDS = [f.name for f in dataclasses.fields(HardwareProfile)  # >= 0; absent = 0 (older profiles)
                     if f.type == "float" and f.default is not dataclasses.MISSING]
-_COPY_POINT_FIELDS = {"pinned": bool, "bytes": int, "ms": float}
 
 
 def profile_from_dict(d, where: str) -> HardwareProfile:
@@ -308,46 +323,31 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
         if v < 0 or (v == 0 and not overhead):
             raise MoesimError(f"{where}: field {n!r} must be {'>= 0' if overhead else '> 0'}, got {v!r}")
         values[n] = float(v)
-    table = d.get("ffn_table", [])
-    if table is None:
-        table = []
-    if not isinstance(table, list):
-        raise MoesimError(f"{where}: field 'ffn_table' must be a list of points, got {type(table).__name__}")
-    points = []
-    for i, p in enumerate(table):
-        at = f"{where}: field 'ffn_table[{i}]"
-        if not isinstance(p, dict) or set(p) != set(_FFN_POINT_FIELDS):
-            raise MoesimError(f"{at}' must be a mapping with exactly {sorted(_FFN_POINT_FIELDS)}, got {p!r}")
-        if p["where"] not in WHERE:
-            raise MoesimError(f"{at}.where' must be 'device' or 'host', got {p['where']!r}")
-        for k in ("tokens", "expert_bytes"):
-            if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] <= 0:
-                raise MoesimError(f"{at}.{k}' must be a positive integer, got {p[k]!r}")
-        ms = p["ms"]
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
-            raise MoesimError(f"{at}.ms' must be a positive number, got {ms!r}")
-        points.append({"where": p["where"], "tokens": p["tokens"], "expert_bytes": p["expert_bytes"], "ms": float(ms)})
-    copies = d.get("copy_table", []) or []
-    if not isinstance(copies, list):
-        raise MoesimError(f"{where}: field 'copy_table' must be a list of points, got {type(copies).__name__}")
-    copy_points = []
-    for i, p in enumerate(copies):
-        at = f"{where}: field 'copy_table[{i}]"
-        if not isinstance(p, dict) or set(p) != set(_COPY_POINT_FIELDS):
-            raise MoesimError(f"{at}' must be a mapping with exactly {sorted(_COPY_POINT_FIELDS)}, got {p!r}")
-        if not isinstance(p["pinned"], bool):
-            raise MoesimError(f"{at}.pinned' must be true or false, got {p['pinned']!r}")
-        if isinstance(p["bytes"], bool) or not isinstance(p["bytes"], int) or p["bytes"] <= 0:
-            raise MoesimError(f"{at}.bytes' must be a positive integer, got {p['bytes']!r}")
-        ms = p["ms"]
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
-            raise MoesimError(f"{at}.ms' must be a positive number, got {ms!r}")
-        copy_points.append({"pinned": p["pinned"], "bytes": p["bytes"], "ms": float(ms)})
+    points = _points(d, "ffn_table", _FFN_POINT_FIELDS, where)
+    copy_points = _points(d, "copy_table", _COPY_POINT_FIELDS, where)
     serial = d.get("serial_copies", False)
     if not isinstance(serial, bool):
         raise MoesimError(f"{where}: field 'serial_copies' must be true or false, got {serial!r}")
     return HardwareProfile(name=d["name"], source=d.get("source", ""), ffn_table=points, copy_table=copy_points,
                            serial_copies=serial, **values)
+
+
+def _points(d: dict, name: str, fields: dict, where: str) -> list[dict]:
+    """The measured points of table `name` in `d` (absent or null: none), each a mapping with exactly the
+    keys of `fields` (key -> (check, what it must be)); times become floats."""
+    table = d.get(name, []) or []
+    if not isinstance(table, list):
+        raise MoesimError(f"{where}: field {name!r} must be a list of points, got {type(table).__name__}")
+    points = []
+    for i, p in enumerate(table):
+        at = f"{where}: field '{name}[{i}]"
+        if not isinstance(p, dict) or set(p) != set(fields):
+            raise MoesimError(f"{at}' must be a mapping with exactly {sorted(fields)}, got {p!r}")
+        for k, (ok, expected) in fields.items():
+            if not ok(p[k]):
+                raise MoesimError(f"{at}.{k}' must be {expected}, got {p[k]!r}")
+        points.append({k: float(p[k]) if k == "ms" else p[k] for k in fields})
+    return points
 
 
 def load_hardware(value) -> HardwareProfile:
