@@ -543,10 +543,13 @@ class TorchBackend(Backend):
         keys, first = np.unique(flat[order], return_index=True)
         bounds = np.append(first, len(order))
         dev = self.device
-        tok = torch.from_numpy(rows).to(dev)
-        gate = torch.from_numpy(w.ravel()[order]).to(device=dev, dtype=self.dtype).unsqueeze(1)
-        host_tok = tok if dev.type == "cpu" else torch.from_numpy(rows)
-        host_gate = gate if dev.type == "cpu" else gate.cpu()
+        host_tok = torch.from_numpy(rows)
+        host_gate = torch.from_numpy(w.ravel()[order]).to(self.dtype).unsqueeze(1)
+        if dev.type == "cuda":  # uploaded in the compute stream's order, before the layers that read them
+            with torch.cuda.stream(self._compute_stream):
+                tok, gate = host_tok.to(dev), host_gate.to(dev)
+        else:
+            tok, gate = host_tok, host_gate
         row_list, gate_list = rows.tolist(), w.ravel()[order].tolist()
         # an expert with one token: its row and weight as numbers (the plain FFN on that row, no gather)
         self._routes = {divmod(int(k), self._E): (row_list[a], gate_list[a]) if b - a == 1 else
