@@ -51,6 +51,7 @@ def test_sim_predicts_torch_on_cpu():
         assert r["same_decisions"], r
         assert r["real"]["hits"] == r["sim"]["hits"] and r["real"]["bytes_h2d"] == r["sim"]["bytes_h2d"]
         assert r["real"]["loads"] == r["sim"]["loads"] > 0
+        assert r["real"]["own_ms_per_step"] > 0 and r["sim"]["own_ms_per_step"] > 0  # the replay's own time, both
         errors.append(r["error"]["latency_p50_ms"])
         if abs(errors[-1]) < LATENCY_BOUND:
             break

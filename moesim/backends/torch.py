@@ -459,7 +459,7 @@ class TorchBackend(Backend):
         self.shared_pool = torch.empty((L * spec.shared_experts, 3 * H * Fs), dtype=self.dtype, device=dev)
         fill_random(self.shared_pool, self.seed + 1, 1.0 / math.sqrt(max(H, Fs)))
         self._shared_ffn = Fs
-        self._weight = 1.0 / spec.top_k  # the gate weight of an expert the step's routing does not list
+        self._weight = 1.0 / spec.top_k  # the gate weight when no routing was given (`route` not called)
         self._routes: dict = {}  # (layer, expert) -> its tokens' rows and gate weights in this step (`route`)
         self._alloc_activations(self.workspace_tokens)
         # bookkeeping of the replay
@@ -527,13 +527,14 @@ class TorchBackend(Backend):
             self._step_start = self._now()
 
     def route(self, experts, weights) -> None:
-        """Index the step's routing [n, L, K] by (layer, expert): batch 1, the gate weight (a float); else
-        the rows of the expert's tokens and their weights, as tensors on the device (one upload per step)."""
+        """Index the step's routing [n, L, K] by (layer, expert): an expert with one token, (its row, its gate
+        weight) as numbers; with more, the rows of its tokens and their weights as tensors on the device (one
+        upload per step) and on the host."""
         e = np.asarray(experts)
         w = np.asarray(weights, dtype=np.float32)
         n, L, K = e.shape
         if n == 1:
-            self._routes = {(layer, int(x)): float(g) for layer in range(L)
+            self._routes = {(layer, int(x)): (0, float(g)) for layer in range(L)
                             for x, g in zip(e[0, layer].tolist(), w[0, layer].tolist()) if x >= 0}
             return
         flat = (np.arange(L)[None, :, None] * self._E + e.astype(np.int64)).ravel()  # [n*L*K] layer*E + expert
@@ -543,15 +544,15 @@ class TorchBackend(Backend):
         keys, first = np.unique(flat[order], return_index=True)
         bounds = np.append(first, len(order))
         dev = self.device
+        gates = w.ravel()[order]  # [pairs], grouped as rows
         host_tok = torch.from_numpy(rows)
-        host_gate = torch.from_numpy(w.ravel()[order]).to(self.dtype).unsqueeze(1)
+        host_gate = torch.from_numpy(gates).to(self.dtype).unsqueeze(1)
         if dev.type == "cuda":  # uploaded in the compute stream's order, before the layers that read them
             with torch.cuda.stream(self._compute_stream):
                 tok, gate = host_tok.to(dev), host_gate.to(dev)
         else:
             tok, gate = host_tok, host_gate
-        row_list, gate_list = rows.tolist(), w.ravel()[order].tolist()
-        # an expert with one token: its row and weight as numbers (the plain FFN on that row, no gather)
+        row_list, gate_list = rows.tolist(), gates.tolist()
         self._routes = {divmod(int(k), self._E): (row_list[a], gate_list[a]) if b - a == 1 else
                         (tok[a:b], gate[a:b], host_tok[a:b], host_gate[a:b])
                         for k, a, b in zip(keys.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())}
@@ -616,11 +617,12 @@ class TorchBackend(Backend):
                        self._shared_ffn, 1.0)
         routes = self._routes
         for key, slot, n in device:
-            r = routes.get(key, w)
-            if isinstance(r, float):  # batch 1: the row, its gate weight
-                expert_ffn(pool[slot], x[:n], out[:n], H, Fd, r)
-            elif len(r) == 2:  # one token of a batch: its row, its gate weight
-                expert_ffn(pool[slot], x[r[0]:r[0] + 1], out[r[0]:r[0] + 1], H, Fd, r[1])
+            r = routes.get(key)
+            if r is None:  # no routing given (driven without `route`): the first n rows, weight 1/top_k
+                expert_ffn(pool[slot], x[:n], out[:n], H, Fd, w)
+            elif len(r) == 2:  # one token: its row, its gate weight (the plain FFN on that row, no gather)
+                t = r[0]
+                expert_ffn(pool[slot], x[t:t + 1], out[t:t + 1], H, Fd, r[1])
             else:
                 routed_ffn(pool[slot], x, out, H, Fd, r[0], r[1])
 
@@ -633,11 +635,12 @@ class TorchBackend(Backend):
         ys.zero_()
         routes = self._routes
         for key, n in host:
-            r = routes.get(key, w)
-            if isinstance(r, float) or len(r) == 2:
-                expert_ffn(self.host_pool[key[0] * E + key[1]], xs[:n], ys[:n], H, Fd, r if isinstance(r, float) else r[1])
+            r = routes.get(key)
+            block = self.host_pool[key[0] * E + key[1]]
+            if r is None or len(r) == 2:
+                expert_ffn(block, xs[:n], ys[:n], H, Fd, w if r is None else r[1])
             else:
-                ys[:n].add_(_swiglu(self.host_pool[key[0] * E + key[1]], xs[:n], H, Fd) * r[3][:n])
+                ys[:n].add_(_swiglu(block, xs[:n], H, Fd) * r[3][:n])
 
     def _compute_cpu(self, layer: int, device, host) -> None:
         t_wait = self._now()
