@@ -31,6 +31,9 @@ use its counters, profiler, device_bytes and request_stats in place of the loop'
 from __future__ import annotations
 
 import math
+import sys
+import threading
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -1032,6 +1035,25 @@ def counters(requests: int, hits: int, evictions: int) -> dict:
             "evictions": int(evictions), "host_computes": 0}
 
 
+@contextmanager
+def compile_notice(kernel, after_s: float = 1.5):
+    """Around the first call of `kernel` in this process: if it has not returned after `after_s` seconds (numba
+    is compiling it: ~20 s on a 2-core machine, once per install; later runs load it from __pycache__), say so
+    on stderr, so that a first run does not look hung."""
+    if kernel.signatures:  # compiled or loaded already in this process
+        yield
+        return
+    timer = threading.Timer(after_s, lambda: print(
+        "moesim: compiling the replay loop (numba, once; later runs load it from the cache) ...",
+        file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str = "per_layer",
                reset_per_seq: bool = False) -> dict:
     """Cache-only replay, compiled: the counters moesim.engine.hit_counts gives for the reference policy
@@ -1113,8 +1135,10 @@ def replay_sim(trace, policy: str, params: dict | None, n_slots: int, scope: str
     copy_ms = hw.copy_ms(spec.bytes_per_expert, pinned)
     own = np.array([hw.replay_overhead_ms(0, 0), hw.expert_overhead_us * 1e-3, hw.load_overhead_us * 1e-3,
                     hw.writeback_ms(spec.bytes_per_expert)])  # as SimBackend.setup
-    out = _sim_kernel(*st, prm, n_parts(st, trace), req.ids, counts, req.ptr, reset_steps(trace, reset_per_seq),
-                      req.step_tokens, device_ms, shared_ms, copy_ms, float(spec.bytes_per_expert), n_slots, own, bool(hw.serial_copies))
+    with compile_notice(_sim_kernel):
+        out = _sim_kernel(*st, prm, n_parts(st, trace), req.ids, counts, req.ptr, reset_steps(trace, reset_per_seq),
+                          req.step_tokens, device_ms, shared_ms, copy_ms, float(spec.bytes_per_expert), n_slots, own,
+                          bool(hw.serial_copies))
     hits, evictions, stall_free, status, where, steps, copies, computes = out
     if status < 0:
         raise kernel_error(status, req, int(st.I[CAP, st.I[PART, where % req.n_layers]]), where)

@@ -248,3 +248,19 @@ def test_lfu_decay_with_reset_per_seq_stays_finite_and_equal():
         ref = reference_hit_counts(tr, lambda: LFU(decay=0.5, decay_every=2), budget, scope, reset_per_seq=True)
         got = fast.hit_counts(tr, "lfu", {"decay": 0.5, "decay_every": 2}, budget, scope, True)
         assert (got["hits"], got["evictions"]) == (ref.hits, ref.evictions)
+
+
+def test_a_slow_first_call_says_it_is_compiling(capsys):
+    import time
+    from types import SimpleNamespace
+
+    cold, warm = SimpleNamespace(signatures=[]), SimpleNamespace(signatures=["(int64,)"])
+    with fast.compile_notice(cold, after_s=0.05):
+        time.sleep(0.3)
+    assert "compiling the replay loop" in capsys.readouterr().err
+    with fast.compile_notice(warm, after_s=0.0):
+        time.sleep(0.1)
+    with fast.compile_notice(cold, after_s=5.0):  # returned in time: nothing said
+        pass
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""
