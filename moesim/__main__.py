@@ -14,7 +14,7 @@ from .errors import MoesimError
 
 # command -> (module:function taking the composed config, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("moesim.engine:run_command", "replay a trace through one strategy and write a results directory"),
+    "run": ("moesim.api:run_command", "replay a trace through one strategy and write a results directory"),
     "stats": ("moesim.stats:stats_command", "routing statistics of a trace (skew, entropy, reuse, layer correlation)"),
     "import": ("moesim.importers:import_command", "convert a foreign trace (gpt-oss-fingerprint, jsonl) to .moetrace.safetensors"),
     "calibrate": ("moesim.calibrate:calibrate_command", "measure this machine's copies and expert FFNs into a hardware profile for the sim"),

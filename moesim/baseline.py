@@ -14,7 +14,7 @@ only forgives a different order of float operations on another platform). A cell
 message, which is compared too. `strategies=all` means every config in moesim/conf/strategy/, read when the
 grid runs, so a strategy added later shows as a new cell until the baseline is written again.
 
-A cell is `moesim.engine.run(cfg, write=False)`: what `python -m moesim run` does, on a temporary file of
+A cell is `moesim.api.run(cfg, write=False)`: what `python -m moesim run` does, on a temporary file of
 the subset (compiled where moesim/fast.py covers the run, `fast=auto`; add fast=false for the Python loop).
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def compose_strategy(strategy: str, trace_path: str, overrides: list[str]):
 
 
 def metrics_of(summary: dict) -> dict:
-    """The baseline's numbers of one run's summary (as `engine.run` returns it)."""
+    """The baseline's numbers of one run's summary (as `api.run` returns it)."""
     flat = dict(summary)
     lat = summary.get("latency_ms") or {}
     flat["latency_p50_ms"], flat["latency_p99_ms"] = lat.get("p50"), lat.get("p99")
@@ -168,7 +168,7 @@ def run_cell(cfg, budget: str) -> dict:
     run refuses it."""
     from omegaconf import OmegaConf
 
-    from .engine import run
+    from .api import run
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     cfg.budget = str(budget)

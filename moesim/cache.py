@@ -13,7 +13,6 @@ pool serves all layers. Slots are indices into the device pool a backend allocat
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -21,83 +20,7 @@ from strategies import CachePolicy, Context, Key
 
 from .errors import MoesimError
 from .trace import ModelSpec, Trace
-
-SCOPES = ("per_layer", "global")
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Device memory for routed experts, resolved to slots."""
-
-    slots: int  # slots actually usable (per_layer: layers * per_layer_slots)
-    requested: str  # what the user asked for, as written
-    bytes: int  # slots * bytes per expert
-    per_layer_slots: int | None  # per_layer scope: each layer's share
-
-    def to_dict(self) -> dict:
-        return {"slots": self.slots, "bytes": self.bytes, "requested": self.requested,
-                "per_layer_slots": self.per_layer_slots}
-
-
-def parse_budget(value, spec: ModelSpec, scope: str) -> Budget:
-    """`192` slots, `25%` of all routed experts, or bytes (`4GiB`, `500MiB`, `1.5GB`) -> Budget.
-
-    Refuses, with the numbers, a budget that cannot hold one layer's top-k (per layer or in the pool)."""
-    if scope not in SCOPES:
-        raise MoesimError(f"scope={scope!r}: expected one of {', '.join(SCOPES)}")
-    text = str(value).strip()
-    total = spec.total_experts
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)", text)
-    if not m:
-        raise MoesimError(f"budget={text!r}: expected a number of slots (192), a share (25%) or bytes (4GiB, 500MiB)")
-    num, unit = float(m.group(1)), m.group(2).lower()
-    if unit == "":
-        if num != int(num):
-            raise MoesimError(f"budget={text!r}: a number of slots must be whole")
-        slots = int(num)
-    elif unit == "%":
-        if not 0 < num <= 100:
-            raise MoesimError(f"budget={text!r}: a share must be in (0%, 100%]")
-        slots = round(total * num / 100)
-    elif unit in _UNITS:
-        slots = int(num * _UNITS[unit] // spec.bytes_per_expert)
-    else:
-        raise MoesimError(f"budget={text!r}: unknown unit {m.group(2)!r}; use %, B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
-    slots = min(slots, total)  # more slots than experts holds everything; the extra would stay empty
-    per_layer = None
-    if scope == "per_layer":
-        per_layer = slots // spec.layers
-        if per_layer < spec.top_k:
-            raise MoesimError(
-                f"budget={text!r} gives {slots} slots = {per_layer} per layer over {spec.layers} layers, "
-                f"but each layer needs at least top-k = {spec.top_k} ({spec.top_k * spec.layers} slots, "
-                f"{spec.top_k * spec.layers * spec.bytes_per_expert / 2**30:.2f} GiB for {spec.name})")
-        slots = per_layer * spec.layers
-    elif slots < spec.top_k:
-        raise MoesimError(f"budget={text!r} gives {slots} slots, but one layer needs top-k = {spec.top_k} "
-                          f"({spec.top_k * spec.bytes_per_expert / 2**20:.0f} MiB for {spec.name})")
-    return Budget(slots, text, slots * spec.bytes_per_expert, per_layer)
-
-
-def parse_inflight(value, bytes_per_expert: int, where: str) -> int | None:
-    """A cap on bytes of queued copies: None (no cap), bytes (1000000), a size with a unit (`256MiB`,
-    `1.5GB`) or a number of expert copies (`4 experts`)."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise MoesimError(f"{where}={value}: expected bytes >= 0")
-        return value
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
-    unit = m.group(2).lower() if m else None
-    if unit in ("expert", "experts"):
-        return int(float(m.group(1)) * bytes_per_expert)
-    if unit is None or unit not in _UNITS | {"": 1}:
-        raise MoesimError(f"{where}={value!r}: expected null, bytes (1000000), a size with a unit (256MiB, "
-                          f"1.5GB; units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB) or expert copies (4 experts)")
-    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+from .units import SCOPES
 
 
 class _Candidates:

@@ -557,7 +557,8 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
     `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
-    from .cache import Cache, parse_budget
+    from .cache import Cache
+    from .units import parse_budget
     from .engine import replay
     from .profiler import Profiler
 

@@ -1107,7 +1107,7 @@ class ArrayProfiler(Profiler):
 
 
 class SimRun(NamedTuple):
-    """What `replay_sim` returns: what moesim.engine.run reads from the cache, backend and profiler."""
+    """What `replay_sim` returns: what moesim.api.run reads from the cache, backend and profiler."""
 
     counters: dict  # Counters.to_dict()
     profiler: ArrayProfiler  # metrics(), steps_table(), layers_table(), timeline() as the Profiler gives them

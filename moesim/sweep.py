@@ -91,12 +91,12 @@ def _unchanged(cell_dir: Path, run_cfg) -> bool:
 
 def run_cell(cfg) -> dict:
     """Hydra's task function: one cell. Skips a complete cell whose config is unchanged; otherwise runs it
-    (moesim.engine.run writes summary.json last). Returns {"dir", "skipped", "seconds", "error"}: a user
+    (moesim.api.run writes summary.json last). Returns {"dir", "skipped", "seconds", "error"}: a user
     mistake (MoesimError) is returned, so that the other cells still run and the sweep reports them all
     in one line; anything else is a bug and propagates through Hydra with its traceback."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .engine import run
+    from .api import run
 
     hydra = HydraConfig.get()
     cell_dir = Path(hydra.runtime.output_dir)

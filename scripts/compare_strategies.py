@@ -12,7 +12,7 @@ on the 2-core development machine, so the whole evaluation half for every run wo
 parts are written once as .moetrace.safetensors files under traces/cache/.
 
 Each run's result is kept as JSON under reports/compare/ (atomic writes), keyed by the run and a hash of the
-code and configs it depends on, so a rerun only does what changed. Every run goes through moesim.engine.run,
+code and configs it depends on, so a rerun only does what changed. Every run goes through moesim.api.run,
 the `python -m moesim run` path, which replays cache-only strategies with a built-in policy (lru, fifo, lfu,
 lfru, static, belady) compiled (moesim/fast.py, held to identical events by tests/test_fast.py).
 """
@@ -125,7 +125,7 @@ def code_hash() -> str:
 def run_one(job: dict) -> dict:
     """One (strategy, budget, hardware) run on the evaluation trace: the numbers the tables need."""
     from moesim.__main__ import compose
-    from moesim.engine import run
+    from moesim.api import run
 
     overrides = [o.replace(CALIB, job["calib"]) for o in job["overrides"]]
     cfg = compose("run", [f"trace={job['eval']}", f"budget={job['budget']}", f"hardware={job['hardware']}",
@@ -144,10 +144,10 @@ def run_one(job: dict) -> dict:
 
 
 def compiled(overrides: list[str]) -> bool:
-    """Whether moesim.engine.run takes the compiled loop for this row (no prefetch, no offload, a built-in
+    """Whether moesim.api.run takes the compiled loop for this row (no prefetch, no offload, a built-in
     cache policy): those runs take seconds, the others minutes."""
     from moesim.__main__ import compose
-    from moesim.engine import resolve_strategy
+    from moesim.api import resolve_strategy
 
     strat = resolve_strategy(compose("run", [o.replace(CALIB, "x") for o in overrides])).strategy
     return (str(strat.cache.get("_target_")) in FAST_POLICIES and not strat.get("prefetch")

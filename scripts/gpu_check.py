@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's
 import torch  # noqa: E402
 
 from moesim.backends.torch import TorchBackend, device_name, memcpy, resolve_device, scale_spec, stored_spec  # noqa: E402
-from moesim.cache import Cache, parse_budget  # noqa: E402
+from moesim.cache import Cache  # noqa: E402
+from moesim.units import parse_budget
 from moesim.calibrate import Sampling, compare_backends, measure, to_profile  # noqa: E402
 from moesim.engine import replay, step_requests  # noqa: E402
 from moesim.profiler import Profiler  # noqa: E402

@@ -73,7 +73,7 @@ class Prefetcher:
     Knobs (set by `__init__`; the class defaults hold for subclasses that do not call it):
     `lookahead` layers ahead a prediction reaches (l+1 .. l+lookahead, running on into the next step),
     `per_layer` keys per predicted layer (None: as many as the prefetcher ranks), `max_inflight` (None: no
-    cap; bytes, `256MiB`, or `4 experts`; the engine resolves it, see moesim.cache.parse_inflight)."""
+    cap; bytes, `256MiB`, or `4 experts`; the engine resolves it, see moesim.units.parse_inflight)."""
 
     bound = False
     lookahead = 1  # layers
@@ -81,7 +81,7 @@ class Prefetcher:
     max_inflight = None  # cap on queued copies (bytes, "256MiB", "4 experts"); None: no cap
 
     def __init__(self, lookahead: int = 1, per_layer: int | None = None, max_inflight=None):
-        from moesim.cache import parse_inflight
+        from moesim.units import parse_inflight
         from moesim.errors import MoesimError
 
         if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:

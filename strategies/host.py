@@ -39,7 +39,7 @@ class Host(OffloadPolicy, Calibrated):
     def __init__(self, device_set: str = "none", share=1.0, fill_first: bool = False, load: bool = False,
                  max_inflight=None, calibrate_tokens: int | None = None, calibrate_fraction: float = 0.1,
                  calibrate_trace: str | None = None):
-        from moesim.cache import parse_inflight
+        from moesim.units import parse_inflight
 
         if device_set not in DEVICE_SETS:
             raise MoesimError(f"offload.device_set={device_set!r}: expected one of {', '.join(DEVICE_SETS)}")

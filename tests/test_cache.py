@@ -4,7 +4,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from moesim.cache import Cache, parse_budget
+from moesim.cache import Cache
+from moesim.units import parse_budget
 from moesim.engine import hit_counts, replay, step_requests
 from moesim.errors import MoesimError
 from moesim.trace import MODEL_SPECS, ModelSpec, from_arrays

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moesim import fast
-from moesim.cache import parse_budget
+from moesim.units import parse_budget
 from moesim.engine import hit_counts as reference_hit_counts
 from moesim.errors import MoesimError
 from moesim.trace import ModelSpec, from_arrays

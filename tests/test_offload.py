@@ -17,7 +17,8 @@ import pytest
 from moesim.__main__ import compose
 from moesim.backends.sim import SimBackend
 from moesim.cache import Cache
-from moesim.engine import replay, request_metrics, run
+from moesim.engine import replay
+from moesim.api import request_metrics, run
 from moesim.errors import MoesimError
 from moesim.hardware import Cost as CostModel, HardwareProfile
 from moesim.profiler import Profiler

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesim.cache import Cache, parse_budget
+from moesim.cache import Cache
+from moesim.units import parse_budget
 from moesim.engine import replay
 from moesim.errors import MoesimError
 from moesim.trace import ModelSpec, from_arrays, save_trace

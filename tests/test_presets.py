@@ -13,7 +13,8 @@ import pytest
 
 from moesim.__main__ import compose
 from moesim.cache import Cache
-from moesim.engine import replay, run
+from moesim.engine import replay
+from moesim.api import run
 from moesim.errors import MoesimError
 from moesim.trace import ModelSpec, from_arrays, save_trace
 from strategies.activation_aware import ActivationAware

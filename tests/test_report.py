@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from moesim.__main__ import compose
-from moesim.engine import run
+from moesim.api import run
 from moesim.errors import MoesimError
 from moesim.report import (build_comparison_report, build_report, build_run_report, report_command,
                            version_info, write_run_report)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moesim.__main__ import compose, main
-from moesim.engine import run
+from moesim.api import run
 from moesim.results import is_complete, read_run
 from moesim.trace import MODEL_SPECS, from_arrays, save_trace
 

@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from moesim.__main__ import COMMANDS, compose, main
-from moesim.engine import run
+from moesim.api import run
 from moesim.errors import MoesimError
 from moesim.report.tables import SUMMARY_COLUMNS
 from moesim.results import is_complete, read_run

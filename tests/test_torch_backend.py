@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from moesim.backends import torch as tb
 from moesim.backends.torch import (TorchBackend, expert_ffn, plan_memory, resolve_device, scale_spec, stored_spec,
                                    weights_dtype)
-from moesim.cache import Cache, parse_budget
+from moesim.cache import Cache
+from moesim.units import parse_budget
 from moesim.engine import hit_counts, replay
 from moesim.errors import MoesimError
 from moesim.profiler import Profiler

@@ -7,7 +7,7 @@ cache-only replay   every distinct cache policy of moesim/conf/strategy/*.yaml (
                     strategy is measured too): moesim.fast.hit_counts where the policy is compiled, else
                     moesim.engine.hit_counts, against `plain_lru` below (an OrderedDict per layer) over the
                     same requests; plain_lru must count the hits that our LRU counts
-timed sim loop      every strategy through `moesim.engine.run` (what `python -m moesim run` does, compiled where
+timed sim loop      every strategy through `moesim.api.run` (what `python -m moesim run` does, compiled where
                     moesim/fast.py covers the run; results not written), against `plain_timed_lru` below
                     (plain_lru plus a copy-engine clock)
 torch backend, CPU  bytes per second of the expert copies the backend timed during a replay, against
@@ -62,7 +62,7 @@ def _strategies() -> dict[str, dict]:
 def _cache_policies() -> dict[str, dict]:
     """Every distinct `cache:` block of the strategies (lru is the cache of fiddler and others too: measured
     once), named by the policy's module (strategies.lfru.LFRU -> lfru; lfru-2 for other parameters)."""
-    from moesim.engine import policy_name
+    from moesim.api import policy_name
 
     out: dict[str, dict] = {}
     for cfg in _strategies().values():
@@ -184,7 +184,7 @@ def timed_file(gpt_oss_like, tmp_path_factory):
 def test_bench_cache_only_replay(benchmark, cache_trace, policy):
     from hydra.utils import instantiate
 
-    from moesim.cache import parse_budget
+    from moesim.units import parse_budget
     from moesim.engine import hit_counts
 
     trace = cache_trace
@@ -217,7 +217,7 @@ def test_bench_cache_only_replay(benchmark, cache_trace, policy):
 def test_bench_timed_sim_run(benchmark, gpt_oss_like, timed_file, strategy):
     """A strategy that refuses per_layer scope (llama_cpp_ncmoe: host_layers=auto) runs in one global pool."""
     from moesim.baseline import compose_strategy
-    from moesim.engine import resolve_strategy, run
+    from moesim.api import resolve_strategy, run
     from moesim.errors import MoesimError
 
     cfg = resolve_strategy(compose_strategy(strategy, str(timed_file), [f"budget={BUDGET}"]))
@@ -247,7 +247,8 @@ def test_bench_torch_cpu_copies(benchmark, gpt_oss_like):
     profiler measured against np.copyto of the same (row, slot) pairs in a plain loop."""
     torch = pytest.importorskip("torch")
     from moesim.backends.torch import TorchBackend
-    from moesim.cache import Cache, parse_budget
+    from moesim.cache import Cache
+    from moesim.units import parse_budget
     from moesim.engine import replay
     from moesim.profiler import Profiler
     from moesim.trace import scale_spec

@@ -96,7 +96,8 @@ def test_bench_copy_worker(benchmark):
     _need_enabled(benchmark)
     gc = _gpu_check()
     from moesim.backends.torch import TorchBackend, scale_spec, stored_spec
-    from moesim.cache import Cache, parse_budget
+    from moesim.cache import Cache
+    from moesim.units import parse_budget
     from moesim.engine import replay
     from moesim.profiler import Profiler
 
