@@ -20,12 +20,10 @@ class RunOutput:
 
 def run(cfg, write: bool = True) -> RunOutput:
     """Run one configuration (as composed from moesim/conf/run.yaml) and write its results directory."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from .hardware import Cost, load_hardware
+    from .hardware import load_hardware
     from .importers import open_trace
-    from .profiler import Profiler
     from .report import version_info
     from .report.tables import expert_use
     from .results import default_run_dir, write_run
@@ -39,38 +37,19 @@ def run(cfg, write: bool = True) -> RunOutput:
         spec = stored_spec(spec, str(cfg.model.dtype))
     hardware = load_hardware(str(cfg.hardware))
     strat = cfg.strategy
-    make_policy = lambda: instantiate(strat.cache)  # noqa: E731  one instance per partition
-    cache = Cache(spec, budget.slots, cfg.scope, make_policy, trace)
-    prefetcher = instantiate(strat.prefetch) if strat.get("prefetch") else None
-    offload = instantiate(strat.offload) if strat.get("offload") else None
-    backend = instantiate(cfg.backend, hardware=hardware)
-    compiled = fast_path(cfg, prefetcher, offload)
-    if compiled is not None:  # the same decisions and clocks, compiled (tests/test_fast.py checks equality)
-        from . import fast
-
-        sim = fast.replay_sim(trace, *compiled, budget.slots, cfg.scope, hardware, bool(cfg.reset_per_seq),
-                              pinned=bool(cfg.backend.get("pinned", True)), spec=spec)
-        counters, profiler, served = Counters(**sim.counters), sim.profiler, sim.request_stats
-        device_bytes = sim.device_bytes
-    else:
-        profiler = Profiler(n_layers=spec.layers)
-        backend.setup(spec, budget.slots, profiler)
-        counters = replay(trace, cache, backend, prefetcher, offload, Cost(hardware, spec),
-                          reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress))
-        served = backend.request_stats() if hasattr(backend, "request_stats") else None
-        device_bytes = backend.device_bytes()
+    ex = execute(trace, spec, budget.slots, str(cfg.scope), strat, cfg.backend, hardware,
+                 reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"))
+    counters, profiler, served, device_bytes, backend = ex.counters, ex.profiler, ex.served, ex.device_bytes, ex.backend
     metrics = profiler.metrics()
-    bounds = [type(x).__name__ for x in (cache.partitions[0].policy, prefetcher, offload)
-              if x is not None and getattr(x, "bound", False)]
     summary = {
         "hit_rate": counters.hits / counters.requests if counters.requests else float("nan"),
         **counters.to_dict(),
         "bytes_h2d": counters.loads * spec.bytes_per_expert,
         **metrics,
-        **request_metrics(counters, cache.prefetch, served, spec.bytes_per_expert),
+        **request_metrics(counters, ex.prefetch, served, spec.bytes_per_expert),
         "peak_device_bytes": device_bytes,
         "strategy": strat.name,
-        "bound": bool(bounds),  # an oracle took part: a bound, not a deployable result
+        "bound": ex.bound,  # an oracle took part: a bound, not a deployable result
         "budget": budget.to_dict() | {"bytes": budget.slots * spec.bytes_per_expert},
         "scope": cfg.scope,
         "trace": {"name": str(cfg.trace), "path": str(trace.path) if trace.path else None,
@@ -81,7 +60,7 @@ def run(cfg, write: bool = True) -> RunOutput:
         "hardware_profile": hardware.to_dict(),
         "moesim": version_info(),
         "backend": backend.name,
-        "fast_path": compiled is not None,
+        "fast_path": ex.compiled,
     }
     for extra in ("memory", "info"):  # what only some backends can tell (torch: peak RSS, VRAM, device name)
         if hasattr(backend, extra):
@@ -95,23 +74,70 @@ def run(cfg, write: bool = True) -> RunOutput:
     return RunOutput(summary, out_dir)
 
 
-def fast_path(cfg, prefetcher, offload) -> tuple[str, dict] | None:
+@dataclass
+class Execution:
+    """What one replay produced, whichever driver ran it (see `execute`)."""
+
+    counters: Counters
+    prefetch: object  # .used, .wasted, .unused (moesim.cache.PrefetchCounters)
+    profiler: object  # moesim.profiler.Profiler (metrics, tables, timeline)
+    served: dict | None  # backend.request_stats(): stall-free requests, late prefetches
+    device_bytes: int
+    backend: object  # the backend instance (name; memory() and info() where it has them)
+    bound: bool  # an oracle took part
+    compiled: bool  # the compiled loop ran it
+
+
+def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
+            progress: bool = False, fast="auto") -> Execution:
+    """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
+    `backend_cfg` with `n_slots` slots in `scope`: the compiled loop where it covers the run, else the Python
+    loop (engine.replay). `spec` is the stored model (scale and dtype applied)."""
+    from hydra.utils import instantiate
+
+    from .hardware import Cost
+    from .profiler import Profiler
+
+    make_policy = lambda: instantiate(strat.cache)  # noqa: E731  one instance per partition
+    cache = Cache(spec, n_slots, scope, make_policy, trace)
+    prefetcher = instantiate(strat.prefetch) if strat.get("prefetch") else None
+    offload = instantiate(strat.offload) if strat.get("offload") else None
+    backend = instantiate(backend_cfg, hardware=hardware)
+    bound = any(getattr(x, "bound", False) for x in (cache.partitions[0].policy, prefetcher, offload)
+                if x is not None)
+    compiled = fast_path(fast, strat, backend_cfg, prefetcher, offload)
+    if compiled is not None:  # the same decisions and clocks, compiled (tests/test_fast.py checks equality)
+        from . import fast as fast_mod
+
+        sim = fast_mod.replay_sim(trace, *compiled, n_slots, scope, hardware, reset_per_seq,
+                                  pinned=bool(backend_cfg.get("pinned", True)), spec=spec)
+        return Execution(Counters(**sim.counters), cache.prefetch, sim.profiler, sim.request_stats,
+                         sim.device_bytes, backend, bound, True)
+    profiler = Profiler(n_layers=spec.layers)
+    backend.setup(spec, n_slots, profiler)
+    counters = replay(trace, cache, backend, prefetcher, offload, Cost(hardware, spec),
+                      reset_per_seq=reset_per_seq, progress=progress)
+    served = backend.request_stats() if hasattr(backend, "request_stats") else None
+    return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
+
+
+def fast_path(mode, strat, backend_cfg, prefetcher, offload) -> tuple[str, dict] | None:
     """(policy, params) when `fast=auto|true` and the compiled loop of moesim/fast.py covers this run
     (backend sim, a built-in cache policy, no prefetcher, no offload policy); else None (the Python loop).
-    `fast=true` refuses a run it does not cover; `fast=false` always takes the Python loop."""
-    mode = str(cfg.get("fast", "auto")).lower()
+    `mode` is the run's `fast=` value: `true` refuses a run it does not cover; `fast=false` always takes the Python loop."""
+    mode = str(mode).lower()
     if mode in ("false", "off", "no"):
         return None
     from . import fast
 
-    compiled = fast.compiled_policy(cfg.strategy.cache)
-    covered = (str(cfg.backend.get("_target_", "")).endswith("sim.SimBackend") and compiled is not None
+    compiled = fast.compiled_policy(strat.cache)
+    covered = (str(backend_cfg.get("_target_", "")).endswith("sim.SimBackend") and compiled is not None
                and prefetcher is None and offload is None)
     if mode in ("true", "on", "yes") and not covered:
         raise MoesimError("fast=true: the compiled loop covers backend=sim with a built-in cache policy "
                           "and no prefetcher or offload policy; use fast=auto")
     if mode not in ("auto", "true", "on", "yes"):
-        raise MoesimError(f"fast={cfg.fast!r}: expected auto, true or false")
+        raise MoesimError(f"fast={mode!r}: expected auto, true or false")
     return compiled if covered else None
 
 
