@@ -10,7 +10,7 @@ that need recency or future distance (Belady) share one clock across layers and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Protocol
 
 if TYPE_CHECKING:
     from moesim.trace import ModelSpec, Trace
@@ -18,9 +18,21 @@ if TYPE_CHECKING:
 Key = tuple[int, int]  # (layer, expert)
 
 
+def default_open_trace(ref: str) -> "Trace":
+    """Context's default `open_trace`: the mechanism's reader, moesim.importers.open_trace_cached (any format
+    moesim reads; each file read once per process). Imported on first use so that loading the policy interface
+    does not load the importers; this is the only place in strategies/ that names moesim.importers
+    (tests/test_policies.py checks it)."""
+    from moesim.importers import open_trace_cached
+
+    return open_trace_cached(ref)
+
+
 @dataclass(frozen=True)
 class Context:
-    """What a policy may know when it is set up: one cache partition and the run around it."""
+    """What a policy may know when it is set up: one cache partition and the run around it. Policies never open
+    files: a policy's calibration trace comes from `calibration_trace` (whoever builds the Context may pass
+    its own `open_trace`, e.g. one that serves traces already in memory)."""
 
     trace: "Trace"  # the whole trace: oracles (Belady) read the future from it; others must not (precomputed
     #                 predictions read it causally: strategies/prefetch_table.py)
@@ -28,6 +40,21 @@ class Context:
     layers: tuple[int, ...]  # layers whose experts live in this partition (one in per_layer scope)
     capacity: int  # slots of this partition
     scope: str  # "per_layer" | "global"
+    open_trace: Callable[[str], "Trace"] = default_open_trace  # a calibrate_trace reference (path or preset) -> Trace
+
+    def calibration_trace(self, ref, where: str) -> "Trace":
+        """The Trace `ref` names (a Trace is taken as is; else a path or preset name, read by `open_trace`),
+        checked to have the replayed model's layers x experts. `where` names the option in errors, e.g.
+        `strategy.cache.calibrate_trace`."""
+        from moesim.errors import MoesimError
+        from moesim.trace import Trace
+
+        calib = ref if isinstance(ref, Trace) else self.open_trace(str(ref))
+        if (calib.spec.layers, calib.spec.experts) != (self.spec.layers, self.spec.experts):
+            name = f"<Trace of {calib.spec.name}>" if isinstance(ref, Trace) else ref
+            raise MoesimError(f"{where}={name}: model has {calib.spec.layers} layers x {calib.spec.experts} "
+                              f"experts, the replayed trace {self.spec.layers} x {self.spec.experts}")
+        return calib
 
 
 class Candidates(Protocol):

@@ -38,16 +38,10 @@ class Calibrated:
         self.calibration_tokens = 0  # tokens of the replayed trace the policy has seen
 
     def calibration(self, ctx):
-        """The calibration Trace: `calibrate_trace`, else the first tokens of the replayed trace."""
+        """The calibration Trace: `calibrate_trace` (a Trace, or a reference `ctx` reads: policies open no
+        files), else the first tokens of the replayed trace."""
         if self.calibrate_trace is not None:
-            from moesim.importers import open_trace
-            from moesim.trace import Trace
-
-            calib = self.calibrate_trace if isinstance(self.calibrate_trace, Trace) else open_trace(str(self.calibrate_trace))
-            if (calib.spec.layers, calib.spec.experts) != (ctx.spec.layers, ctx.spec.experts):
-                raise MoesimError(f"{self.where}.calibrate_trace={self.calibrate_trace}: model has "
-                                  f"{calib.spec.layers} layers x {calib.spec.experts} experts, the replayed "
-                                  f"trace {ctx.spec.layers} x {ctx.spec.experts}")
+            calib = ctx.calibration_trace(self.calibrate_trace, f"{self.where}.calibrate_trace")
             self.calibration_tokens = 0
             return calib
         T = ctx.trace.n_tokens

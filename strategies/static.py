@@ -55,14 +55,8 @@ class Static(CachePolicy):
         self.order: OrderedDict[Key, None] = OrderedDict()  # resident non-static keys, least recent first
 
     def _calibration(self, ctx):
-        if self.calibrate_trace is not None:
-            from moesim.importers import open_trace
-
-            calib = open_trace(self.calibrate_trace)
-            if (calib.spec.layers, calib.spec.experts) != (ctx.spec.layers, ctx.spec.experts):
-                raise MoesimError(f"strategy.cache.calibrate_trace={self.calibrate_trace}: model has "
-                                  f"{calib.spec.layers} layers x {calib.spec.experts} experts, the replayed "
-                                  f"trace {ctx.spec.layers} x {ctx.spec.experts}")
+        if self.calibrate_trace is not None:  # read by the Context: policies open no files
+            calib = ctx.calibration_trace(self.calibrate_trace, "strategy.cache.calibrate_trace")
             self.calibration_tokens = 0  # tokens of the replayed trace the policy has seen
             return calib
         T = ctx.trace.n_tokens

@@ -8,9 +8,11 @@ the keys in the order the cache evicted them.
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import math
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,6 +254,72 @@ def test_static_defaults_and_calibration_trace(tmp_path):
     assert q.calibration_tokens == 0
     c1 = request_counts(tr.slice_tokens(100, 200), (1,))[0]
     assert sorted(e for _, e in q.static) == sorted(np.argsort(-c1, kind="stable")[:3].tolist())
+
+
+def test_calibration_trace_comes_through_context(tmp_path):
+    """A Context's `open_trace` serves the calibrate_trace reference; a trace of another model is refused by
+    name, from a path or a Trace."""
+    tr = trace_of([[[0, 1], [2, 3]]] * 20, L=2)
+    served = []
+
+    def open_trace(ref):
+        served.append(ref)
+        return tr.slice_tokens(0, 10)
+
+    p = Static(calibrate_trace="calib-name")
+    p.setup(Context(tr, tr.spec, (0, 1), 6, "global", open_trace))
+    assert served == ["calib-name"] and p.calibration_tokens == 0
+    other = trace_of([[[0, 1], [9, 15]]] * 4, E=16, L=2)  # 2 layers x 16 experts; the replayed trace has 8
+    path = save_trace(other, tmp_path / "other.moetrace.safetensors")
+    with pytest.raises(MoesimError, match=r"strategy.cache.calibrate_trace=.*other.moetrace.safetensors: model has "
+                                          r"2 layers x 16 experts, the replayed trace 2 x 8"):
+        Static(calibrate_trace=str(path)).setup(Context(tr, tr.spec, (0, 1), 6, "global"))
+    from strategies.transition import Transition
+
+    with pytest.raises(MoesimError, match=r"prefetch.calibrate_trace=<Trace of test>: model has 2 layers x 16"):
+        Transition(calibrate_trace=other).setup(Context(tr, tr.spec, (0, 1), 6, "global"))
+
+
+def test_calibrate_trace_named_twice_is_read_once(tmp_path, monkeypatch):
+    """Two partitions' cache policies, a prefetcher and a per-sequence reset all name one calibrate_trace: one read."""
+    import moesim.importers as importers
+    from strategies.transition import Transition
+
+    tr = trace_of([[[0, 1], [2, 3]], [[4, 5], [6, 7]]] * 20, L=2)
+    path = str(save_trace(tr.slice_tokens(0, 10), tmp_path / "calib.moetrace.safetensors"))
+    reads = []
+    load = importers.load_trace
+    monkeypatch.setattr(importers, "load_trace", lambda p, *a, **k: reads.append(str(p)) or load(p, *a, **k))
+    monkeypatch.setattr(importers, "_opened", {})
+    cache = Cache(tr.spec, 6, "per_layer", lambda: Static(calibrate_trace=path), tr)  # 2 partitions
+    replay(tr, cache, prefetcher=Transition(calibrate_trace=path), reset_per_seq=True)
+    assert reads == [path]
+
+
+def test_policy_modules_never_import_the_importers():
+    """Policies open no files: no module of strategies/ imports moesim.importers, except the policy interface's
+    default reader for Context.open_trace (strategies/__init__.py: default_open_trace)."""
+    root = Path(__file__).resolve().parents[1] / "strategies"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        allowed = set()
+        if path.name == "__init__.py":
+            allowed = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                       and f.name == "default_open_trace" for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            if id(node) not in allowed and any(n == "moesim.importers" or n.startswith("moesim.importers.")
+                                               for n in names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == [], f"policy modules import moesim.importers (calibration data comes through Context): {found}"
+    assert len(list(root.glob("*.py"))) > 10  # the check saw the policies
 
 
 def test_static_bad_parameters_name_the_field():

@@ -7,7 +7,8 @@ One module per format (gpt_oss.py, jsonl.py), each with `IMPORTER` (its name), `
 `input_files(path)`,
 `looks_like(path)` and `read(path, **options) -> Trace`. `open_trace(value)` resolves a `trace=` value:
 a `.moetrace.safetensors` file; a foreign file or directory (format sniffed from its content), converted once
-and cached under traces/cache/; or the name of a synthetic preset (moesim.synthetic).
+and cached under traces/cache/; or the name of a synthetic preset (moesim.synthetic). `open_trace_cached`
+is the reader policies get through strategies.Context for their `calibrate_trace`: one read per file.
 """
 from __future__ import annotations
 
@@ -124,6 +125,31 @@ def open_trace(value: str | os.PathLike, cache_dir: Path | None = None, fmt: str
     known = ", ".join(presets) if presets else "none (moesim.synthetic is not available)"
     raise MoesimError(f"trace={text!r}: not found. trace= takes a {SUFFIX} file, a file or directory in a "
                       f"foreign format ({_formats_help()}), or a synthetic preset; presets: {known}")
+
+
+OPENED_MAX = 8  # traces open_trace_cached keeps (memory-mapped: little resident memory each)
+_opened: dict[tuple, Trace] = {}  # (path or name, mtime_ns, size) -> Trace, oldest first
+
+
+def open_trace_cached(value: str | os.PathLike) -> Trace:
+    """`open_trace(value)`, read once per process while the file is unchanged: a calibration trace named by
+    several policies of one run (a cache policy, a prefetcher, an offload policy; each partition) is read and
+    validated once. Keyed by the absolute path with its mtime and size (or the preset name); keeps the
+    `OPENED_MAX` most recently used."""
+    text = str(value)
+    path = Path(text)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:  # not a file: a synthetic preset name, or an error open_trace reports
+        key = (text, None, None)
+    trace = _opened.pop(key, None)
+    if trace is None:
+        trace = open_trace(text)
+    _opened[key] = trace  # most recent last
+    while len(_opened) > OPENED_MAX:
+        del _opened[next(iter(_opened))]
+    return trace
 
 
 def _synthetic_presets():
