@@ -5,7 +5,7 @@
     python -m moesim calibrate backend.device=cpu backend.copy_worker=false
     python -m moesim run backend=sim hardware=mine.yaml ...       # the sim, predicting the torch backend
 
-Everything is measured through the torch backend's own code (moesim/backends/torch.py: its copies,
+Everything is measured through the torch backend's own code (moesim/backends/torch/: its copies,
 `expert_ffn`, its threads), with the backend config composed as for `run` (`backend.*` overrides apply),
 so that the sim predicts that backend on this machine:
   copies      host->device copies of expert-sized blocks, rotating over more memory than the caches hold:
@@ -222,7 +222,7 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
     points = []
     for n in sorted(tokens):
         # as the backend computes an expert: one token's row and gate weight, or n rows gathered from a batch
-        # (here twice as large), computed, weighted and scattered back (moesim/backends/torch.py routed_ffn)
+        # (here twice as large), computed, weighted and scattered back (moesim/backends/torch/ffn.py routed_ffn)
         rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
         gates = torch.full((n, 1), 0.25, dtype=dtype, device=device)
 

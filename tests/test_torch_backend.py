@@ -1,4 +1,4 @@
-"""The torch backend (moesim/backends/torch.py): pools, copies, compute, offload, events, memory checks, and
+"""The torch backend (moesim/backends/torch/): pools, copies, compute, offload, events, memory checks, and
 the CPU-only parts of scripts/gpu_check.py. Tests marked `gpu` need CUDA and skip without it.
 
     pytest tests/test_torch_backend.py -q
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moesim.backends import torch as tb
+from moesim.backends.torch import memory as tb_memory
 from moesim.backends.torch import (TorchBackend, expert_ffn, plan_memory, resolve_device, scale_spec, stored_spec,
                                    weights_dtype)
 from moesim.cache import Cache
@@ -133,7 +133,7 @@ def test_cpu_path_makes_no_cuda_call(monkeypatch):
 
 # -------------------------------------------------------------------------------------------- memory
 def test_host_memory_refused_before_allocating_with_numbers_and_hint(monkeypatch):
-    monkeypatch.setattr(tb, "host_memory_available", lambda: 8 * 2**30)
+    monkeypatch.setattr(tb_memory, "host_memory_available", lambda: 8 * 2**30)
     spec = stored_spec(MODEL_SPECS["gpt-oss-20b"])  # 768 experts x 47.5 MiB = 35.6 GiB host pool
     backend = TorchBackend(device="cpu")
     allocated = []
@@ -151,7 +151,7 @@ def test_suggested_scale_fits():
     spec = stored_spec(MODEL_SPECS["gpt-oss-20b"])
     room = int(0.9 * 8 * 2**30)
     plan = plan_memory(spec, 192, "bf16", 512, on_cpu=True)
-    s = tb._fitting_scale(plan.host_pool + plan.device_pool, plan.workspace, room)
+    s = tb_memory._fitting_scale(plan.host_pool + plan.device_pool, plan.workspace, room)
     small = plan_memory(stored_spec(scale_spec(spec, s)), 192, "bf16", 512, on_cpu=True)
     assert small.host_total <= room
     bigger = plan_memory(stored_spec(scale_spec(spec, s * 1.1)), 192, "bf16", 512, on_cpu=True)

@@ -3,6 +3,11 @@
     python -m moesim run backend=torch model.scale=0.25                    # CUDA when present, else cpu
     python -m moesim run backend=torch backend.device=cpu model.scale=0.125 strategy=lru budget=25%
 
+This file holds TorchBackend (pools, timelines, events); its parts live beside it: device.py (which device,
+its name, CPU threads), memory.py (the memory plan, the refusal when it does not fit, peak usage), copies.py
+(host-memory copies and the copy worker thread), ffn.py (the expert FFN, random weights). Their names are
+importable from here (moesim.backends.torch) as before.
+
 Memory, estimated first (refused with the numbers when it does not fit), then allocated once in `setup`:
   host pool    [L*E, W]   every routed expert as one contiguous block of W = 3*hidden*ffn values
                           (gate rows [ffn, hidden], up rows [ffn, hidden], down [hidden, ffn]), so a load
@@ -36,357 +41,25 @@ backend object (memory() and tests read them).
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import resource
-import sys
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import Backend
-from ..errors import MoesimError
-from ..trace import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401 (re-exported)
+from .. import Backend
+from ...errors import MoesimError
+# the parts' names are imported here for TorchBackend and re-exported for callers (calibrate, tests, scripts)
+from ...trace import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401
+from .copies import CopyWorker, memcpy
+from .device import TORCH_DTYPES, device_name, resolve_device, resolve_threads
+from .ffn import expert_ffn, fill_random, routed_ffn, swiglu
+from .memory import (DEVICE_SHARE, HOST_SHARE, GiB, MemoryPlan, MiB, NvmlSampler, check_memory,  # noqa: F401
+                     host_memory_available, host_memory_total, peak_rss_bytes, plan_memory)
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HOST_SHARE = 0.9  # of MemAvailable a run may take: the rest stays for Python, the trace and the system
-DEVICE_SHARE = 0.95  # of free VRAM a run may take: the CUDA context and cuBLAS need some
 WAIT_EPS_MS = 0.002  # CUDA: a stream wait shorter than this (event resolution ~0.5 us) did not wait
 FLUSH_STEPS = 8  # CUDA: steps whose events may wait unresolved before the host waits for the device
-GiB, MiB = 2**30, 2**20
-
-
-# ------------------------------------------------------------------------------------------- devices
-def resolve_device(device: str) -> torch.device:
-    """`auto` (CUDA when present, else cpu), `cpu`, `cuda` or `cuda:N`; refuses CUDA where there is none."""
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
-            raise MoesimError(f"backend.device={device}: torch {torch.__version__} {why}; "
-                              f"use backend.device=cpu (or auto, which picks cuda only where it exists)")
-        try:
-            dev = torch.device(text)
-        except RuntimeError:
-            raise MoesimError(f"backend.device={device!r}: expected auto, cpu, cuda or cuda:N") from None
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise MoesimError(f"backend.device={device}: only {torch.cuda.device_count()} CUDA device(s) here "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-        return torch.device("cuda", index)
-    raise MoesimError(f"backend.device={device!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def device_name(device: torch.device) -> str:
-    """"NVIDIA H200" for a CUDA device; the CPU's model name (from /proc/cpuinfo) for cpu."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"cpu {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def host_memory_available() -> int | None:
-    """Bytes of host memory available to a new allocation (MemAvailable of /proc/meminfo), None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB (KiB)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def host_memory_total() -> int:
-    """Bytes of physical host memory (page size x physical pages)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (getrusage; Linux counts KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def resolve_threads(threads, device: torch.device, copy_worker: bool) -> int | None:
-    """Torch compute threads for device=cpu: `auto` leaves one core to the copy worker (all cores without
-    one); a number is taken as is; on CUDA None (torch's own setting is left alone)."""
-    if device.type != "cpu":
-        return None
-    if threads in (None, "auto"):
-        cores = os.cpu_count() or 1
-        return max(1, cores - 1) if copy_worker else cores
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise MoesimError(f"backend.threads={threads!r}: expected auto or a number of threads >= 1")
-    return threads
-
-
-# -------------------------------------------------------------------------------------------- memory
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes a run will allocate, by part (see the module docstring)."""
-
-    host_pool: int
-    device_pool: int
-    shared: int
-    workspace: int  # activations and per-expert temporaries for `workspace_tokens` tokens
-    on_cpu: bool  # device=cpu: the device pool, shared experts and workspace are host memory too
-    pinned: bool = False  # the host pool is pinned: torch's pinned allocator rounds it up to a power of two
-
-    @property
-    def host_pool_reserved(self) -> int:
-        """Host bytes the host pool takes (pinned: the next power of two, as torch's host allocator rounds)."""
-        return 1 << max(0, self.host_pool - 1).bit_length() if self.pinned else self.host_pool
-
-    @property
-    def device_total(self) -> int:
-        return self.device_pool + self.shared + self.workspace
-
-    @property
-    def host_total(self) -> int:
-        return self.host_pool_reserved + (self.device_total if self.on_cpu else self.workspace)
-
-
-def plan_memory(spec: ModelSpec, n_slots: int, dtype: str, tokens: int, on_cpu: bool,
-                pinned: bool = False) -> MemoryPlan:
-    """What `setup` allocates for `spec` (as stored: see stored_spec) with `n_slots` slots; `pinned`: a
-    pinned host pool (CUDA)."""
-    item = DTYPE_BITS[dtype] // 8
-    per_expert = 3 * spec.hidden * spec.ffn * item
-    shared_ffn = spec.shared_ffn or spec.ffn
-    per_shared = 3 * spec.hidden * shared_ffn * item
-    widest = max(spec.ffn, shared_ffn if spec.shared_experts else 0)
-    # x and out [T, hidden]; per expert h [T, 2 ffn], a [T, ffn], y [T, hidden]; host round trip 2 x [T, hidden]
-    workspace = tokens * (5 * spec.hidden + 3 * widest) * item
-    return MemoryPlan(host_pool=spec.layers * spec.experts * per_expert, device_pool=n_slots * per_expert,
-                      shared=spec.layers * spec.shared_experts * per_shared, workspace=workspace, on_cpu=on_cpu,
-                      pinned=pinned and not on_cpu)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def _fitting_scale(need_weights: int, fixed: int, room: int) -> float:
-    """The largest scale (two significant digits, rounded down) at which weights that scale with its
-    square, plus `fixed` bytes, fit in `room` bytes."""
-    if room <= fixed or need_weights <= 0:
-        return 0.0
-    s = math.sqrt((room - fixed) / need_weights)
-    if s >= 1:
-        return 1.0
-    digits = 10 ** (math.floor(math.log10(s)) - 1)
-    return math.floor(s / digits) * digits
-
-
-def check_memory(plan: MemoryPlan, spec: ModelSpec, n_slots: int, dtype: str, device: torch.device) -> None:
-    """Refuse, before any allocation, a run that does not fit host memory or free VRAM, with the numbers
-    and the knob that helps (model.scale=, a smaller budget)."""
-    per_expert = plan.host_pool // max(1, spec.layers * spec.experts)
-    parts = [f"host pool {spec.layers * spec.experts} experts x {per_expert / MiB:.1f} MiB ({dtype}) = "
-             f"{_gib(plan.host_pool)}" + (f", pinned in {_gib(plan.host_pool_reserved)}" if plan.pinned else "")]
-    if plan.on_cpu:
-        parts.append(f"device pool {n_slots} slots = {_gib(plan.device_pool)}")
-        if plan.shared:
-            parts.append(f"shared experts {_gib(plan.shared)}")
-    parts.append(f"workspace {_gib(plan.workspace)}")
-    avail = host_memory_available()
-    if avail is not None and plan.host_total > HOST_SHARE * avail:
-        room = int(HOST_SHARE * avail)
-        weights = plan.host_pool_reserved + (plan.device_pool + plan.shared if plan.on_cpu else 0)
-        scale = _fitting_scale(weights, plan.workspace, room)
-        hint = f"try model.scale={scale:g} (a scale multiplies the weights' bytes by its square)" if scale else \
-            "even the smallest scale does not fit"
-        if plan.on_cpu:
-            hint += "; a smaller budget shrinks the device pool"
-        raise MoesimError(f"host memory: the torch backend needs {_gib(plan.host_total)} "
-                          f"({' + '.join(parts)}) for {spec.name}, but {_gib(avail)} is available "
-                          f"(MemAvailable in /proc/meminfo, {HOST_SHARE:.0%} usable = {_gib(room)}); {hint}")
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        room = int(DEVICE_SHARE * free)
-        if plan.device_total > room:
-            fit_slots = max(0, (room - plan.shared - plan.workspace) // max(1, per_expert))
-            raise MoesimError(
-                f"device memory: {n_slots} slots x {per_expert / MiB:.1f} MiB = {_gib(plan.device_pool)} + "
-                f"shared experts {_gib(plan.shared)} + workspace {_gib(plan.workspace)} = {_gib(plan.device_total)}, "
-                f"but {device_name(device)} has {_gib(free)} free of {_gib(total)} ({DEVICE_SHARE:.0%} usable); "
-                f"use a smaller budget (budget={fit_slots} slots fit) or model.scale=")
-
-
-# --------------------------------------------------------------------------------------------- compute
-def expert_ffn(block: torch.Tensor, x: torch.Tensor, out: torch.Tensor, hidden: int, ffn: int,
-               weight: float) -> None:
-    """out += weight * down(silu(gate x) * up x): one SwiGLU expert whose weights are the contiguous
-    `block` [3 * hidden * ffn] (gate rows, up rows, down), over x [n, hidden] into out [n, hidden]."""
-    out.add_(_swiglu(block, x, hidden, ffn), alpha=weight)
-
-
-def routed_ffn(block: torch.Tensor, x: torch.Tensor, out: torch.Tensor, hidden: int, ffn: int,
-               tokens: torch.Tensor, weights: torch.Tensor) -> None:
-    """out[tokens] += weights * expert(x[tokens]): one expert over the rows its tokens occupy in a batch
-    (tokens [n] int64, weights [n, 1] the gate weights), gathered, computed, scattered back."""
-    out.index_add_(0, tokens, _swiglu(block, x.index_select(0, tokens), hidden, ffn) * weights)
-
-
-def _swiglu(block: torch.Tensor, x: torch.Tensor, hidden: int, ffn: int) -> torch.Tensor:
-    gate_up = block[: 2 * ffn * hidden].view(2 * ffn, hidden)
-    down = block[2 * ffn * hidden:].view(hidden, ffn)
-    h = F.linear(x, gate_up)  # [n, 2 ffn]: gate and up in one matmul
-    return F.linear(F.silu(h[:, :ffn]) * h[:, ffn:], down)  # [n, hidden]
-
-
-def fill_random(t: torch.Tensor, seed: int, bound: float, desc: str | None = None,
-                via: torch.device | None = None) -> None:
-    """Fill `t` [rows, W] uniformly in [-bound, bound] from `seed`, about 256 MiB at a time (a progress bar on
-    a terminal for large pools). `via` a CUDA device: the values are drawn there and copied into `t` (a host
-    pool of tens of GiB fills in seconds instead of minutes)."""
-    src = via if via is not None and via.type == "cuda" else t.device
-    gen = torch.Generator(device=src).manual_seed(seed)
-    rows = t.shape[0]
-    chunk = max(1, (256 * MiB) // max(1, t[0].numel() * t.element_size())) if rows else 1
-    bar = None
-    if desc and t.numel() * t.element_size() > GiB:
-        from tqdm import tqdm
-
-        bar = tqdm(total=rows, unit="expert", desc=desc, file=sys.stderr, disable=None, mininterval=0.5)
-    for lo in range(0, rows, chunk):
-        part = t[lo:lo + chunk]
-        if src == t.device:
-            part.uniform_(-bound, bound, generator=gen)
-        else:
-            part.copy_(torch.empty(part.shape, dtype=t.dtype, device=src).uniform_(-bound, bound, generator=gen))
-        if bar is not None:
-            bar.update(part.shape[0])
-    if bar is not None:
-        bar.close()
-
-
-def memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy contiguous `src` into contiguous `dst` of the same size on the CPU: one memcpy, in the calling
-    thread, with the GIL released (ctypes), whatever torch's intra-op threads are doing."""
-    ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
-
-
-class CopyWorker:
-    """A thread that runs host-memory copies one at a time in issue order (device=cpu). `submit` returns a
-    ticket; `wait(ticket)` returns once that copy (and every one before it) is done; `times[ticket]` holds
-    its (start, end) perf_counter seconds."""
-
-    def __init__(self):
-        self._queue: deque = deque()
-        self._cv = threading.Condition()
-        self.issued = 0  # tickets handed out
-        self.done = 0  # tickets finished (in order)
-        self.times: dict[int, tuple[float, float]] = {}
-        self._error: BaseException | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="moesim-copy", daemon=True)
-        self._thread.start()
-
-    def submit(self, dst: torch.Tensor, src: torch.Tensor) -> int:
-        with self._cv:
-            self.issued += 1
-            self._queue.append((self.issued, dst, src))
-            self._cv.notify_all()
-            return self.issued
-
-    def wait(self, ticket: int) -> None:
-        if self.done < ticket:
-            with self._cv:
-                self._cv.wait_for(lambda: self.done >= ticket or self._error is not None)
-        if self._error is not None:
-            raise RuntimeError(f"copy worker failed: {self._error!r}") from self._error
-
-    def _run(self) -> None:
-        cv, queue = self._cv, self._queue
-        while True:
-            with cv:
-                cv.wait_for(lambda: queue or self._stop)
-                if not queue:
-                    return
-                ticket, dst, src = queue.popleft()
-            try:
-                t0 = time.perf_counter()
-                memcpy(dst, src)
-                t1 = time.perf_counter()
-            except BaseException as e:  # reported to the waiting thread
-                with cv:
-                    self._error = e
-                    cv.notify_all()
-                return
-            with cv:
-                self.times[ticket] = (t0, t1)
-                self.done = ticket
-                cv.notify_all()
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        self._thread.join()
-
-
-class _NvmlSampler:
-    """Peak NVML 'used' memory of one GPU, sampled every `period_s` on a thread (None where NVML is absent)."""
-
-    def __init__(self, device: torch.device, period_s: float = 0.01):
-        self.peak: int | None = None
-        self.before: int | None = None
-        self._stop = threading.Event()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            props = torch.cuda.get_device_properties(device)
-            try:  # the same GPU as torch's, whatever CUDA_VISIBLE_DEVICES says
-                bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
-                self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus)
-            except Exception:  # noqa: BLE001 - older torch without pci ids, or NVML refusing the id
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-            self.before = self.peak = self._read()
-        except Exception:  # noqa: BLE001 - pynvml missing or NVML unusable: the field stays None
-            self._read = None
-            return
-        self._period = period_s
-        self._thread = threading.Thread(target=self._run, name="moesim-nvml", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            self.sample()
-
-    def sample(self) -> None:
-        if self._read is not None:
-            try:
-                used = self._read()
-            except Exception:  # noqa: BLE001 - a failed read ends sampling, the peak so far stands
-                self._read = None
-                return
-            if self.peak is None or used > self.peak:
-                self.peak = used
-
-    def close(self) -> None:
-        if self._read is not None:
-            self.sample()
-            self._stop.set()
-            self._thread.join()
 
 
 # --------------------------------------------------------------------------------------------- backend
@@ -448,7 +121,7 @@ class TorchBackend(Backend):
         self._E = E
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-            self._nvml = _NvmlSampler(dev)
+            self._nvml = NvmlSampler(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         pin = dev.type == "cuda" and self.pinned  # never pin without CUDA: pin_memory needs a CUDA driver
         self.host_pool = torch.empty((L * E, self._width), dtype=self.dtype, pin_memory=pin)
@@ -640,7 +313,7 @@ class TorchBackend(Backend):
             if r is None or len(r) == 2:
                 expert_ffn(block, xs[:n], ys[:n], H, Fd, w if r is None else r[1])
             else:
-                ys[:n].add_(_swiglu(block, xs[:n], H, Fd) * r[3][:n])
+                ys[:n].add_(swiglu(block, xs[:n], H, Fd) * r[3][:n])
 
     def _compute_cpu(self, layer: int, device, host) -> None:
         t_wait = self._now()
