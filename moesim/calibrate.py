@@ -26,7 +26,8 @@ so that the sim predicts that backend on this machine:
               times against the loads before them, the copies' write-back cost (writeback_us_per_mib);
               `replay=false` skips.
 The profile records the dtype, threads and copy mode it was measured with in `source`: the sim's
-predictions hold for torch runs with the same settings.
+predictions hold for torch runs with the same settings. `check=TRACE` then replays that trace on both
+backends and prints the sim's errors (the comparison is moesim/fidelity.py's).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, 
                              resolve_device, resolve_threads, routed_ffn, scale_spec, stored_spec,
                              weights_dtype)
 from .errors import MoesimError
-from .hardware import Cost, HardwareProfile, save_hardware
+from .fidelity import check_trace, compare_backends, comparison_table
+from .hardware import HardwareProfile, save_hardware
 from .trace import model_spec
 
 MiB = 2**20
@@ -486,7 +488,7 @@ def calibrate_command(cfg) -> None:
     dims = None if cfg.dims in (None, "auto") else list(cfg.dims)
     model, trace = cfg.model, None
     if cfg.check:
-        trace = check_trace(str(cfg.check), int(cfg.check_tokens))
+        trace = check_trace(str(cfg.check), int(cfg.check_tokens))  # read before measuring: a bad name fails fast
         if model is None:
             model = trace.spec.to_dict()
     try:
@@ -514,18 +516,6 @@ def calibrate_command(cfg) -> None:
         print(comparison_table(r))
 
 
-def check_trace(value: str, tokens: int):
-    """The first whole steps of trace `value` (file or preset) covering at most `tokens` tokens (one step
-    at least)."""
-    from .importers import open_trace
-
-    trace = open_trace(value)
-    starts = trace.step_starts
-    i = int(np.searchsorted(starts, tokens, side="right")) - 1
-    cut = int(starts[max(1, min(i, len(starts) - 1))])
-    return trace.slice_tokens(0, cut)
-
-
 def profile_table(p: HardwareProfile, m: Measurements) -> str:
     rows = [
         ("device", f"{m.device_name} ({m.device}), {m.dtype}, {m.threads} threads, copies {m.copies}"),
@@ -543,82 +533,3 @@ def profile_table(p: HardwareProfile, m: Measurements) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
-
-
-# -------------------------------------------------------------------------------------------- fidelity
-def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%", scope: str = "per_layer",
-                     scale: float = 1.0, backend_options: dict | None = None, make_prefetcher=None,
-                     prefetch_max: int = 0, make_offload=None) -> dict:
-    """Replay `trace` (model at `scale`, weights as the torch backend stores them) through the same strategy
-    and budget on the torch backend and on the sim backend with `profile`; returns both runs' numbers and
-    the sim's relative errors: {"real": {...}, "sim": {...}, "error": {...}, "spec": ..., "slots": ...}.
-
-    `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None);
-    `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
-    from .backends.sim import SimBackend
-    from .backends.torch import TorchBackend, stored_spec
-    from .cache import Cache
-    from .units import parse_budget
-    from .engine import replay
-    from .profiler import Profiler
-
-    options = dict(backend_options or {})
-    torch_backend = TorchBackend(**options)
-    spec = stored_spec(scale_spec(trace.spec, scale), options.get("dtype", "auto"))
-    slots = parse_budget(budget, trace.spec, scope).slots  # slots: the same decisions at any scale
-    runs = {}
-    for name, backend in (("real", torch_backend), ("sim", SimBackend(profile, pinned=options.get("pinned", True)))):
-        cache = Cache(spec, slots, scope, make_policy, trace)
-        profiler = Profiler(spec.layers)
-        backend.setup(spec, slots, profiler)
-        t0 = time.perf_counter()
-        offload = make_offload() if make_offload else None
-        cost = Cost(profile, spec, options.get("pinned", True)) if offload is not None else None
-        c = replay(trace, cache, backend, make_prefetcher() if make_prefetcher else None, offload, cost,
-                   prefetch_max=prefetch_max)
-        wall = time.perf_counter() - t0
-        mt = profiler.metrics()
-        st = profiler.arrays()[0]
-        step_ms = float(np.sum(st[:, 3] - st[:, 2]))  # all steps' latencies
-        runs[name] = {"hits": c.hits, "misses": c.misses, "loads": mt["loads"], "bytes_h2d": mt["bytes_h2d"],
-                      "host_computes": c.host_computes,
-                      "latency_p50_ms": mt["latency_ms"]["p50"], "latency_mean_ms": mt["latency_ms"]["mean"],
-                      "stall_ms": mt["stall_ms"], "compute_ms": mt["compute_busy_ms"],
-                      "overlap": mt["overlap"], "replay_s": wall,
-                      # what is neither compute nor waiting for copies: the replay's own time, per step
-                      "own_ms_per_step": (step_ms - mt["compute_busy_ms"] - mt["stall_ms"]) / max(1, len(st))}
-        if name == "real":
-            runs[name]["memory"] = backend.memory()
-            runs[name]["info"] = backend.info()
-    real, sim = runs["real"], runs["sim"]
-
-    def err(k):
-        r, s = real[k], sim[k]
-        return None if r is None or s is None or r == 0 else (s - r) / r
-
-    return {**runs, "error": {k: err(k) for k in ("latency_p50_ms", "latency_mean_ms", "stall_ms", "compute_ms",
-                                                  "own_ms_per_step")},
-            "same_decisions": (real["hits"] == sim["hits"] and real["bytes_h2d"] == sim["bytes_h2d"]
-                               and real["host_computes"] == sim["host_computes"]),
-            "spec": spec.to_dict(), "slots": slots, "scope": scope, "tokens": trace.n_tokens}
-
-
-def comparison_table(r: dict) -> str:
-    """The rows of compare_backends' result, for a terminal."""
-    real, sim, e = r["real"], r["sim"], r["error"]
-
-    def pct(x):
-        return "n/a" if x is None else f"{x * 100:+.1f}%"
-
-    rows = [("", "torch (measured)", "sim (predicted)", "error"),
-            ("hits", str(real["hits"]), str(sim["hits"]), "same" if real["hits"] == sim["hits"] else "DIFFERENT"),
-            ("bytes moved", str(real["bytes_h2d"]), str(sim["bytes_h2d"]),
-             "same" if real["bytes_h2d"] == sim["bytes_h2d"] else "DIFFERENT"),
-            ("latency p50 ms", f"{real['latency_p50_ms']:.3f}", f"{sim['latency_p50_ms']:.3f}", pct(e["latency_p50_ms"])),
-            ("latency mean ms", f"{real['latency_mean_ms']:.3f}", f"{sim['latency_mean_ms']:.3f}", pct(e["latency_mean_ms"])),
-            ("stall ms", f"{real['stall_ms']:.1f}", f"{sim['stall_ms']:.1f}", pct(e["stall_ms"])),
-            ("compute ms", f"{real['compute_ms']:.1f}", f"{sim['compute_ms']:.1f}", pct(e["compute_ms"])),
-            ("own time ms/step", f"{real['own_ms_per_step']:.3f}", f"{sim['own_ms_per_step']:.3f}",
-             pct(e["own_ms_per_step"]))]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

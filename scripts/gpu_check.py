@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from moesim.backends.torch import TorchBackend, device_name, memcpy, resolve_device, scale_spec, stored_spec  # noqa: E402
 from moesim.cache import Cache  # noqa: E402
 from moesim.units import parse_budget
-from moesim.calibrate import Sampling, compare_backends, measure, to_profile  # noqa: E402
+from moesim.calibrate import Sampling, measure, to_profile  # noqa: E402
+from moesim.fidelity import compare_backends  # noqa: E402
 from moesim.engine import replay, step_requests  # noqa: E402
 from moesim.profiler import Profiler  # noqa: E402
 from moesim.trace import MODEL_SPECS, ModelSpec, from_arrays  # noqa: E402
@@ -285,7 +286,7 @@ def render(results: dict, device: torch.device, seconds: float) -> str:
             lines += [f"Peak allocated / expected = {mem['peak_over_expected']:.3f}.", ""]
     f = results.get("fidelity")
     if f:
-        from moesim.calibrate import comparison_table
+        from moesim.fidelity import comparison_table
 
         p = f["profile"]
         lines += ["## Fidelity: sim (calibrated here) against torch", "",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moesim.calibrate import Sampling, compare_backends, measure, to_profile
+from moesim.calibrate import Sampling, measure, to_profile
+from moesim.fidelity import compare_backends
 from moesim.trace import MODEL_SPECS, ModelSpec
 from strategies.lru import LRU
 

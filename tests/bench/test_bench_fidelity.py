@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moesim.calibrate import Sampling, compare_backends, comparison_table, measure, to_profile
+from moesim.calibrate import Sampling, measure, to_profile
+from moesim.fidelity import compare_backends, comparison_table
 from moesim.trace import MODEL_SPECS
 from strategies.lru import LRU
 
