@@ -1,36 +1,314 @@
-"""moesim as a library, and the `run` command over it. `python -m moesim run strategy=lru`.
+"""moesim as a library: replay a trace through a strategy from Python, and the `run` command over the same code.
 
-    from moesim.api import run          # run(cfg) with a config composed from moesim/conf/run.yaml
+    import moesim
+    r = moesim.simulate("gpt-oss-like", strategy="lfu", budget="25%", scope="global",
+                        overrides=["strategy.cache.decay=0.5"])
+    r.summary["tokens_per_s"], r.steps, r.layers      # summary dict; per-step and per-layer DataFrames
+    r.report("reports/runs/mine")                      # results directory + report.html, as `moesim run` writes
+    moesim.sweep("gpt-oss-like", strategies=["lru", "lfu"], budgets=["12.5%", "25%"])   # one row per run
+
+Options resolve exactly as on the command line: `simulate` composes moesim/conf/run.yaml with Hydra from
+keyword arguments (top-level run options: scope=, prefetch=, offload=, reset_per_seq=, fast=, model=...) and
+`overrides=` (dotted Hydra overrides for anything deeper). `python -m moesim run` (run_command) composes the
+same file from the command line and calls the same `replay_config`.
 """
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 from .cache import Cache, Counters
 from .engine import replay
 from .errors import MoesimError
+from .trace import Trace
 from .units import parse_budget
 
+# run.yaml keys given as simulate()'s own parameters, not as keyword options
+_OWN = ("trace", "strategy", "budget", "hardware", "backend")
+_CHOICES = ("prefetch", "offload")  # option groups whose default is no choice: None keeps the strategy's own
+_PLAIN = re.compile(r"[A-Za-z0-9_./%+@-]+")  # a value Hydra reads unquoted exactly as the CLI would pass it
 
-@dataclass
-class RunOutput:
-    summary: dict
-    out_dir: object  # pathlib.Path of the results directory, or None
+
+# ------------------------------------------------------------------------------------------- the library
+def simulate(trace, strategy="lru", budget="25%", hardware="rtx-4090", backend="sim", *, overrides=(),
+             **options) -> Result:
+    """Replay `trace` through `strategy` with a device budget on a hardware profile; returns a Result.
+
+        moesim.simulate("gpt-oss-like", strategy="lru", budget="25%", scope="global")
+
+    trace: anything `trace=` takes (a .moetrace.safetensors file, a foreign trace, a synthetic preset name
+        such as "gpt-oss-like") or a moesim.trace.Trace already loaded (moesim.load_trace).
+    strategy: a built-in name (lru, lfu, fiddler, moe_infinity, ...; moesim/conf/strategy/), a strategy
+        .yaml file like moesim/conf/strategy/lru.yaml, or that config as a dict (name, cache, prefetch, offload).
+    budget: slots (192), a share of all experts ("25%") or bytes ("4GiB"). hardware: a preset or a profile
+        written by `calibrate`. backend: "sim" or "torch".
+    **options: the other top-level run options of moesim/conf/run.yaml: scope="global", prefetch="transition",
+        offload="host", reset_per_seq=True, fast=False, progress=True, model={"scale": 0.125}, ...
+    overrides: dotted Hydra overrides for anything deeper, as on the command line:
+        ["strategy.cache.decay=0.5", "prefetch.lookahead=2"].
+    Progress is off unless progress=True. Raises MoesimError naming a bad option or value."""
+    cfg = compose_run(trace_label(trace), strategy, budget, hardware, backend, overrides, options)
+    return replay_config(cfg, trace if isinstance(trace, Trace) else None)
 
 
-def run(cfg, write: bool = True) -> RunOutput:
-    """Run one configuration (as composed from moesim/conf/run.yaml) and write its results directory."""
+def load_trace(path_or_preset) -> Trace:
+    """The Trace that `trace=` names (a .moetrace.safetensors file, a foreign trace file or directory, converted
+    once and cached under traces/cache/, or a synthetic preset name), to replay several times:
+    `t = moesim.load_trace("gpt-oss-like"); moesim.simulate(t, strategy="lru")`."""
+    from .importers import open_trace
+
+    return open_trace(os.fspath(path_or_preset) if isinstance(path_or_preset, os.PathLike) else str(path_or_preset))
+
+
+def sweep(trace, strategies=("lru",), budgets=("25%",), hardware=("rtx-4090",), backend="sim", *, out=None,
+          overrides=(), **options):
+    """A grid of runs, every strategy x budget x hardware profile, as a pandas DataFrame with one row per run
+    and the columns of the sweep command's results.parquet (moesim.report.tables.comparison_table).
+
+        moesim.sweep("gpt-oss-like", strategies=["lru", "lfu"], budgets=["12.5%", "25%"], scope="global")
+
+    Each list also takes one value. `overrides` and `**options` apply to every run, as in `simulate`;
+    progress=False hides the sweep's progress bar (on stderr, shown on a terminal). `out=DIR` also writes each
+    run's results directory (DIR/<swept key=value,...>, as the sweep command names them) and DIR/results.parquet
+    and DIR/report.html; the returned table is then that results.parquet. Every run is composed before the
+    first one starts, so a bad option fails at once."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from .report.tables import comparison_table
+    from .sweep import cell_name, write_sweep_results
+
+    progress = bool(options.pop("progress", True))  # the sweep's bar; each run's own bar stays off
+    grid = {"strategy": _listed(strategies, "strategies"), "budget": _listed(budgets, "budgets"),
+            "hardware": _listed(hardware, "hardware")}
+    swept = [k for k, v in grid.items() if len(v) > 1]
+    opened = trace if isinstance(trace, Trace) else load_trace(trace)  # read once for every run
+    label = trace_label(trace)
+    cells = []
+    for s in grid["strategy"]:
+        for b in grid["budget"]:
+            for h in grid["hardware"]:
+                name = cell_name([f"strategy={_strategy_label(s)}", f"budget={b}", f"hardware={h}"], swept)
+                cells.append((name, compose_run(label, s, b, h, backend, overrides, options)))
+    names = [n for n, _ in cells]
+    if len(set(names)) < len(names):
+        raise MoesimError(f"sweep: two runs would share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                          "give every strategy a different name")
+    results = []
+    for name, cfg in tqdm(cells, desc="sweep", unit="run", file=sys.stderr, disable=None if progress else True):
+        result = replay_config(cfg, opened)
+        if out is not None:
+            result.write(Path(out) / name)
+        results.append(result)
+    if out is not None:
+        return pd.read_parquet(write_sweep_results(out, [r.out_dir for r in results])["results"])
+    table = comparison_table([{"dir": n, "summary": r.summary, "config": r.config}
+                              for n, r in zip(names, results)])
+    table["dir"] = None  # written nowhere (comparison_table names each run's directory)
+    return table
+
+
+class Result:
+    """What one run produced: `.summary` (the dict summary.json holds), `.steps` and `.layers` (pandas
+    DataFrames, one row per step / per layer: moesim.profiler STEPS_TABLE_COLUMNS, LAYERS_TABLE_COLUMNS),
+    `.config` (the resolved run config, a plain dict), `.write(dir)` (the results directory that
+    `python -m moesim run` writes) and `.report(dir)` (that directory plus report.html).
+    `.out_dir` is the directory last written, or None."""
+
+    def __init__(self, summary: dict, config: dict, profiler, trace: Trace):
+        self.summary = summary
+        self.config = config
+        self.out_dir: Path | None = None
+        self._profiler = profiler  # moesim.profiler.Profiler or the compiled loop's equivalent
+        self._trace = trace  # for the per-expert table of the results directory
+
+    @cached_property
+    def steps(self):
+        return self._profiler.steps_table()
+
+    @cached_property
+    def layers(self):
+        return self._profiler.layers_table()
+
+    def write(self, out_dir) -> Path:
+        """Write the results directory (config.yaml, steps.parquet, layers.parquet, timeline.json,
+        experts.parquet, summary.json last; each file atomically: moesim.results.write_run); returns it."""
+        from .report.tables import expert_use
+        from .results import write_run
+
+        self.out_dir = write_run(out_dir, self.config, self.summary, self.steps, self.layers,
+                                 self._profiler.timeline(), experts=expert_use(self._trace))
+        return self.out_dir
+
+    def report(self, out_dir=None) -> Path:
+        """Write the HTML run report (report.html) into `out_dir`, writing the results directory there first
+        unless this result was already written there; with no `out_dir`, the directory written last, else a
+        new reports/runs/<time>-<strategy>. Returns the report's path."""
+        from .report import write_run_report
+        from .results import default_run_dir
+
+        if out_dir is not None and (self.out_dir is None or Path(out_dir).resolve() != self.out_dir.resolve()):
+            self.write(out_dir)
+        elif self.out_dir is None:
+            self.write(default_run_dir(self.summary["strategy"]))
+        return write_run_report(self.out_dir)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (f"Result(strategy={s['strategy']!r}, budget={s['budget'].get('slots')} slots, "
+                f"hit_rate={s['hit_rate']:.4f}, tokens_per_s={s['tokens_per_s']:.1f})")
+
+
+# ------------------------------------------------------------------------------------ composing a run
+def compose_run(trace, strategy=None, budget=None, hardware=None, backend=None, overrides=(), options=None):
+    """The `run` config (moesim/conf/run.yaml composed by Hydra, as the command line does) for these values;
+    None leaves run.yaml's default. `strategy` may be a .yaml file or a dict (it replaces the strategy block);
+    `options` are top-level run options (checked against run.yaml); `overrides` dotted Hydra overrides.
+    progress is false unless an option or override says otherwise."""
+    from omegaconf import OmegaConf, open_dict
+
+    from .__main__ import compose
+
+    options = dict(options or {})
+    known = run_option_names()
+    for key in options:
+        if key in _OWN or key == "out":
+            raise MoesimError(f"{key}: give it as simulate()'s own argument" if key in _OWN else
+                              "out: write the results with Result.write(dir) or Result.report(dir)")
+        if key not in known:
+            raise MoesimError(f"unknown run option {key!r}; known: {', '.join(sorted(known))} (and trace, strategy, "
+                              "budget, hardware, backend); deeper keys go in overrides=['a.b=value']")
+    block = strategy_block(strategy)
+    own = {"trace": trace, "strategy": "lru" if block is not None else strategy, "budget": budget,
+           "hardware": hardware, "backend": backend}
+    args = ["progress=false"]
+    for key, value in [*own.items(), *options.items()]:
+        if value is None and (key in own or key in _CHOICES):  # run.yaml's default (Hydra refuses `group=null`)
+            continue
+        args += _overrides(key, value)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for o in overrides:
+        if not isinstance(o, str) or "=" not in o:
+            raise MoesimError(f"overrides: {o!r} is not a Hydra override 'key=value' (e.g. 'strategy.cache.decay=0.5')")
+    cfg = compose("run", [*args, *overrides])
+    if block is not None:
+        with open_dict(cfg):
+            cfg.strategy = OmegaConf.merge({"prefetch": None, "offload": None}, block)
+    return cfg
+
+
+def run_option_names() -> set[str]:
+    """The top-level options of moesim/conf/run.yaml: its keys and its config groups (prefetch, offload, ...)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(files("moesim.conf").joinpath("run.yaml"))
+    groups = {k for d in conf.get("defaults", []) if hasattr(d, "keys") for k in d.keys()}
+    return (set(conf.keys()) - {"defaults"}) | groups
+
+
+def strategy_names() -> list[str]:
+    """Every built-in strategy: the configs in moesim/conf/strategy/, by name."""
+    from importlib.resources import files
+
+    folder = files("moesim.conf").joinpath("strategy")
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def strategy_block(strategy):
+    """The strategy config block `strategy` gives when it is a .yaml file or a dict (checked for `name:` and
+    `cache:`), or None when it is a built-in name (composed by Hydra) or None."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if strategy is None:
+        return None
+    if isinstance(strategy, (dict, DictConfig)):
+        where, block = "strategy (dict)", OmegaConf.create(strategy)
+    elif isinstance(strategy, (str, os.PathLike)) and str(strategy).endswith((".yaml", ".yml")):
+        where = f"strategy={os.fspath(strategy)}"
+        if not Path(strategy).is_file():
+            raise MoesimError(f"{where}: no such strategy config file")
+        try:
+            block = OmegaConf.load(strategy)
+        except (OmegaConfBaseException, ValueError) as e:  # e.g. a YAML syntax error
+            raise MoesimError(f"{where}: not a readable strategy config ({' '.join(str(e).split())})") from None
+    elif isinstance(strategy, str):
+        if strategy not in strategy_names():
+            raise MoesimError(f"strategy={strategy!r}: unknown; built-in: {', '.join(strategy_names())}; or a "
+                              ".yaml file or dict like moesim/conf/strategy/lru.yaml (name, cache, prefetch, offload)")
+        return None
+    else:
+        raise MoesimError(f"strategy={strategy!r}: expected a built-in name, a .yaml file or a dict")
+    for key in ("name", "cache"):
+        if not isinstance(block, DictConfig) or key not in block:
+            raise MoesimError(f"{where}: a strategy config needs `{key}:` (see moesim/conf/strategy/lru.yaml)")
+    return block
+
+
+def trace_label(trace) -> str:
+    """The `trace=` value of a run: the value given, or for a Trace object its file, its preset's name, or
+    a description of an in-memory trace (then the run's config.yaml cannot reopen it)."""
+    if not isinstance(trace, Trace):
+        return os.fspath(trace) if isinstance(trace, os.PathLike) else str(trace)
+    if trace.path is not None:
+        return str(trace.path)
+    preset = trace.source.get("preset") if isinstance(trace.source, dict) else None
+    return str(preset) if preset else f"<in-memory trace: {trace.spec.name}, {trace.n_tokens} tokens>"
+
+
+def _overrides(key: str, value) -> list[str]:
+    """`key=value` as Hydra overrides; a dict (model={"scale": 0.5}) becomes one per leaf (model.scale=0.5)."""
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in _overrides(f"{key}.{k}", v)]
+    if value is None:
+        return [f"{key}=null"]
+    if isinstance(value, bool):
+        return [f"{key}={str(value).lower()}"]
+    if isinstance(value, (int, float)):
+        return [f"{key}={value!r}"]
+    if isinstance(value, (str, os.PathLike)):
+        from .sweep import _quote
+
+        text = os.fspath(value)
+        return [f"{key}={text if _PLAIN.fullmatch(text) else _quote(text)}"]
+    raise MoesimError(f"{key}={value!r}: expected a string, number, bool, None or (for a nested block) a dict")
+
+
+def _listed(value, name: str) -> list:
+    """A sweep axis as a list: one value or a list/tuple of them."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise MoesimError(f"sweep: {name} is empty; give one value or a list")
+    return values
+
+
+def _strategy_label(strategy) -> str:
+    """A strategy's name in a sweep's cell name: its name, its file, or a dict's `name`."""
+    if isinstance(strategy, dict) or hasattr(strategy, "keys"):
+        return str(strategy.get("name", "strategy"))
+    return os.fspath(strategy) if isinstance(strategy, os.PathLike) else str(strategy)
+
+
+# ---------------------------------------------------------------------------------------- one replay
+def replay_config(cfg, trace: Trace | None = None) -> Result:
+    """Replay the run config `cfg` (composed from moesim/conf/run.yaml): `python -m moesim run`, `simulate`
+    and `sweep` all come here. `trace`: the already opened trace of cfg.trace, else it is opened here."""
     from omegaconf import OmegaConf
 
     from .hardware import load_hardware
-    from .importers import open_trace
     from .report import version_info
-    from .report.tables import expert_use
-    from .results import default_run_dir, write_run
     from .trace import scale_spec, stored_spec
 
     cfg = resolve_strategy(cfg)
-    trace = open_trace(str(cfg.trace))
+    if trace is None:
+        trace = load_trace(cfg.trace)
     budget = parse_budget(cfg.budget, trace.spec, cfg.scope)  # slots from the real model: same decisions at any scale
     spec = scale_spec(trace.spec, float(cfg.model.scale))
     if cfg.model.dtype:
@@ -65,13 +343,18 @@ def run(cfg, write: bool = True) -> RunOutput:
     for extra in ("memory", "info"):  # what only some backends can tell (torch: peak RSS, VRAM, device name)
         if hasattr(backend, extra):
             summary[f"backend_{extra}" if extra == "info" else extra] = getattr(backend, extra)()
-    out_dir = None
+    return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
+
+
+def run(cfg, write: bool = True) -> Result:
+    """The `run` command's work on a composed config (moesim/conf/run.yaml): replay, then write the results
+    directory (cfg.out, else a new reports/runs/<time>-<strategy>) unless write=False. Result.out_dir says where."""
+    from .results import default_run_dir
+
+    result = replay_config(cfg)
     if write:
-        out_dir = default_run_dir(strat.name) if cfg.out is None else cfg.out
-        out_dir = write_run(out_dir, OmegaConf.to_container(cfg, resolve=True), summary,
-                            profiler.steps_table(), profiler.layers_table(), profiler.timeline(),
-                            experts=expert_use(trace))
-    return RunOutput(summary, out_dir)
+        result.write(default_run_dir(result.summary["strategy"]) if cfg.out is None else cfg.out)
+    return result
 
 
 @dataclass
@@ -220,10 +503,8 @@ def summary_table(s: dict) -> str:
 
 
 def run_command(cfg) -> None:
-    """`python -m moesim run ...`: replay, print the summary, write the results directory."""
-    from .report import write_run_report
-
-    out = run(cfg)
-    print(summary_table(out.summary))
-    print(f"results: {out.out_dir}")
-    print(f"report: {write_run_report(out.out_dir)}")
+    """`python -m moesim run ...`: replay, print the summary, write the results directory and its report."""
+    result = run(cfg)
+    print(summary_table(result.summary))
+    print(f"results: {result.out_dir}")
+    print(f"report: {result.report()}")
