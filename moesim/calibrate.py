@@ -47,7 +47,7 @@ from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, 
 from .errors import MoesimError
 from .fidelity import check_trace, compare_backends, comparison_table
 from .hardware import HardwareProfile, save_hardware
-from .trace import model_spec
+from .models import model_spec
 
 MiB = 2**20
 CPU_DIMS = (256, 512, 1024, 2048)  # hidden = ffn of the expert sizes measured by default (bf16: 0.4-25 MB)
@@ -263,7 +263,8 @@ def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, st
     from .cache import Cache
     from .engine import replay
     from .profiler import Profiler
-    from .trace import ModelSpec, from_arrays
+    from .models import ModelSpec
+    from .trace import from_arrays
     from strategies.lru import LRU
 
     L, E, K = 8, 32, 4

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .hardware import Cost, HardwareProfile
-from .trace import scale_spec
+from .models import scale_spec
 
 
 def check_trace(value: str, tokens: int):

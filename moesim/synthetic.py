@@ -60,7 +60,8 @@ import numba
 import numpy as np
 
 from .errors import MoesimError
-from .trace import DECODE, PREFILL, ModelSpec, Trace, from_arrays, model_spec
+from .models import ModelSpec, model_spec
+from .trace import DECODE, PREFILL, Trace, from_arrays
 
 PerLayer = float | tuple[float, ...]
 CHUNK_TOKENS = 4096  # tokens whose noise is drawn at a time (bounded memory: chunk x L x E floats)

@@ -25,7 +25,8 @@ import orjson
 from tqdm import tqdm
 
 from ..errors import TraceError
-from ..trace import DECODE, MODEL_SPECS, Trace, validate_arrays
+from ..models import MODEL_SPECS
+from ..trace import DECODE, Trace, validate_arrays
 
 IMPORTER = "gpt-oss-fingerprint"
 SUFFIXES = (".json", ".json.xz", ".json.gz")

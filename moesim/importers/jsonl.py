@@ -18,7 +18,7 @@ Every token must have exactly one line for each layer 0..L-1, and all lines of a
 and phase. Files may be xz- or gzip-compressed (detected from their first bytes).
 
 The model spec decides how many bytes each expert moves, which no routing file records, so it is never
-guessed: `jsonl.model` names a preset (moesim.trace.MODEL_SPECS) or gives the fields as a dict, and the
+guessed: `jsonl.model` names a preset (moesim.models.MODEL_SPECS) or gives the fields as a dict, and the
 data are checked against it (layer < layers, len(experts) <= top_k, ids < experts). Without it the import
 stops and says which presets fit the data's layers, top-k and largest id, so the fix is one option.
 Any line that breaks these rules raises TraceError naming file:line and the field.
@@ -34,7 +34,8 @@ import orjson
 from tqdm import tqdm
 
 from ..errors import TraceError
-from ..trace import DECODE, MODEL_SPECS, PREFILL, ModelSpec, Trace, model_spec, validate_arrays
+from ..models import MODEL_SPECS, ModelSpec, model_spec
+from ..trace import DECODE, PREFILL, Trace, validate_arrays
 from .gpt_oss import open_stream
 
 IMPORTER = "jsonl"

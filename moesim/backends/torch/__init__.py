@@ -51,7 +51,7 @@ import torch
 from .. import Backend
 from ...errors import MoesimError
 # the parts' names are imported here for TorchBackend and re-exported for callers (calibrate, tests, scripts)
-from ...trace import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401
+from ...models import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401
 from .copies import CopyWorker, memcpy
 from .device import TORCH_DTYPES, device_name, resolve_device, resolve_threads
 from .ffn import expert_ffn, fill_random, routed_ffn, swiglu

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import MoesimError
-from ...trace import DTYPE_BITS, ModelSpec
+from ...models import DTYPE_BITS, ModelSpec
 from .device import device_name
 
 HOST_SHARE = 0.9  # of MemAvailable a run may take: the rest stays for Python, the trace and the system
