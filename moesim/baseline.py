@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .api import strategy_names  # noqa: F401  (also this module's: tests and callers use it)
 from .errors import MoesimError
 
 FORMAT = "moesim-baseline"
@@ -54,14 +55,6 @@ _OWN_KEYS = ("out", "trace", "strategies", "budgets") + _SUBSET_KEYS
 
 
 # --------------------------------------------------------------------------------------------- the grid
-def strategy_names() -> list[str]:
-    """Every built-in strategy: the configs in moesim/conf/strategy/, by name."""
-    from importlib.resources import files
-
-    folder = files("moesim.conf").joinpath("strategy")
-    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
-
-
 def resolve_strategies(value) -> list[str]:
     """The grid's strategy entries from `all`, names, strategy config files (.yaml), each optionally followed
     by run options for that strategy alone (`llama_cpp_ncmoe scope=global`); a list or comma-separated text."""
@@ -131,23 +124,12 @@ def fingerprint(trace) -> str:
 
 
 def compose_strategy(strategy: str, trace_path: str, overrides: list[str]):
-    """The `run` config of one strategy's cells (budget set per cell); a strategy given as a .yaml file
-    replaces the `strategy` block. Composing costs ~0.2 s, so it is done once per strategy, not per cell."""
-    from omegaconf import OmegaConf, open_dict
+    """The `run` config of one strategy's cells (budget set per cell): moesim.api.compose_run, where a strategy
+    given as a .yaml file replaces the `strategy` block. Composing costs ~0.2 s, so it is done once per
+    strategy, not per cell."""
+    from .api import compose_run
 
-    from .__main__ import compose
-
-    own = strategy.endswith((".yaml", ".yml"))
-    cfg = compose("run", [f"strategy={'lru' if own else strategy}", f"trace={trace_path}", "progress=false",
-                          *overrides])
-    if own:
-        block = OmegaConf.load(strategy)
-        for key in ("name", "cache"):
-            if key not in block:
-                raise MoesimError(f"strategies: {strategy}: a strategy config needs `{key}:` (see "
-                                  f"moesim/conf/strategy/lru.yaml)")
-        with open_dict(cfg):
-            cfg.strategy = OmegaConf.merge({"prefetch": None, "offload": None}, block)
+    cfg = compose_run(trace_path, strategy, overrides=overrides)
     backend = str(cfg.backend.get("_target_", ""))
     if not backend.endswith("backends.sim.SimBackend"):
         raise MoesimError(f"backend={backend}: a baseline needs the simulated backend (backend=sim): the times of "

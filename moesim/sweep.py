@@ -116,11 +116,9 @@ def run_cell(cfg) -> dict:
         stale.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        run(run_cfg)
+        result = run(run_cfg)
         if cfg.cell_reports:
-            from .report import write_run_report
-
-            write_run_report(cell_dir)
+            result.report()
     except MoesimError as e:
         print(f"{label} ... failed: {e}", file=sys.stderr, flush=True)
         return {"dir": str(cell_dir), "skipped": False, "seconds": time.perf_counter() - start, "error": str(e)}

@@ -12,7 +12,7 @@ on the 2-core development machine, so the whole evaluation half for every run wo
 parts are written once as .moetrace.safetensors files under traces/cache/.
 
 Each run's result is kept as JSON under reports/compare/ (atomic writes), keyed by the run and a hash of the
-code and configs it depends on, so a rerun only does what changed. Every run goes through moesim.api.run,
+code and configs it depends on, so a rerun only does what changed. Every run goes through moesim.simulate,
 the `python -m moesim run` path, which replays cache-only strategies with a built-in policy (lru, fifo, lfu,
 lfru, static, belady) compiled (moesim/fast.py, held to identical events by tests/test_fast.py).
 """
@@ -124,14 +124,11 @@ def code_hash() -> str:
 
 def run_one(job: dict) -> dict:
     """One (strategy, budget, hardware) run on the evaluation trace: the numbers the tables need."""
-    from moesim.__main__ import compose
-    from moesim.api import run
+    from moesim import simulate
 
-    overrides = [o.replace(CALIB, job["calib"]) for o in job["overrides"]]
-    cfg = compose("run", [f"trace={job['eval']}", f"budget={job['budget']}", f"hardware={job['hardware']}",
-                          "progress=false", *overrides])
+    overrides = [o.replace(CALIB, job["calib"]) for o in job["overrides"]]  # strategy=... among them
     t0 = time.time()
-    s = run(cfg, write=False).summary
+    s = simulate(job["eval"], budget=job["budget"], hardware=job["hardware"], overrides=overrides).summary
     keep = ("strategy", "bound", "hit_rate", "hits", "requests", "misses", "loads", "prefetch_loads",
             "host_computes", "tokens_per_s", "bytes_h2d", "stall_ms", "stall_free_rate", "prefetch_precision",
             "prefetch_recall", "late_prefetches", "wasted_prefetch_bytes", "tokens", "budget", "scope",
