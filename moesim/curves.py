@@ -5,7 +5,7 @@
     df = hit_ratio_curve(trace, "belady", scope="global")  # every total budget from top-k to L*E slots
     python -m pytest tests/test_curves.py                  # equal to per-budget replays at every budget
 
-Each row is what `moesim.engine.hit_counts` (or `moesim.fast.hit_counts`) gives at that budget: requests are
+Each row is what `moesim.engine.hit_counts` (or `moesim.core.hit_counts`) gives at that budget: requests are
 sets (a layer's experts are pinned together) and within a request the cache sees hits first, then misses.
 
 Belady (set semantics, ties to the smaller key) is a stack algorithm: a key's rank (its next use) does not
@@ -31,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import fast
+from . import core
+from .core.requests import next_uses
+from .core.state import partitions
 from .errors import MoesimError
 
 ONE_PASS = ("lru", "belady")
@@ -62,7 +64,7 @@ def hit_ratio_curve(trace, policy: str = "lru", scope: str = "per_layer", budget
     if len(budgets) and budgets[0] < trace.top_k:
         raise MoesimError(f"budget {budgets[0]} {'per layer' if scope == 'per_layer' else 'slots'} is less than "
                           f"top-k = {trace.top_k}: one token's experts would not fit")
-    req = fast.encode(trace)
+    req = core.encode(trace)
     n_req = int(req.ptr[-1])
     slots = budgets * L if scope == "per_layer" else budgets
     one_pass = np.zeros(len(budgets), bool)
@@ -72,7 +74,7 @@ def hit_ratio_curve(trace, policy: str = "lru", scope: str = "per_layer", budget
     if one_pass.any():
         hits[one_pass] = one_pass_hits(trace, policy, scope, int(budgets[-1]), reset_per_seq)[budgets[one_pass]]
     for i in np.flatnonzero(~one_pass):
-        hits[i] = fast.hit_counts(trace, policy, params, int(slots[i]), scope, reset_per_seq)["hits"]
+        hits[i] = core.hit_counts(trace, policy, params, int(slots[i]), scope, reset_per_seq)["hits"]
     return pd.DataFrame({
         "slots_per_layer": budgets if scope == "per_layer" else None,
         "slots": slots,
@@ -85,16 +87,14 @@ def hit_ratio_curve(trace, policy: str = "lru", scope: str = "per_layer", budget
 def one_pass_hits(trace, policy: str, scope: str, max_budget: int, reset_per_seq: bool = False) -> np.ndarray:
     """int64 [max_budget + 1]: total hits at each budget (per layer in per_layer scope), by one pass; right
     for the budgets that hold the largest request (no waves)."""
-    req = fast.encode(trace)
+    req = core.encode(trace)
     L, E = req.n_layers, req.n_experts
-    part_of_layer, _ = fast.partitions(L, L if scope == "per_layer" else 1, scope)
-    reset = fast.reset_steps(trace, reset_per_seq)
+    part_of_layer, _ = partitions(L, L if scope == "per_layer" else 1, scope)
+    reset = core.reset_steps(trace, reset_per_seq)
     if policy == "lru":
         return _lru_curve(req.ids, req.ptr, part_of_layer, L, E, reset, max_budget)
     if policy == "belady":
-        nxt = getattr(trace, "_fast_next_use", None)
-        if nxt is None:
-            nxt = trace._fast_next_use = fast._next_use(req.ids, req.ptr, L, E)
+        nxt = next_uses(trace)
         return _belady_curve(req.ids, req.ptr, nxt, part_of_layer, L, E, reset, max_budget)
     raise MoesimError(f"one_pass_hits: policy {policy!r} has no one-pass curve; one of {', '.join(ONE_PASS)}")
 

@@ -24,8 +24,12 @@ class Cost(Host):
     def on_miss(self, key, n_tokens: int, cost) -> str:
         if key in self.device:
             return "fetch"
+        return "fetch" if self.fetch_is_faster(key, n_tokens, cost) else self.other_miss(key, n_tokens, cost)
+
+    def fetch_is_faster(self, key, n_tokens: int, cost) -> bool:
+        """Whether loading `key` and computing it on the device beats computing it on the host."""
         faster = self._fetch_faster.get(n_tokens)
         if faster is None:
             faster = self._fetch_faster[n_tokens] = (
                 cost.fetch_ms(key) + cost.device_ms(key, n_tokens) <= cost.host_ms(key, n_tokens))
-        return "fetch" if faster else self.other_miss(key, n_tokens, cost)
+        return faster

@@ -76,12 +76,7 @@ class Host(OffloadPolicy, Calibrated):
             if self.room[p] > 0:
                 self.room[p] -= 1
                 return "fetch"
-        share = self.share
-        if share == "auto":
-            share = self._auto.get(n_tokens)
-            if share is None:
-                f, h = cost.fetch_ms(key), cost.host_ms(key, n_tokens)
-                share = self._auto[n_tokens] = f / (f + h)
+        share = self.share if self.share != "auto" else self.share_at(key, n_tokens, cost)
         if share >= 1.0:
             return self.miss
         self.owed += share  # error diffusion: over n misses, round(n * share) go to the host, evenly spread
@@ -89,6 +84,17 @@ class Host(OffloadPolicy, Calibrated):
             self.owed -= 1.0
             return self.miss
         return "fetch"
+
+    def share_at(self, key, n_tokens: int, cost) -> float:
+        """The share of misses over `n_tokens` tokens to compute on the host: `share`, or with `auto`
+        fetch_ms / (fetch_ms + host_ms), which keeps the copy engine and the CPU equally busy."""
+        if self.share != "auto":
+            return float(self.share)
+        share = self._auto.get(n_tokens)
+        if share is None:
+            f, h = cost.fetch_ms(key), cost.host_ms(key, n_tokens)
+            share = self._auto[n_tokens] = f / (f + h)
+        return share
 
 
 def popular_keys(calib, ctx) -> frozenset:

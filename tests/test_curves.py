@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_fast import random_trace, reference_counters
+from test_core import random_trace, reference_counters
 
-from moesim import curves, fast
+from moesim import core, curves
 from moesim.errors import MoesimError
 from moesim.trace import ModelSpec, from_arrays
 
 
 def per_budget_hits(trace, policy, scope, budgets, reset=False):
     L = trace.n_layers
-    return [fast.hit_counts(trace, policy, {}, int(b) * (L if scope == "per_layer" else 1), scope, reset)["hits"]
+    return [core.hit_counts(trace, policy, {}, int(b) * (L if scope == "per_layer" else 1), scope, reset)["hits"]
             for b in budgets]
 
 
 def distinct_keys(trace) -> int:
-    req = fast.encode(trace)
+    req = core.encode(trace)
     layer = np.repeat(np.arange(len(req.ptr) - 1) % trace.n_layers, np.diff(req.ptr))
     return len(np.unique(layer * trace.spec.experts + req.ids))
 
@@ -76,7 +76,7 @@ def test_belady_curve_is_monotone_and_above_lru():
 
 def test_budgets_below_the_largest_request_are_replayed_in_waves():
     trace = random_trace(2, max_batch=4, p_missing=0.0)
-    assert fast.encode(trace).width > trace.top_k + 2
+    assert core.encode(trace).width > trace.top_k + 2
     for policy in ("lru", "belady"):
         df = curves.hit_ratio_curve(trace, policy)
         assert df.slots_per_layer.iloc[0] == trace.top_k

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesim import fast
+from moesim import core
 from moesim.cache import Counters
 from moesim.engine import hit_counts
 from strategies.belady import Belady
@@ -42,12 +42,12 @@ _counters: dict = {}  # (policy, slots per layer, loop) -> Counters: each full r
 
 
 def counters(trace, name: str, per_layer: int, loop: str = "fast"):
-    """The counters of a full replay: `fast` is moesim/fast.py's compiled loop (equal to the Python one,
-    tests/test_fast.py), `python` the plain-Python reference loop with the strategies' classes."""
+    """The counters of a full replay: `fast` is the compiled core's loop (moesim/core/, equal to the Python
+    one: tests/test_core.py), `python` the plain-Python reference loop with the strategies' classes."""
     if (name, per_layer, loop) not in _counters:
         slots = per_layer * trace.n_layers
         if loop == "fast":
-            c = Counters(**fast.hit_counts(trace, name, {}, slots, "per_layer"))
+            c = Counters(**core.hit_counts(trace, name, {}, slots, "per_layer"))
         else:
             c = hit_counts(trace, POLICIES[name], slots, "per_layer")
         _counters[name, per_layer, loop] = c

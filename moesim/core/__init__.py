@@ -1,0 +1,270 @@
+"""The compiled replay core (numba): every built-in cache policy, prefetcher and offload policy of strategies/,
+written once against one cache state and the sim clocks, in one loop. `python -m moesim run` uses it for
+every run whose parts are all built in and whose backend is sim (`fast=auto`); anything with a user's Python
+part, or the torch backend, runs in the Python driver (moesim/engine.py), which calls the parts' hooks.
+
+    from moesim import core
+    core.hit_counts(trace, "lru", {}, n_slots=192, scope="per_layer")     # Counters.to_dict()
+    run = core.simulate(trace, spec, 192, "global", make_policy, prefetcher, offload, "h200")
+    run.counters, run.prefetch, run.profiler.metrics(), run.device_bytes
+
+    python -m pytest tests/test_core.py              # identical to the Python driver + strategies/, every part
+    python -m pytest tests/bench --benchmark-enable   # rates against the Python loop and libCacheSim
+
+Modules: requests.py (the trace as flat request arrays), state.py (cache state and its data structures),
+policies.py (the cache policies), clock.py (the sim's timelines), loop.py (the drivers), parts.py (from
+policy objects to the loop's arguments). The plain-Python policies of strategies/ are the reference:
+tests/test_core.py holds the core to identical counters and identical profiler events.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+
+def _drop_stale_cache() -> None:
+    """numba's on-disk cache checks only the source file of the cached function, not the modules it calls:
+    after an edit of state.py, loop.py's cached kernels would still run the old state code. So the cache of
+    this package is dropped whenever any of its sources changed (a hash of them is kept beside the cache)."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+    cache = here / "__pycache__"
+    stamp = cache / "core-sources.sha256"
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:
+        cache.mkdir(exist_ok=True)
+        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            f.unlink(missing_ok=True)
+        stamp.write_text(digest)
+    except OSError:  # a read-only install: numba then compiles in memory (it warns, once)
+        pass
+
+
+_drop_stale_cache()
+
+import numpy as np  # noqa: E402
+
+from ..errors import MoesimError  # noqa: E402
+from ..profiler import Profiler  # noqa: E402
+from . import loop  # noqa: E402
+from .parts import CACHE, builtin, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
+from .requests import encode, reset_steps  # noqa: E402
+from .state import CAP, PART  # noqa: E402
+
+__all__ = ["hit_counts", "hit_flags", "simulate", "uncovered", "encode", "reset_steps", "SimRun"]
+
+
+def reference_class(policy: str):
+    """The plain-Python cache policy class of a compiled policy name (lru -> strategies.lru.LRU)."""
+    import importlib
+
+    for path, (name, _) in CACHE.items():
+        if name == policy:
+            module, cls = path.rsplit(".", 1)
+            return getattr(importlib.import_module(module), cls)
+    raise MoesimError(f"unknown compiled policy {policy!r}; compiled ones: "
+                      f"{', '.join(n for n, _ in CACHE.values())}")
+
+
+def compiled_policy(block) -> tuple[str, dict] | None:
+    """(policy, params) for a strategy's `cache` config block (a mapping with `_target_`) naming a built-in
+    class, e.g. {"_target_": "strategies.lfu.LFU", "decay": 0.5} -> ("lfu", {"decay": 0.5}); else None."""
+    target = str(block.get("_target_", "")) if hasattr(block, "get") else ""
+    if target not in CACHE:
+        return None
+    return CACHE[target][0], {str(k): (v if not hasattr(v, "items") else dict(v))
+                              for k, v in block.items() if k != "_target_"}
+
+
+def kernel_error(status: int, req, slots_per_partition: int, pos: int) -> MoesimError:
+    """The error of a kernel that stopped with `status` at request position `pos`."""
+    s, layer = divmod(int(pos), req.n_layers)
+    n = int(req.ptr[pos + 1] - req.ptr[pos])
+    if status == loop.LFU_OVERFLOW:
+        return MoesimError(f"lfu: the aging factor decay**-(epochs) overflows a float at step {s}, layer {layer} "
+                           f"(strategies/lfu.py raises OverflowError here too: after a reset, epoch0 restarts "
+                           f"at 0); use a decay closer to 1, a longer decay_every, or reset_per_seq=false")
+    return MoesimError(f"step {s}, layer {layer} requests {n} distinct experts but its cache partition holds "
+                       f"{slots_per_partition} slots: a layer's experts are pinned while it computes, so every "
+                       f"request must fit; raise the budget")
+
+
+def _error(status, req, st, pos):
+    return kernel_error(status, req, int(st.I[CAP, st.I[PART, int(pos) % req.n_layers]]), pos)
+
+
+def counters(cnt: np.ndarray) -> dict:
+    """moesim.cache.Counters.to_dict() from the loop's counter array."""
+    c = [int(x) for x in cnt]
+    return {"requests": c[loop.REQUESTS], "hits": c[loop.HITS], "misses": c[loop.REQUESTS] - c[loop.HITS],
+            "loads": c[loop.LOADS_N], "prefetch_loads": c[loop.PF_LOADS], "evictions": c[loop.EVICTIONS],
+            "host_computes": c[loop.HOST_COMPUTES]}
+
+
+class PrefetchOutcome(NamedTuple):
+    """What became of prefetched loads (moesim.cache.PrefetchCounters' numbers)."""
+
+    used: int
+    wasted: int
+    unused_at_end: int
+
+    @property
+    def unused(self) -> range:  # len() of it is what request_metrics reads
+        return range(self.unused_at_end)
+
+
+@contextmanager
+def compile_notice(kernel, after_s: float = 1.5):
+    """Around the first call of `kernel` in this process: if it has not returned after `after_s` seconds (numba
+    is compiling it: ~20 s on a 2-core machine, once per install; later runs load it from __pycache__), say so
+    on stderr, so that a first run does not look hung."""
+    if kernel.signatures:  # compiled or loaded already in this process
+        yield
+        return
+    timer = threading.Timer(after_s, lambda: print(
+        "moesim: compiling the replay loop (numba, once; later runs load it from the cache) ...",
+        file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _policy_factory(policy: str, params: dict | None):
+    cls = reference_class(policy)
+    cls(**(params or {}))  # validates params as the reference does, before anything runs
+    return lambda: cls(**(params or {}))
+
+
+def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str = "per_layer",
+               reset_per_seq: bool = False) -> dict:
+    """Cache-only replay, compiled: the counters moesim.engine.hit_counts gives for the reference policy
+    `policy` built from `params`, with `n_slots` slots in `scope` (as Counters.to_dict())."""
+    make = _policy_factory(policy, params)
+    resets = reset_steps(trace, reset_per_seq)
+    req = encode(trace)
+    L = req.n_layers
+    cap = n_slots // L
+    if policy in ("lru", "fifo") and scope == "per_layer" and req.width <= cap:  # no waves: the stamp kernels
+        hits, evictions, status, where = loop._small_kernel(req.ids, req.ptr, L, req.n_experts, cap, resets,
+                                                            policy == "fifo")
+        if status < 0:
+            raise kernel_error(status, req, cap, where)
+        n = int(req.ptr[-1])
+        return {"requests": n, "hits": int(hits), "misses": n - int(hits), "loads": n - int(hits),
+                "prefetch_loads": 0, "evictions": int(evictions), "host_computes": 0}
+    return counters(_hits(trace, make, n_slots, scope, resets, np.zeros(0, np.uint8)))
+
+
+def hit_flags(trace, policy: str, params: dict | None, n_slots: int, scope: str = "per_layer",
+              reset_per_seq: bool = False) -> np.ndarray:
+    """uint8 [N]: 1 where element i of `encode(trace).ids` was a hit in the compiled replay (the order of a
+    request's hits and misses, e.g. to feed another simulator hits first)."""
+    flags = np.zeros(len(encode(trace).ids), np.uint8)
+    _hits(trace, _policy_factory(policy, params), n_slots, scope, reset_steps(trace, reset_per_seq), flags)
+    return flags
+
+
+def _hits(trace, make_policy, n_slots, scope, resets, flags) -> np.ndarray:
+    req = encode(trace)
+    st, prm = cache_state(trace, trace.spec, n_slots, scope, make_policy)
+    loop.reset(st.I, st.F, prm)
+    cnt = np.zeros(loop.N_CNT, np.int64)
+    with compile_notice(loop.run_hits):
+        status, where = loop.run_hits(st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets, flags, cnt)
+    if status < 0:
+        raise _error(status, req, st, where)
+    return cnt
+
+
+class ArrayProfiler(Profiler):
+    """A moesim.profiler.Profiler whose events come as finished arrays (rows as `Profiler.arrays()` returns
+    them), so its metrics, tables and timeline are computed by the Profiler's own code."""
+
+    def __init__(self, n_layers: int, steps: np.ndarray, copies: np.ndarray, computes: np.ndarray):
+        super().__init__(n_layers)
+        self._event_arrays = (steps, copies, computes)
+
+    def arrays(self):
+        return self._event_arrays
+
+    @property
+    def n_steps(self) -> int:
+        return len(self._event_arrays[0])
+
+
+class SimRun(NamedTuple):
+    """What `simulate` returns: what a run reads from the cache, backend and profiler of the Python driver."""
+
+    counters: dict  # Counters.to_dict()
+    prefetch: PrefetchOutcome
+    profiler: ArrayProfiler  # metrics(), steps_table(), layers_table(), timeline() as the Profiler gives them
+    device_bytes: int  # SimBackend.device_bytes()
+    request_stats: dict  # SimBackend.request_stats()
+
+
+def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
+             reset_per_seq: bool = False, pinned: bool = True) -> SimRun:
+    """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
+    SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
+    built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
+    not decisions). The same counters and the same events (hence latencies, stalls, metrics, tables)."""
+    from ..backends.sim import SimBackend
+    from ..hardware import Cost
+
+    backend = SimBackend(hardware, pinned=pinned)
+    hw = backend.hardware
+    req = encode(trace)
+    nbytes = spec.bytes_per_expert
+    st, prm = cache_state(trace, spec, n_slots, scope, make_policy)
+    pf, pf_cap = prefetch_table(trace, prefetcher, n_slots, scope, nbytes)
+    counts = req.token_counts()
+    max_count = int(counts.max()) if len(counts) else 1
+    offl = offload_arrays(trace, offload, n_slots, scope, Cost(hw, spec), max_count, nbytes)
+    device_ms = np.array([hw.expert_ms(n, spec, "device") for n in range(max_count + 1)])  # per token count
+    host_ms = np.array([hw.expert_ms(n, spec, "host") for n in range(max_count + 1)]) if offload is not None \
+        else np.zeros(max_count + 1)
+    max_step = int(req.step_tokens.max()) if len(req.step_tokens) else 1
+    act_ms = np.array([hw.activations_ms(n, spec) for n in range(max_step + 1)]) if offload is not None \
+        else np.zeros(1)
+    tokens, inverse = np.unique(req.step_tokens, return_inverse=True)
+    shared_ms = np.array([spec.shared_experts * hw.expert_ms(int(n), spec, "device", shared=True)
+                          for n in tokens])[inverse.reshape(-1)]  # per step
+    own = np.array([hw.replay_overhead_ms(0, 0), hw.expert_overhead_us * 1e-3, hw.load_overhead_us * 1e-3,
+                    hw.writeback_ms(nbytes)])  # as SimBackend.setup
+    loop.reset(st.I, st.F, prm)
+    cnt = np.zeros(loop.N_CNT, np.int64)
+    served = np.zeros(2, np.int64)
+    from .clock import new_clock
+
+    ck = new_clock()
+    with compile_notice(loop.run_sim):
+        status, where, steps, copies, computes = loop.run_sim(
+            st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
+            reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
+            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap, *offl, cnt,
+            served, ck)
+    if status < 0:
+        raise _error(status, req, st, where)
+    profiler = ArrayProfiler(trace.n_layers, steps, copies, computes)
+    backend.setup(spec, n_slots, profiler)  # only for device_bytes(): the events are already there
+    from .loop import PF_UNUSED, PF_USED, PF_WASTED
+
+    return SimRun(counters(cnt), PrefetchOutcome(int(cnt[PF_USED]), int(cnt[PF_WASTED]), int(cnt[PF_UNUSED])),
+                  profiler, backend.device_bytes(),
+                  {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])})
+
+
+def builtin_cache(obj) -> bool:
+    """Whether a cache policy object is compiled."""
+    return builtin(obj, CACHE) is not None

@@ -1,0 +1,484 @@
+"""The compiled drivers: every step of a trace through the cache state, the compiled policies and (timed) the
+sim clocks. `run_sim` is the timed replay of moesim.engine.replay + moesim.backends.sim.SimBackend with every
+built-in cache policy, prefetcher and offload policy; `run_hits` is the cache-only replay (hit counts, curves).
+
+Per step and layer (request position pos = step * L + layer), as moesim/engine.py serves it: look up the
+layer's experts (pinned with a mark used once), decide each miss (fetch, or compute on the host), prefetch
+the keys the prefetcher's table names, compute, move on (which unpins). A layer wider than its partition
+runs in waves, hits first. Front ends (moesim/core/__init__.py) build the arguments; moesim/core/parts.py
+turns policy objects into them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .clock import LATE, LOADS, NOW, OWED, STALL_FREE, copy, device_part, host_part, inflight_bytes
+from .policies import evict_one, on_access, on_insert, on_request
+from .requests import width
+from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
+
+ALL_PINNED = -1  # kernel status: a miss found every resident of its partition pinned
+LFU_OVERFLOW = -3  # kernel status: LFU's aging factor overflowed (the reference raises OverflowError there)
+# rows of the counters array cnt (int64): moesim.cache.Counters and PrefetchCounters
+REQUESTS, HITS, LOADS_N, PF_LOADS, EVICTIONS, HOST_COMPUTES, PF_USED, PF_WASTED, PF_UNUSED = range(9)
+N_CNT = 9
+# offload kinds (moesim/core/parts.py): none or fetch; static_split (host by layer); host; cost
+OFF_NONE, OFF_STATIC_SPLIT, OFF_HOST, OFF_COST = range(4)
+
+
+@njit(**HOT)
+def lookup(I, F, seqs, nxt, prm, cnt, pos, mark, layer, ids, a, b, out):
+    """Cache.lookup: pin the request ids[a:b] at `pos`, tell the policy the hits in row order, count.
+    out[0, i - a]: -2 for a hit, else -1; out[1, i - a]: a hit's slot; out[2, i - a] = 0.
+    Returns the hits, or LFU_OVERFLOW."""
+    p = I[PART, layer]
+    base = layer * prm.E
+    hits = 0
+    for i in range(a, b):  # pin all; hits in row order
+        kid = base + ids[i]
+        I[PIN, kid] = mark
+        out[2, i - a] = 0
+        if I[RES, kid] == 1:
+            out[0, i - a] = -2
+            out[1, i - a] = I[SLOT, kid]
+            hits += 1
+            if I[PFU, kid]:  # a prefetched key's first request: the prefetch was used
+                I[PFU, kid] = 0
+                cnt[PF_USED] += 1
+                cnt[PF_UNUSED] -= 1
+        else:
+            out[0, i - a] = -1
+    on_request(I, F, seqs, prm, p, pos)  # at every request: LFU ages, LFRU's clock moves
+    if prm.code == 2 and F[UNIT, p] == math.inf:
+        return LFU_OVERFLOW
+    if hits > 0 and prm.code != 1:
+        for i in range(a, b):
+            if out[0, i - a] == -2:
+                on_access(I, F, prm, p, pos, base + ids[i], nxt[i] if prm.code == 4 else 0)
+    cnt[REQUESTS] += b - a
+    cnt[HITS] += hits
+    return hits
+
+
+@njit(**HOT)
+def insert(I, F, seqs, prm, cnt, pos, mark, kid, next_use, prefetched):
+    """Cache.insert: make `kid` resident (a free slot, else the policy's victim among unpinned residents).
+    Returns its slot, or -1 if every resident of its partition is pinned. cnt[EVICTIONS] counts victims; the
+    caller reads who was evicted from nothing (the sim needs only slots)."""
+    p = I[PART, kid // prm.E]
+    if I[NFREE, p] > 0:
+        I[NFREE, p] -= 1
+        slot = I[FREE, p * prm.cm + I[NFREE, p]]
+    else:
+        v = evict_one(I, F, prm, p, mark, pos, prefetched)
+        if v < 0:
+            return -1
+        slot = I[SLOT, v]
+        I[RES, v] = 0
+        I[SIZE, p] -= 1
+        cnt[EVICTIONS] += 1
+        if I[PFU, v]:  # prefetched, never requested: its copy was wasted
+            I[PFU, v] = 0
+            cnt[PF_WASTED] += 1
+            cnt[PF_UNUSED] -= 1
+    on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched)
+    I[RES, kid] = 1
+    I[SLOT, kid] = slot
+    I[SIZE, p] += 1
+    cnt[LOADS_N] += 1
+    if prefetched:
+        cnt[PF_LOADS] += 1
+        I[PFU, kid] = 1
+        cnt[PF_UNUSED] += 1
+    return slot
+
+
+@njit(**HOT)
+def hits_first(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder):
+    """A request wider than its partition is served in waves of at most `cap` experts, hits first (the
+    engine's `order`): copy ids[a:b] (and their next uses and token counts, where given) into the t-arrays,
+    the resident ones first, each group in row order; torder[j] = the element copied to j."""
+    base = layer * prm.E
+    n = 0
+    for resident in (1, 0):
+        for i in range(a, b):
+            if (I[RES, base + ids[i]] == 1) == (resident == 1):
+                tids[n] = ids[i]
+                if len(nxt):
+                    tnxt[n] = nxt[i]
+                if len(counts):
+                    tcnt[n] = counts[i]
+                torder[n] = i
+                n += 1
+
+
+@njit(cache=True, nogil=True)
+def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
+    """Cache-only replay into `cnt`: (status, position of a failure). With len(flags) == len(ids), flags[i] = 1
+    where request element i was a hit."""
+    L = prm.L
+    w = width(ptr)
+    out = np.zeros((3, w), np.int64)
+    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see hits_first)
+    tnxt = np.empty(w if len(nxt) else 0, np.int64)
+    torder = np.empty(w, np.int64)
+    no_counts = np.empty(0, np.int32)
+    mark = 0  # pin mark of the running request (or wave)
+    for s in range(len(resets)):
+        if resets[s]:
+            cnt[PF_WASTED] += cnt[PF_UNUSED]
+            cnt[PF_UNUSED] = 0
+            reset(I, F, prm)
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            cap = I[CAP, I[PART, layer]]
+            src, src_nxt, lo, hi = ids, nxt, a, b
+            wide = b - a > cap
+            if wide:
+                hits_first(I, prm, layer, ids, nxt, no_counts, a, b, tids, tnxt, no_counts, torder)
+                src, src_nxt, lo, hi = tids, tnxt, 0, b - a
+            for wa in range(lo, max(hi, lo + 1), cap):  # waves (one, mostly; an empty request is one too)
+                wb = min(wa + cap, hi)
+                mark += 1
+                h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
+                if h < 0:
+                    return h, pos
+                if h < wb - wa:
+                    base = layer * prm.E
+                    for i in range(wa, wb):  # misses in row order
+                        if out[0, i - wa] == -2:
+                            continue
+                        slot = insert(I, F, seqs, prm, cnt, pos, mark, base + src[i],
+                                      src_nxt[i] if prm.code == 4 else 0, False)
+                        if slot < 0:
+                            return ALL_PINNED, pos
+                    if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
+                        return LFU_OVERFLOW, pos
+                if len(flags):
+                    for i in range(wa, wb):
+                        flags[torder[i] if wide else i] = out[0, i - wa] == -2
+    return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _small_kernel(ids, ptr, L, E, cap, reset, fifo):
+    """LRU (or FIFO) with one partition of `cap` slots per layer, the default case, in its fastest form: per
+    layer, the slots' keys and last-use stamps (FIFO: insert stamps) in two short rows, the victim found by a
+    scan of `cap` stamps. The same decisions as the list-based kernel: hits are stamped in row order, then
+    misses, so the oldest stamp is the list head; for LRU the pinned keys hold the newest stamps, so the
+    oldest is pinned only when all are. Returns (hits, evictions, status, position)."""
+    if fifo:
+        return _small_fifo(ids, ptr, L, E, cap, reset)
+    return _small_lru(ids, ptr, L, E, cap, reset)
+
+
+@njit(cache=True, nogil=True)
+def _small_lru(ids, ptr, L, E, cap, reset):
+    # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
+    where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer, -1 if not resident
+    skey = np.zeros((L, cap + 1), np.int64)  # [L, cap] key in each slot (column cap: scratch)
+    sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
+    n = np.zeros(L, np.int64)  # slots in use per layer (they fill in slot order, as Partition.free hands out)
+    miss = np.empty(width(ptr), np.int64)  # the running request's misses, in row order
+    clock = 0
+    hits = 0
+    evictions = 0
+    for s in range(len(reset)):
+        if reset[s]:
+            where[:] = -1
+            n[:] = 0
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            first = clock + 1  # stamps of this request are >= first
+            n_miss = 0
+            for i in range(a, b):  # hits: stamped in row order; misses: listed
+                kid = base + ids[i]
+                j = where[kid]
+                hit = j >= 0
+                clock += hit
+                sstamp[layer, j if hit else cap] = clock
+                miss[n_miss] = kid
+                n_miss += 1 - hit
+            hits += b - a - n_miss
+            for q in range(n_miss):
+                kid = miss[q]
+                if n[layer] < cap:
+                    j = n[layer]
+                    n[layer] += 1
+                else:
+                    j = 0
+                    m = sstamp[layer, 0]
+                    for c in range(1, cap):
+                        v = sstamp[layer, c]
+                        older = v < m
+                        m = v if older else m
+                        j = c if older else j
+                    if m >= first:
+                        return hits, evictions, ALL_PINNED, pos
+                    where[skey[layer, j]] = -1
+                    evictions += 1
+                clock += 1
+                sstamp[layer, j] = clock
+                skey[layer, j] = kid
+                where[kid] = j
+    return hits, evictions, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _small_fifo(ids, ptr, L, E, cap, reset):
+    where = np.full(L * E, -1, np.int64)
+    pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
+    skey = np.zeros((L, max(cap, 1)), np.int64)
+    sstamp = np.zeros((L, max(cap, 1)), np.int64)  # insert stamps
+    n = np.zeros(L, np.int64)
+    clock = 0
+    hits = 0
+    evictions = 0
+    for s in range(len(reset)):
+        if reset[s]:
+            where[:] = -1
+            n[:] = 0
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            for i in range(a, b):
+                kid = base + ids[i]
+                pin[kid] = pos + 1
+                if where[kid] >= 0:
+                    hits += 1
+            for i in range(a, b):
+                kid = base + ids[i]
+                if where[kid] >= 0:
+                    continue
+                if n[layer] < cap:
+                    j = n[layer]
+                    n[layer] += 1
+                else:
+                    j = -1
+                    for c in range(cap):
+                        if (j < 0 or sstamp[layer, c] < sstamp[layer, j]) and pin[skey[layer, c]] != pos + 1:
+                            j = c
+                    if j < 0:
+                        return hits, evictions, ALL_PINNED, pos
+                    where[skey[layer, j]] = -1
+                    evictions += 1
+                clock += 1
+                sstamp[layer, j] = clock
+                skey[layer, j] = kid
+                where[kid] = j
+    return hits, evictions, 0, 0
+
+
+@njit(**HOT)
+def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, n):
+    """strategies/{static_split,host,cost}.py on_miss, from the arrays moesim/core/parts.py made of the policy
+    after its setup: 0 fetch, 1 host, 2 host and load in the background.
+    oi: [kind, fill_first, load]; odev [L * E]: the device set (always fetched); ohl [L]: host layers
+    (static_split); oshare, ofaster [max tokens + 1]: the host share and cost's `fetch is faster`, per token
+    count; oroom [partitions] and opart [L]: fill_first's room left and each layer's partition."""
+    kind = oi[0]
+    if kind == OFF_STATIC_SPLIT:
+        return 1 if ohl[layer] else 0
+    if odev[kid]:
+        return 0
+    if kind == OFF_COST and ofaster[n]:
+        return 0
+    miss = 2 if oi[2] else 1  # Host.other_miss
+    if oi[1]:  # fill_first
+        q = opart[layer]
+        if oroom[q] > 0:
+            oroom[q] -= 1
+            return 0
+    share = oshare[n]
+    if share >= 1.0:
+        return miss
+    ck[OWED] += share  # error diffusion: over n misses, round(n * share) go to the host, evenly spread
+    if ck[OWED] >= 1.0 - 1e-12:
+        ck[OWED] -= 1.0
+        return miss
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
+            act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, oi, odev, ohl, oshare, ofaster, oroom, opart,
+            host_cap, cnt, served, ck):
+    """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
+    `served` (stall-free requests, late prefetches) and `ck` (clocks).
+    counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
+    [max tokens + 1]: one routed expert's time by its tokens; act_ms [max step tokens + 1]: the activations'
+    round trip by tokens; own: the profile's replay costs in ms [per layer, per expert, per load, write-back per
+    load]; serial: the profile's serial_copies; pf: int16 [S * L, lookahead, width] the prefetcher's table
+    (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none);
+    pf_cap, host_cap: bytes queued on the copy engine above which no prefetch / background load is issued
+    (-1: no cap); the o* arrays: see offload_decision.
+    Returns (status, position, steps [S, 6], copies [C, 6], computes [M, 5]): the rows the Profiler would hold
+    (moesim/profiler.py: _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS)."""
+    L, E = prm.L, prm.E
+    S = len(resets)
+    w = width(ptr)
+    out = np.zeros((3, w), np.int64)
+    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see hits_first)
+    tnxt = np.empty(w if len(nxt) else 0, np.int64)
+    tcnt = np.empty(w, counts.dtype)
+    torder = np.empty(w, np.int64)
+    steps = np.empty((S, 6))
+    computes = np.empty((S * L, 5))  # one per layer, more where a layer runs in waves or has host experts
+    n_cm = 0
+    copies = np.empty((max(1024, len(ids) // 4), 6))
+    n_cp = 0
+    ready = np.zeros(max(n_slots, 1))  # ms: when the last copy into each slot completes
+    pf_slot = np.zeros(max(n_slots, 1), np.uint8)  # the slot's last copy was a prefetch not used yet
+    D = pf.shape[1]
+    mark = 0  # pin mark of the running request (or wave)
+    for s in range(S):
+        if resets[s]:
+            cnt[PF_WASTED] += cnt[PF_UNUSED]  # reset away before their first request
+            cnt[PF_UNUSED] = 0
+            reset(I, F, prm)
+        step_start = ck[NOW]
+        shared = shared_ms[s]
+        n_tokens = step_tokens[s]
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            cap = I[CAP, I[PART, layer]]
+            src, src_nxt, src_cnt, lo, hi = ids, nxt, counts, a, b
+            if b - a > cap:  # waves of at most `cap` experts, hits first
+                hits_first(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder)
+                src, src_nxt, src_cnt, lo, hi = tids, tnxt, tcnt, 0, b - a
+            base = layer * E
+            for wa in range(lo, max(hi, lo + 1), cap):  # an empty request still computes (shared experts)
+                wb = min(wa + cap, hi)
+                mark += 1
+                h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
+                if h < 0:
+                    return h, pos, steps[:0], copies[:0], computes[:0]
+                n_host = 0
+                for i in range(wa, wb):  # misses in row order: fetch, or compute on the host
+                    if out[0, i - wa] == -2:
+                        continue
+                    kid = base + src[i]
+                    nu = src_nxt[i] if prm.code == 4 else 0
+                    decision = 0 if oi[0] == OFF_NONE else offload_decision(
+                        ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, src_cnt[i])
+                    if decision != 0:
+                        out[2, i - wa] = 1
+                        n_host += 1
+                        cnt[HOST_COMPUTES] += 1
+                        if decision == 2 and (host_cap < 0 or inflight_bytes(ck, copy_ms, nbytes) + nbytes <= host_cap):
+                            slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)  # nobody waits for it
+                            if slot >= 0:
+                                if n_cp == len(copies):
+                                    copies = _grow(copies, n_cp)
+                                copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
+                                _copy_row(copies, n_cp, layer, src[i], nbytes, ready[slot], 0.0)
+                                n_cp += 1
+                        continue
+                    slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
+                    if slot < 0:
+                        return ALL_PINNED, pos, steps[:0], copies[:0], computes[:0]
+                    out[1, i - wa] = slot
+                    if n_cp == len(copies):
+                        copies = _grow(copies, n_cp)
+                    copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
+                    _copy_row(copies, n_cp, layer, src[i], nbytes, ready[slot], 0.0)
+                    n_cp += 1
+                if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
+                    return LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0]
+                if D > 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
+                    missing = False
+                    for d in range(D):
+                        mbase = ((layer + d + 1) % L) * E
+                        for j in range(pf.shape[2]):
+                            e = pf[pos, d, j]
+                            if e >= 0 and I[RES, mbase + e] == 0:
+                                missing = True
+                    if missing:
+                        for d in range(D):  # pinned meanwhile: one prefetch never evicts another
+                            mbase = ((layer + d + 1) % L) * E
+                            for j in range(pf.shape[2]):
+                                e = pf[pos, d, j]
+                                if e >= 0:
+                                    I[PIN, mbase + e] = mark
+                        full = False
+                        for d in range(D):
+                            m = (layer + d + 1) % L
+                            for j in range(pf.shape[2]):
+                                e = pf[pos, d, j]
+                                kid = m * E + e
+                                if e < 0 or I[RES, kid] == 1:
+                                    continue
+                                if pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap:
+                                    full = True
+                                    break
+                                nu = next_after(I, kpos, koff, kid, pos) if prm.code == 4 else 0
+                                slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, True)
+                                if slot < 0:  # its partition is all pinned: skipped
+                                    continue
+                                if n_cp == len(copies):
+                                    copies = _grow(copies, n_cp)
+                                copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, True, copy_ms, serial)
+                                _copy_row(copies, n_cp, m, e, nbytes, ready[slot], 1.0)
+                                n_cp += 1
+                            if full:
+                                break
+                        if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
+                            return LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0]
+                # SimBackend.compute: the device part waits for its copies; host experts run beside it
+                loads = ck[LOADS]
+                start, end, free, n_dev = device_part(ck, ready, pf_slot, served, out, src_cnt, wa, wb, device_ms,
+                                                      shared, own[3])
+                if n_cm + 2 > len(computes):
+                    computes = _grow(computes, n_cm)
+                _compute_row(computes, n_cm, layer, start, end, start - free, 0.0)
+                n_cm += 1
+                if n_host:  # serial: on the same thread, after the device part
+                    hs, he = host_part(ck, out, src_cnt, wa, wb, n_tokens, host_ms, act_ms, end if serial else free)
+                    _compute_row(computes, n_cm, layer, hs, he, 0.0, 1.0)
+                    n_cm += 1
+                    end = max(end, he)
+                # the replay's own work for this layer, serial and after it (never overlapping a copy)
+                ck[NOW] = end + own[0] + own[1] * (n_dev + n_host) + own[2] * loads
+                ck[LOADS] = 0.0
+        steps[s, 0] = s
+        steps[s, 1] = n_tokens
+        steps[s, 2] = step_start
+        steps[s, 3] = ck[NOW]
+        steps[s, 4] = n_cp
+        steps[s, 5] = n_cm
+    return 0, 0, steps, copies[:n_cp].copy(), computes[:n_cm].copy()
+
+
+@njit(cache=True, nogil=True)
+def _grow(rows, n):
+    bigger = np.empty((2 * len(rows), rows.shape[1]))
+    bigger[:n] = rows[:n]
+    return bigger
+
+
+@njit(**HOT)
+def _copy_row(copies, n, layer, expert, nbytes, end, prefetch):
+    copies[n, 0] = layer
+    copies[n, 1] = expert
+    copies[n, 2] = nbytes
+    copies[n, 4] = end
+    copies[n, 5] = prefetch
+
+
+@njit(**HOT)
+def _compute_row(computes, n, layer, start, end, stall, host):
+    computes[n, 0] = layer
+    computes[n, 1] = start
+    computes[n, 2] = end
+    computes[n, 3] = stall
+    computes[n, 4] = host
+
+

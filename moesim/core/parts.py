@@ -1,0 +1,199 @@
+"""From strategy objects to the compiled core's arguments: which parts the core compiles, and what each
+built-in policy's parameters become (state rows, constants, tables).
+
+    uncovered(cache_policy, prefetcher, offload)   # None when every part is built in, else the reason
+    cache_state(trace, spec, n_slots, scope, make_policy) -> (State, Params)
+    prefetch_table(trace, prefetcher, n_slots, scope, nbytes) -> (table, cap)
+    offload_arrays(trace, offload, n_slots, scope, cost, max_tokens) -> the o* arrays of loop.run_sim
+
+A part is compiled when its class is exactly a built-in class of strategies/ (a user's subclass may change
+any decision, so it runs in the Python driver, moesim/engine.py). Each built-in class lists the parameters
+its compiled form reads (PARAMS): every parameter of its constructor must be there, or the run refuses it by
+name (`check_params`; tests/test_core.py checks every built-in class), so a knob added to a Python policy can
+never be silently ignored by the compiled path. Learned and precomputed parts (static's static set,
+prefetch tables, host's device set, static_split's host layers) are computed by the Python class's own
+`setup`, so both drivers use the same data by construction.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+
+from ..errors import MoesimError
+from .loop import OFF_COST, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT
+from .policies import POLICY_CODES
+from .requests import encode, next_uses
+from .state import CAP, LW, SCOUNT, STATIC, Params, State, new_state
+
+# class -> (compiled name, the constructor parameters the compiled path reads, directly or through the
+# class's own setup). A parameter missing here is refused by name.
+CACHE = {
+    "strategies.lru.LRU": ("lru", ()),
+    "strategies.fifo.FIFO": ("fifo", ()),
+    "strategies.lfu.LFU": ("lfu", ("decay", "decay_every")),
+    "strategies.lfru.LFRU": ("lfru", ("decay", "alpha")),
+    "strategies.belady.Belady": ("belady", ()),
+    "strategies.static.Static": ("static", ("calibrate_tokens", "calibrate_fraction", "calibrate_trace", "lru_slots")),
+    "strategies.class_lru.ClassLRU": ("class_lru", ("half_life", "classes")),
+    "strategies.activation_aware.ActivationAware": ("activation_aware", ()),
+}
+_TABLE = ("lookahead", "per_layer", "max_inflight")  # strategies.Prefetcher's knobs (the table and the cap)
+_CALIB = ("calibrate_tokens", "calibrate_fraction", "calibrate_trace")
+PREFETCH = {
+    "strategies.oracle.Oracle": ("oracle", _TABLE),
+    "strategies.recorded.Recorded": ("recorded", _TABLE),
+    "strategies.transition.Transition": ("transition", _TABLE + ("reuse_weight",) + _CALIB),
+    "strategies.history.History": ("history", _TABLE + _CALIB),
+}
+_HOST = ("device_set", "share", "fill_first", "load", "max_inflight") + _CALIB
+OFFLOAD = {
+    "strategies.fetch.Fetch": ("fetch", ()),
+    "strategies.static_split.StaticSplit": ("static_split", ("host_layers",)),
+    "strategies.host.Host": ("host", _HOST),
+    "strategies.cost.Cost": ("cost", _HOST),
+}
+OFFLOAD_KIND = {"fetch": OFF_NONE, "static_split": OFF_STATIC_SPLIT, "host": OFF_HOST, "cost": OFF_COST}
+
+
+def class_path(obj_or_cls) -> str:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def builtin(obj, table: dict) -> str | None:
+    """The compiled name of `obj`'s class when it is exactly a built-in class of `table`, else None."""
+    got = table.get(class_path(obj)) if obj is not None else None
+    return got[0] if got else None
+
+
+def check_params(cls, table: dict, where: str) -> None:
+    """Refuse, by name, a constructor parameter of built-in `cls` that the compiled path does not read."""
+    _, reads = table[class_path(cls)]
+    params = [n for n, x in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and x.kind not in (x.VAR_POSITIONAL, x.VAR_KEYWORD)]  # object.__init__'s *args
+    unread = [n for n in params if n not in reads]
+    if unread:
+        raise MoesimError(f"{where}: {class_path(cls)} has parameter(s) {', '.join(unread)} that the compiled core "
+                          f"(moesim/core/parts.py) does not read; add them there, or run with fast=false")
+
+
+def uncovered(cache_policy, prefetcher, offload) -> str | None:
+    """None when the compiled loop runs every part (each exactly a built-in class), else why not."""
+    for obj, table, where in ((cache_policy, CACHE, "strategy.cache"), (prefetcher, PREFETCH, "prefetch"),
+                              (offload, OFFLOAD, "offload")):
+        if obj is None and where != "strategy.cache":
+            continue
+        if builtin(obj, table) is None:
+            return f"{where} is {class_path(obj)}, not a built-in part of strategies/"
+    return None
+
+
+def _context(trace, spec, layers, capacity, scope):
+    from strategies import Context
+
+    return Context(trace, spec, layers, capacity, scope)
+
+
+def cache_state(trace, spec, n_slots: int, scope: str, make_policy) -> tuple[State, Params]:
+    """The empty cache state and constants of the built-in policy `make_policy()` builds, set up as
+    moesim.cache.Cache sets up one instance per partition (static: each partition's static set)."""
+    obj = make_policy()
+    name = builtin(obj, CACHE)
+    if name is None:
+        raise MoesimError(f"strategy.cache: {class_path(obj)} is not compiled; run it with moesim.engine.replay")
+    check_params(type(obj), CACHE, "strategy.cache")
+    L, E = trace.n_layers, trace.spec.experts
+    req = encode(trace)
+    everything = tuple(range(L))
+    if name != "static":  # the constants some policies derive in setup (LFU's period, class_lru's decay)
+        obj.setup(_context(trace, spec, everything if scope == "global" else (0,),
+                           n_slots if scope == "global" else n_slots // L, scope))
+    kpos = koff = None
+    if name == "belady":
+        kpos, koff = _key_positions(req)
+    classes = int(getattr(obj, "classes", 1)) if name == "class_lru" else 1
+    st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" else None,
+                       trace.step_seq().astype(np.int64) if name == "activation_aware" else None, kpos, koff)
+    P = L if scope == "per_layer" else 1
+    if name == "static":  # the reference policy picks the static keys of each partition
+        for p in range(P):
+            layers = everything if scope == "global" else (p,)
+            part = obj if p == 0 else make_policy()
+            part.setup(_context(trace, spec, layers, int(st.I[CAP, p]), scope))
+            for (layer, e), c in part.static.items():
+                st.I[STATIC, layer * E + e] = 1
+                st.I[SCOUNT, layer * E + e] = c
+    if name == "activation_aware":
+        st.F[LW, :L] = obj.layer_weight
+    decay = float(getattr(obj, "decay", 1.0))
+    prm = Params(POLICY_CODES[name], L, E, P, cm, decay, math.log(decay), decay == 1.0,
+                 int(getattr(obj, "period", 1)), float(getattr(obj, "alpha", 0.0)), classes,
+                 float(getattr(obj, "decay_per_pos", 0.0)))
+    return st, prm
+
+
+def _key_positions(req) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, offsets [L * E + 1]): each key's request positions, ascending (Belady's next uses after a
+    prefetch; strategies/belady.py request_positions)."""
+    L, E = req.n_layers, req.n_experts
+    pos = np.repeat(np.arange(len(req.ptr) - 1, dtype=np.int64), np.diff(req.ptr))  # of each element
+    kid = (pos % L) * E + req.ids.astype(np.int64)
+    order = np.lexsort((pos, kid))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(kid, minlength=L * E))]).astype(np.int64)
+    return pos[order], offsets
+
+
+def prefetch_table(trace, prefetcher, n_slots: int, scope: str, nbytes: int) -> tuple[np.ndarray, int]:
+    """(table int16 [S * L, lookahead, width], cap in bytes or -1) of a built-in prefetcher, set up as
+    moesim.engine.replay sets it up; no prefetcher: an empty table."""
+    if prefetcher is None:
+        return np.zeros((0, 0, 0), np.int16), -1
+    from ..units import parse_inflight
+
+    check_params(type(prefetcher), PREFETCH, "prefetch")
+    prefetcher.setup(_context(trace, trace.spec, tuple(range(trace.n_layers)), n_slots, scope))
+    table = np.ascontiguousarray(prefetcher.table, dtype=np.int16)
+    if table.shape[0] < trace.n_steps * trace.n_layers:  # predict() is [] past the table's end
+        pad = np.full((trace.n_steps * trace.n_layers - table.shape[0],) + table.shape[1:], -1, np.int16)
+        table = np.concatenate([table, pad])
+    cap = parse_inflight(prefetcher.max_inflight, nbytes, "prefetch.max_inflight")
+    return table, -1 if cap is None else cap
+
+
+def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: int, nbytes: int) -> tuple:
+    """(oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap): a built-in offload policy, set up as
+    moesim.engine.replay sets it up, as the arrays of moesim.core.loop.offload_decision."""
+    L, E = trace.n_layers, trace.spec.experts
+    oi = np.zeros(3, np.int64)
+    odev = np.zeros(L * E, np.uint8)
+    ohl = np.zeros(L, np.uint8)
+    oshare = np.ones(max_tokens + 1)
+    ofaster = np.zeros(max_tokens + 1, np.uint8)
+    oroom = np.zeros(L, np.int64)
+    opart = np.zeros(L, np.int64)
+    host_cap = -1
+    if offload is None:
+        return oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap
+    from ..units import parse_inflight
+
+    name = builtin(offload, OFFLOAD)
+    check_params(type(offload), OFFLOAD, "offload")
+    offload.setup(_context(trace, trace.spec, tuple(range(L)), n_slots, scope))
+    oi[0] = OFFLOAD_KIND[name]
+    if name == "static_split":
+        ohl[sorted(offload.host)] = 1
+    elif name in ("host", "cost"):
+        oi[1], oi[2] = int(offload.fill_first), int(offload.load)
+        for layer, e in offload.device:
+            odev[layer * E + e] = 1
+        for n in range(max_tokens + 1):  # every routed expert costs the same: the key does not matter
+            oshare[n] = offload.share_at((0, 0), n, cost)
+            if name == "cost":
+                ofaster[n] = offload.fetch_is_faster((0, 0), n, cost)
+        oroom[:len(offload.room)] = offload.room
+        opart[:] = offload.partition_of
+        cap = parse_inflight(offload.max_inflight, nbytes, "offload.max_inflight")
+        host_cap = -1 if cap is None else cap
+    return oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap

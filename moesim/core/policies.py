@@ -1,0 +1,350 @@
+"""The built-in cache policies of strategies/, compiled: each decision function written once against the
+cache state of moesim/core/state.py, called by the loops of moesim/core/loop.py.
+
+    on_request(I, F, seqs, prm, p, pos)      # once per request of partition p, hits or not (aging, clocks)
+    on_access(I, F, seqs, prm, p, pos, kid, next_use)       # a hit
+    on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched)
+    evict_one(I, F, prm, p, mark, pos, prefetch) -> kid | -1   # a victim among unpinned residents; on_evict
+
+The plain-Python classes of strategies/ are the reference (test oracles: tests/test_core.py holds every policy
+to identical counters and events); the same floating-point operations run in the same order.
+"""
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+from .state import (CHEAD, CLS, CTAIL, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT, FROWS, FTAIL,
+                    HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LW, MEMBERS, NEXT, NOW, NTOUCH, PART,
+                    PIN, PREV, PSEQ, SCOUNT, SEEN, SIZE, STATIC, UNIT, heap_min_unpinned, heap_push, heap_remove,
+                    link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
+                    sift_up)
+
+POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
+                "activation_aware": 7}
+RESCALE_AT = 1e100  # strategies/lfu.py: RESCALE_AT
+AA_EPS = 1e-6  # strategies/activation_aware.py: EPS
+
+
+@njit(**HOT)
+def _lfu_rescale(I, F, p, off, pos, period):
+    """strategies/lfu.py LFU._advance, when the factor passes RESCALE_AT: fold it into every count."""
+    u = F[UNIT, p]
+    n = I[HSIZE, p]
+    for i in range(n):
+        F[K1, I[HEAP, off + i]] /= u
+    I[EPOCH0, p] = pos // period
+    F[UNIT, p] = 1.0
+    for i in range(n // 2 - 1, -1, -1):  # heapify: equal counts may now be ordered by touch
+        sift_down(I, F, n, off, i)
+
+
+@njit(**HOT)
+def _lfu_advance(I, F, prm, p, pos):
+    """strategies/lfu.py LFU._advance."""
+    if not prm.decay_is_one:
+        if I[HSIZE, p] == 0:  # nothing counted (start, or after a reset): age from now
+            I[EPOCH0, p] = pos // prm.period
+        u = math.pow(prm.decay, float(I[EPOCH0, p] - pos // prm.period))  # as Python's float ** int
+        F[UNIT, p] = u
+        if u > RESCALE_AT and u != math.inf:  # inf: the reference raises OverflowError; _request reports it
+            _lfu_rescale(I, F, p, p * prm.cm, pos, prm.period)
+
+
+@njit(**HOT)
+def _lfru_use(I, F, prm, p, t, kid):
+    """strategies/lfru.py LFRU._use."""
+    if I[SEEN, kid] == 0:
+        I[SEEN, kid] = 1
+        F[K1, kid] = 0.0
+    else:
+        x = F[K1, kid] + (t - F[LAST, kid]) * prm.log_decay
+        F[K1, kid] = x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+    F[LAST, kid] = t
+    F[NOW, p] = t
+    I[NTOUCH, p] += 1
+    I[K2, kid] = I[NTOUCH, p]
+
+
+# LFRU's front: the residents with a smaller log f than every older one, in the list's order (oldest first,
+# log f falling). Any other key has an older key with no larger log f, whose score is no larger (score =
+# log f + h(age), h(age) = age * log(decay) - alpha * log1p(age) falls with age) and which wins a tie, so
+# the victim is on the front. The floats agree: rounding is monotone and log1p keeps the order of ages (they
+# differ by 1/L steps or more), so the reference's formula on a larger log f and a smaller age never gives a
+# smaller score. Scanning the front (17 of 192 keys per miss on the real trace, global pool) instead of
+# walking the list tripled the timed replay's rate there (0.24 -> 0.7 M layer-steps/s).
+@njit(**HOT)
+def _front_append(I, F, p, kid):
+    """`kid` was just appended to the list: it joins the front if its log f is under everyone's."""
+    t = I[FTAIL, p]
+    if t >= 0 and not F[K1, kid] < F[K1, t]:  # the youngest member holds the least log f of the list
+        return
+    I[FRONT, kid] = 1
+    link_append(I, p, kid, FHEAD, FTAIL, FPREV, FNEXT)
+
+
+@njit(**HOT)
+def _front_remove(I, F, p, kid):
+    """`kid` leaves the list (call before _list_remove). If it was on the front, the keys it alone kept off,
+    those up to its younger neighbour there, are scanned for new members."""
+    if I[FRONT, kid] == 0:
+        return
+    I[FRONT, kid] = 0
+    a, b = I[FPREV, kid], I[FNEXT, kid]
+    least = F[K1, a] if a >= 0 else math.inf  # the least log f older than the scanned key
+    x = I[NEXT, kid]
+    while x != b:  # b: -1 (the list's end) or a list entry younger than kid
+        if F[K1, x] < least:
+            least = F[K1, x]
+            I[FRONT, x] = 1
+            I[FPREV, x] = a
+            if a >= 0:
+                I[FNEXT, a] = x
+            else:
+                I[FHEAD, p] = x
+            a = x
+        x = I[NEXT, x]
+    link_between(I, p, a, b, FHEAD, FTAIL, FPREV, FNEXT)
+
+
+@njit(**HOT)
+def _lfru_victim(I, F, prm, p, mark, everyone):
+    """strategies/lfru.py LFRU.victim: the lowest (log score at `now`, touch) among unpinned residents, all
+    on the front (see above). Members are visited oldest first, so a tie keeps the older touch. Pinned keys
+    are the newest of the list (hits are used, then misses inserted): the first pinned member ends the scan.
+    A prefetch also pins the predicted keys, which may be old: then (`everyone`) the whole list is scanned."""
+    t = F[NOW, p]
+    best = -1
+    best_score = math.inf
+    x = I[HEAD, p] if everyone else I[FHEAD, p]
+    while x >= 0:
+        if I[PIN, x] == mark:
+            if not everyone:
+                break
+        else:
+            age = t - F[LAST, x]
+            score = F[K1, x] + age * prm.log_decay - prm.alpha * math.log1p(age)  # the reference's operations
+            if score < best_score:
+                best = x
+                best_score = score
+        x = I[NEXT, x] if everyone else I[FNEXT, x]
+    return best
+
+
+@njit(**HOT)
+def _static_fallback(I, off, size, mark):
+    """strategies/static.py Static.victim when the LRU area is all pinned: the least used static key
+    (ties: the lower key)."""
+    best = -1
+    for i in range(size):
+        x = I[MEMBERS, off + i]
+        if I[PIN, x] != mark and I[STATIC, x] == 1 and (
+                best < 0 or I[SCOUNT, x] < I[SCOUNT, best] or (I[SCOUNT, x] == I[SCOUNT, best] and x < best)):
+            best = x
+    return best
+
+
+# class_lru: one list per (partition, class) in CHEAD/CTAIL at column p * classes + class ---------------------
+@njit(**HOT)
+def _class_place(I, F, prm, p, pos, kid, add, listed):
+    """strategies/class_lru.py ClassLRU._crf_now + _place: the decayed count at `pos` plus `add`, then to the
+    newest end of its class's list (`listed`: it is on a list now and leaves it first)."""
+    c = 0.0 if I[SEEN, kid] == 0 else F[K1, kid] * math.exp((pos - I[K2, kid]) * prm.decay_per_pos)
+    crf = c + add
+    I[SEEN, kid] = 1
+    F[K1, kid] = crf
+    I[K2, kid] = pos  # the position of the last use (and of the count's last update)
+    cls = min(prm.classes - 1, int(math.floor(math.log2(crf)))) if crf >= 1 else 0
+    C = prm.classes
+    if listed:
+        link_between(I, p * C + I[CLS, kid], I[PREV, kid], I[NEXT, kid], CHEAD, CTAIL, PREV, NEXT)
+    I[CLS, kid] = cls
+    link_append(I, p * C + cls, kid, CHEAD, CTAIL, PREV, NEXT)
+
+
+@njit(**HOT)
+def _class_victim(I, prm, p, mark, pos):
+    """ClassLRU.victim: of each class list's oldest unpinned key, the one with the largest age / 2**class (ties:
+    the lower class)."""
+    C = prm.classes
+    best = -1
+    best_age = -1.0
+    for c in range(C):
+        x = I[CHEAD, p * C + c]
+        while x >= 0 and I[PIN, x] == mark:
+            x = I[NEXT, x]
+        if x >= 0:
+            age = (pos - I[K2, x]) / 2.0 ** c
+            if age > best_age:
+                best = x
+                best_age = age
+    return best
+
+
+# activation_aware: per key EAM (this sequence), FREQ (since the start); per layer their totals -------------
+@njit(**HOT)
+def _aa_at(I, prm, seqs, p, pos):
+    """ActivationAware._at: a new sequence empties the current matrix of the partition's layers."""
+    seq = seqs[pos // prm.L]
+    if seq != I[PSEQ, p]:
+        I[PSEQ, p] = seq
+        E = prm.E
+        for layer in range(prm.L):
+            if I[PART, layer] == p:
+                I[EROWS, layer] = 0
+                for e in range(E):
+                    I[EAM, layer * E + e] = 0
+
+
+@njit(**HOT)
+def _aa_use(I, prm, p, kid):
+    layer = kid // prm.E
+    I[EAM, kid] += 1
+    I[EROWS, layer] += 1
+    I[FREQ, kid] += 1
+    I[FROWS, layer] += 1
+    I[NTOUCH, p] += 1
+    I[K2, kid] = I[NTOUCH, p]
+
+
+@njit(**HOT)
+def _aa_victim(I, F, prm, p, mark):
+    """ActivationAware.victim: the lowest (priority, touch) among unpinned residents, a scan of the members."""
+    off = p * prm.cm
+    best = -1
+    best_prio = 0.0
+    for i in range(I[SIZE, p]):
+        x = I[MEMBERS, off + i]
+        if I[PIN, x] == mark:
+            continue
+        layer = x // prm.E
+        er, fr = I[EROWS, layer], I[FROWS, layer]
+        share = I[EAM, x] / er if er else 0.0
+        freq = I[FREQ, x] / fr if fr else 0.0
+        prio = (share + AA_EPS) * (freq + AA_EPS) * F[LW, layer]
+        if best < 0 or prio < best_prio or (prio == best_prio and I[K2, x] < I[K2, best]):
+            best = x
+            best_prio = prio
+    return best
+
+
+# dispatch ---------------------------------------------------------------------------------------------------
+@njit(**HOT)
+def on_request(I, F, seqs, prm, p, pos):
+    """What a policy does at every request of its partition, with hits or not (Cache.lookup calls on_access
+    at every position): LFU ages, LFRU's clock moves, activation_aware notices a new sequence."""
+    code = prm.code
+    if code == 2:
+        _lfu_advance(I, F, prm, p, pos)
+    elif code == 3:
+        F[NOW, p] = pos / prm.L
+    elif code == 7:
+        _aa_at(I, prm, seqs, p, pos)
+
+
+@njit(**HOT)
+def on_access(I, F, prm, p, pos, kid, next_use):
+    """The policy's on_access for one hit (after on_request)."""
+    code = prm.code
+    if code == 0 or (code == 5 and I[STATIC, kid] == 0):  # lru, static's LRU area: to the newest end
+        list_remove(I, p, kid)
+        list_append(I, p, kid)
+    elif code == 2:  # lfu: count + unit, a new touch; its rank only grows
+        I[NTOUCH, p] += 1
+        F[K1, kid] = F[K1, kid] + F[UNIT, p]
+        I[K2, kid] = I[NTOUCH, p]
+        sift_down(I, F, I[HSIZE, p], p * prm.cm, I[HPOS, kid])
+    elif code == 3:  # lfru: its list is in order of last use
+        _front_remove(I, F, p, kid)
+        list_remove(I, p, kid)
+        _lfru_use(I, F, prm, p, pos / prm.L, kid)
+        list_append(I, p, kid)
+        _front_append(I, F, p, kid)
+    elif code == 4:  # belady: the next use after pos; -next use only falls
+        F[K1, kid] = -float(next_use)
+        sift_up(I, F, p * prm.cm, I[HPOS, kid])
+    elif code == 6:
+        _class_place(I, F, prm, p, pos, kid, 1.0, True)
+    elif code == 7:
+        _aa_use(I, prm, p, kid)
+
+
+@njit(**HOT)
+def on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched):
+    """The policy's on_insert: `kid` becomes resident at `pos` (call before SIZE grows)."""
+    code = prm.code
+    if code <= 1:
+        list_append(I, p, kid)
+    elif code == 2:
+        _lfu_advance(I, F, prm, p, pos)
+        I[NTOUCH, p] += 1
+        F[K1, kid] = 0.0 + F[UNIT, p]
+        I[K2, kid] = I[NTOUCH, p]
+        heap_push(I, F, p, p * prm.cm, kid)
+    elif code == 3:
+        _lfru_use(I, F, prm, p, pos / prm.L, kid)
+        list_append(I, p, kid)
+        _front_append(I, F, p, kid)
+    elif code == 4:
+        F[K1, kid] = -float(next_use)
+        I[K2, kid] = kid
+        heap_push(I, F, p, p * prm.cm, kid)
+    elif code == 5:
+        member_add(I, p, p * prm.cm, kid)
+        if I[STATIC, kid] == 0:
+            list_append(I, p, kid)
+    elif code == 6:  # a prefetched load enters its class's list without counting as a use
+        _class_place(I, F, prm, p, pos, kid, 0.0 if prefetched else 1.0, False)
+    else:
+        _aa_at(I, prm, seqs, p, pos)
+        if prefetched:  # not a request: it ranks as unused so far
+            I[NTOUCH, p] += 1
+            I[K2, kid] = I[NTOUCH, p]
+        else:
+            _aa_use(I, prm, p, kid)
+        member_add(I, p, p * prm.cm, kid)
+
+
+@njit(**HOT)
+def evict_one(I, F, prm, p, mark, pos, prefetch):
+    """Choose the policy's victim among the unpinned residents of partition p at `pos` (for a prefetch:
+    `prefetch`) and remove it from the policy's structures (on_evict). Returns it, or -1 if every resident is
+    pinned."""
+    code = prm.code
+    off = p * prm.cm
+    if code <= 1 or code == 5:  # the oldest list entry not pinned
+        v = I[HEAD, p]
+        while v >= 0 and I[PIN, v] == mark:
+            v = I[NEXT, v]
+        if v >= 0:
+            list_remove(I, p, v)
+            if code == 5:
+                member_remove(I, p, off, v)
+        elif code == 5:
+            v = _static_fallback(I, off, I[SIZE, p], mark)
+            if v >= 0:
+                member_remove(I, p, off, v)
+        return v
+    if code == 3:
+        v = _lfru_victim(I, F, prm, p, mark, prefetch)
+        if v >= 0:
+            _front_remove(I, F, p, v)
+            list_remove(I, p, v)
+        return v
+    if code == 6:
+        v = _class_victim(I, prm, p, mark, pos)
+        if v >= 0:
+            link_between(I, p * prm.classes + I[CLS, v], I[PREV, v], I[NEXT, v], CHEAD, CTAIL, PREV, NEXT)
+        return v
+    if code == 7:
+        v = _aa_victim(I, F, prm, p, mark)
+        if v >= 0:
+            member_remove(I, p, off, v)
+        return v
+    v = I[HEAP, off] if I[HSIZE, p] > 0 else -1  # lfu, belady: the heap's root unless it is pinned
+    if v >= 0 and I[PIN, v] == mark:
+        v = heap_min_unpinned(I, F, p, off, mark)
+    if v >= 0:
+        heap_remove(I, F, p, off, v)
+    return v

@@ -1,0 +1,395 @@
+"""The compiled core (moesim/core/) against its oracles: the Python driver (moesim/engine.py) with the
+plain-Python parts of strategies/.
+
+    python -m pytest tests/test_core.py -q
+
+Every built-in cache policy, prefetcher and offload policy, both scopes, several budgets, reset_per_seq on
+and off, on random traces with batched steps, several sequences and -1 entries: counters, prefetch outcomes,
+served-request counts and every profiler event must be identical.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim import core
+from moesim.units import parse_budget
+from moesim.engine import hit_counts as reference_hit_counts
+from moesim.errors import MoesimError
+from moesim.trace import ModelSpec, from_arrays
+
+POLICY_PARAMS = {  # each policy with its defaults and with parameters that change its decisions
+    "lru": [{}],
+    "fifo": [{}],
+    "lfu": [{}, {"decay": 0.5, "decay_every": 7}, {"decay": 0.01, "decay_every": 1}],  # the last rescales
+    "lfru": [{}, {"decay": 0.7, "alpha": 2.0}, {"decay": 1.0, "alpha": 0.0}],
+    "belady": [{}],
+    "static": [{}, {"calibrate_tokens": 40, "lru_slots": 4}],
+    "class_lru": [{}, {"half_life": 3.0, "classes": 3}],
+    "activation_aware": [{}],
+}
+
+
+def random_trace(seed: int, T: int = 300, L: int = 3, E: int = 8, K: int = 2, max_batch: int = 3,
+                 p_missing: float = 0.05, skew: float = 1.2, predicted: bool = False):
+    """Tokens with Zipf-like skewed routing, steps of 1..max_batch tokens, a new sequence now and then,
+    and some -1 entries (fewer than K experts chosen)."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, E + 1) ** skew
+    experts = np.empty((T, L, K), np.int16)
+    for t in range(T):
+        for l in range(L):
+            perm = rng.permutation(E)
+            pr = w[perm] / w[perm].sum()
+            experts[t, l] = rng.choice(perm, size=K, replace=False, p=pr)
+    experts[rng.random((T, L, K)) < p_missing] = -1
+    sizes = rng.integers(1, max_batch + 1, size=T)
+    step = np.repeat(np.arange(T), sizes)[:T]
+    seq = np.cumsum(rng.random(T) < 0.03).astype(np.int32)
+    seq = seq[np.searchsorted(step, step, side="left")]  # a step belongs to one sequence
+    spec = ModelSpec("tiny", L, E, K, 16, 16)
+    guess = None
+    if predicted:  # a noisy guess of each layer's experts: the true ones, a third replaced at random
+        guess = np.where(rng.random((T, L, K)) < 0.33, rng.integers(0, E, (T, L, K)), experts).astype(np.int16)
+    return from_arrays(spec, experts, np.ones((T, L, K), np.float16), step=step, seq=seq, predicted=guess)
+
+
+def reference_counters(trace, policy, params, slots, scope, reset):
+    cls = core.reference_class(policy)
+    return reference_hit_counts(trace, lambda: cls(**params), slots, scope, reset).to_dict()
+
+
+def max_request(trace) -> int:
+    req = core.encode(trace)
+    return int(np.diff(req.ptr).max())
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_PARAMS))
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_core_equals_reference(policy, scope):
+    for seed in range(3):
+        trace = random_trace(seed, max_batch=1 if seed == 0 else 3)
+        L, E = trace.n_layers, trace.spec.experts
+        need = max_request(trace)  # every request must fit its partition (pinned while it computes)
+        per_layer = [need, need + 1, E - 1, E] if scope == "per_layer" else None
+        budgets = [n * L for n in per_layer] if per_layer else [need, need + 2, 2 * need + 1, L * E // 2, L * E]
+        for params in POLICY_PARAMS[policy]:
+            for slots in budgets:
+                b = parse_budget(slots, trace.spec, scope)
+                for reset in (False, True):
+                    if reset and params.get("decay") == 0.01:
+                        continue  # the reference LFU overflows math.exp after a late reset (reported)
+                    want = reference_counters(trace, policy, params, slots, scope, reset)
+                    got = core.hit_counts(trace, policy, params, b.slots, scope, reset)
+                    assert got == want, (policy, params, scope, slots, reset, seed)
+
+
+def test_core_equals_reference_long_trace():
+    """A longer trace with more experts: evictions from deep inside the heaps and lists."""
+    trace = random_trace(11, T=1500, L=2, E=24, K=4, max_batch=2, skew=0.8)
+    need = max_request(trace)
+    for policy, plist in POLICY_PARAMS.items():
+        for params in plist:
+            for scope, slots in (("per_layer", 2 * max(need, 9)), ("global", 2 * need + 5)):
+                want = reference_counters(trace, policy, params, slots, scope, False)
+                got = core.hit_counts(trace, policy, params, slots, scope, False)
+                assert got == want, (policy, params, scope, slots)
+                assert got["evictions"] > 0
+
+
+def test_encode_matches_engine_step_requests():
+    from moesim.engine import step_requests
+
+    trace = random_trace(5, max_batch=4)
+    req = core.encode(trace)
+    L = trace.n_layers
+    for s, _, n_tokens, layers in step_requests(trace):
+        assert req.step_tokens[s] == n_tokens
+        for layer, (ids, counts) in enumerate(layers):
+            a, b = req.ptr[s * L + layer], req.ptr[s * L + layer + 1]
+            assert req.ids[a:b].tolist() == list(ids)
+            assert req.token_counts()[a:b].tolist() == (list(counts) if counts is not None else [1] * len(ids))
+
+
+def test_wide_requests_are_served_in_waves():
+    """Batched steps whose layer needs more experts than its slots: the engine serves them in waves of at
+    most that many, hits first; so does the core (counters and sim events)."""
+    trace = random_trace(3, max_batch=6, p_missing=0.0)
+    assert max_request(trace) > 2 * trace.top_k
+    K, L = trace.top_k, trace.n_layers
+    for policy, plist in POLICY_PARAMS.items():
+        for scope, slots in (("per_layer", K * L), ("per_layer", (K + 1) * L), ("global", K), ("global", K + 3)):
+            params = plist[min(1, len(plist) - 1)]
+            want = reference_counters(trace, policy, params, slots, scope, True)
+            assert core.hit_counts(trace, policy, params, slots, scope, True) == want, (policy, scope, slots)
+            if slots in (K * L, K):
+                ref, prof, _, stats, _ = reference_sim(trace, policy, params, slots, scope, False, "h200")
+                got = core_sim(trace, policy, params, slots, scope, "h200", False)
+                assert got.counters == ref and got.request_stats == stats
+                for x, y in zip(got.profiler.arrays(), prof.arrays()):
+                    np.testing.assert_array_equal(x, y)
+
+
+def test_bad_params_refused_like_the_reference():
+    trace = random_trace(1)
+    with pytest.raises(MoesimError, match="decay"):
+        core.hit_counts(trace, "lfu", {"decay": 2.0}, 12, "per_layer")
+    with pytest.raises(MoesimError, match="unknown compiled policy"):
+        core.hit_counts(trace, "arc", {}, 12, "per_layer")
+
+
+def _cpu_profile():
+    """A profile as `calibrate` writes it on device=cpu: an FFN and a copy table, the replay's own costs."""
+    import dataclasses
+
+    from moesim.hardware import PRESETS
+
+    return dataclasses.replace(
+        PRESETS["rtx-4090"], name="cpu-like", layer_overhead_us=31.5, expert_overhead_us=4.25,
+        load_overhead_us=22.0, writeback_us_per_mib=7.5, serial_copies=True,
+        copy_table=[{"pinned": True, "bytes": 2**10, "ms": 0.01}, {"pinned": True, "bytes": 2**30, "ms": 90.0}],
+        ffn_table=[{"where": "device", "tokens": t, "expert_bytes": 2**12, "ms": 0.1 * t ** 0.9} for t in (1, 2, 4)])
+
+
+CPU_PROFILE = _cpu_profile()
+
+
+def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetcher=None, offload=None):
+    """The Python driver with the sim backend: (counters, profiler, device bytes, request stats, prefetch)."""
+    from moesim.backends.sim import SimBackend
+    from moesim.cache import Cache
+    from moesim.engine import replay
+    from moesim.hardware import Cost
+    from moesim.profiler import Profiler
+
+    cls = core.reference_class(policy)
+    cache = Cache(trace.spec, slots, scope, lambda: cls(**params), trace)
+    backend, profiler = SimBackend(hardware), Profiler(trace.n_layers)
+    backend.setup(trace.spec, slots, profiler)
+    counters = replay(trace, cache, backend, prefetcher() if prefetcher else None, offload() if offload else None,
+                      Cost(backend.hardware, trace.spec), reset_per_seq=reset)
+    pf = (cache.prefetch.used, cache.prefetch.wasted, len(cache.prefetch.unused))
+    return counters.to_dict(), profiler, backend.device_bytes(), backend.request_stats(), pf
+
+
+def core_sim(trace, policy, params, slots, scope, hardware, reset, prefetcher=None, offload=None):
+    cls = core.reference_class(policy)
+    return core.simulate(trace, trace.spec, slots, scope, lambda: cls(**params), prefetcher() if prefetcher else None,
+                         offload() if offload else None, hardware, reset)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_PARAMS))
+def test_replay_sim_equals_engine_with_sim_backend(policy):
+    """Same counters and the same events (copies, layer computes, steps) as the engine + SimBackend: per-step
+    latencies and stalls, metrics and tables then agree (equal floats: the same operations in the same order)."""
+    for seed, scope, reset in ((0, "per_layer", False), (1, "global", True), (2, "per_layer", True)):
+        trace = random_trace(seed, max_batch=1 + seed)
+        need = max_request(trace)
+        slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        for params in POLICY_PARAMS[policy][:2]:
+            for hw in ("h200", "rtx-4090", CPU_PROFILE):
+                want, prof, dev_bytes, stats, _ = reference_sim(trace, policy, params, slots, scope, reset, hw)
+                got = core_sim(trace, policy, params, slots, scope, hw, reset)
+                assert got.counters == want
+                assert got.device_bytes == dev_bytes
+                assert got.request_stats == stats
+                for a, b in zip(got.profiler.arrays(), prof.arrays()):
+                    assert a.shape == b.shape
+                    np.testing.assert_array_equal(a, b)
+                assert got.profiler.metrics() == prof.metrics()
+                assert got.profiler.steps_table().equals(prof.steps_table())
+                assert got.profiler.layers_table().equals(prof.layers_table())
+
+
+@pytest.mark.parametrize("params", POLICY_PARAMS["lfru"])
+def test_lfru_global_pool_equals_reference(params):
+    """LFRU in a global pool of many slots, where its victim is searched on the front (core.py: keys with a
+    smaller log f than every older one) and ties are frequent (decay 1, alpha 0: log f = log count): the
+    same counters and events as the reference, with and without resets, wide requests served in waves."""
+    trace = random_trace(12, T=600, L=4, E=16, K=3, max_batch=3, skew=0.9)
+    need = max_request(trace)
+    for slots, reset in ((need - 2, False), (need + 3, True), (2 * need, False), (40, True)):
+        want, prof, _, stats, _ = reference_sim(trace, "lfru", params, slots, "global", reset, "h200")
+        got = core_sim(trace, "lfru", params, slots, "global", "h200", reset)
+        assert got.counters == want and got.request_stats == stats, (params, slots, reset)
+        assert want["evictions"] > 0
+        for a, b in zip(got.profiler.arrays(), prof.arrays()):
+            np.testing.assert_array_equal(a, b)
+        assert core.hit_counts(trace, "lfru", params, slots, "global", reset) == want
+
+
+def test_replay_sim_with_shared_experts_and_batches():
+    """A model with shared experts (their time depends on the step's tokens) and batched steps."""
+    spec = ModelSpec("tiny-shared", 3, 8, 2, 64, 32, shared_experts=2, shared_ffn=48)
+    base = random_trace(4, max_batch=5)
+    trace = from_arrays(spec, base.experts, base.weights, step=base.step, seq=base.seq)
+    slots = 3 * max_request(trace) + 3
+    want, prof, _, _, _ = reference_sim(trace, "lru", {}, slots, "global", False, "h200")
+    got = core_sim(trace, "lru", {}, slots, "global", "h200", False)
+    assert got.counters == want
+    for a, b in zip(got.profiler.arrays(), prof.arrays()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hit_flags_mark_the_hits():
+    trace = random_trace(8, max_batch=2)
+    slots = 2 * max_request(trace) + 1
+    for policy in ("lru", "belady"):
+        flags = core.hit_flags(trace, policy, {}, slots, "global")
+        assert flags.shape == core.encode(trace).ids.shape
+        assert int(flags.sum()) == core.hit_counts(trace, policy, {}, slots, "global")["hits"]
+    # the first request of every key is a miss
+    req = core.encode(trace)
+    layer = np.repeat(np.arange(len(req.ptr) - 1) % trace.n_layers, np.diff(req.ptr))
+    _, first = np.unique(layer * 100 + req.ids, return_index=True)
+    assert not flags[first].any()
+
+
+def test_lfu_strong_decay_after_late_resets_equals_the_reference():
+    """decay=0.01 per position with resets: LFU ages from each reset, so no power overflows (it did once)."""
+    trace = random_trace(0, T=300, L=3)
+    params = {"decay": 0.01, "decay_every": 1}
+    ref = reference_counters(trace, "lfu", params, 12, "global", True)
+    assert core.hit_counts(trace, "lfu", params, 12, "global", True) == ref
+
+
+def test_lfu_decay_with_reset_per_seq_stays_finite_and_equal():
+    """After a reset LFU ages from the reset on: 6000 steps of decay 0.5 per step would overflow otherwise."""
+    from strategies.lfu import LFU
+
+    spec = ModelSpec("toy", layers=2, experts=8, top_k=2, hidden=4, ffn=4)
+    rng = np.random.default_rng(0)
+    e = np.array([[rng.permutation(8)[:2] for _ in range(2)] for _ in range(6000)])
+    tr = from_arrays(spec, e, np.ones(e.shape) / 2, seq=np.repeat(np.arange(6), 1000))
+    for scope, budget in (("per_layer", 8), ("global", 5)):
+        ref = reference_hit_counts(tr, lambda: LFU(decay=0.5, decay_every=2), budget, scope, reset_per_seq=True)
+        got = core.hit_counts(tr, "lfu", {"decay": 0.5, "decay_every": 2}, budget, scope, True)
+        assert (got["hits"], got["evictions"]) == (ref.hits, ref.evictions)
+
+
+def test_a_slow_first_call_says_it_is_compiling(capsys):
+    import time
+    from types import SimpleNamespace
+
+    cold, warm = SimpleNamespace(signatures=[]), SimpleNamespace(signatures=["(int64,)"])
+    with core.compile_notice(cold, after_s=0.05):
+        time.sleep(0.3)
+    assert "compiling the replay loop" in capsys.readouterr().err
+    with core.compile_notice(warm, after_s=0.0):
+        time.sleep(0.1)
+    with core.compile_notice(cold, after_s=5.0):  # returned in time: nothing said
+        pass
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""
+
+
+def _parts():
+    """Every built-in prefetcher and offload policy with parameters that change their decisions."""
+    from strategies.cost import Cost
+    from strategies.fetch import Fetch
+    from strategies.history import History
+    from strategies.host import Host
+    from strategies.oracle import Oracle
+    from strategies.recorded import Recorded
+    from strategies.static_split import StaticSplit
+    from strategies.transition import Transition
+
+    prefetchers = {
+        "oracle": lambda: Oracle(),
+        "oracle-4-capped": lambda: Oracle(lookahead=4, per_layer=2, max_inflight="1 experts"),
+        "recorded": lambda: Recorded(),
+        "transition": lambda: Transition(lookahead=2, calibrate_fraction=0.3),
+        "history": lambda: History(per_layer=3, max_inflight=3 * 16 * 16 * 3 * 2),
+    }
+    offloads = {
+        "fetch": lambda: Fetch(),
+        "host-half": lambda: Host(share=0.5),
+        "host-auto-fill-load": lambda: Host(share="auto", fill_first=True, load=True, max_inflight="2 experts"),
+        "host-popular": lambda: Host(device_set="popular", share=0.7, calibrate_fraction=0.3),
+        "cost": lambda: Cost(),
+        "static_split": lambda: StaticSplit(host_layers=[1]),
+    }
+    return prefetchers, offloads
+
+
+def _assert_same(got, want):
+    counters, prof, dev_bytes, stats, pf = want
+    assert got.counters == counters
+    assert tuple(got.prefetch) == pf
+    assert got.request_stats == stats
+    assert got.device_bytes == dev_bytes
+    for a, b in zip(got.profiler.arrays(), prof.arrays()):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def _host_profile():
+    """rtx-4090 with slow copies, so that the cost rule sends misses of few tokens to the host."""
+    import dataclasses
+
+    from moesim.hardware import PRESETS
+
+    base = PRESETS["rtx-4090"]
+    return dataclasses.replace(base, name="slow-copies", h2d_pinned_gbps=1e-4, h2d_pageable_gbps=1e-4)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_PARAMS))
+def test_prefetch_and_offload_equal_the_python_driver(policy):
+    """Every cache policy with every built-in prefetcher and with every built-in offload policy, both scopes,
+    with resets and batched steps: the same decisions and the same events as the Python driver."""
+    prefetchers, offloads = _parts()
+    params = POLICY_PARAMS[policy][-1]
+    for seed, scope, reset in ((0, "per_layer", False), (1, "global", True)):
+        trace = random_trace(seed, max_batch=1 + 2 * seed, predicted=True)
+        need = max_request(trace)
+        slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        for name, make in prefetchers.items():
+            for hw in ("rtx-4090", CPU_PROFILE):
+                want = reference_sim(trace, policy, params, slots, scope, reset, hw, prefetcher=make)
+                assert want[0]["prefetch_loads"] > 0, name
+                _assert_same(core_sim(trace, policy, params, slots, scope, hw, reset, prefetcher=make), want)
+        for name, make in offloads.items():
+            for hw in (_host_profile(), CPU_PROFILE):
+                want = reference_sim(trace, policy, params, slots, scope, reset, hw, offload=make)
+                if name != "fetch" and hw is not CPU_PROFILE:
+                    assert want[0]["host_computes"] > 0, name
+                _assert_same(core_sim(trace, policy, params, slots, scope, hw, reset, offload=make), want)
+        both = reference_sim(trace, policy, params, slots, scope, reset, "h200", prefetchers["transition"],
+                             offloads["host-auto-fill-load"])
+        _assert_same(core_sim(trace, policy, params, slots, scope, "h200", reset, prefetchers["transition"],
+                              offloads["host-auto-fill-load"]), both)
+
+
+def test_every_parameter_of_a_built_in_part_reaches_the_core():
+    """A knob added to a built-in Python part and not to moesim/core/parts.py is refused, never ignored."""
+    import importlib
+
+    from moesim.core import parts
+
+    for table, where in ((parts.CACHE, "strategy.cache"), (parts.PREFETCH, "prefetch"), (parts.OFFLOAD, "offload")):
+        for path in table:
+            module, name = path.rsplit(".", 1)
+            cls = getattr(importlib.import_module(module), name)
+            parts.check_params(cls, table, where)  # raises if a constructor parameter is not read
+
+    from strategies.lfu import LFU
+
+    class Knob(LFU):
+        def __init__(self, decay: float = 1.0, decay_every=None, new_knob: int = 3):
+            super().__init__(decay, decay_every)
+
+    table = {parts.class_path(Knob): ("lfu", ("decay", "decay_every"))}
+    with pytest.raises(MoesimError, match="new_knob"):
+        parts.check_params(Knob, table, "strategy.cache")
+
+
+def test_user_parts_are_not_compiled():
+    from strategies.lru import LRU
+    from strategies.oracle import Oracle
+
+    class MyLRU(LRU):
+        pass
+
+    assert core.uncovered(LRU(), Oracle(), None) is None
+    assert "MyLRU" in core.uncovered(MyLRU(), None, None)
+    assert "prefetch" in core.uncovered(LRU(), type("MyOracle", (Oracle,), {})(), None)
