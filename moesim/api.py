@@ -61,7 +61,7 @@ def load_trace(path_or_preset) -> Trace:
     `t = moesim.load_trace("gpt-oss-like"); moesim.simulate(t, strategy="lru")`."""
     from .importers import open_trace
 
-    return open_trace(os.fspath(path_or_preset) if isinstance(path_or_preset, os.PathLike) else str(path_or_preset))
+    return open_trace(str(path_or_preset))  # a Path's str is its file system path
 
 
 def sweep(trace, strategies=("lru",), budgets=("25%",), hardware=("rtx-4090",), backend="sim", *, out=None,
@@ -95,9 +95,10 @@ def sweep(trace, strategies=("lru",), budgets=("25%",), hardware=("rtx-4090",), 
                 name = cell_name([f"strategy={_strategy_label(s)}", f"budget={b}", f"hardware={h}"], swept)
                 cells.append((name, compose_run(label, s, b, h, backend, overrides, options)))
     names = [n for n, _ in cells]
-    if len(set(names)) < len(names):
-        raise MoesimError(f"sweep: two runs would share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
-                          "give every strategy a different name")
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:
+        raise MoesimError(f"sweep: several runs would be named {', '.join(shared)}: give every strategy a "
+                          "different name (a dict's or .yaml file's `name:`)")
     results = []
     for name, cfg in tqdm(cells, desc="sweep", unit="run", file=sys.stderr, disable=None if progress else True):
         result = replay_config(cfg, opened)
@@ -195,11 +196,27 @@ def compose_run(trace, strategy=None, budget=None, hardware=None, backend=None, 
     for o in overrides:
         if not isinstance(o, str) or "=" not in o:
             raise MoesimError(f"overrides: {o!r} is not a Hydra override 'key=value' (e.g. 'strategy.cache.decay=0.5')")
-    cfg = compose("run", [*args, *overrides])
+    # with a strategy file or dict, `strategy.*` overrides apply to that block, not to the composed stand-in
+    inner = [o for o in overrides if block is not None and o.startswith("strategy.")]
+    cfg = compose("run", [*args, *(o for o in overrides if o not in inner)])
     if block is not None:
         with open_dict(cfg):
-            cfg.strategy = OmegaConf.merge({"prefetch": None, "offload": None}, block)
+            cfg.strategy = _override_block(OmegaConf.merge({"prefetch": None, "offload": None}, block), inner)
     return cfg
+
+
+def _override_block(block, overrides: list[str]):
+    """`block` with the dotted `strategy.a.b=value` overrides applied; a key the block lacks is refused."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    OmegaConf.set_struct(block, True)  # as Hydra does: an override may change a key, not invent one
+    try:
+        block.merge_with(OmegaConf.from_dotlist([o[len("strategy."):] for o in overrides]))
+    except OmegaConfBaseException as e:
+        raise MoesimError(f"overrides: {', '.join(overrides)}: {' '.join(str(e).split())}") from None
+    OmegaConf.set_struct(block, False)
+    return block
 
 
 def run_option_names() -> set[str]:
@@ -303,8 +320,8 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
     from omegaconf import OmegaConf
 
     from .hardware import load_hardware
+    from .models import scale_spec, stored_spec
     from .report import version_info
-    from .trace import scale_spec, stored_spec
 
     cfg = resolve_strategy(cfg)
     if trace is None:

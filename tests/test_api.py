@@ -95,6 +95,13 @@ def test_a_strategy_as_a_dict_or_a_yaml_file_equals_the_built_in_with_the_same_p
     for key in ("hits", "loads", "tokens_per_s"):
         assert as_dict[key] == as_file[key] == built_in[key], key
 
+    # dotted strategy overrides reach the given block, and refuse a key it does not have
+    plain = {"name": "my_lfu", "cache": {"_target_": "strategies.lfu.LFU", "decay": 1.0}}
+    overridden = moesim.simulate(trace, strategy=plain, overrides=["strategy.cache.decay=0.5"])
+    assert overridden.config["strategy"]["cache"]["decay"] == 0.5 and overridden.summary["hits"] == built_in["hits"]
+    with pytest.raises(MoesimError, match="strategy.cache.nosuch"):
+        moesim.simulate(trace, strategy=yaml_file, overrides=["strategy.cache.nosuch=1"])
+
 
 @pytest.mark.parametrize("call, words", [
     ({"scop": "global"}, ["'scop'", "scope", "reset_per_seq"]),
@@ -168,6 +175,9 @@ def test_sweep_has_one_row_per_run_and_the_sweep_commands_columns(tiny, tmp_path
                                   written.drop(columns="dir").reset_index(drop=True), check_dtype=False)
 
 
-def test_sweep_refuses_an_empty_axis(tiny):
+def test_sweep_refuses_an_empty_axis_and_runs_of_one_name(tiny):
     with pytest.raises(MoesimError, match="budgets is empty"):
         moesim.sweep(tiny[1], budgets=[])
+    twin = {"name": "mine", "cache": {"_target_": "strategies.lru.LRU"}}
+    with pytest.raises(MoesimError, match="strategy=mine"):
+        moesim.sweep(tiny[1], strategies=[twin, dict(twin)], progress=False)
