@@ -391,28 +391,28 @@ class Execution:
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
             progress: bool = False, fast="auto") -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
-    `backend_cfg` with `n_slots` slots in `scope`: the compiled loop where it covers the run, else the Python
-    loop (engine.replay). `spec` is the stored model (scale and dtype applied)."""
+    `backend_cfg` with `n_slots` slots in `scope`: the compiled core (moesim/core/) where every part is built in
+    and the backend is sim, else the Python driver (moesim/engine.py), which calls a user's Python parts and
+    drives the torch backend. `spec` is the stored model (scale and dtype applied). `fast`: auto (the core
+    where it covers the run), true (refuse a run it does not cover, saying why), false (the Python driver)."""
     from hydra.utils import instantiate
 
+    from . import core
     from .hardware import Cost
     from .profiler import Profiler
 
     make_policy = lambda: instantiate(strat.cache)  # noqa: E731  one instance per partition
-    cache = Cache(spec, n_slots, scope, make_policy, trace)
     prefetcher = instantiate(strat.prefetch) if strat.get("prefetch") else None
     offload = instantiate(strat.offload) if strat.get("offload") else None
     backend = instantiate(backend_cfg, hardware=hardware)
-    bound = any(getattr(x, "bound", False) for x in (cache.partitions[0].policy, prefetcher, offload)
-                if x is not None)
-    compiled = fast_path(fast, strat, backend_cfg, prefetcher, offload)
-    if compiled is not None:  # the same decisions and clocks, compiled (tests/test_fast.py checks equality)
-        from . import fast as fast_mod
-
-        sim = fast_mod.replay_sim(trace, *compiled, n_slots, scope, hardware, reset_per_seq,
-                                  pinned=bool(backend_cfg.get("pinned", True)), spec=spec)
-        return Execution(Counters(**sim.counters), cache.prefetch, sim.profiler, sim.request_stats,
+    first = make_policy()
+    bound = any(getattr(x, "bound", False) for x in (first, prefetcher, offload) if x is not None)
+    if compiled_run(fast, backend, first, prefetcher, offload):  # tests/test_core.py: equal to the Python driver
+        sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
+                            reset_per_seq, pinned=backend.pinned)
+        return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
+    cache = Cache(spec, n_slots, scope, make_policy, trace)
     profiler = Profiler(n_layers=spec.layers)
     backend.setup(spec, n_slots, profiler)
     counters = replay(trace, cache, backend, prefetcher, offload, Cost(hardware, spec),
@@ -421,24 +421,22 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
 
 
-def fast_path(mode, strat, backend_cfg, prefetcher, offload) -> tuple[str, dict] | None:
-    """(policy, params) when `fast=auto|true` and the compiled loop of moesim/fast.py covers this run
-    (backend sim, a built-in cache policy, no prefetcher, no offload policy); else None (the Python loop).
-    `mode` is the run's `fast=` value: `true` refuses a run it does not cover; `fast=false` always takes the Python loop."""
-    mode = str(mode).lower()
-    if mode in ("false", "off", "no"):
-        return None
-    from . import fast
+def compiled_run(mode, backend, cache_policy, prefetcher, offload) -> bool:
+    """Whether the compiled core runs this run: `mode` is the run's `fast=` (auto: where it covers the run;
+    true: refuse, saying why, a run it does not cover; false: never)."""
+    from . import core
+    from .backends.sim import SimBackend
 
-    compiled = fast.compiled_policy(strat.cache)
-    covered = (str(backend_cfg.get("_target_", "")).endswith("sim.SimBackend") and compiled is not None
-               and prefetcher is None and offload is None)
-    if mode in ("true", "on", "yes") and not covered:
-        raise MoesimError("fast=true: the compiled loop covers backend=sim with a built-in cache policy "
-                          "and no prefetcher or offload policy; use fast=auto")
-    if mode not in ("auto", "true", "on", "yes"):
+    mode = str(mode).lower()
+    if mode not in ("auto", "true", "on", "yes", "false", "off", "no"):
         raise MoesimError(f"fast={mode!r}: expected auto, true or false")
-    return compiled if covered else None
+    if mode in ("false", "off", "no"):
+        return False
+    why = None if type(backend) is SimBackend else f"backend {backend.name} is not sim"
+    why = why or core.uncovered(cache_policy, prefetcher, offload)
+    if why and mode != "auto":
+        raise MoesimError(f"fast={mode}: the compiled core cannot run this: {why}; use fast=auto")
+    return why is None
 
 
 def resolve_strategy(cfg):

@@ -15,7 +15,7 @@ message, which is compared too. `strategies=all` means every config in moesim/co
 grid runs, so a strategy added later shows as a new cell until the baseline is written again.
 
 A cell is `moesim.api.run(cfg, write=False)`: what `python -m moesim run` does, on a temporary file of
-the subset (compiled where moesim/fast.py covers the run, `fast=auto`; add fast=false for the Python loop).
+the subset (compiled where moesim/core covers the run, `fast=auto`; add fast=false for the Python driver).
 """
 from __future__ import annotations
 

@@ -2,19 +2,18 @@
 budget and hardware profile, written into docs/strategies.md (between its generated-table markers).
 
     python scripts/compare_strategies.py                       # 2 processes; reruns only what is missing
-    python scripts/compare_strategies.py --jobs 1 --stride 2   # another evaluation subset (new runs)
+    python scripts/compare_strategies.py --jobs 1 --stride 2   # every 2nd evaluation sequence only (new runs)
 
 Split (fixed): the trace's sequences in path order (the importer sorts the files by path); the first half is
 the calibration part, the rest the evaluation part. Learned policies (static, transition, history, Fiddler's
 popular set) learn from the calibration part only (`calibrate_trace`); every strategy is replayed on the same
-evaluation subset: every `--stride`-th evaluation sequence (the plain-Python replay runs ~10k layer-steps/s
-on the 2-core development machine, so the whole evaluation half for every run would take hours). The two
-parts are written once as .moetrace.safetensors files under traces/cache/.
+evaluation part: all of it by default (`--stride N`: every N-th evaluation sequence). The two parts are
+written once as .moetrace.safetensors files under traces/cache/.
 
 Each run's result is kept as JSON under reports/compare/ (atomic writes), keyed by the run and a hash of the
 code and configs it depends on, so a rerun only does what changed. Every run goes through moesim.simulate,
-the `python -m moesim run` path, which replays cache-only strategies with a built-in policy (lru, fifo, lfu,
-lfru, static, belady) compiled (moesim/fast.py, held to identical events by tests/test_fast.py).
+the `python -m moesim run` path, which replays every strategy here in the compiled core (moesim/core, held to
+the Python driver's events by tests/test_core.py).
 """
 from __future__ import annotations
 
@@ -36,8 +35,8 @@ sys.path.insert(0, str(REPO))
 BUDGETS = ("12.5%", "25%", "50%")
 HARDWARE = ("rtx-4090", "h200")
 CALIB = "{calib}"  # replaced by the calibration trace's path
-DEPENDS = ["moesim/engine.py", "moesim/cache.py", "moesim/backends/sim.py", "moesim/hardware.py",
-           "moesim/profiler.py", "moesim/fast.py", "moesim/trace.py", "moesim/conf", "strategies"]
+DEPENDS = ["moesim/api.py", "moesim/engine.py", "moesim/cache.py", "moesim/backends/sim.py", "moesim/hardware.py",
+           "moesim/profiler.py", "moesim/core", "moesim/trace.py", "moesim/models.py", "moesim/conf", "strategies"]
 
 # (row label, Hydra overrides of `python -m moesim run`, what it is). Bounds are recognised by summary["bound"].
 STRATEGIES = [
@@ -74,8 +73,6 @@ STRATEGIES = [
     ("belady + cpu share", ["strategy=belady", "offload=host", "offload.share=auto", "offload.fill_first=true"],
      "bound: Belady's cache with llama.cpp's CPU share (auto)"),
 ]
-FAST_POLICIES = ("strategies.lru.LRU", "strategies.fifo.FIFO", "strategies.lfu.LFU", "strategies.lfru.LFRU",
-                 "strategies.static.Static", "strategies.belady.Belady")  # compiled in moesim/fast.py
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -138,17 +135,6 @@ def run_one(job: dict) -> dict:
     out.update(label=job["label"], hardware=job["hardware"], budget_requested=job["budget"],
                seconds=round(time.time() - t0, 1))
     return out
-
-
-def compiled(overrides: list[str]) -> bool:
-    """Whether moesim.api.run takes the compiled loop for this row (no prefetch, no offload, a built-in
-    cache policy): those runs take seconds, the others minutes."""
-    from moesim.__main__ import compose
-    from moesim.api import resolve_strategy
-
-    strat = resolve_strategy(compose("run", [o.replace(CALIB, "x") for o in overrides])).strategy
-    return (str(strat.cache.get("_target_")) in FAST_POLICIES and not strat.get("prefetch")
-            and not strat.get("offload"))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -247,7 +233,7 @@ def write_doc(doc: Path, generated: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trace", default=str(REPO.parent / "shared" / "traces" / "gpt-oss-20b"))
-    ap.add_argument("--stride", type=int, default=4, help="evaluate every N-th evaluation sequence")
+    ap.add_argument("--stride", type=int, default=1, help="evaluate every N-th evaluation sequence (1: all)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--results", default=str(REPO / "reports" / "compare"))
     ap.add_argument("--doc", default=str(REPO / "docs" / "strategies.md"))
@@ -274,8 +260,6 @@ def main(argv=None) -> int:
                 elif not args.only or label in args.only:
                     jobs.append({"label": label, "overrides": overrides, "hardware": hw, "budget": budget,
                                  "calib": str(calib), "eval": str(evalp), "result": str(path)})
-    fast = {label: compiled(overrides) for label, overrides, _ in STRATEGIES}
-    jobs.sort(key=lambda j: fast[j["label"]])  # the plain-Python runs first (longest): the compiled ones fill the end
     print(f"{len(results)} runs cached, {len(jobs)} to run ({args.jobs} processes); code {code}", file=sys.stderr)
     t0 = time.time()
     with Pool(args.jobs) as pool:

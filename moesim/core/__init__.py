@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -211,6 +212,7 @@ class SimRun(NamedTuple):
     profiler: ArrayProfiler  # metrics(), steps_table(), layers_table(), timeline() as the Profiler gives them
     device_bytes: int  # SimBackend.device_bytes()
     request_stats: dict  # SimBackend.request_stats()
+    seconds: dict  # wall time of "setup" (policies' setup, tables, state) and of the compiled "loop"
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
@@ -222,6 +224,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     from ..backends.sim import SimBackend
     from ..hardware import Cost
 
+    t0 = time.perf_counter()
     backend = SimBackend(hardware, pinned=pinned)
     hw = backend.hardware
     req = encode(trace)
@@ -248,12 +251,14 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     from .clock import new_clock
 
     ck = new_clock()
+    t1 = time.perf_counter()
     with compile_notice(loop.run_sim):
         status, where, steps, copies, computes = loop.run_sim(
             st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap, *offl, cnt,
             served, ck)
+    t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
     profiler = ArrayProfiler(trace.n_layers, steps, copies, computes)
@@ -262,7 +267,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
 
     return SimRun(counters(cnt), PrefetchOutcome(int(cnt[PF_USED]), int(cnt[PF_WASTED]), int(cnt[PF_UNUSED])),
                   profiler, backend.device_bytes(),
-                  {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])})
+                  {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])},
+                  {"setup": t1 - t0, "loop": t2 - t1})
 
 
 def builtin_cache(obj) -> bool:

@@ -4,11 +4,11 @@
     python -m pytest tests/bench/test_bench_engine.py --benchmark-enable     # + timings for --benchmark-compare
 
 cache-only replay   every distinct cache policy of moesim/conf/strategy/*.yaml (read at collection, so a new
-                    strategy is measured too): moesim.fast.hit_counts where the policy is compiled, else
+                    strategy is measured too): moesim.core.hit_counts where the policy is compiled, else
                     moesim.engine.hit_counts, against `plain_lru` below (an OrderedDict per layer) over the
                     same requests; plain_lru must count the hits that our LRU counts
 timed sim loop      every strategy through `moesim.api.run` (what `python -m moesim run` does, compiled where
-                    moesim/fast.py covers the run; results not written), against `plain_timed_lru` below
+                    moesim/core covers the run; results not written), against `plain_timed_lru` below
                     (plain_lru plus a copy-engine clock)
 torch backend, CPU  bytes per second of the expert copies the backend timed during a replay, against
                     np.copyto of the same rows into the same slots in a plain loop
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from moesim import fast
+from moesim import core
 
 CACHE_TOKENS = 600  # tokens of the synthetic gpt-oss-like trace in the cache-only replays
 TIMED_TOKENS = 120  # ... in the timed runs (a Python-loop run costs ~3 ms a token)
@@ -40,8 +40,8 @@ COMPUTE_MS = 0.1
 # Floors of ours / reference: about half the worst of 9 runs on the project's shared 2-core machine (docs/ci.md
 # lists the measured ranges). A policy or strategy not listed gets the lowest floor of its table.
 CACHE_FLOORS = {  # cache-only replay, by policy module
-    "lru": 16.0, "fifo": 7.0, "belady": 1.9, "lfu": 1.8, "lfru": 1.4, "static": 1.5,  # compiled (moesim.fast)
-    "activation_aware": 0.029, "class_lru": 0.025,  # the Python loop (no compiled kernel)
+    "lru": 16.0, "fifo": 7.0, "belady": 1.9, "lfu": 1.8, "lfru": 1.4, "static": 1.5,  # compiled (moesim/core)
+    "activation_aware": 0.029, "class_lru": 0.025,  # compiled since issue 12; floors of their Python days
 }
 TIMED_FLOORS = {  # timed sim run, by strategy (5 runs each since `run` took the compiled path)
     "lru": 0.1, "fifo": 0.08, "belady": 0.08, "lfu": 0.09, "lfru": 0.1, "vllm_lfru": 0.073, "static": 0.057,
@@ -189,11 +189,11 @@ def test_bench_cache_only_replay(benchmark, cache_trace, policy):
 
     trace = cache_trace
     block = OmegaConf.create(_cache_policies()[policy])
-    compiled = fast.compiled_policy(block)  # (policy, params), or None: only the Python loop runs it
+    compiled = core.compiled_policy(block)  # (policy, params), or None: only the Python driver runs it
     slots = parse_budget(BUDGET, trace.spec, "per_layer").slots
     if compiled:
         def ours():
-            return fast.hit_counts(trace, *compiled, slots)
+            return core.hit_counts(trace, *compiled, slots)
     else:
         def ours():
             return hit_counts(trace, lambda: instantiate(block), slots).to_dict()
@@ -202,7 +202,7 @@ def test_bench_cache_only_replay(benchmark, cache_trace, policy):
     best, out = measure(benchmark, {"ours": ours,
                                     "reference": lambda: plain_lru(requests, trace.n_layers, SLOTS_PER_LAYER)},
                         rounds=5 if compiled else 2)
-    assert out["reference"] == fast.hit_counts(trace, "lru", {}, slots)["hits"], "plain_lru must decide as our LRU"
+    assert out["reference"] == core.hit_counts(trace, "lru", {}, slots)["hits"], "plain_lru must decide as our LRU"
     n = out["ours"]["requests"]
     benchmark.extra_info.update(policy=policy, compiled=bool(compiled), requests=n, ours_s=best["ours"],
                                 reference_s=best["reference"], hit_rate=out["ours"]["hits"] / n)

@@ -1,4 +1,4 @@
-"""Speed of the compiled replay (moesim/fast.py) and curves (moesim/curves.py): against libCacheSim's C loop and
+"""Speed of the compiled core (moesim/core/) and curves (moesim/curves.py): against libCacheSim's C loop and
 against the plain-Python loop, measured side by side in one run (ratios, not absolute times, are asserted).
 
     python -m pytest tests/bench --benchmark-enable            # add -s to see the rates printed
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from moesim import curves, fast
+from moesim import core, curves
 
 SLOTS = 192  # 25% of 24 x 32 experts: 8 per layer
 SCOPE = "per_layer"
@@ -29,6 +29,8 @@ REFERENCE_TOKENS = 2000  # prefix replayed by the plain-Python loop (48k layer-s
 LIBCACHESIM_FLOOR = 3.0  # the issue's goal
 PYTHON_CACHE_ONLY_FLOOR = 20.0  # measured 80-150x
 PYTHON_TIMED_FLOOR = 10.0  # measured 30-60x
+TIMED_GOAL = 1e6  # layer-steps/s of the compiled loop on the whole trace, every strategy (issue 12)
+TIMED_FLOOR = 5e5  # asserted: half the goal, for a shared, noisy machine (the note reports the measured rates)
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +45,9 @@ def bench_trace(request):
         trace = generate(SyntheticConfig(seed=0, sequences=532, decode_tokens=(32, 512), **GPT_OSS_FIT),
                          model_spec("gpt-oss-20b"))
     t0 = time.perf_counter()
-    fast.encode(trace)
+    core.encode(trace)
     trace._bench_encode_s = time.perf_counter() - t0
-    fast.hit_counts(trace.slice_tokens(0, 100), "lru", {}, SLOTS, SCOPE)  # compile or load the kernels
+    core.hit_counts(trace.slice_tokens(0, 100), "lru", {}, SLOTS, SCOPE)  # compile or load the kernels
     return trace
 
 
@@ -81,7 +83,7 @@ def report(benchmark, **numbers) -> None:
 def write_layer_streams(trace, flags: np.ndarray, folder) -> list[tuple[str, int]]:
     """One binary file of uint32 keys (expert id + 1) per layer, hits first within each (token, layer);
     returns (path, requests) per layer."""
-    req = fast.encode(trace)
+    req = core.encode(trace)
     L = req.n_layers
     pos = np.repeat(np.arange(len(req.ptr) - 1), np.diff(req.ptr))  # request position of each element
     order = np.lexsort((np.arange(len(req.ids)), 1 - flags, pos, pos % L))  # layer, position, hits first, row
@@ -125,9 +127,9 @@ def test_lru_cache_only_vs_libcachesim(benchmark, bench_trace, tmp_path):
     which other jobs on a shared machine disturb less than wall time (both are reported)."""
     trace = bench_trace
     L = trace.n_layers
-    ours, fast_wall = timed(benchmark, fast.hit_counts, (trace, "lru", {}, SLOTS, SCOPE), rounds=5, warmup_rounds=1)
-    fast_cpu = best_time(lambda: fast.hit_counts(trace, "lru", {}, SLOTS, SCOPE), rounds=5, clock=time.process_time)[0]
-    flags = fast.hit_flags(trace, "lru", {}, SLOTS, SCOPE)
+    ours, fast_wall = timed(benchmark, core.hit_counts, (trace, "lru", {}, SLOTS, SCOPE), rounds=5, warmup_rounds=1)
+    fast_cpu = best_time(lambda: core.hit_counts(trace, "lru", {}, SLOTS, SCOPE), rounds=5, clock=time.process_time)[0]
+    flags = core.hit_flags(trace, "lru", {}, SLOTS, SCOPE)
     assert int(flags.sum()) == ours["hits"]
     streams = write_layer_streams(trace, flags, tmp_path)
     lcs_wall = lcs_cpu = float("inf")
@@ -156,12 +158,12 @@ def test_cache_only_fast_vs_python_reference(benchmark, bench_trace, policy):
     from moesim.engine import hit_counts
 
     trace = bench_trace
-    ours, fast_s = timed(benchmark, fast.hit_counts, (trace, policy, {}, SLOTS, SCOPE), rounds=3, warmup_rounds=1)
+    ours, fast_s = timed(benchmark, core.hit_counts, (trace, policy, {}, SLOTS, SCOPE), rounds=3, warmup_rounds=1)
     fast_rate = ours["requests"] / fast_s
     head = trace.slice_tokens(0, REFERENCE_TOKENS)
-    cls = fast.reference_class(policy)
+    cls = core.reference_class(policy)
     ref_s, ref = best_time(lambda: hit_counts(head, cls, SLOTS, SCOPE).to_dict(), rounds=1)
-    assert fast.hit_counts(head, policy, {}, SLOTS, SCOPE) == ref
+    assert core.hit_counts(head, policy, {}, SLOTS, SCOPE) == ref
     ref_rate = ref["requests"] / ref_s
     report(benchmark, policy=policy, fast_mreq_s=fast_rate / 1e6, python_mreq_s=ref_rate / 1e6,
            ratio=fast_rate / ref_rate)
@@ -177,7 +179,7 @@ def test_hit_ratio_curve_one_pass(benchmark, bench_trace, policy):
     one compiled replay times the number of budgets)."""
     trace = bench_trace
     df, curve_s = timed(benchmark, curves.hit_ratio_curve, (trace, policy, SCOPE), rounds=1, warmup_rounds=1)
-    one_s, one = best_time(lambda: fast.hit_counts(trace, policy, {}, SLOTS, SCOPE), rounds=1)
+    one_s, one = best_time(lambda: core.hit_counts(trace, policy, {}, SLOTS, SCOPE), rounds=1)
     assert int(df.hits[df.slots == SLOTS].iloc[0]) == one["hits"]
     per_budget_s = one_s * len(df)
     report(benchmark, policy=policy, budgets=len(df), curve_s=curve_s, per_budget_replays_s=per_budget_s,
@@ -187,40 +189,79 @@ def test_hit_ratio_curve_one_pass(benchmark, bench_trace, policy):
 
 
 # -------------------------------------------------------------------------------------- timed sim loop
-@pytest.mark.parametrize("scope", ["per_layer", "global"])
-@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "belady", "static"])
-def test_timed_sim_fast_vs_reference(benchmark, bench_trace, policy, scope):
-    """Layer-steps per second of the timed replay with the sim backend (hardware h200), every built-in policy
-    in both scopes (goal: >= 500k on one core; measured 0.7-2.1 M, LFRU global the slowest): the compiled
-    path on the whole trace against moesim.engine.replay + SimBackend + Profiler on the first
-    REFERENCE_TOKENS tokens, where both must give the same counters and per-step latencies."""
+def _strategy_cases() -> list[tuple[str, str, list[str]]]:
+    """(case id, strategy, overrides): every strategy config of moesim/conf/strategy/ (presets with their
+    prefetch and offload) in its own scope, and every cache policy in a global pool."""
+    from importlib.resources import files
+
+    names = sorted(p.name[:-5] for p in files("moesim.conf").joinpath("strategy").iterdir() if p.name.endswith(".yaml"))
+    cases = []
+    for name in names:
+        extra = []
+        if name == "llama_cpp_ncmoe":  # host_layers=auto needs one pool
+            extra = ["scope=global"]
+        if name == "mixtral_offloading":  # the real trace has no recorded guesses: transition stands in
+            extra = ["prefetch=transition"]
+        cases.append((name, name, extra))
+    for name in ("lru", "fifo", "lfu", "lfru", "belady", "static", "class_lru", "activation_aware"):
+        cases.append((f"{name}-global", name, ["scope=global"]))
+    return cases
+
+
+def _parts(strategy: str, overrides: list[str]):
+    """(scope, make_policy, make_prefetcher, make_offload) of a composed run config."""
+    from hydra.utils import instantiate
+
+    from moesim.api import compose_run, resolve_strategy
+
+    cfg = resolve_strategy(compose_run("gpt-oss-like", strategy, overrides=overrides))
+    st = cfg.strategy
+    return (str(cfg.scope), lambda: instantiate(st.cache),
+            (lambda: instantiate(st.prefetch)) if st.get("prefetch") else (lambda: None),
+            (lambda: instantiate(st.offload)) if st.get("offload") else (lambda: None))
+
+
+@pytest.mark.parametrize("case,strategy,overrides", _strategy_cases(), ids=[c[0] for c in _strategy_cases()])
+def test_timed_sim_every_strategy(benchmark, bench_trace, case, strategy, overrides):
+    """Layer-steps per second of the compiled timed replay (sim backend, hardware h200, 25% of the experts)
+    for every strategy and preset, prefetch and offload included, on the whole trace (goal TIMED_GOAL on one
+    core; the policies' setup, e.g. a prefetch table, is timed apart), against the Python driver
+    (moesim.engine.replay + SimBackend + Profiler) on the first REFERENCE_TOKENS tokens, where both must give
+    the same counters and per-step latencies."""
     from moesim.backends.sim import SimBackend
     from moesim.cache import Cache
     from moesim.engine import replay
+    from moesim.hardware import Cost, load_hardware
     from moesim.profiler import Profiler
 
     trace = bench_trace
-    layer_steps = trace.n_steps * trace.n_layers
-    fast.replay_sim(trace.slice_tokens(0, 100), policy, {}, SLOTS, scope, "h200")  # compile or load
-    run, fast_s = timed(benchmark, fast.replay_sim, (trace, policy, {}, SLOTS, scope, "h200"), rounds=1)
-    fast_rate = layer_steps / fast_s
+    scope, make_policy, make_prefetcher, make_offload = _parts(strategy, overrides)
+
+    def compiled(tr):
+        return core.simulate(tr, tr.spec, SLOTS, scope, make_policy, make_prefetcher(), make_offload(), "h200")
+
     head = trace.slice_tokens(0, REFERENCE_TOKENS)
-    cls = fast.reference_class(policy)
+    small = compiled(head)  # compiles or loads the kernels
+    run, _ = timed(benchmark, compiled, (trace,), rounds=1)
+    layer_steps = trace.n_steps * trace.n_layers
+    loop_rate = layer_steps / run.seconds["loop"]
 
     def reference():
-        cache = Cache(head.spec, SLOTS, scope, cls, head)
+        cache = Cache(head.spec, SLOTS, scope, make_policy, head)
         backend, profiler = SimBackend("h200"), Profiler(head.n_layers)
         backend.setup(head.spec, SLOTS, profiler)
-        return replay(head, cache, backend).to_dict(), profiler
+        c = replay(head, cache, backend, make_prefetcher(), make_offload(), Cost(load_hardware("h200"), head.spec))
+        return c.to_dict(), profiler
 
     ref_s, (ref_counters, ref_profiler) = best_time(reference, rounds=1)
     ref_rate = head.n_steps * head.n_layers / ref_s
-    small = fast.replay_sim(head, policy, {}, SLOTS, scope, "h200")
     assert small.counters == ref_counters
     np.testing.assert_array_equal(small.profiler.arrays()[0], ref_profiler.arrays()[0])  # step latencies
-    report(benchmark, policy=policy, scope=scope, fast_layer_steps_per_s=fast_rate,
-           python_layer_steps_per_s=ref_rate, ratio=fast_rate / ref_rate, hit_rate=run.counters["hits"]
-           / run.counters["requests"])
-    assert fast_rate / ref_rate >= PYTHON_TIMED_FLOOR, (
-        f"{policy}/{scope}: compiled {fast_rate:,.0f} layer-steps/s is only {fast_rate / ref_rate:.1f}x the "
-        f"Python loop ({ref_rate:,.0f} layer-steps/s); expected >= {PYTHON_TIMED_FLOOR}x")
+    report(benchmark, case=case, loop_layer_steps_per_s=loop_rate, setup_s=run.seconds["setup"],
+           loop_s=run.seconds["loop"], python_layer_steps_per_s=ref_rate, ratio=loop_rate / ref_rate,
+           hit_rate=run.counters["hits"] / run.counters["requests"])
+    assert loop_rate >= TIMED_FLOOR, (f"{case}: the compiled loop ran {loop_rate:,.0f} layer-steps/s; expected >= "
+                                      f"{TIMED_FLOOR:,.0f} (goal {TIMED_GOAL:,.0f})")
+    assert loop_rate / ref_rate >= PYTHON_TIMED_FLOOR, (
+        f"{case}: compiled {loop_rate:,.0f} layer-steps/s is only {loop_rate / ref_rate:.1f}x the Python driver "
+        f"({ref_rate:,.0f} layer-steps/s); expected >= {PYTHON_TIMED_FLOOR}x")
