@@ -119,13 +119,25 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+_TRACES: dict = {}  # per worker process: the evaluation trace, opened once (its encoding and learned tables
+#                     are then reused by every run of the process)
+
+
+def _trace(path: str):
+    from moesim import load_trace
+
+    if path not in _TRACES:
+        _TRACES[path] = load_trace(path)
+    return _TRACES[path]
+
+
 def run_one(job: dict) -> dict:
     """One (strategy, budget, hardware) run on the evaluation trace: the numbers the tables need."""
     from moesim import simulate
 
     overrides = [o.replace(CALIB, job["calib"]) for o in job["overrides"]]  # strategy=... among them
     t0 = time.time()
-    s = simulate(job["eval"], budget=job["budget"], hardware=job["hardware"], overrides=overrides).summary
+    s = simulate(_trace(job["eval"]), budget=job["budget"], hardware=job["hardware"], overrides=overrides).summary
     keep = ("strategy", "bound", "hit_rate", "hits", "requests", "misses", "loads", "prefetch_loads",
             "host_computes", "tokens_per_s", "bytes_h2d", "stall_ms", "stall_free_rate", "prefetch_precision",
             "prefetch_recall", "late_prefetches", "wasted_prefetch_bytes", "tokens", "budget", "scope",

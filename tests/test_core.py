@@ -393,3 +393,19 @@ def test_user_parts_are_not_compiled():
     assert core.uncovered(LRU(), Oracle(), None) is None
     assert "MyLRU" in core.uncovered(MyLRU(), None, None)
     assert "prefetch" in core.uncovered(LRU(), type("MyOracle", (Oracle,), {})(), None)
+
+
+def test_a_learned_prefetch_table_is_built_once_for_runs_that_share_it(monkeypatch):
+    """Runs that differ only in budget or hardware reuse the table; another trace or parameter builds anew."""
+    from strategies.transition import Transition
+
+    built = []
+    learn = Transition.learn
+    monkeypatch.setattr(Transition, "learn", lambda self, calib: (built.append(1), learn(self, calib))[1])
+    a, b = random_trace(0), random_trace(1)
+    runs = [(a, 12, "h200", 0.25), (a, 15, "rtx-4090", 0.25), (a, 12, "h200", 0.5), (b, 12, "h200", 0.5)]
+    for trace, slots, hw, w in runs:
+        got = core_sim(trace, "lru", {}, slots, "global", hw, False, lambda: Transition(reuse_weight=w))
+        want = reference_sim(trace, "lru", {}, slots, "global", False, hw, lambda: Transition(reuse_weight=w))
+        assert got.counters == want[0]
+    assert len(built) == 3 + 4  # the compiled runs: a/0.25 once, a/0.5, b/0.5; the 4 reference runs each

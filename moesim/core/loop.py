@@ -376,21 +376,15 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                         if decision == 2 and (host_cap < 0 or inflight_bytes(ck, copy_ms, nbytes) + nbytes <= host_cap):
                             slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)  # nobody waits for it
                             if slot >= 0:
-                                if n_cp == len(copies):
-                                    copies = _grow(copies, n_cp)
-                                copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
-                                _copy_row(copies, n_cp, layer, src[i], nbytes, ready[slot], 0.0)
-                                n_cp += 1
+                                copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial,
+                                                      layer, src[i], nbytes)
                         continue
                     slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:
                         return ALL_PINNED, pos, steps[:0], copies[:0], computes[:0]
                     out[1, i - wa] = slot
-                    if n_cp == len(copies):
-                        copies = _grow(copies, n_cp)
-                    copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
-                    _copy_row(copies, n_cp, layer, src[i], nbytes, ready[slot], 0.0)
-                    n_cp += 1
+                    copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
+                                          src[i], nbytes)
                 if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
                     return LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0]
                 if D > 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
@@ -423,11 +417,8 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                 slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, True)
                                 if slot < 0:  # its partition is all pinned: skipped
                                     continue
-                                if n_cp == len(copies):
-                                    copies = _grow(copies, n_cp)
-                                copies[n_cp, 3] = copy(ck, ready, pf_slot, slot, True, copy_ms, serial)
-                                _copy_row(copies, n_cp, m, e, nbytes, ready[slot], 1.0)
-                                n_cp += 1
+                                copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, True, copy_ms,
+                                                      serial, m, e, nbytes)
                             if full:
                                 break
                         if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
@@ -464,13 +455,19 @@ def _grow(rows, n):
     return bigger
 
 
-@njit(**HOT)
-def _copy_row(copies, n, layer, expert, nbytes, end, prefetch):
+@njit(cache=True, nogil=True)
+def _issue(copies, n, ck, ready, pf_slot, slot, prefetch, copy_ms, serial, layer, expert, nbytes):
+    """SimBackend.load with its profiler row: queue the copy of (layer, expert) into `slot`. Returns the rows
+    (grown when full) and their count."""
+    if n == len(copies):
+        copies = _grow(copies, n)
+    copies[n, 3] = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial)
     copies[n, 0] = layer
     copies[n, 1] = expert
     copies[n, 2] = nbytes
-    copies[n, 4] = end
-    copies[n, 5] = prefetch
+    copies[n, 4] = ready[slot]
+    copies[n, 5] = 1.0 if prefetch else 0.0
+    return copies, n + 1
 
 
 @njit(**HOT)

@@ -96,9 +96,12 @@ def _context(trace, spec, layers, capacity, scope):
     return Context(trace, spec, layers, capacity, scope)
 
 
-def cache_state(trace, spec, n_slots: int, scope: str, make_policy) -> tuple[State, Params]:
+def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetch: bool = False
+                ) -> tuple[State, Params]:
     """The empty cache state and constants of the built-in policy `make_policy()` builds, set up as
-    moesim.cache.Cache sets up one instance per partition (static: each partition's static set)."""
+    moesim.cache.Cache sets up one instance per partition (static: each partition's static set).
+    `with_prefetch`: a prefetcher will insert keys outside the requests (Belady then needs every key's
+    request positions)."""
     obj = make_policy()
     name = builtin(obj, CACHE)
     if name is None:
@@ -107,11 +110,11 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy) -> tuple[Sta
     L, E = trace.n_layers, trace.spec.experts
     req = encode(trace)
     everything = tuple(range(L))
-    if name != "static":  # the constants some policies derive in setup (LFU's period, class_lru's decay)
+    if name in ("lfu", "lfru", "class_lru", "activation_aware"):  # constants they derive in setup (LFU's period)
         obj.setup(_context(trace, spec, everything if scope == "global" else (0,),
                            n_slots if scope == "global" else n_slots // L, scope))
     kpos = koff = None
-    if name == "belady":
+    if name == "belady" and with_prefetch:  # next uses of prefetched keys (demand ones come with the requests)
         kpos, koff = _key_positions(req)
     classes = int(getattr(obj, "classes", 1)) if name == "class_lru" else 1
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" else None,
@@ -153,13 +156,41 @@ def prefetch_table(trace, prefetcher, n_slots: int, scope: str, nbytes: int) -> 
     from ..units import parse_inflight
 
     check_params(type(prefetcher), PREFETCH, "prefetch")
-    prefetcher.setup(_context(trace, trace.spec, tuple(range(trace.n_layers)), n_slots, scope))
-    table = np.ascontiguousarray(prefetcher.table, dtype=np.int16)
+    key, held = _table_key(trace, prefetcher)
+    table = _TABLES[key][1] if key in _TABLES else None
+    if table is None:  # a learned table takes seconds; runs that differ in budget or hardware share it
+        prefetcher.setup(_context(trace, trace.spec, tuple(range(trace.n_layers)), n_slots, scope))
+        table = np.ascontiguousarray(prefetcher.table, dtype=np.int16)
+        table.flags.writeable = False
+        _TABLES.clear()  # one at a time: a table of the whole real trace is ~30 MB
+        _TABLES[key] = (held, table)  # `held` keeps the objects named by id alive, so no id is reused
     if table.shape[0] < trace.n_steps * trace.n_layers:  # predict() is [] past the table's end
         pad = np.full((trace.n_steps * trace.n_layers - table.shape[0],) + table.shape[1:], -1, np.int16)
         table = np.concatenate([table, pad])
     cap = parse_inflight(prefetcher.max_inflight, nbytes, "prefetch.max_inflight")
     return table, -1 if cap is None else cap
+
+
+_TABLES: dict = {}  # the last prefetch table built: _table_key -> (objects it names by id, table)
+
+
+def _table_key(trace, prefetcher) -> tuple[tuple, list]:
+    """(key, objects named by id in it): what a built-in prefetcher's table depends on: its class and
+    parameters (a calibration trace file by its identity, a Trace by the object), and the replayed trace (by
+    the object: a Trace is read-only)."""
+    import os
+
+    values, held = [], [trace]
+    for name in PREFETCH[class_path(prefetcher)][1]:
+        v = getattr(prefetcher, name, None)
+        if isinstance(v, str) and os.path.exists(v):
+            st = os.stat(v)
+            v = (os.path.realpath(v), st.st_mtime_ns, st.st_size)
+        elif v is not None and not isinstance(v, (str, int, float, bool)):
+            held.append(v)
+            v = ("object", id(v))
+        values.append((name, v))
+    return (class_path(prefetcher), tuple(values), id(trace), trace.n_tokens, trace.spec.top_k), held
 
 
 def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: int, nbytes: int) -> tuple:
