@@ -13,6 +13,7 @@ step when layer + d >= L) predicted at pos, -1 past the end of the ranking; d = 
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import Key, Prefetcher
 
@@ -25,7 +26,10 @@ class TablePrefetcher(Prefetcher):
     def setup(self, ctx) -> None:
         self.L, self.E = ctx.trace.n_layers, ctx.spec.experts
         self.keys: list[list[Key]] = [[(m, e) for e in range(self.E)] for m in range(self.L)]  # no tuple per call
-        table = self.build(ctx)
+        # one BLAS thread: the products here are of [4096, E] blocks, too small to split, and OpenBLAS threads
+        # that wait for a busy core made them 80x slower on a loaded 2-core machine (same results either way)
+        with threadpool_limits(limits=1, user_api="blas"):
+            table = self.build(ctx)
         if self.per_layer is not None:
             table = table[:, :, : self.per_layer]
         self.table = np.ascontiguousarray(table, dtype=np.int16)
