@@ -7,7 +7,7 @@ ModelSpec are moesim/models.py's).
         for layer, (ids, counts) in enumerate(step.requests()):
             ...                          # the experts layer `layer` needs, with their token counts
 
-A trace file is a safetensors file (see ../shared/DESIGN.md, "Trace file"):
+A trace file is a safetensors file:
 
     experts    int16   [T, L, K]  routed expert ids, best first; -1 where fewer than K were chosen
     weights    float16 [T, L, K]  gate weights as the model applied them
