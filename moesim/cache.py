@@ -249,10 +249,11 @@ class Cache:
                         hit.append(k)
                     else:
                         miss.append(k)
-                on_access(pos, hit)
-                if miss:  # pin the hits (the misses are not candidates yet), then fetch each miss
-                    misses += len(miss)
+                if miss:  # pin the hits (the misses are not candidates yet) before the policy sees the list
                     cand.difference_update(hit)
+                on_access(pos, hit)
+                if miss:  # fetch each miss
+                    misses += len(miss)
                     cand.pos = pos
                     for k in miss:
                         if free:
