@@ -291,11 +291,12 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
     if ahead:
         _prefetch(cache, backend, ahead, pos, pf_cap)
     if backend is not None:
+        slot = cache.partitions[cache.part_of_layer[layer]].resident  # key -> slot (Cache.slot_of, once per layer)
         if host:
             hosted = {k for k, _ in host}
-            device = [(k, cache.slot_of(k), n) for k, n in zip(keys, ns) if k not in hosted]
+            device = [(k, slot[k], n) for k, n in zip(keys, ns) if k not in hosted]
         else:
-            device = [(k, cache.slot_of(k), n) for k, n in zip(keys, ns)]
+            device = [(k, slot[k], n) for k, n in zip(keys, ns)]
         backend.compute(layer, device, host)
     cache.release()
 
