@@ -28,7 +28,7 @@ BUDGET = "25%"  # 192 slots of gpt-oss-20b's 24 x 32: 8 per layer
 SLOTS_PER_LAYER = 8
 ROUNDS = 3
 # reference time / ours; issue 12's goal is 1/3 (ours at most 3x the plain loop). Measured on the shared 2-core machine
-# (load 1.5-3, 4 runs, docs/ci.md): 0.379-0.402 on the real trace, 0.389-0.410 on the synthetic one; 0.153 and 0.138
+# (load 1.2-3, 6 runs, docs/ci.md): 0.379-0.402 on the real trace, 0.389-0.410 on the synthetic one; 0.153 and 0.138
 # with the driver before it was made lean. Both sides are plain Python, so load moves them alike; the floor (ours at
 # most 3.33x) leaves 20% below the worst run for noise and fails once a replay is ~25% slower than that run.
 HOOKS_FLOOR = 0.3
