@@ -48,12 +48,14 @@ PART, EROWS, FROWS = range(29, 32)  # per layer: its partition; activation_aware
 FRONT, FPREV, FNEXT, FHEAD, FTAIL = range(32, 37)
 CHEAD, CTAIL = range(37, 39)  # class_lru: per partition p and class c, at column p * classes + c
 KPTR = 39  # per key: Belady's pointer into its request positions (next_after)
-N_IROWS = 40
+AB = 40  # per layer: activation_aware's least key of the layer (AB_STALE: to be found again; -1: none)
+N_IROWS = 41
 # rows of F: per key, K1: first rank (LFU: stored count; Belady: -next use; LFRU: log f; class_lru: its
 # decayed use count), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
 # LFRU time of the latest use; per layer, LW: activation_aware's layer weight
-K1, LAST, UNIT, NOW, LW = range(5)
-N_FROWS = 5
+K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
+N_FROWS = 6
+AB_STALE = -2
 NO_SEQ = -(1 << 62)  # PSEQ before any request: no trace has this sequence id
 
 
@@ -131,6 +133,7 @@ def reset(I, F, prm):
     I[SLOT] = -1
     I[CHEAD] = -1
     I[CTAIL] = -1
+    I[AB] = AB_STALE
     cm = prm.cm
     for p in range(prm.P):
         c = I[CAP, p]
