@@ -395,16 +395,14 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     and the backend is sim, else the Python driver (moesim/engine.py), which calls a user's Python parts and
     drives the torch backend. `spec` is the stored model (scale and dtype applied). `fast`: auto (the core
     where it covers the run), true (refuse a run it does not cover, saying why), false (the Python driver)."""
-    from hydra.utils import instantiate
-
     from . import core
     from .hardware import Cost
     from .profiler import Profiler
 
-    make_policy = lambda: instantiate(strat.cache)  # noqa: E731  one instance per partition
-    prefetcher = instantiate(strat.prefetch) if strat.get("prefetch") else None
-    offload = instantiate(strat.offload) if strat.get("offload") else None
-    backend = instantiate(backend_cfg, hardware=hardware)
+    make_policy = lambda: build(strat.cache, "strategy.cache")  # noqa: E731  one instance per partition
+    prefetcher = build(strat.prefetch, "prefetch") if strat.get("prefetch") else None
+    offload = build(strat.offload, "offload") if strat.get("offload") else None
+    backend = build(backend_cfg, "backend", hardware=hardware)
     first = make_policy()
     bound = any(getattr(x, "bound", False) for x in (first, prefetcher, offload) if x is not None)
     if compiled_run(fast, backend, first, prefetcher, offload):  # tests/test_core.py: equal to the Python driver
@@ -419,6 +417,20 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
                       reset_per_seq=reset_per_seq, progress=progress)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
+
+
+def build(block, where: str, **kwargs):
+    """Hydra's instantiate of a config block, with a user's mistake (an unknown parameter, a class that cannot
+    be imported, torch missing for backend=torch) as a MoesimError that names the block, not a traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(block, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+        raise MoesimError(f"{where}: cannot build {block.get('_target_', '?')}: {why}") from None
 
 
 def compiled_run(mode, backend, cache_policy, prefetcher, offload) -> bool:

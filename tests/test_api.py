@@ -181,3 +181,31 @@ def test_sweep_refuses_an_empty_axis_and_runs_of_one_name(tiny):
     twin = {"name": "mine", "cache": {"_target_": "strategies.lru.LRU"}}
     with pytest.raises(MoesimError, match="strategy=mine"):
         moesim.sweep(tiny[1], strategies=[twin, dict(twin)], progress=False)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["+strategy.cache.foo=1"], ["strategy.cache", "strategies.lru.LRU", "arguments"]),
+    (["strategy.cache._target_=strategies.lru.NoSuchPolicy"], ["strategy.cache", "NoSuchPolicy"]),
+])
+def test_a_part_that_cannot_be_built_is_named_not_a_traceback(tiny, overrides, words):
+    with pytest.raises(MoesimError) as e:
+        moesim.simulate(tiny[1], "lru", overrides=overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_fast_true_refuses_what_the_core_does_not_cover_and_says_why(tiny, tmp_path):
+    policy = tmp_path / "mine.py"
+    policy.write_text("from strategies.lru import LRU\n\n\nclass Mine(LRU):\n    pass\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        block = {"name": "mine", "cache": {"_target_": "mine.Mine"}}
+        with pytest.raises(MoesimError, match="fast=true.*mine.Mine"):
+            moesim.simulate(tiny[1], block, fast=True)
+        auto = moesim.simulate(tiny[1], block).summary  # the Python driver runs it, and decides as LRU does
+        lru = moesim.simulate(tiny[1], "lru").summary
+        assert not auto["fast_path"] and lru["fast_path"]
+        assert (auto["hits"], auto["latency_ms"]) == (lru["hits"], lru["latency_ms"])
+    finally:
+        sys.path.remove(str(tmp_path))
