@@ -27,7 +27,7 @@ SCOPE = "per_layer"
 REFERENCE_TOKENS = 2000  # prefix replayed by the plain-Python loop (48k layer-steps)
 # floors measured on a shared 2-core machine with margin (what each test prints is the measurement)
 LIBCACHESIM_FLOOR = 3.0  # the issue's goal
-PYTHON_CACHE_ONLY_FLOOR = 20.0  # measured 80-150x
+PYTHON_CACHE_ONLY_FLOOR = 8.0  # measured 18-71x (2026-12-06, after the Python driver got 2.5x faster)
 PYTHON_TIMED_FLOOR = 5.0  # measured 14-91x over every strategy (2026-12-06), lru the lowest
 TIMED_GOAL = 1e6  # layer-steps/s of the compiled loop on the whole trace, every strategy (issue 12): printed and
 #                   kept in the benchmark's extra_info, not asserted (an absolute rate depends on the machine)
