@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cache import Cache, Counters
-from .engine import replay
+from .engine import drive
 from .errors import MoesimError
 from .trace import Trace
 from .units import parse_budget
@@ -397,7 +397,6 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     where it covers the run), true (refuse a run it does not cover, saying why), false (the Python driver)."""
     from . import core
     from .hardware import Cost
-    from .profiler import Profiler
 
     make_policy = lambda: build(strat.cache, "strategy.cache")  # noqa: E731  one instance per partition
     prefetcher = build(strat.prefetch, "prefetch") if strat.get("prefetch") else None
@@ -410,11 +409,8 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
                             reset_per_seq, pinned=backend.pinned)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
-    cache = Cache(spec, n_slots, scope, make_policy, trace)
-    profiler = Profiler(n_layers=spec.layers)
-    backend.setup(spec, n_slots, profiler)
-    counters = replay(trace, cache, backend, prefetcher, offload, Cost(hardware, spec),
-                      reset_per_seq=reset_per_seq, progress=progress)
+    cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload,
+                                     Cost(hardware, spec), reset_per_seq=reset_per_seq, progress=progress)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
 

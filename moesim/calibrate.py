@@ -260,9 +260,7 @@ def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, st
     = c + d * experts + e * loads (least squares); e per MiB copied is writeback_us_per_mib. Returns
     {"layer_overhead_us", "expert_overhead_us", "load_overhead_us", "writeback_us_per_mib"}."""
     from .backends.torch import TorchBackend
-    from .cache import Cache
-    from .engine import replay
-    from .profiler import Profiler
+    from .engine import drive
     from .models import ModelSpec
     from .trace import from_arrays
     from strategies.lru import LRU
@@ -276,10 +274,7 @@ def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, st
                         for _ in range(steps)])  # [steps, L, K]
     experts[np.arange(K)[None, None, :] >= rng.integers(1, K + 1, (steps, L, 1))] = -1  # 1..K experts
     trace = from_arrays(spec, experts, np.where(experts >= 0, 1.0 / K, 0.0))
-    backend, profiler = TorchBackend(**options), Profiler(L)
-    cache = Cache(spec, L * E // 4, "per_layer", LRU, trace)
-    backend.setup(spec, cache.n_slots, profiler)
-    replay(trace, cache, backend)
+    _, profiler, _ = drive(trace, spec, L * E // 4, "per_layer", LRU, TorchBackend(**options))
     st, cp, cm = profiler.arrays()
     rows, y = [], []
     c0 = m0 = 0

@@ -346,3 +346,18 @@ def hit_counts(trace: Trace, make_policy: Callable[[], CachePolicy], budget, sco
     b = budget if isinstance(budget, Budget) else parse_budget(budget, trace.spec, scope)
     cache = Cache(trace.spec, b.slots, scope, make_policy, trace)
     return replay(trace, cache, reset_per_seq=reset_per_seq)
+
+
+def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[], CachePolicy], backend,
+          prefetcher: Prefetcher | None = None, offload: OffloadPolicy | None = None, cost=None,
+          reset_per_seq: bool = False, prefetch_max: int | None = None, progress: bool = False):
+    """A timed replay on `backend` (set up here with `spec` and `n_slots`): (cache, profiler, counters). What
+    moesim.api.execute does for the Python driver, and what the fidelity check and calibrate do per backend."""
+    from .profiler import Profiler
+
+    cache = Cache(spec, n_slots, scope, make_policy, trace)
+    profiler = Profiler(spec.layers)
+    backend.setup(spec, n_slots, profiler)
+    counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
+                      prefetch_max=prefetch_max, progress=progress)
+    return cache, profiler, counters

@@ -42,10 +42,8 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
     `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
-    from .cache import Cache
+    from .engine import drive
     from .units import parse_budget
-    from .engine import replay
-    from .profiler import Profiler
 
     options = dict(backend_options or {})
     torch_backend = TorchBackend(**options)
@@ -53,14 +51,11 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
     slots = parse_budget(budget, trace.spec, scope).slots  # slots: the same decisions at any scale
     runs = {}
     for name, backend in (("real", torch_backend), ("sim", SimBackend(profile, pinned=options.get("pinned", True)))):
-        cache = Cache(spec, slots, scope, make_policy, trace)
-        profiler = Profiler(spec.layers)
-        backend.setup(spec, slots, profiler)
         t0 = time.perf_counter()
         offload = make_offload() if make_offload else None
         cost = Cost(profile, spec, options.get("pinned", True)) if offload is not None else None
-        c = replay(trace, cache, backend, make_prefetcher() if make_prefetcher else None, offload, cost,
-                   prefetch_max=prefetch_max)
+        _, profiler, c = drive(trace, spec, slots, scope, make_policy, backend,
+                               make_prefetcher() if make_prefetcher else None, offload, cost, prefetch_max=prefetch_max)
         wall = time.perf_counter() - t0
         mt = profiler.metrics()
         st = profiler.arrays()[0]

@@ -35,12 +35,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's
 import torch  # noqa: E402
 
 from moesim.backends.torch import TorchBackend, device_name, memcpy, resolve_device, scale_spec, stored_spec  # noqa: E402
-from moesim.cache import Cache  # noqa: E402
-from moesim.units import parse_budget
 from moesim.calibrate import Sampling, measure, to_profile  # noqa: E402
+from moesim.engine import drive, step_requests  # noqa: E402
 from moesim.fidelity import compare_backends  # noqa: E402
-from moesim.engine import replay, step_requests  # noqa: E402
 from moesim.profiler import Profiler  # noqa: E402
+from moesim.units import parse_budget  # noqa: E402
 from moesim.trace import MODEL_SPECS, ModelSpec, from_arrays  # noqa: E402
 from strategies import Prefetcher  # noqa: E402
 from strategies.lru import LRU  # noqa: E402
@@ -149,11 +148,8 @@ def check_copies(device: torch.device, spec: ModelSpec, n_copies: int = 32) -> d
 
 def _replay(device: torch.device, spec: ModelSpec, trace, slots: int, prefetch: bool) -> tuple[dict, dict, TorchBackend]:
     backend = TorchBackend(device=str(device))
-    profiler = Profiler(spec.layers)
-    backend.setup(spec, slots, profiler)
-    cache = Cache(spec, slots, "per_layer", LRU, trace)
-    c = replay(trace, cache, backend, NextLayerOracle() if prefetch else None,
-               prefetch_max=spec.top_k if prefetch else 0)
+    _, profiler, c = drive(trace, spec, slots, "per_layer", LRU, backend, NextLayerOracle() if prefetch else None,
+                           prefetch_max=spec.top_k if prefetch else 0)
     return c.to_dict(), profiler.metrics(), backend
 
 
