@@ -5,7 +5,7 @@
 
 cache-only replay   every distinct cache policy of moesim/conf/strategy/*.yaml (read at collection, so a new
                     strategy is measured too): moesim.core.hit_counts where the policy is compiled, else
-                    moesim.engine.hit_counts, against `plain_lru` below (an OrderedDict per layer) over the
+                    moesim.engine.hit_counts, against `plain_lru` (test_bench_hooks.py: an OrderedDict per layer) over the
                     same requests; plain_lru must count the hits that our LRU counts
 timed sim loop      every strategy through `moesim.api.run` (what `python -m moesim run` does, compiled where
                     moesim/core covers the run; results not written), against `plain_timed_lru` below
@@ -27,6 +27,8 @@ from importlib.resources import files
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+
+from test_bench_hooks import layer_requests, plain_lru  # the references, written once
 
 from moesim import core
 
@@ -104,35 +106,6 @@ def check_floor(benchmark, what: str, ratio: float, floor: float, detail: str) -
 
 
 # ------------------------------------------------------------------------------------------ references
-def layer_requests(trace) -> list[list[int]]:
-    """Per (token, layer) of a batch-1 trace, in replay order: the expert ids the layer needs."""
-    assert trace.n_steps == trace.n_tokens, "the references replay batch-1 traces"
-    e = np.asarray(trace.experts)
-    return [[x for x in row if x >= 0] for row in e.reshape(-1, e.shape[2]).tolist()]
-
-
-def plain_lru(requests: list[list[int]], n_layers: int, slots: int) -> int:
-    """Hits of one LRU of `slots` per layer: a request's hits move to the back first, then each miss evicts
-    the front-most key the request does not hold. The reference every ratio here is taken against."""
-    caches = [OrderedDict() for _ in range(n_layers)]
-    hits = 0
-    for pos, ids in enumerate(requests):
-        c = caches[pos % n_layers]
-        for e in ids:
-            if e in c:
-                c.move_to_end(e)
-                hits += 1
-        for e in ids:
-            if e not in c:
-                if len(c) >= slots:
-                    for victim in c:
-                        if victim not in ids:
-                            break
-                    del c[victim]
-                c[e] = None
-    return hits
-
-
 def plain_timed_lru(requests: list[list[int]], n_layers: int, slots: int) -> tuple[int, float]:
     """plain_lru with a clock: misses queue on one copy engine, a layer computes once its copies are in."""
     caches = [OrderedDict() for _ in range(n_layers)]
