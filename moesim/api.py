@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cache import Cache, Counters
-from .engine import drive
+from .engine import drive, play
 from .errors import MoesimError
 from .trace import Trace
 from .units import parse_budget
@@ -391,12 +391,14 @@ class Execution:
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
             progress: bool = False, fast="auto") -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
-    `backend_cfg` with `n_slots` slots in `scope`: the compiled core (moesim/core/) where every part is built in
-    and the backend is sim, else the Python driver (moesim/engine.py), which calls a user's Python parts and
-    drives the torch backend. `spec` is the stored model (scale and dtype applied). `fast`: auto (the core
-    where it covers the run), true (refuse a run it does not cover, saying why), false (the Python driver)."""
+    `backend_cfg` with `n_slots` slots in `scope`. Where every part is built in, the compiled core
+    (moesim/core/) decides: on the sim backend it runs the whole run; on another (torch) it records its
+    decisions and the backend executes them (moesim.engine.play), unless a max_inflight cap makes a decision
+    read that backend's clock. Otherwise the Python driver (moesim/engine.py) calls the parts' hooks. `spec` is
+    the stored model (scale and dtype applied). `fast`: see `compiled_run`."""
     from . import core
     from .hardware import Cost
+    from .profiler import Profiler
 
     make_policy = lambda: build(strat.cache, "strategy.cache")  # noqa: E731  one instance per partition
     prefetcher = build(strat.prefetch, "prefetch") if strat.get("prefetch") else None
@@ -404,11 +406,21 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     backend = build(backend_cfg, "backend", hardware=hardware)
     first = make_policy()
     bound = any(getattr(x, "bound", False) for x in (first, prefetcher, offload) if x is not None)
-    if compiled_run(fast, backend, first, prefetcher, offload):  # tests/test_core.py: equal to the Python driver
+    way = compiled_run(fast, backend, first, prefetcher, offload)  # tests/test_core.py: equal to the Python driver
+    if way == "sim":
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
                             reset_per_seq, pinned=backend.pinned)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
+    if way == "play":  # the core decides (with the run's profile for the offload's costs); the backend executes
+        sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, hardware, reset_per_seq,
+                            record=True)
+        profiler = Profiler(spec.layers)
+        backend.setup(spec, n_slots, profiler)
+        play(trace, backend, sim.script, progress=progress)
+        served = backend.request_stats() if hasattr(backend, "request_stats") else None
+        return Execution(Counters(**sim.counters), sim.prefetch, profiler, served, backend.device_bytes(), backend,
+                         bound, True)
     cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload,
                                      Cost(hardware, spec), reset_per_seq=reset_per_seq, progress=progress)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
@@ -429,9 +441,11 @@ def build(block, where: str, **kwargs):
         raise MoesimError(f"{where}: cannot build {block.get('_target_', '?')}: {why}") from None
 
 
-def compiled_run(mode, backend, cache_policy, prefetcher, offload) -> bool:
-    """Whether the compiled core runs this run: `mode` is the run's `fast=` (auto: where it covers the run;
-    true: refuse, saying why, a run it does not cover; false: never)."""
+def compiled_run(mode, backend, cache_policy, prefetcher, offload) -> str | None:
+    """How the compiled core takes part in this run: "sim" (it runs the whole run, clocks included), "play" (it
+    makes the decisions and another backend, torch, executes them: moesim.engine.play), or None (the Python
+    driver). `mode` is the run's `fast=`: auto (the core wherever it covers the run), true (refuse, saying why,
+    a run it does not cover), false (never)."""
     from . import core
     from .backends.sim import SimBackend
 
@@ -439,12 +453,14 @@ def compiled_run(mode, backend, cache_policy, prefetcher, offload) -> bool:
     if mode not in ("auto", "true", "on", "yes", "false", "off", "no"):
         raise MoesimError(f"fast={mode!r}: expected auto, true or false")
     if mode in ("false", "off", "no"):
-        return False
-    why = None if type(backend) is SimBackend else f"backend {backend.name} is not sim"
-    why = why or core.uncovered(cache_policy, prefetcher, offload)
+        return None
+    sim = type(backend) is SimBackend
+    why = core.uncovered(cache_policy, prefetcher, offload)
+    if why is None and not sim and any(getattr(x, "max_inflight", None) is not None for x in (prefetcher, offload)):
+        why = f"with backend {backend.name}, a max_inflight cap makes decisions depend on the backend's own clock"
     if why and mode != "auto":
         raise MoesimError(f"fast={mode}: the compiled core cannot run this: {why}; use fast=auto")
-    return why is None
+    return None if why else ("sim" if sim else "play")
 
 
 def resolve_strategy(cfg):

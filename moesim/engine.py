@@ -361,3 +361,42 @@ def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[]
     counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
                       prefetch_max=prefetch_max, progress=progress)
     return cache, profiler, counters
+
+
+def play(trace: Trace, backend, script, progress: bool = False) -> None:
+    """Run the decisions the compiled core made (moesim.core.Script, from `core.simulate(record=True)`) on
+    `backend`, set up already: the same calls, in the same order, as `replay` makes with the same parts
+    where no decision depends on the backend's clock (tests/test_core.py holds them equal call for call).
+    How the torch backend runs built-in strategies: the core decides, the backend moves the weights."""
+    E = trace.spec.experts
+    keys = key_table(trace.n_layers, E).reshape(-1).tolist()  # key id -> (layer, expert)
+    copies = script.copies.tolist()
+    waves = script.waves.tolist()
+    served = script.served.tolist()
+    route = getattr(backend, "route", None)
+    if getattr(route, "__func__", None) is Backend.route:
+        route = None
+    starts = trace.step_starts
+    c = v = r = 0  # next copy, wave, served row
+    step_ends = enumerate(script.step_waves.tolist())
+    if progress:
+        from tqdm import tqdm
+
+        step_ends = tqdm(step_ends, total=trace.n_steps, unit="step", desc="replay", file=sys.stderr, disable=None,
+                         mininterval=0.5)
+    for s, end in step_ends:
+        lo, hi = int(starts[s]), int(starts[s + 1])
+        backend.begin_step(s, hi - lo)
+        if route is not None:
+            route(trace.experts[lo:hi], trace.weights[lo:hi])
+        while v < end:
+            layer, issued, last = waves[v]
+            for layer_c, expert, slot, prefetch in copies[c:issued]:
+                backend.load(keys[layer_c * E + expert], slot, bool(prefetch))
+            c = issued
+            device = [(keys[k], slot, n) for k, slot, n, host in served[r:last] if not host]
+            host = [(keys[k], n) for k, _, n, on_host in served[r:last] if on_host]
+            backend.compute(layer, device, host)
+            r, v = last, v + 1
+        backend.end_step()
+    backend.finish()

@@ -209,3 +209,24 @@ def test_fast_true_refuses_what_the_core_does_not_cover_and_says_why(tiny, tmp_p
         assert (auto["hits"], auto["latency_ms"]) == (lru["hits"], lru["latency_ms"])
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_the_torch_backend_executes_the_cores_decisions(tiny):
+    """backend=torch with built-in parts: the compiled core decides, the torch backend moves the weights
+    (moesim.engine.play); the same decisions as the Python driver (fast=false). A max_inflight cap reads the
+    torch backend's own queue, so such a run stays in the Python driver."""
+    pytest.importorskip("torch")
+    opts = dict(backend="torch", model={"scale": 1 / 64})
+    for strategy, extra in (("llama_cpp_moe_cache", {}), ("lru", {"prefetch": "oracle"})):
+        core_run = moesim.simulate(tiny[1], strategy, **opts, **extra).summary
+        python = moesim.simulate(tiny[1], strategy, fast=False, **opts, **extra).summary
+        assert core_run["fast_path"] and not python["fast_path"]
+        for k in ("hits", "misses", "loads", "prefetch_loads", "evictions", "host_computes", "prefetch_used"):
+            assert core_run[k] == python[k], k
+        assert core_run["backend"] == "torch" and core_run["tokens_per_s"] > 0
+    capped = moesim.simulate(tiny[1], "lru", prefetch="oracle", overrides=["prefetch.max_inflight=2 experts"],
+                             **opts).summary
+    assert not capped["fast_path"]
+    with pytest.raises(MoesimError, match="max_inflight"):
+        moesim.simulate(tiny[1], "lru", prefetch="oracle", overrides=["prefetch.max_inflight=2 experts"], fast=True,
+                        **opts)

@@ -409,3 +409,75 @@ def test_a_learned_prefetch_table_is_built_once_for_runs_that_share_it(monkeypat
         want = reference_sim(trace, "lru", {}, slots, "global", False, hw, lambda: Transition(reuse_weight=w))
         assert got.counters == want[0]
     assert len(built) == 3 + 4  # the compiled runs: a/0.25 once, a/0.5, b/0.5; the 4 reference runs each
+
+
+class Recorder:
+    """A backend that logs every call the drivers make (and keeps SimBackend's clocks behind them)."""
+
+    name = "recorder"
+
+    def __init__(self):
+        from moesim.backends.sim import SimBackend
+
+        self.sim, self.calls = SimBackend("rtx-4090"), []
+
+    def setup(self, spec, n_slots, profiler):
+        self.sim.setup(spec, n_slots, profiler)
+
+    def begin_step(self, step, n_tokens):
+        self.calls.append(("begin", step, n_tokens))
+        self.sim.begin_step(step, n_tokens)
+
+    def route(self, experts, weights):
+        self.calls.append(("route", np.asarray(experts).tobytes(), np.asarray(weights).tobytes()))
+
+    def load(self, key, slot, prefetch):
+        self.calls.append(("load", key, slot, prefetch))
+        self.sim.load(key, slot, prefetch)
+
+    def compute(self, layer, device, host):
+        self.calls.append(("compute", layer, list(device), list(host)))
+        self.sim.compute(layer, device, host)
+
+    def end_step(self):
+        self.calls.append(("end",))
+        self.sim.end_step()
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+    def device_bytes(self):
+        return self.sim.device_bytes()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_PARAMS))
+def test_a_recorded_script_makes_the_python_drivers_backend_calls(policy):
+    """core.simulate(record=True) + engine.play tell a backend exactly what moesim.engine.replay tells it, call
+    for call, with every built-in prefetcher and offload policy (without max_inflight caps: those decisions read
+    the backend's own clock), both scopes, resets and waves: how the torch backend runs built-in strategies."""
+    from moesim.engine import drive, play
+    from moesim.hardware import Cost, load_hardware
+    from moesim.profiler import Profiler
+
+    prefetchers, offloads = _parts()
+    parts = [(None, None)] + [(p, None) for n, p in prefetchers.items() if "capped" not in n and "history" != n] + [
+        (None, o) for n, o in offloads.items() if "load" not in n] + [(prefetchers["transition"], offloads["cost"])]
+    params = POLICY_PARAMS[policy][-1]
+    cls = core.reference_class(policy)
+    hw = _host_profile()
+    for seed, scope, reset in ((0, "per_layer", False), (1, "global", True), (3, "per_layer", True)):
+        trace = random_trace(seed, max_batch=1 + seed, predicted=True)
+        need = max_request(trace)
+        slots = trace.top_k * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        for make_pf, make_off in parts:
+            python = Recorder()
+            _, _, want = drive(trace, trace.spec, slots, scope, lambda: cls(**params), python,
+                               make_pf() if make_pf else None, make_off() if make_off else None,
+                               Cost(load_hardware(hw), trace.spec), reset_per_seq=reset)
+            sim = core.simulate(trace, trace.spec, slots, scope, lambda: cls(**params), make_pf() if make_pf else None,
+                                make_off() if make_off else None, hw, reset, record=True)
+            played = Recorder()
+            played.setup(trace.spec, slots, Profiler(trace.n_layers))
+            play(trace, played, sim.script)
+            assert sim.counters == want.to_dict()
+            assert played.calls == python.calls, (policy, scope, make_pf, make_off)

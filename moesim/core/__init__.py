@@ -204,6 +204,17 @@ class ArrayProfiler(Profiler):
         return len(self._event_arrays[0])
 
 
+class Script(NamedTuple):
+    """A replay's decisions in the order a backend is told them (moesim.engine.play feeds them to one):
+    before wave v computes, copies[:waves[v, 1]] have been issued; wave v computes layer waves[v, 0] with the
+    experts served[waves[v - 1, 2]:waves[v, 2]]; step s ends after wave step_waves[s] - 1."""
+
+    copies: np.ndarray  # int64 [C, 4]: layer, expert, slot, prefetch (0/1)
+    waves: np.ndarray  # int64 [V, 3]: layer, copies issued before it, end of its rows in `served`
+    served: np.ndarray  # int64 [R, 4]: key id (layer * E + expert), slot, tokens, on the host (0/1)
+    step_waves: np.ndarray  # int64 [S]
+
+
 class SimRun(NamedTuple):
     """What `simulate` returns: what a run reads from the cache, backend and profiler of the Python driver."""
 
@@ -213,14 +224,17 @@ class SimRun(NamedTuple):
     device_bytes: int  # SimBackend.device_bytes()
     request_stats: dict  # SimBackend.request_stats()
     seconds: dict  # wall time of "setup" (policies' setup, tables, state) and of the compiled "loop"
+    script: Script | None = None  # with record=True: the decisions, for another backend (moesim.engine.play)
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
-             reset_per_seq: bool = False, pinned: bool = True) -> SimRun:
+             reset_per_seq: bool = False, pinned: bool = True, record: bool = False) -> SimRun:
     """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
     SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
     built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
-    not decisions). The same counters and the same events (hence latencies, stalls, metrics, tables)."""
+    not decisions). The same counters and the same events (hence latencies, stalls, metrics, tables).
+    `record`: also keep the decisions as a Script, to run them on another backend (moesim.engine.play); they
+    are the Python driver's there too where none depends on that backend's clock (no max_inflight cap)."""
     from ..backends.sim import SimBackend
     from ..hardware import Cost
 
@@ -253,22 +267,25 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     ck = new_clock()
     t1 = time.perf_counter()
     with compile_notice(loop.run_sim):
-        status, where, steps, copies, computes = loop.run_sim(
+        status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(
             st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap, *offl, cnt,
-            served, ck)
+            served, ck, record)
     t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
-    profiler = ArrayProfiler(trace.n_layers, steps, copies, computes)
+    profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes)
     backend.setup(spec, n_slots, profiler)  # only for device_bytes(): the events are already there
+    script = None
+    if record:
+        script = Script(copies[:, [0, 1, 6, 5]].astype(np.int64), waves, served_rows, step_waves)
     from .loop import PF_UNUSED, PF_USED, PF_WASTED
 
     return SimRun(counters(cnt), PrefetchOutcome(int(cnt[PF_USED]), int(cnt[PF_WASTED]), int(cnt[PF_UNUSED])),
                   profiler, backend.device_bytes(),
                   {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])},
-                  {"setup": t1 - t0, "loop": t2 - t1})
+                  {"setup": t1 - t0, "loop": t2 - t1}, script)
 
 
 def builtin_cache(obj) -> bool:

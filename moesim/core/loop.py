@@ -309,7 +309,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, laye
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, oi, odev, ohl, oshare, ofaster, oroom, opart,
-            host_cap, cnt, served, ck):
+            host_cap, cnt, served, ck, record):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -319,8 +319,13 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none);
     pf_cap, host_cap: bytes queued on the copy engine above which no prefetch / background load is issued
     (-1: no cap); the o* arrays: see offload_decision.
-    Returns (status, position, steps [S, 6], copies [C, 6], computes [M, 5]): the rows the Profiler would hold
-    (moesim/profiler.py: _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS)."""
+    record: also return the decisions as another backend executes them (`script` below; else empty arrays).
+    Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
+    step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
+    _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS), copies[:, 6] each copy's slot. The script: per computed
+    layer (or wave) in order, waves = (layer, copies issued before it, end of its rows in `served`); served =
+    (key, slot, tokens, 1 if computed on the host) per expert of it in row order; step_waves: waves so far at
+    each step's end."""
     L, E = prm.L, prm.E
     S = len(resets)
     w = width(ptr)
@@ -332,8 +337,13 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     steps = np.empty((S, 6))
     computes = np.empty((S * L, 5))  # one per layer, more where a layer runs in waves or has host experts
     n_cm = 0
-    copies = np.empty((max(1024, len(ids) // 4), 6))
+    copies = np.empty((max(1024, len(ids) // 4), 7))
     n_cp = 0
+    waves = np.empty((S * L if record else 0, 3), np.int64)
+    n_wv = 0
+    rows = np.empty((len(ids) if record else 0, 4), np.int64)
+    n_rows = 0
+    step_waves = np.zeros(S if record else 0, np.int64)
     ready = np.zeros(max(n_slots, 1))  # ms: when the last copy into each slot completes
     pf_slot = np.zeros(max(n_slots, 1), np.uint8)  # the slot's last copy was a prefetch not used yet
     D = pf.shape[1]
@@ -360,7 +370,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 mark += 1
                 h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
                 if h < 0:
-                    return h, pos, steps[:0], copies[:0], computes[:0]
+                    return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
                 n_host = 0
                 for i in range(wa, wb):  # misses in row order: fetch, or compute on the host
                     if out[0, i - wa] == -2:
@@ -381,12 +391,14 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                         continue
                     slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:
-                        return ALL_PINNED, pos, steps[:0], copies[:0], computes[:0]
+                        return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
+                                step_waves[:0])
                     out[1, i - wa] = slot
                     copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
                                           src[i], nbytes)
                 if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
-                    return LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0]
+                    return (LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
+                            step_waves[:0])
                 if D > 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
                     missing = False
                     for d in range(D):
@@ -422,7 +434,23 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                             if full:
                                 break
                         if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
-                            return LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0]
+                            return (LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
+                                    step_waves[:0])
+                if record:  # what the layer computes, as a backend is told (engine._serve: device, host)
+                    if n_wv == len(waves):
+                        waves = _grow_int(waves, n_wv)
+                    while n_rows + wb - wa > len(rows):
+                        rows = _grow_int(rows, n_rows)
+                    for i in range(wa, wb):
+                        rows[n_rows, 0] = base + src[i]
+                        rows[n_rows, 1] = out[1, i - wa]
+                        rows[n_rows, 2] = src_cnt[i]
+                        rows[n_rows, 3] = out[2, i - wa]
+                        n_rows += 1
+                    waves[n_wv, 0] = layer
+                    waves[n_wv, 1] = n_cp
+                    waves[n_wv, 2] = n_rows
+                    n_wv += 1
                 # SimBackend.compute: the device part waits for its copies; host experts run beside it
                 loads = ck[LOADS]
                 start, end, free, n_dev = device_part(ck, ready, pf_slot, served, out, src_cnt, wa, wb, device_ms,
@@ -445,12 +473,22 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
         steps[s, 3] = ck[NOW]
         steps[s, 4] = n_cp
         steps[s, 5] = n_cm
-    return 0, 0, steps, copies[:n_cp].copy(), computes[:n_cm].copy()
+        if record:
+            step_waves[s] = n_wv
+    return 0, 0, steps, copies[:n_cp].copy(), computes[:n_cm].copy(), waves[:n_wv].copy(), rows[:n_rows].copy(), \
+        step_waves
 
 
 @njit(cache=True, nogil=True)
 def _grow(rows, n):
     bigger = np.empty((2 * len(rows), rows.shape[1]))
+    bigger[:n] = rows[:n]
+    return bigger
+
+
+@njit(cache=True, nogil=True)
+def _grow_int(rows, n):
+    bigger = np.empty((2 * max(len(rows), 1), rows.shape[1]), np.int64)
     bigger[:n] = rows[:n]
     return bigger
 
@@ -467,6 +505,7 @@ def _issue(copies, n, ck, ready, pf_slot, slot, prefetch, copy_ms, serial, layer
     copies[n, 2] = nbytes
     copies[n, 4] = ready[slot]
     copies[n, 5] = 1.0 if prefetch else 0.0
+    copies[n, 6] = slot
     return copies, n + 1
 
 

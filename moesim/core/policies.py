@@ -16,9 +16,10 @@ import math
 from numba import njit
 
 from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT,
-                    FROWS, FTAIL, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LW, MEMBERS, NEXT, NOW, NTOUCH, PART, PIN, PREV,
-                    PSEQ, SCOUNT, SEEN, SIZE, STATIC, UNIT, heap_min_unpinned, heap_push, heap_remove, link_append,
-                    link_between, list_append, list_remove, member_add, member_remove, sift_down, sift_up)
+                    FROWS, FTAIL, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LW, MEMBERS, NEXT, NOW, NTOUCH, PART,
+                    PIN, PREV, PSEQ, SCOUNT, SEEN, SIZE, STATIC, UNIT, heap_min_unpinned, heap_push, heap_remove,
+                    link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
+                    sift_up)
 
 POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
                 "activation_aware": 7}
