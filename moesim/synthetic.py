@@ -236,7 +236,7 @@ def _route(lo, first, seq, bias, W, reuse, corr, state_noise, private_noise, noi
     h [L, rank] and p [L, E] carry the AR(1) states from one chunk to the next."""
     L, D, E = W.shape
     K = experts.shape[2]
-    innovation = np.empty(D)
+    innovation = np.zeros(D)  # zeros, not empty: layer 0 multiplies it by 0.0, and 0.0 * NaN garbage is NaN
     x = np.empty(E)
     top = np.empty(K)
     ids = np.empty(K, np.int64)
