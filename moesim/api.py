@@ -391,38 +391,52 @@ class Execution:
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
             progress: bool = False, fast="auto") -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
-    `backend_cfg` with `n_slots` slots in `scope`. Where every part is built in, the compiled core
-    (moesim/core/) decides: on the sim backend it runs the whole run; on another (torch) it records its
-    decisions and the backend executes them (moesim.engine.play), unless a max_inflight cap makes a decision
-    read that backend's clock. Otherwise the Python driver (moesim/engine.py) calls the parts' hooks. `spec` is
-    the stored model (scale and dtype applied). `fast`: see `compiled_run`."""
-    from . import core
-    from .hardware import Cost
-    from .profiler import Profiler
-
+    `backend_cfg` with `n_slots` slots in `scope` (see `replay_parts`). `spec` is the stored model (scale and
+    dtype applied); `hardware` the run's profile."""
     make_policy = lambda: build(strat.cache, "strategy.cache")  # noqa: E731  one instance per partition
     prefetcher = build(strat.prefetch, "prefetch") if strat.get("prefetch") else None
     offload = build(strat.offload, "offload") if strat.get("offload") else None
     backend = build(backend_cfg, "backend", hardware=hardware)
+    return replay_parts(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend, hardware,
+                        reset_per_seq=reset_per_seq, progress=progress, fast=fast)
+
+
+def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher, offload, backend, hardware=None,
+                 cost=None, reset_per_seq: bool = False, progress: bool = False, fast="auto",
+                 prefetch_max: int | None = None) -> Execution:
+    """Replay `trace` through built parts (`make_policy` builds the cache policy of one partition) on `backend`
+    (not set up yet). Where every part is built in, the compiled core (moesim/core/) decides: on the sim
+    backend it runs the whole run; on another (torch) it records its decisions and the backend executes them
+    (moesim.engine.play), unless a max_inflight cap makes a decision read that backend's clock. Otherwise the
+    Python driver (moesim/engine.py) calls the parts' hooks. `hardware`: the profile whose costs an offload
+    policy is asked with (`cost`, default moesim.hardware.Cost(hardware, spec)); None: the h200 preset, for runs
+    without an offload policy. `fast`: see `compiled_run`; `prefetch_max` (the Python driver's, for checks
+    with a custom prefetcher) takes the Python driver."""
+    from . import core
+    from .hardware import Cost, load_hardware
+    from .profiler import Profiler
+
+    hardware = load_hardware(hardware if hardware is not None else "h200")
+    cost = cost if cost is not None else Cost(hardware, spec)
     first = make_policy()
     bound = any(getattr(x, "bound", False) for x in (first, prefetcher, offload) if x is not None)
-    way = compiled_run(fast, backend, first, prefetcher, offload)  # tests/test_core.py: equal to the Python driver
-    if way == "sim":
+    way = compiled_run(fast, backend, first, prefetcher, offload) if prefetch_max is None else None
+    if way == "sim":  # tests/test_core.py: equal to the Python driver, event for event
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
-                            reset_per_seq, pinned=backend.pinned)
+                            reset_per_seq, pinned=backend.pinned, cost=cost)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
-    if way == "play":  # the core decides (with the run's profile for the offload's costs); the backend executes
+    if way == "play":  # the core decides; the backend executes (tests/test_core.py: the same calls)
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, hardware, reset_per_seq,
-                            record=True)
+                            cost=cost, record=True)
         profiler = Profiler(spec.layers)
         backend.setup(spec, n_slots, profiler)
         play(trace, backend, sim.script, progress=progress)
         served = backend.request_stats() if hasattr(backend, "request_stats") else None
         return Execution(Counters(**sim.counters), sim.prefetch, profiler, served, backend.device_bytes(), backend,
                          bound, True)
-    cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload,
-                                     Cost(hardware, spec), reset_per_seq=reset_per_seq, progress=progress)
+    cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload, cost,
+                                     reset_per_seq=reset_per_seq, prefetch_max=prefetch_max, progress=progress)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
 

@@ -21,7 +21,8 @@ so that the sim predicts that backend on this machine:
               flop rate at the largest token count gives device_tflops / host_gflops. vram_gib: the GPU's
               memory (cpu: MemTotal).
   replay      device=cpu only, where the replay's host work and the compute share one thread: a short
-              replay through moesim's engine and the torch backend gives the replay's own time per layer,
+              replay as a torch run makes it (the compiled core's decisions played on the torch backend)
+              gives the replay's own time per layer,
               per expert and per load (layer/expert/load_overhead_us), and, from its layers' compute
               times against the loads before them, the copies' write-back cost (writeback_us_per_mib);
               `replay=false` skips.
@@ -251,16 +252,16 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
 
 
 def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, step_ms: float) -> dict:
-    """device=cpu: the replay's own host time outside copies and FFNs (moesim/engine.py's lookups and LRU,
-    the torch backend's bookkeeping), from a short replay through both: per step, latency - compute - stall
-    = a * layers computed + b * experts computed + c * loads, least squares (a coefficient that comes out
-    negative is dropped). Synthetic batch-1 routing over 8 layers x 32 experts, 1-4 experts per token and
+    """device=cpu: the replay's own host time outside copies and FFNs (moesim/engine.py's play of the compiled
+    core's decisions, as a torch run replays, and the torch backend's bookkeeping), from a short replay: per
+    step, latency - compute - stall = a * layers computed + b * experts computed + c * loads, least squares
+    (a coefficient that comes out negative is dropped). Synthetic batch-1 routing over 8 layers x 32 experts, 1-4 experts per token and
     layer (so that layers and experts vary apart), 25% budget, experts of `hidden` x `ffn`; `step_ms`: a
     guess of one step's time, to replay about 3 s. Also the copies' write-back cost: per layer, compute time
     = c + d * experts + e * loads (least squares); e per MiB copied is writeback_us_per_mib. Returns
     {"layer_overhead_us", "expert_overhead_us", "load_overhead_us", "writeback_us_per_mib"}."""
+    from .api import replay_parts  # as a run replays: the compiled core decides, the torch backend executes
     from .backends.torch import TorchBackend
-    from .engine import drive
     from .models import ModelSpec
     from .trace import from_arrays
     from strategies.lru import LRU
@@ -274,7 +275,7 @@ def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, st
                         for _ in range(steps)])  # [steps, L, K]
     experts[np.arange(K)[None, None, :] >= rng.integers(1, K + 1, (steps, L, 1))] = -1  # 1..K experts
     trace = from_arrays(spec, experts, np.where(experts >= 0, 1.0 / K, 0.0))
-    _, profiler, _ = drive(trace, spec, L * E // 4, "per_layer", LRU, TorchBackend(**options))
+    profiler = replay_parts(trace, spec, L * E // 4, "per_layer", LRU, None, None, TorchBackend(**options)).profiler
     st, cp, cm = profiler.arrays()
     rows, y = [], []
     c0 = m0 = 0

@@ -40,9 +40,9 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
 
     `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None);
     `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
+    from .api import replay_parts
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
-    from .engine import drive
     from .units import parse_budget
 
     options = dict(backend_options or {})
@@ -53,9 +53,11 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
     for name, backend in (("real", torch_backend), ("sim", SimBackend(profile, pinned=options.get("pinned", True)))):
         t0 = time.perf_counter()
         offload = make_offload() if make_offload else None
-        cost = Cost(profile, spec, options.get("pinned", True)) if offload is not None else None
-        _, profiler, c = drive(trace, spec, slots, scope, make_policy, backend,
-                               make_prefetcher() if make_prefetcher else None, offload, cost, prefetch_max=prefetch_max)
+        cost = Cost(profile, spec, options.get("pinned", True))
+        # as a run replays: the compiled core decides where every part is built in (torch: engine.play)
+        ex = replay_parts(trace, spec, slots, scope, make_policy, make_prefetcher() if make_prefetcher else None,
+                          offload, backend, profile, cost, prefetch_max=prefetch_max if make_prefetcher else None)
+        profiler, c = ex.profiler, ex.counters
         wall = time.perf_counter() - t0
         mt = profiler.metrics()
         st = profiler.arrays()[0]

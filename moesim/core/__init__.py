@@ -228,11 +228,12 @@ class SimRun(NamedTuple):
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
-             reset_per_seq: bool = False, pinned: bool = True, record: bool = False) -> SimRun:
+             reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None) -> SimRun:
     """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
     SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
     built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
     not decisions). The same counters and the same events (hence latencies, stalls, metrics, tables).
+    `cost`: what the offload policy is asked with (default moesim.hardware.Cost(hardware, spec)).
     `record`: also keep the decisions as a Script, to run them on another backend (moesim.engine.play); they
     are the Python driver's there too where none depends on that backend's clock (no max_inflight cap)."""
     from ..backends.sim import SimBackend
@@ -247,7 +248,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     pf, pf_cap = prefetch_table(trace, prefetcher, n_slots, scope, nbytes)
     counts = req.token_counts()
     max_count = int(counts.max()) if len(counts) else 1
-    offl = offload_arrays(trace, offload, n_slots, scope, Cost(hw, spec), max_count, nbytes)
+    offl = offload_arrays(trace, offload, n_slots, scope, cost if cost is not None else Cost(hw, spec), max_count,
+                          nbytes)
     device_ms = np.array([hw.expert_ms(n, spec, "device") for n in range(max_count + 1)])  # per token count
     host_ms = np.array([hw.expert_ms(n, spec, "host") for n in range(max_count + 1)]) if offload is not None \
         else np.zeros(max_count + 1)
