@@ -221,8 +221,9 @@ def tables(results: dict, facts: dict) -> str:
         rel = [_fmt(b / ref[k] if k in ref else None, ".2f") for k in
                ("lru + oracle", "belady", "belady + oracle", "belady + cpu share")]
         out.append(f"| {hw} | {budget} | {best} | {b:.1f} | {x:.2f} | " + " | ".join(rel) + " |")
+    which = "all" if facts["stride"] == 1 else f"every {facts['stride']}th"
     head = [f"Evaluation: {facts['evaluated_sequences']} of the {facts['evaluation_sequences']} evaluation sequences "
-            f"(every {facts['stride']}th, {facts['evaluation_tokens']:,} decode tokens); calibration: the first "
+            f"({which}, {facts['evaluation_tokens']:,} decode tokens); calibration: the first "
             f"{facts['calibration_sequences']} sequences ({facts['calibration_tokens']:,} tokens). Scope per_layer "
             f"unless noted. Produced by `python scripts/compare_strategies.py` ({facts['when']}).", ""]
     return "\n".join(head + ["### Summary", ""] + out + [""] + lines)
