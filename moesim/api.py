@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .cache import Cache, Counters
+from .cache import Counters
 from .engine import drive, play
 from .errors import MoesimError
 from .trace import Trace

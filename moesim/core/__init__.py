@@ -1,7 +1,8 @@
 """The compiled replay core (numba): every built-in cache policy, prefetcher and offload policy of strategies/,
 written once against one cache state and the sim clocks, in one loop. `python -m moesim run` uses it for
-every run whose parts are all built in and whose backend is sim (`fast=auto`); anything with a user's Python
-part, or the torch backend, runs in the Python driver (moesim/engine.py), which calls the parts' hooks.
+every run whose parts are all built in (`fast=auto`): on the sim backend it runs the whole run; for the torch
+backend it records its decisions and moesim.engine.play feeds them to the backend. Anything with a user's
+Python part runs in the Python driver (moesim/engine.py), which calls the parts' hooks.
 
     from moesim import core
     core.hit_counts(trace, "lru", {}, n_slots=192, scope="per_layer")     # Counters.to_dict()
@@ -56,11 +57,11 @@ import numpy as np  # noqa: E402
 from ..errors import MoesimError  # noqa: E402
 from ..profiler import Profiler  # noqa: E402
 from . import loop  # noqa: E402
-from .parts import CACHE, builtin, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
+from .parts import CACHE, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
-__all__ = ["hit_counts", "hit_flags", "simulate", "uncovered", "encode", "reset_steps", "SimRun"]
+__all__ = ["hit_counts", "hit_flags", "simulate", "uncovered", "encode", "reset_steps", "SimRun", "Script"]
 
 
 def reference_class(policy: str):
@@ -288,8 +289,3 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
                   profiler, backend.device_bytes(),
                   {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])},
                   {"setup": t1 - t0, "loop": t2 - t1}, script)
-
-
-def builtin_cache(obj) -> bool:
-    """Whether a cache policy object is compiled."""
-    return builtin(obj, CACHE) is not None

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .clock import LATE, LOADS, NOW, OWED, STALL_FREE, copy, device_part, host_part, inflight_bytes
+from .clock import LOADS, NOW, OWED, copy, device_part, host_part, inflight_bytes
 from .policies import evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
