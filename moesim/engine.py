@@ -1,12 +1,14 @@
 """The Python replay driver: every step of a trace, through a strategy, onto a backend. `python -m moesim run`.
 
     python -m moesim run strategy=lru                       # embedded default: synthetic GPT-OSS-like trace
-    python -m moesim run strategy=lru backend=torch         # real weights (torch): this loop
+    python -m moesim run strategy=lru fast=false            # this loop, also for built-in strategies
 
-Built-in strategies on the sim backend run compiled (moesim/core/; moesim.api picks the driver). This loop
-runs what the core cannot compile: a user's own Python cache policy, prefetcher or offload policy (the hooks
-of strategies/: CachePolicy, Prefetcher, OffloadPolicy), and the torch backend. Requests are encoded once as
-lists of shared key tuples (`key_table`), so no tuple is built per request.
+Built-in strategies run in the compiled core (moesim/core/; moesim.api.replay_parts picks the driver): on the
+sim backend wholly, on the torch backend through `play`, which feeds the core's recorded decisions to it.
+`replay` runs what the core cannot: a user's own Python cache policy, prefetcher or offload policy (the hooks
+of strategies/: CachePolicy, Prefetcher, OffloadPolicy), and a torch run whose max_inflight cap reads the
+backend's own copy queue. Requests are encoded once as lists of shared key tuples (`key_table`), so no tuple
+is built per request.
 
 Per step and per layer (position `pos = step * L + layer`): the layer's distinct experts are looked up
 (all pinned while the layer computes), each miss is fetched into the cache (the policy picks a victim) or,

@@ -1,8 +1,10 @@
 """Strategies: the decisions of an expert cache. One policy per file, one config per policy in moesim/conf/strategy/.
 
 A strategy is a cache policy (what to evict) + a prefetcher (what to load ahead) + an offload policy (on a
-miss: fetch, or compute on the host). The engine (moesim/engine.py) and the cache (moesim/cache.py) own the
-mechanism: capacity, scope, pinning, counters, clocks, tensors. A policy only orders and chooses.
+miss: fetch, or compute on the host). The compiled core (moesim/core/) and the Python driver (moesim/engine.py
+with moesim/cache.py) own the mechanism: capacity, scope, pinning, counters, clocks, tensors. A policy only
+orders and chooses. The classes here are the reference: the built-in ones also exist compiled in
+moesim/core/ (held equal by tests/test_core.py); a user's own class runs in the Python driver.
 
 Time is a request position `pos = step_index * L + layer`: it increases by one per (step, layer), so policies
 that need recency or future distance (Belady) share one clock across layers and scopes.
