@@ -379,7 +379,7 @@ class Execution:
     """What one replay produced, whichever driver ran it (see `execute`)."""
 
     counters: Counters
-    prefetch: object  # .used, .wasted, .unused (moesim.cache.PrefetchCounters)
+    prefetch: object  # .used, .wasted, .unused_at_end (moesim.cache.PrefetchCounters or core.PrefetchOutcome)
     profiler: object  # moesim.profiler.Profiler (metrics, tables, timeline)
     served: dict | None  # backend.request_stats(): stall-free requests, late prefetches
     device_bytes: int
@@ -520,7 +520,7 @@ def request_metrics(counters: Counters, prefetch, served: dict | None, bytes_per
         "late_prefetches": served.get("late_prefetches") if served else None,
         "wasted_prefetches": prefetch.wasted,
         "wasted_prefetch_bytes": prefetch.wasted * bytes_per_expert,
-        "prefetch_unused_at_end": len(prefetch.unused),
+        "prefetch_unused_at_end": prefetch.unused_at_end,
         "stall_free_requests": stall_free,
         "stall_free_rate": stall_free / counters.requests if stall_free is not None and counters.requests else None,
     }

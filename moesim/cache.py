@@ -87,7 +87,12 @@ class PrefetchCounters:
 
     def to_dict(self) -> dict:
         return {"prefetch_used": self.used, "prefetch_wasted": self.wasted,
-                "prefetch_unused_at_end": len(self.unused)}
+                "prefetch_unused_at_end": self.unused_at_end}
+
+    @property
+    def unused_at_end(self) -> int:
+        """Prefetched keys still resident and not requested (at the replay's end: never used)."""
+        return len(self.unused)
 
 
 class Cache:

@@ -118,10 +118,6 @@ class PrefetchOutcome(NamedTuple):
     wasted: int
     unused_at_end: int
 
-    @property
-    def unused(self) -> range:  # len() of it is what request_metrics reads
-        return range(self.unused_at_end)
-
 
 @contextmanager
 def compile_notice(kernel, after_s: float = 1.5):
