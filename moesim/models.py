@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import MoesimError, TraceError
+from .formats import FORMATS, get_format, known_format
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,55 @@ class ModelSpec:
     ffn: int  # one routed expert's intermediate size (gate, up: hidden x ffn; down: ffn x hidden)
     shared_experts: int = 0  # always-active experts per layer (DeepSeek, Qwen)
     shared_ffn: int = 0  # intermediate size of one shared expert; 0 means `ffn`
-    dtype: str = "bf16"  # storage format of expert weights
+    dtype: str = "bf16"  # storage format of routed expert weights (moesim/formats.py names it)
     bits_per_weight: float = 16.0  # including block scales (MXFP4: 4 bits + an 8-bit scale per 32 = 4.25)
+    # The rest of the model (moesim/whole.py turns these into bytes and times). attention "" means the spec
+    # does not say (an older trace): then only the routed and shared experts are modelled.
+    attention: str = ""  # "gqa" (MHA is gqa with kv_heads == heads) | "mla" (DeepSeek's latent attention)
+    heads: int = 0  # query heads
+    kv_heads: int = 0  # gqa: key/value heads
+    head_dim: int = 0  # gqa: q, k and v head width; mla: the v head width (v_head_dim)
+    q_lora_rank: int = 0  # mla: the query's down-projection rank (0: one direct query projection)
+    kv_lora_rank: int = 0  # mla: the compressed key/value width (cached per token)
+    rope_head_dim: int = 0  # mla: the rotary part of a query/key head (its key part is cached, one per token)
+    nope_head_dim: int = 0  # mla: the non-rotary part of a query/key head
+    dense_layers: int = 0  # layers with a dense FFN instead of experts (DeepSeek's first_k_dense_replace)
+    dense_ffn: int = 0  # their intermediate size
+    vocab: int = 0  # embedding rows (vocab_size)
+    tied_embeddings: bool = False  # the LM head is the embedding matrix
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: no such layers)
+    sliding_layers: int = 0  # how many of all layers (MoE and dense) attend through that window
+    # storage formats of the other tensor classes (moesim/formats.py): attention projections; dense FFN
+    # layers, shared experts and routers; embeddings and LM head; the KV cache
+    attention_format: str = "bf16"
+    dense_format: str = "bf16"
+    embed_format: str = "bf16"
+    kv_format: str = "bf16"
 
     @property
     def bytes_per_expert(self) -> int:
-        """Bytes of one routed expert's gate, up and down projections as stored."""
-        return math.ceil(3 * self.hidden * self.ffn * self.bits_per_weight / 8)
+        """Bytes of one routed expert's gate, up and down projections as stored: in a format moesim/formats.py
+        knows (at its bits), whole blocks per row; otherwise ceil(3 * hidden * ffn * bits_per_weight / 8)."""
+        return _ffn_bytes(self.dtype, self.bits_per_weight, self.hidden, self.ffn)
 
     @property
     def bytes_per_shared_expert(self) -> int:
-        return math.ceil(3 * self.hidden * (self.shared_ffn or self.ffn) * self.bits_per_weight / 8)
+        """Bytes of one shared expert: in dense_format where the spec describes the whole model, else in the
+        routed experts' format (older specs)."""
+        ffn = self.shared_ffn or self.ffn
+        if self.attention:
+            return _ffn_bytes(self.dense_format, None, self.hidden, ffn)
+        return _ffn_bytes(self.dtype, self.bits_per_weight, self.hidden, ffn)
+
+    @property
+    def whole(self) -> bool:
+        """The spec describes the whole model (attention, embeddings...), not only its experts."""
+        return bool(self.attention)
+
+    @property
+    def all_layers(self) -> int:
+        """Transformer blocks: MoE layers + dense layers."""
+        return self.layers + self.dense_layers
 
     @property
     def total_experts(self) -> int:
@@ -69,48 +108,58 @@ class ModelSpec:
                 raise TraceError(f"{where}.{n}: expected a positive integer, got {v!r}")
         if spec.top_k > spec.experts:
             raise TraceError(f"{where}.top_k: {spec.top_k} is more than experts={spec.experts}")
-        for n in ("shared_experts", "shared_ffn"):
+        for n in _COUNTS:
             v = getattr(spec, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise TraceError(f"{where}.{n}: expected an integer >= 0, got {v!r}")
-        for n in ("name", "dtype"):
+        for n in ("name", "dtype", "attention"):
             if not isinstance(getattr(spec, n), str):
                 raise TraceError(f"{where}.{n}: expected a string, got {getattr(spec, n)!r}")
+        if not isinstance(spec.tied_embeddings, bool):
+            raise TraceError(f"{where}.tied_embeddings: expected true or false, got {spec.tied_embeddings!r}")
+        for n in ("attention_format", "dense_format", "embed_format", "kv_format"):
+            v = getattr(spec, n)
+            if not isinstance(v, str) or not known_format(v):
+                raise TraceError(f"{where}.{n}: expected a storage format ({', '.join(FORMATS)}), got {v!r}")
+        _check_whole(spec, where)
         b = spec.bits_per_weight
         if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
             raise TraceError(f"{where}.bits_per_weight: expected a positive number, got {b!r}")
         return spec
 
 
-# Numbers from each model's config.json on the Hugging Face Hub (the repository named in the comment).
-MODEL_SPECS: dict[str, ModelSpec] = {
-    # mistralai/Mixtral-8x7B-v0.1: num_hidden_layers 32, num_local_experts 8, num_experts_per_tok 2,
-    # hidden_size 4096, intermediate_size 14336, torch_dtype bfloat16.
-    "mixtral-8x7b": ModelSpec("mixtral-8x7b", 32, 8, 2, 4096, 14336),
-    # deepseek-ai/DeepSeek-V3: num_hidden_layers 61 with first_k_dense_replace 3 -> 58 MoE layers;
-    # n_routed_experts 256, num_experts_per_tok 8, n_shared_experts 1, hidden_size 7168,
-    # moe_intermediate_size 2048; weights FP8 e4m3 with one fp32 scale per 128x128 block (+0.002 bit).
-    "deepseek-v3": ModelSpec("deepseek-v3", 58, 256, 8, 7168, 2048, shared_experts=1,
-                             dtype="fp8", bits_per_weight=8 + 32 / (128 * 128)),
-    # deepseek-ai/DeepSeek-V2-Lite: num_hidden_layers 27, first_k_dense_replace 1 -> 26 MoE layers;
-    # n_routed_experts 64, num_experts_per_tok 6, n_shared_experts 2, hidden_size 2048,
-    # moe_intermediate_size 1408, torch_dtype bfloat16.
-    "deepseek-v2-lite": ModelSpec("deepseek-v2-lite", 26, 64, 6, 2048, 1408, shared_experts=2),
-    # Qwen/Qwen3-30B-A3B: num_hidden_layers 48 (decoder_sparse_step 1: all MoE), num_experts 128,
-    # num_experts_per_tok 8, hidden_size 2048, moe_intermediate_size 768, torch_dtype bfloat16.
-    "qwen3-30b-a3b": ModelSpec("qwen3-30b-a3b", 48, 128, 8, 2048, 768),
-    # Qwen/Qwen1.5-MoE-A2.7B: num_hidden_layers 24, num_experts 60, num_experts_per_tok 4,
-    # hidden_size 2048, moe_intermediate_size 1408, one shared expert of shared_expert_intermediate_size 5632.
-    "qwen1.5-moe-a2.7b": ModelSpec("qwen1.5-moe-a2.7b", 24, 60, 4, 2048, 1408,
-                                   shared_experts=1, shared_ffn=5632),
-    # allenai/OLMoE-1B-7B-0924: num_hidden_layers 16, num_experts 64, num_experts_per_tok 8,
-    # hidden_size 2048, intermediate_size 1024, bf16 weights.
-    "olmoe-1b-7b": ModelSpec("olmoe-1b-7b", 16, 64, 8, 2048, 1024),
-    # openai/gpt-oss-20b: num_hidden_layers 24, num_local_experts 32, experts_per_token 4,
-    # hidden_size 2880, intermediate_size 2880; experts stored as MXFP4 (4-bit values + one 8-bit scale
-    # per 32 weights = 4.25 bits): 3*2880*2880*4.25/8 = 13.2 MB per expert (../shared/traces/README.md).
-    "gpt-oss-20b": ModelSpec("gpt-oss-20b", 24, 32, 4, 2880, 2880, dtype="mxfp4", bits_per_weight=4.25),
-}
+_COUNTS = ("shared_experts", "shared_ffn", "heads", "kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
+           "rope_head_dim", "nope_head_dim", "dense_layers", "dense_ffn", "vocab", "sliding_window", "sliding_layers")
+
+
+def _check_whole(spec: ModelSpec, where: str) -> None:
+    """The whole-model fields agree with each other (or are all unset)."""
+    if spec.attention not in ("", "gqa", "mla"):
+        raise TraceError(f"{where}.attention: expected 'gqa', 'mla' or '' (not described), got {spec.attention!r}")
+    if not spec.attention:
+        return
+    need = {"gqa": ("heads", "kv_heads", "head_dim", "vocab"),
+            "mla": ("heads", "head_dim", "kv_lora_rank", "rope_head_dim", "nope_head_dim", "vocab")}[spec.attention]
+    zero = [n for n in need if getattr(spec, n) == 0]
+    if zero:
+        raise TraceError(f"{where}: attention={spec.attention!r} needs {', '.join(zero)} > 0")
+    if spec.attention == "gqa" and spec.heads % spec.kv_heads:
+        raise TraceError(f"{where}.kv_heads: {spec.kv_heads} does not divide heads={spec.heads}")
+    if spec.dense_layers and not spec.dense_ffn:
+        raise TraceError(f"{where}.dense_ffn: dense_layers={spec.dense_layers} needs their intermediate size > 0")
+    if spec.sliding_layers > spec.all_layers or (spec.sliding_layers and not spec.sliding_window):
+        raise TraceError(f"{where}.sliding_layers: {spec.sliding_layers} needs sliding_window > 0 and at most "
+                         f"{spec.all_layers} layers")
+
+
+def _ffn_bytes(fmt: str, bits: float | None, hidden: int, ffn: int) -> int:
+    """Bytes of an FFN's gate and up ([ffn, hidden] each) and down ([hidden, ffn]) in format `fmt`; `bits`
+    other than the format's own (or an unknown format) falls back to ceil(3 * hidden * ffn * bits / 8)."""
+    if known_format(fmt):
+        f = get_format(fmt)
+        if bits is None or bits == f.bits:
+            return 2 * f.tensor_bytes(ffn, hidden) + f.tensor_bytes(hidden, ffn)
+    return math.ceil(3 * hidden * ffn * bits / 8)
 
 
 def model_spec(name_or_spec: str | dict | ModelSpec) -> ModelSpec:
@@ -152,17 +201,42 @@ def stored_spec(spec: ModelSpec, dtype: str = "auto") -> ModelSpec:
     return dataclasses.replace(spec, dtype=name, bits_per_weight=bits)
 
 
+_SCALED = ("shared_ffn", "dense_ffn", "head_dim", "q_lora_rank", "kv_lora_rank", "rope_head_dim", "nope_head_dim",
+           "vocab")
+FORMAT_FIELDS = {"experts": "dtype", "attention": "attention_format", "dense": "dense_format",
+                 "embed": "embed_format", "kv": "kv_format"}  # tensor class -> ModelSpec field
+
+
+def with_formats(spec: ModelSpec, **formats) -> ModelSpec:
+    """`spec` with tensor classes stored in other formats: with_formats(spec, experts="q4_k", attention="q8_0");
+    classes: experts, attention, dense (dense FFN layers, shared experts, routers), embed (embeddings, LM head),
+    kv (the KV cache). None leaves a class as it is. `python -m moesim run model.experts_format=q4_k`."""
+    changes = {}
+    for cls, name in formats.items():
+        if cls not in FORMAT_FIELDS:
+            raise MoesimError(f"model.{cls}_format: unknown tensor class; known: {', '.join(FORMAT_FIELDS)}")
+        if name is None:
+            continue
+        f = get_format(str(name), f"model.{cls}_format")
+        changes[FORMAT_FIELDS[cls]] = f.name
+        if cls == "experts":
+            changes["bits_per_weight"] = f.bits
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
 def scale_spec(spec: ModelSpec, scale: float) -> ModelSpec:
-    """`spec` with hidden, ffn and shared_ffn multiplied by `scale` (rounded), routing unchanged (layers,
-    experts, top-k): `model.scale=0.25` makes every expert 16x smaller. Refuses a scale that leaves a
+    """`spec` with hidden, ffn and shared_ffn (and the whole model's widths: head_dim, the MLA ranks, dense_ffn,
+    vocab) multiplied by `scale` (rounded), routing and head counts unchanged (layers, experts, top-k, heads):
+    `model.scale=0.25` makes every expert 16x smaller. Refuses a scale that leaves a
     dimension at zero."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise MoesimError(f"model.scale={scale!r}: expected a number > 0 (0.25 shrinks hidden and ffn sizes 4x)")
     if scale == 1:
         return spec
     dims = {"hidden": spec.hidden, "ffn": spec.ffn}
-    if spec.shared_ffn:
-        dims["shared_ffn"] = spec.shared_ffn
+    for k in _SCALED:  # the rest of the model shrinks with it where the spec describes it
+        if getattr(spec, k):
+            dims[k] = getattr(spec, k)
     scaled = {k: int(round(v * scale)) for k, v in dims.items()}
     for k, v in scaled.items():
         if v < 1:
@@ -171,3 +245,6 @@ def scale_spec(spec: ModelSpec, scale: float) -> ModelSpec:
                               f"the smallest usable scale is {smallest:.2g} (try model.scale={max(smallest, 0.01):.2g} "
                               f"or larger)")
     return dataclasses.replace(spec, name=f"{spec.name}@{scale:g}", **scaled)
+
+
+from .catalogue import MODEL_SPECS  # noqa: E402  (the catalogue builds ModelSpecs: imported once they exist)
