@@ -34,13 +34,25 @@ How the preset numbers were made (each number's source is in a comment beside it
   - copy_latency_us = 10: assumed fixed cost of one cudaMemcpyAsync (commonly 5-10 us).
   - kernel_overhead_us = 6: assumed; an expert FFN is ~3 kernels (gate/up, activation, down) with ~2 us of
     fixed device time each.
-  - host side: not part of a GPU's datasheet, so a typical CPU is assumed and said:
-      SERVER (h200, h100-pcie, a100-pcie, t4): one socket, 32 cores at 2.5 GHz with two AVX-512 FMA units
-        (64 fp32 flop/cycle) = 5120 GFLOP/s peak, 50% usable in GEMM -> 2560; 8 channels DDR5-4800
-        = 307.2 GB/s theoretical, 70% achieved (STREAM-like) -> 215.
-      DESKTOP (rtx-4090, rtx-3060-12gb): 8 cores at 4.5 GHz with two AVX2 FMA units (32 fp32 flop/cycle)
-        = 1152 GFLOP/s peak, 50% -> 576; dual-channel DDR5-5600 = 89.6 GB/s, 70% -> 62.7.
-      host_overhead_us = 30: assumed, three torch CPU ops at ~10 us of dispatch each.
+  - host side (host_mem_gbps, host_gflops): each preset names a documented machine that holds its GPU (its
+    `source` says which; the numbers and their sources are in the comments of `Host` and the hosts below):
+      h200, h100-pcie  NVIDIA DGX H200 / DGX H100: 2x Intel Xeon Platinum 8480C, 32 DDR5 DIMMs
+      a100-pcie        Gigabyte G482-Z54 (NVIDIA's MLPerf A100-PCIe system): 2x AMD EPYC 7742, DDR4-3200
+      t4               Supermicro 4029GP-TRT-OTO-28 (NVIDIA's MLPerf T4 system): 2x Intel Xeon Platinum 8280
+      rtx-4090         a desktop: Intel Core i9-13900K, dual-channel DDR5-5600 (moesim's choice of CPU)
+      rtx-3060-12gb    a desktop: Intel Core i5-12400, dual-channel DDR5-4800 (moesim's choice of CPU)
+    Peak memory bandwidth = channels x MT/s x 8 bytes (a 64-bit channel), at the rate the channels run in
+    that configuration; GEMM peak = cores x base clock x flop per cycle per core (bf16 weights: AMX tiles
+    where the CPU has them, else fp32 FMA vectors). Then two fractions, both moesim's assumptions (no STREAM
+    or GEMM measurement of these configurations was found): 70% of peak bandwidth achieved by a read
+    (STREAM-like), 50% of peak flops in a GEMM.
+    One socket, not both: host experts are plain torch CPU ops with no NUMA placement, and Linux's default
+    policy puts an anonymous page on the node of the CPU that first touches it (docs.kernel.org
+    admin-guide/mm/numa_memory_policy.html: "local allocation"; set_mempolicy(2): "for anonymous memory this
+    is when the page is first touched"), so the host copies of the experts sit in the memory of the socket that
+    wrote them; threads on the other socket read them over the socket link and add no memory channels. Under
+    `numactl --interleave=all` both sockets' channels serve, up to twice the figure: calibrate such a run.
+    host_overhead_us = 30: assumed, three torch CPU ops at ~10 us of dispatch each.
   `calibrate` measures all of these on the machine at hand and writes a YAML file this module reads.
 """
 from __future__ import annotations
@@ -252,44 +264,111 @@ def _pcie_gbps(gen: int) -> float:
 
 LINK_EFFICIENCY = 0.8  # achieved pinned copy rate / theoretical link rate (rule, see module docstring)
 DEVICE_EFFICIENCY = 0.8  # achieved / datasheet for device memory bandwidth and tensor rate (rule)
-SERVER_HOST = dict(host_mem_gbps=round(8 * 38.4 * 0.7, 1),  # 8 x DDR5-4800 (38.4 GB/s each), 70%
-                   host_gflops=32 * 2.5 * 64 * 0.5,  # 32 cores x 2.5 GHz x 64 flop/cycle, 50%
-                   host_overhead_us=30.0)
-DESKTOP_HOST = dict(host_mem_gbps=round(2 * 44.8 * 0.7, 1),  # 2 x DDR5-5600 (44.8 GB/s each), 70%
-                    host_gflops=8 * 4.5 * 32 * 0.5,  # 8 cores x 4.5 GHz x 32 flop/cycle, 50%
-                    host_overhead_us=30.0)
+HOST_MEM_EFFICIENCY = 0.7  # achieved read bandwidth / peak (moesim's assumption, see module docstring)
+HOST_GEMM_EFFICIENCY = 0.5  # achieved GEMM rate / peak (moesim's assumption)
+HOST_OVERHEAD_US = 30.0  # fixed host time per expert FFN (assumed: three torch CPU ops at ~10 us each)
 
 
-def _preset(name: str, pcie_gen: int, mem_gbps: float, bf16_tflops: float, vram_gib: float, host: dict,
+@dataclass(frozen=True)
+class Host:
+    """The CPU side of a preset: one socket of a named machine (one socket's memory serves host experts; see
+    the module docstring), from which the profile's host_* fields are derived."""
+
+    name: str  # the machine and its CPUs, as its source names them
+    cores: tuple  # ((count, base GHz, flop per cycle per core), ...) per core type of one socket
+    channels: int  # memory channels of one socket
+    mts: int  # MT/s the channels run at in this configuration
+
+    @property
+    def peak_mem_gbps(self) -> float:
+        return self.channels * self.mts * 8 / 1e3  # 8 bytes per transfer on a 64-bit channel; MB/s -> GB/s
+
+    @property
+    def peak_gflops(self) -> float:
+        return sum(n * ghz * flop for n, ghz, flop in self.cores)
+
+    def profile_fields(self) -> dict:
+        return dict(host_mem_gbps=round(self.peak_mem_gbps * HOST_MEM_EFFICIENCY, 1),
+                    host_gflops=round(self.peak_gflops * HOST_GEMM_EFFICIENCY, 1),
+                    host_overhead_us=HOST_OVERHEAD_US)
+
+
+# Sources, opened and read: MLPerf Inference system descriptions (github.com/mlcommons/inference_results_v*);
+# Intel ark and AMD's processor specifications as scraped into felixsteinke/cpu-spec-dataset@4c08d88
+# (dataset/intel-cpus.csv, whose SourceUrl column gives each ark page, ark below = ark.intel.com/content/www/us/
+# en/ark/products/<id>; dataset/amd-cpus.csv).
+#
+# DGX H100 / DGX H200: "Intel(R) Xeon(R) Platinum 8480C", 2 per node, 56 cores each, host memory "32x 64GB
+# MTC40F2046S1RC48BA1" (mlcommons/inference_results_v4.1@a2f5d66:closed/NVIDIA/systems/
+# DGX-H100_H100-SXM-80GBx8_TRT.json and H200-SXM-141GBx8_TRT.json). The 8480C is not on ark; its listed sibling,
+# Xeon Platinum 8480+ (ark 231746): 56 cores, 2.00 GHz base, 8 memory channels, "Up to DDR5 4800 MT/s 1DPC Up to
+# DDR5 4400 MT/s 2DPC", 2 AVX-512 FMA units, Intel AMX. 32 DIMMs on 2 x 8 channels = 2 per channel: 4400 MT/s.
+# AMX: 1024 bf16 operations per cycle per core (Wikipedia, Advanced Matrix Extensions, read at
+# artikel.siakadpt.com/en/Advanced_Matrix_Extensions, citing Intel). torch runs bf16 matmuls on it: on this
+# project's 2-core Xeon VM (amx_bf16 in its cpu flags) a 1024^3 bf16 torch.mm ran at 1.2 TFLOP/s on one core,
+# fp32 at 0.08. h100-pcie gets this host too: the preset's link is PCIe Gen5, and NVIDIA's own MLPerf H100-PCIe
+# system (Gigabyte G482-Z54, 2x EPYC 7742: mlcommons/inference_results_v3.0@dad59af:closed/NVIDIA/systems/
+# H100-PCIe-80GBx1_TRT.json) is a PCIe 4.0 platform, which would contradict it.
+DGX_H100_HOST = Host("NVIDIA DGX H100/H200: 2x Intel Xeon Platinum 8480C, 32x 64 GB DDR5 (2 per channel, "
+                     "4400 MT/s); one socket", cores=((56, 2.0, 1024),), channels=8, mts=4400)
+# NVIDIA's MLPerf A100-PCIe-80GB system: "Gigabyte G482-Z54", 2x "AMD EPYC 7742 64-Core Processor", 1 TB, memory
+# configuration not listed (mlcommons/inference_results_v2.1@c43f76f:closed/NVIDIA/systems/
+# A100-PCIe-80GBx1_TRT.json). EPYC 7742 (AMD): 64 cores, 2.25 GHz base, PCIe 4.0, 8 channels of DDR4 "Up to
+# 3200MHz", "Per Socket Mem BW 204.80 GB/s" (= 8 x 3200 x 8). Zen 2 has no AMX or AVX-512; two 256-bit FMA pipes
+# = 32 fp32 flop per cycle is moesim's assumption (no opened source states it).
+G482_EPYC_7742_HOST = Host("Gigabyte G482-Z54: 2x AMD EPYC 7742, DDR4-3200; one socket",
+                           cores=((64, 2.25, 32),), channels=8, mts=3200)
+# NVIDIA's MLPerf T4 system: "Supermicro 4029GP-TRT-OTO-28", 2x "Intel(R) Xeon(R) Platinum 8280 CPU @ 2.70GHz",
+# 768 GB, memory configuration not listed (mlcommons/inference_results_v0.7@1321d13:closed/NVIDIA/systems/
+# T4x1_TRT.json). Xeon Platinum 8280 (ark 192478): 28 cores, 2.70 GHz base, PCIe 3.0, 6 channels of DDR4-2933,
+# 2 AVX-512 FMA units = 2 x 16 fp32 lanes x 2 flop = 64 flop per cycle; no AMX.
+SUPERMICRO_XEON_8280_HOST = Host("Supermicro 4029GP-TRT-OTO-28: 2x Intel Xeon Platinum 8280, DDR4-2933; "
+                                 "one socket", cores=((28, 2.7, 64),), channels=6, mts=2933)
+# A desktop for the RTX 4090 (moesim's choice: a CPU of the same season, late 2022). Core i9-13900K (ark 230496):
+# 8 P-cores at 3.00 GHz base + 16 E-cores at 2.20 GHz base, 2 channels "Up to DDR5 5600 MT/s", max memory
+# bandwidth 89.6 GB/s, AVX2 (no AVX-512, no AMX). P-cores: two 8-wide fp32 FMA per cycle = 32 flop
+# (stackoverflow.com/questions/15655835, answer: Intel AVX2+FMA3 cores "32 SP FLOPs/cycle"); E-cores: 16 flop
+# per cycle (two 128-bit FMA) is moesim's assumption.
+DESKTOP_I9_13900K_HOST = Host("desktop: Intel Core i9-13900K, 2x DDR5-5600",
+                              cores=((8, 3.0, 32), (16, 2.2, 16)), channels=2, mts=5600)
+# A desktop for the RTX 3060 12GB (moesim's choice: a mid-range CPU of its time). Core i5-12400 (ark 134586):
+# 6 P-cores (no E-cores) at 2.50 GHz base, 2 channels "Up to DDR5 4800 MT/s", max memory bandwidth 76.8 GB/s,
+# AVX2: 32 fp32 flop per cycle as above.
+DESKTOP_I5_12400_HOST = Host("desktop: Intel Core i5-12400, 2x DDR5-4800", cores=((6, 2.5, 32),), channels=2,
+                             mts=4800)
+
+
+def _preset(name: str, pcie_gen: int, mem_gbps: float, bf16_tflops: float, vram_gib: float, host: Host,
             note: str) -> HardwareProfile:
     pinned = round(_pcie_gbps(pcie_gen) * LINK_EFFICIENCY, 1)
     return HardwareProfile(
         name=name, h2d_pinned_gbps=pinned, h2d_pageable_gbps=round(pinned / 2, 1), copy_latency_us=10.0,
         device_mem_gbps=round(mem_gbps * DEVICE_EFFICIENCY, 1),
         device_tflops=round(bf16_tflops * DEVICE_EFFICIENCY, 1), vram_gib=float(vram_gib),
-        kernel_overhead_us=6.0, source=f"preset: {note}; rules in moesim/hardware.py", **host)
+        kernel_overhead_us=6.0, source=f"preset: {note}; host: {host.name}; rules in moesim/hardware.py",
+        **host.profile_fields())
 
 
 PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     # NVIDIA H200 datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, BF16 tensor 1,979 TFLOPS with sparsity = 989.5
     # dense; host link PCIe Gen5 x16 (128 GB/s both directions).
-    _preset("h200", 5, 4800, 989.5, 141, SERVER_HOST, "NVIDIA H200 SXM datasheet, PCIe Gen5 x16"),
+    _preset("h200", 5, 4800, 989.5, 141, DGX_H100_HOST, "NVIDIA H200 SXM datasheet, PCIe Gen5 x16"),
     # NVIDIA H100 datasheet (PCIe): 80 GB HBM2e, 2.0 TB/s, BF16 tensor 1,513 TFLOPS with sparsity = 756.5
     # dense; PCIe Gen5 x16.
-    _preset("h100-pcie", 5, 2000, 756.5, 80, SERVER_HOST, "NVIDIA H100 PCIe datasheet, PCIe Gen5 x16"),
+    _preset("h100-pcie", 5, 2000, 756.5, 80, DGX_H100_HOST, "NVIDIA H100 PCIe datasheet, PCIe Gen5 x16"),
     # NVIDIA A100 80GB PCIe datasheet: 80 GB HBM2e, 1,935 GB/s, BF16 tensor 312 TFLOPS dense; PCIe Gen4 x16.
-    _preset("a100-pcie", 4, 1935, 312, 80, SERVER_HOST, "NVIDIA A100 80GB PCIe datasheet, PCIe Gen4 x16"),
+    _preset("a100-pcie", 4, 1935, 312, 80, G482_EPYC_7742_HOST, "NVIDIA A100 80GB PCIe datasheet, PCIe Gen4 x16"),
     # NVIDIA Ada GPU architecture whitepaper, RTX 4090: 24 GB GDDR6X, 1,008 GB/s, peak BF16 tensor with FP32
     # accumulate 165.2 TFLOPS dense; PCIe Gen4 x16.
-    _preset("rtx-4090", 4, 1008, 165.2, 24, DESKTOP_HOST, "NVIDIA Ada whitepaper (RTX 4090), PCIe Gen4 x16"),
+    _preset("rtx-4090", 4, 1008, 165.2, 24, DESKTOP_I9_13900K_HOST, "NVIDIA Ada whitepaper (RTX 4090), PCIe Gen4 x16"),
     # RTX 3060 12GB: 360 GB/s GDDR6 (192-bit, 15 Gbps; NVIDIA spec page). BF16 with FP32 accumulate derived:
     # 112 tensor cores x 1.777 GHz boost x 128 flop/clock (the GA10x GeForce rate with FP32 accumulate that
     # gives the GA102 whitepaper's 71 TFLOPS for the RTX 3090) = 25.5 TFLOPS dense; PCIe Gen4 x16.
-    _preset("rtx-3060-12gb", 4, 360, 25.5, 12, DESKTOP_HOST,
+    _preset("rtx-3060-12gb", 4, 360, 25.5, 12, DESKTOP_I5_12400_HOST,
             "NVIDIA RTX 3060 spec + GA102 whitepaper rate, PCIe Gen4 x16"),
     # NVIDIA T4 datasheet: 16 GB GDDR6, 320 GB/s, FP16 tensor (mixed precision) 65 TFLOPS; Turing has no
     # bf16, so this is the fp16 rate the experts would run at; PCIe Gen3 x16.
-    _preset("t4", 3, 320, 65, 16, SERVER_HOST, "NVIDIA T4 datasheet (fp16: no bf16 on Turing), PCIe Gen3 x16"),
+    _preset("t4", 3, 320, 65, 16, SUPERMICRO_XEON_8280_HOST, "NVIDIA T4 datasheet (fp16: no bf16 on Turing), PCIe Gen3 x16"),
 ]}
 
 

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from moesim.errors import MoesimError
-from moesim.hardware import PRESETS, Cost, HardwareProfile, load_hardware, save_hardware
+from moesim import hardware as H
+from moesim.hardware import PRESETS, Cost, HardwareProfile, Host, load_hardware, save_hardware
 from moesim.trace import ModelSpec, model_spec
 
 # 3 * 1000 * 1000 weights at 8 bits: 3e6 bytes per expert; 6e6 flops per token
@@ -28,6 +29,34 @@ def test_presets_load_and_are_sane():
     # the rule: 80% of PCIe Gen5 x16 (63.0 GB/s per direction)
     assert load_hardware("h200").h2d_pinned_gbps == pytest.approx(50.4)
     assert load_hardware("t4").h2d_pinned_gbps == pytest.approx(12.6)
+
+
+def test_host_rates_are_channels_x_rate_and_cores_x_clock_x_flops():
+    host = Host("toy", cores=((2, 3.0, 32), (4, 2.0, 16)), channels=2, mts=5600)
+    assert host.peak_mem_gbps == pytest.approx(89.6)  # 2 x 5600 MT/s x 8 bytes
+    assert host.peak_gflops == pytest.approx(2 * 3.0 * 32 + 4 * 2.0 * 16)
+    assert host.profile_fields() == {"host_mem_gbps": 62.7, "host_gflops": 160.0, "host_overhead_us": 30.0}
+    # the formula gives the vendors' own totals: ark's max memory bandwidth of the i9-13900K and i5-12400,
+    # AMD's per-socket bandwidth of the EPYC 7742
+    assert H.DESKTOP_I9_13900K_HOST.peak_mem_gbps == pytest.approx(89.6)
+    assert H.DESKTOP_I5_12400_HOST.peak_mem_gbps == pytest.approx(76.8)
+    assert H.G482_EPYC_7742_HOST.peak_mem_gbps == pytest.approx(204.8)
+
+
+@pytest.mark.parametrize("name, host, mem_gbps, gflops", [
+    # one socket: 8 channels at 4400 MT/s (2 DIMMs per channel), 56 cores x 2.0 GHz x 1024 (AMX bf16)
+    ("h200", "Xeon Platinum 8480C", 197.1, 57344.0),
+    ("h100-pcie", "Xeon Platinum 8480C", 197.1, 57344.0),
+    ("a100-pcie", "EPYC 7742", 143.4, 2304.0),  # 8 x 3200; 64 x 2.25 x 32
+    ("t4", "Xeon Platinum 8280", 98.5, 2419.2),  # 6 x 2933; 28 x 2.7 x 64
+    ("rtx-4090", "Core i9-13900K", 62.7, 665.6),  # 2 x 5600; 8 x 3.0 x 32 + 16 x 2.2 x 16
+    ("rtx-3060-12gb", "Core i5-12400", 53.8, 240.0),  # 2 x 4800; 6 x 2.5 x 32
+])
+def test_presets_name_their_host(name, host, mem_gbps, gflops):
+    hw = load_hardware(name)
+    assert host in hw.source
+    # 70% of peak bandwidth, 50% of peak flops (moesim's assumptions)
+    assert (hw.host_mem_gbps, hw.host_gflops, hw.host_overhead_us) == (mem_gbps, gflops, 30.0)
 
 
 def test_unknown_preset_names_the_value_and_lists_presets():
