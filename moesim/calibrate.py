@@ -16,10 +16,14 @@ so that the sim predicts that backend on this machine:
               time = latency + bytes / bandwidth (relative errors) gives copy_latency_us and h2d_*_gbps.
   expert FFN  one SwiGLU expert over 1, 2, 4, ... tokens (until one call takes `stop_ms`), for several expert
               sizes, on the device and on the host -> ffn_table, which the sim interpolates.
+  host        host_mem_gbps: memory read bandwidth, STREAM-like: the best of 5 sums of one fp32 buffer of
+              4x the last-level cache (STREAM's rule for its arrays; at most an eighth of the host's memory),
+              with the thread count the replay's host work uses (`backend.threads` on cpu, torch's own on
+              CUDA). host_gflops: the best of 5 square GEMMs (torch.mm) in the weights' dtype, the size
+              doubled from 256 until one call takes 10 ms.
   rates       a fit of the 1-token FFN times against bytes gives memory bandwidth and the fixed cost per
-              expert (device_mem_gbps + kernel_overhead_us, host_mem_gbps + host_overhead_us); the best
-              flop rate at the largest token count gives device_tflops / host_gflops. vram_gib: the GPU's
-              memory (cpu: MemTotal).
+              expert (device_mem_gbps + kernel_overhead_us, host_overhead_us); the best flop rate at the
+              largest token count gives device_tflops. vram_gib: the GPU's memory (cpu: MemTotal).
   replay      device=cpu only, where the replay's host work and the compute share one thread: a short
               replay as a torch run makes it (the compiled core's decisions played on the torch backend)
               gives the replay's own time per layer,
@@ -38,6 +42,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +60,7 @@ CPU_DIMS = (256, 512, 1024, 2048)  # hidden = ffn of the expert sizes measured b
 CUDA_DIMS = (512, 1024, 2048, 4096, 8192)  # bf16: 1.6-403 MB per expert
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 ROTATE_BYTES = {"cpu": 128 * MiB, "cuda": 512 * MiB}  # memory a measurement rotates over: past the caches
+HOST_REPEATS = 5  # host read and GEMM: the best of this many calls (STREAM reports the best of its trials)
 
 
 @dataclass
@@ -72,6 +78,10 @@ class Measurements:
     skipped: list = field(default_factory=list)  # what the time limit left out
     overheads: dict = field(default_factory=dict)  # device=cpu: the replay's own time (measure_replay_overhead)
     writeback_us_per_mib: float = 0.0  # device=cpu: measure_replay_overhead
+    host_mem_gbps: float = 0.0  # host memory read bandwidth (measure_host_memory)
+    host_mem_bytes: int = 0  # the buffer it read
+    host_gflops: float = 0.0  # host GEMM rate in the weights' dtype (measure_host_gemm)
+    host_gemm_n: int = 0  # the GEMM's size: n x n times n x n
     seconds: float = 0.0
 
 
@@ -251,6 +261,58 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
     return points
 
 
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Bytes of the largest CPU cache (Linux sysfs: `caches`/index*/size), None where none can be read."""
+    sizes = []
+    for size in caches.glob("index*/size"):
+        text = size.read_text().strip()  # e.g. "491520K"
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
+def host_read_bytes() -> int:
+    """The buffer measure_host_memory reads by default: 4x the last-level cache (STREAM's rule: each array at
+    least 4x the caches), 1 GiB where that is unknown; at least 64 MiB, at most an eighth of host memory."""
+    llc = last_level_cache_bytes()
+    want = 4 * llc if llc else 2**30
+    return int(max(64 * MiB, min(want, host_memory_total() // 8)))
+
+
+def measure_host_memory(nbytes: int, repeats: int = HOST_REPEATS) -> float:
+    """Host memory read bandwidth in GB/s: the best of `repeats` sums of one fp32 buffer of `nbytes` bytes (each
+    sum streams it once, as a host expert streams its weights), on torch's current threads (the replay's)."""
+    buf = torch.empty(max(1, nbytes // 4), dtype=torch.float32).fill_(1.0)  # written: pages are real, not zero
+    buf.sum()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def measure_host_gemm(dtype: torch.dtype, repeats: int = HOST_REPEATS, min_ms: float = 10.0,
+                      largest: int = 4096) -> tuple[float, int]:
+    """Host dense GEMM rate in GFLOP/s and its size n: the best of `repeats` n x n by n x n torch.mm in `dtype`
+    (2 n^3 flops), n doubled from 256 until one call takes `min_ms` (at most `largest`), on torch's threads."""
+    gen = torch.Generator().manual_seed(29)
+    n = 256
+    while True:
+        a, b = (torch.empty((n, n), dtype=dtype).uniform_(-1, 1, generator=gen) for _ in range(2))
+        torch.mm(a, b)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        if best * 1e3 >= min_ms or n >= largest:
+            return 2.0 * n**3 / best / 1e9, n
+        n *= 2
+
+
 def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, step_ms: float) -> dict:
     """device=cpu: the replay's own host time outside copies and FFNs (moesim/engine.py's play of the compiled
     core's decisions, as a torch run replays, and the torch backend's bookkeeping), from a short replay: per
@@ -328,11 +390,12 @@ def _model_dims(model, scale: float) -> tuple[list[tuple[int, int]], str | None]
 def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, pinned: bool = True,
             model=None, scale: float = 1.0, dims=None, tokens=TOKENS, stop_ms: float | None = None,
             max_s: float = 100.0, host: bool = True, sampling: Sampling = Sampling(), replay: bool = True,
-            log=print) -> Measurements:
+            host_mem_bytes: int | None = None, log=print) -> Measurements:
     """Measure copies and expert FFNs (see the module docstring). `dims`: (hidden, ffn) pairs or ints
     (hidden = ffn) of the expert sizes for the FFN table, default by device; `model`/`scale` add that model's
     exact expert size (measured first). `max_s`: sizes still unmeasured then are skipped (and listed).
-    `replay` (device=cpu): also measure the replay's own overheads and the copies' write-back cost."""
+    `replay` (device=cpu): also measure the replay's own overheads and the copies' write-back cost.
+    `host_mem_bytes`: the buffer of the host memory read, default host_read_bytes()."""
     started = time.perf_counter()
     dev = resolve_device(device)
     model_dims, model_dtype = _model_dims(model, scale)
@@ -374,6 +437,12 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
             lat, rate = m.copy_fit[kind]
             log(f"  copies {kind:8s}: {lat * 1e3:7.1f} us + bytes / {rate / 1e6:6.2f} GB/s   "
                 + "  ".join(f"{b / MiB:.2f}MiB:{t:.3f}ms" for b, t in m.copy_points[kind]))
+        # the host: memory read bandwidth and GEMM rate, with the threads set above
+        m.host_mem_bytes = int(host_mem_bytes or host_read_bytes())
+        m.host_mem_gbps = measure_host_memory(m.host_mem_bytes)
+        m.host_gflops, m.host_gemm_n = measure_host_gemm(tdtype)
+        log(f"  host memory: {m.host_mem_gbps:.2f} GB/s read ({m.host_mem_bytes / MiB:.0f} MiB, {m.threads} "
+            f"threads); GEMM {m.host_gflops:.1f} GFLOP/s ({dname}, {m.host_gemm_n}^3)")
         # expert FFNs, smallest first after the model's own sizes
         wheres = [("device", dev)] + ([("host", torch.device("cpu"))] if host and cuda else [])
         for i, (h, f) in enumerate(pairs):
@@ -429,13 +498,23 @@ def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, floa
     return bytes_per_ms / 1e6, overhead_ms * 1e3, best
 
 
-def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
-    """The HardwareProfile of measurements `m` (its `source` says how it was measured)."""
+def _ffn_rates(m: Measurements) -> dict:
+    """{where: (memory GB/s, fixed us per expert, GFLOP/s)} from the FFN points (host: the device's without
+    host points)."""
     item = torch.finfo(TORCH_DTYPES[m.dtype]).bits // 8
     hf_of = {p["expert_bytes"]: p["expert_bytes"] / (3 * item) for p in m.ffn_points}  # hidden * ffn
-    dev_gbps, dev_us, dev_gflops = _rates(m.ffn_points, "device", hf_of)
+    rates = {"device": _rates(m.ffn_points, "device", hf_of)}
     have_host = any(p["where"] == "host" for p in m.ffn_points)
-    host_gbps, host_us, host_gflops = _rates(m.ffn_points, "host", hf_of) if have_host else (dev_gbps, dev_us, dev_gflops)
+    rates["host"] = _rates(m.ffn_points, "host", hf_of) if have_host else rates["device"]
+    return rates
+
+
+def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
+    """The HardwareProfile of measurements `m` (its `source` says how it was measured). host_mem_gbps and
+    host_gflops are the host's own read and GEMM measurements; host_overhead_us the host FFN fit's."""
+    rates = _ffn_rates(m)
+    dev_gbps, dev_us, dev_gflops = rates["device"]
+    host_us = rates["host"][1]
     cuda = m.device.startswith("cuda")
     if cuda:
         vram = torch.cuda.get_device_properties(torch.device(m.device)).total_memory / 2**30
@@ -448,13 +527,14 @@ def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
                             "(pinned = pageable), host FFN rows repeat the device ones (same CPU, same code)")
     source = (f"python -m moesim calibrate on {socket.gethostname()}, {datetime.date.today().isoformat()}: "
               f"{m.device_name}, torch {torch.__version__}, weights {m.dtype}, {m.threads} threads, "
-              f"copies {m.copies}{note}" + (f"; skipped (time limit): {', '.join(m.skipped)}" if m.skipped else ""))
+              f"copies {m.copies}; host memory read over {m.host_mem_bytes / MiB:.0f} MiB, GEMM {m.host_gemm_n}^3"
+              f"{note}" + (f"; skipped (time limit): {', '.join(m.skipped)}" if m.skipped else ""))
     return HardwareProfile(
         name=label,
         h2d_pinned_gbps=round(rate_pinned / 1e6, 4), h2d_pageable_gbps=round(rate_pageable / 1e6, 4),
         copy_latency_us=round(lat_pinned * 1e3, 3),
         device_mem_gbps=round(dev_gbps, 4), device_tflops=round(dev_gflops / 1e3, 6),
-        host_mem_gbps=round(host_gbps, 4), host_gflops=round(host_gflops, 4),
+        host_mem_gbps=round(m.host_mem_gbps, 4), host_gflops=round(m.host_gflops, 4),
         vram_gib=round(vram, 3),
         kernel_overhead_us=round(dev_us, 3), host_overhead_us=round(host_us, 3),
         source=source,
@@ -477,8 +557,6 @@ def calibrate_command(cfg) -> None:
     """`python -m moesim calibrate [out=FILE] [model=NAME scale=S] [check=TRACE] [backend.device=cpu] ...`:
     measure, print, write the profile (YAML, atomically); with `check=`, replay that trace's first
     `check_tokens` tokens on the torch backend and on the sim with the new profile, and print the errors."""
-    from pathlib import Path
-
     from hydra.utils import instantiate
 
     b = cfg.backend
@@ -514,13 +592,16 @@ def calibrate_command(cfg) -> None:
 
 
 def profile_table(p: HardwareProfile, m: Measurements) -> str:
+    host_ffn = _ffn_rates(m)["host"]
     rows = [
         ("device", f"{m.device_name} ({m.device}), {m.dtype}, {m.threads} threads, copies {m.copies}"),
         ("host->device pinned", f"{p.h2d_pinned_gbps:.2f} GB/s + {p.copy_latency_us:.1f} us per copy"),
         ("host->device pageable", f"{p.h2d_pageable_gbps:.2f} GB/s"),
         ("device expert FFN", f"{p.device_mem_gbps:.2f} GB/s weights read (1 token), {p.device_tflops * 1e3:.1f} "
                               f"GFLOP/s best, {p.kernel_overhead_us:.1f} us fixed"),
-        ("host expert FFN", f"{p.host_mem_gbps:.2f} GB/s weights read (1 token), {p.host_gflops:.1f} GFLOP/s best, "
+        ("host memory", f"{p.host_mem_gbps:.2f} GB/s read ({m.host_mem_bytes / MiB:.0f} MiB), GEMM "
+                        f"{p.host_gflops:.1f} GFLOP/s ({m.dtype}, {m.host_gemm_n}^3)"),
+        ("host expert FFN", f"{host_ffn[0]:.2f} GB/s weights read (1 token), {host_ffn[2]:.1f} GFLOP/s best, "
                             f"{p.host_overhead_us:.1f} us fixed"),
         ("memory", f"{p.vram_gib:.1f} GiB"),
         ("ffn table", f"{len(p.ffn_table)} points, {len({q['expert_bytes'] for q in p.ffn_table})} expert sizes"),

@@ -4,10 +4,14 @@
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import yaml
 
 from moesim.backends.torch import scale_spec, stored_spec
+from moesim import calibrate as C
 from moesim.calibrate import Sampling, fit_latency_rate, measure, to_profile
 from moesim.errors import MoesimError
 from moesim.hardware import load_hardware, save_hardware
@@ -15,6 +19,7 @@ from moesim.trace import MODEL_SPECS, ModelSpec
 
 CUDA = torch.cuda.is_available()
 FAST = Sampling(min_n=3, min_ms=2.0, max_n=20)  # a few calls per point: tests check shapes, not speeds
+SMALL = 8 * 2**20  # bytes of the host memory read in tests (the default, 4x the last-level cache, is ~2 GB here)
 
 
 def test_fit_recovers_latency_and_bandwidth():
@@ -35,8 +40,36 @@ def test_fit_without_a_positive_intercept_goes_through_the_origin():
         fit_latency_rate([(1e6, 0.0)])
 
 
+def test_host_memory_and_gemm_give_positive_finite_rates():
+    gbps = C.measure_host_memory(SMALL, repeats=2)
+    assert gbps > 0 and math.isfinite(gbps)
+    gflops, n = C.measure_host_gemm(torch.float32, repeats=2, min_ms=0.0)
+    assert gflops > 0 and math.isfinite(gflops) and n == 256  # min_ms=0: the first size is enough
+    gflops, n = C.measure_host_gemm(torch.float32, repeats=1, min_ms=1e9, largest=512)
+    assert gflops > 0 and n == 512  # never long enough: doubled up to the largest size
+
+
+def test_last_level_cache_and_the_default_read_size(tmp_path, monkeypatch):
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert C.last_level_cache_bytes(tmp_path) == 491520 * 1024
+    assert C.last_level_cache_bytes(tmp_path / "absent") is None
+    # STREAM's rule: 4x the last-level cache, within [64 MiB, host memory / 8]
+    monkeypatch.setattr(C, "host_memory_total", lambda: 64 * 2**30)
+    monkeypatch.setattr(C, "last_level_cache_bytes", lambda: 32 * 2**20)
+    assert C.host_read_bytes() == 128 * 2**20
+    monkeypatch.setattr(C, "last_level_cache_bytes", lambda: 2**20)
+    assert C.host_read_bytes() == 64 * 2**20
+    monkeypatch.setattr(C, "last_level_cache_bytes", lambda: 4 * 2**30)
+    assert C.host_read_bytes() == 8 * 2**30
+    monkeypatch.setattr(C, "last_level_cache_bytes", lambda: None)
+    assert C.host_read_bytes() == 2**30
+
+
 def test_measure_and_profile_on_cpu(tmp_path):
-    m = measure(device="cpu", dtype="fp32", dims=[32, (48, 64)], tokens=(1, 2, 4), sampling=FAST, log=lambda s: None)
+    m = measure(device="cpu", dtype="fp32", dims=[32, (48, 64)], tokens=(1, 2, 4), sampling=FAST,
+                host_mem_bytes=SMALL, log=lambda s: None)
     assert (m.device, m.dtype, m.copies, m.threads) == ("cpu", "fp32", "sync", 1)
     sizes = {3 * 32 * 32 * 4, 3 * 48 * 64 * 4}
     assert {b for b, _ in m.copy_points["pinned"]} >= sizes  # the expert sizes are among the copies
@@ -48,6 +81,10 @@ def test_measure_and_profile_on_cpu(tmp_path):
     assert p.name == "test-cpu" and "calibrate" in p.source and "fp32" in p.source and "memcpy" in p.source
     assert p.h2d_pinned_gbps > 0 and p.h2d_pinned_gbps == p.h2d_pageable_gbps
     assert p.device_mem_gbps > 0 and p.device_tflops > 0 and p.vram_gib > 0
+    # the host's own read and GEMM measurements, not the FFN fit
+    assert m.host_mem_bytes == SMALL and m.host_gemm_n >= 256
+    assert p.host_mem_gbps == round(m.host_mem_gbps, 4) > 0 and p.host_gflops == round(m.host_gflops, 4) > 0
+    assert "host memory read over 8 MiB" in p.source
     # the sim reads the measured FFN times back from the table
     spec = ModelSpec("t", 1, 4, 1, 48, 64, dtype="fp32", bits_per_weight=32)
     point = next(q for q in m.ffn_points if q["where"] == "device" and q["expert_bytes"] == spec.bytes_per_expert
@@ -65,13 +102,16 @@ def test_measure_and_profile_on_cpu(tmp_path):
     assert p.writeback_us_per_mib >= 0
     path = save_hardware(p, tmp_path / "cpu.yaml")
     assert load_hardware(str(path)) == p
-    quick = measure(device="cpu", dtype="fp32", dims=[32], tokens=(1,), sampling=FAST, replay=False, log=lambda s: None)
+    written = yaml.safe_load(path.read_text())
+    assert (written["host_mem_gbps"], written["host_gflops"]) == (p.host_mem_gbps, p.host_gflops)
+    quick = measure(device="cpu", dtype="fp32", dims=[32], tokens=(1,), sampling=FAST, replay=False,
+                    host_mem_bytes=SMALL, log=lambda s: None)
     assert quick.overheads == {} and to_profile(quick).replay_overhead_ms(4, 4) == 0.0
 
 
 def test_model_option_measures_that_exact_expert_size():
     m = measure(device="cpu", model="gpt-oss-20b", scale=1 / 32, dims=[], tokens=(1, 2), sampling=FAST,
-                log=lambda s: None)
+                host_mem_bytes=SMALL, log=lambda s: None)
     spec = stored_spec(scale_spec(MODEL_SPECS["gpt-oss-20b"], 1 / 32))  # 90 x 90, bf16
     assert m.dtype == "bf16"
     assert {p["expert_bytes"] for p in m.ffn_points} == {spec.bytes_per_expert}
@@ -80,7 +120,7 @@ def test_model_option_measures_that_exact_expert_size():
 def test_time_limit_skips_and_says_so():
     lines = []
     m = measure(device="cpu", dtype="fp32", dims=[16, 24, 32], tokens=(1,), sampling=FAST, max_s=0.0,
-                log=lines.append)
+                host_mem_bytes=SMALL, log=lines.append)
     assert m.skipped == ["device ffn 24x24", "device ffn 32x32"]  # the first size is always measured
     assert {p["expert_bytes"] for p in m.ffn_points} == {3 * 16 * 16 * 4}
     assert any("skipped" in s for s in lines)
@@ -102,9 +142,11 @@ def test_calibrate_command_writes_a_loadable_profile(tmp_path, capsys):
                                 "max_s=30"])
     calibrate_command(cfg)
     printed = capsys.readouterr().out
-    assert "host->device pinned" in printed and str(out) in printed
+    assert "host->device pinned" in printed and "host memory" in printed and str(out) in printed
     p = load_hardware(str(out))
     assert p.name == "mine" and len(p.ffn_table) == 4  # 1 size x 2 token counts x device, host
+    written = yaml.safe_load(out.read_text())  # the host's measured read bandwidth and GEMM rate
+    assert written["host_mem_gbps"] > 0 and written["host_gflops"] > 0 and "host memory read over" in p.source
 
 
 def test_calibrate_check_compares_on_a_trace(tmp_path, capsys):
@@ -128,7 +170,8 @@ def test_calibrate_check_compares_on_a_trace(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
 def test_calibrate_on_cuda():
-    m = measure(device="cuda", dims=[512], tokens=(1, 8, 64), sampling=FAST, log=lambda s: None)
+    m = measure(device="cuda", dims=[512], tokens=(1, 8, 64), sampling=FAST, host_mem_bytes=SMALL,
+                log=lambda s: None)
     assert m.copies == "stream"
     p = to_profile(m)
     assert p.h2d_pinned_gbps > 1 and p.h2d_pageable_gbps > 0 and p.vram_gib > 1
