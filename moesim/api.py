@@ -322,20 +322,30 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
     from .hardware import load_hardware
     from .models import scale_spec, stored_spec
     from .report import version_info
+    from .whole import contexts, decode_rate, dense_times, percentiles, step_split, ttft_ms, weight_bytes
 
     cfg = resolve_strategy(cfg)
     if trace is None:
         trace = load_trace(cfg.trace)
-    budget = parse_budget(cfg.budget, trace.spec, cfg.scope)  # slots from the real model: same decisions at any scale
-    spec = scale_spec(trace.spec, float(cfg.model.scale))
+    model = run_model(cfg, trace.spec)  # the real model in the run's formats
+    hardware = load_hardware(str(cfg.hardware))
+    ctx = contexts(trace, model.sliding_window)
+    plan, budget, scope, notes = vram_plan(cfg, model, hardware, ctx)  # slots of the real model: same at any scale
+    for note in notes:
+        print(note, file=sys.stderr)
+    spec = scale_spec(model, float(cfg.model.scale))
     if cfg.model.dtype:
         spec = stored_spec(spec, str(cfg.model.dtype))
-    hardware = load_hardware(str(cfg.hardware))
     strat = cfg.strategy
-    ex = execute(trace, spec, budget.slots, str(cfg.scope), strat, cfg.backend, hardware,
-                 reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"))
+    whole = bool(cfg.get("whole_model", True)) and spec.whole and str(cfg.backend.get("name", "sim")) == "sim"
+    dense = dense_times(spec, hardware, ctx) if whole else None
+    ex = execute(trace, spec, budget.slots, scope, strat, cfg.backend, hardware,
+                 reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"),
+                 dense=dense)
     counters, profiler, served, device_bytes, backend = ex.counters, ex.profiler, ex.served, ex.device_bytes, ex.backend
     metrics = profiler.metrics()
+    steps_arr = profiler.arrays()
+    ttft = ttft_ms(trace, steps_arr[0][:, 2], steps_arr[0][:, 3]) if len(steps_arr[0]) == trace.n_steps else []
     summary = {
         "hit_rate": counters.hits / counters.requests if counters.requests else float("nan"),
         **counters.to_dict(),
@@ -343,14 +353,21 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
         **metrics,
         **request_metrics(counters, ex.prefetch, served, spec.bytes_per_expert),
         "peak_device_bytes": device_bytes,
+        "vram_plan": plan.to_dict(),
+        "whole_model": whole,  # the step times include attention, dense layers and the LM head
+        "decode_tokens_per_s": decode_rate(trace, steps_arr[0]),
+        "ttft_ms": percentiles(ttft) | {"sequences": len(ttft)} if len(ttft) else None,
+        "step_ms_split": step_split(steps_arr, dense),
         "strategy": strat.name,
         "bound": ex.bound,  # an oracle took part: a bound, not a deployable result
         "budget": budget.to_dict() | {"bytes": budget.slots * spec.bytes_per_expert},
-        "scope": cfg.scope,
+        "scope": scope,
+        "notes": notes,
         "trace": {"name": str(cfg.trace), "path": str(trace.path) if trace.path else None,
                   "tokens": trace.n_tokens, "steps": trace.n_steps, "sequences": trace.n_seqs,
                   "source": trace.source},
-        "model": spec.to_dict() | {"bytes_per_expert": spec.bytes_per_expert, "scale": float(cfg.model.scale)},
+        "model": spec.to_dict() | {"bytes_per_expert": spec.bytes_per_expert, "scale": float(cfg.model.scale),
+                                   "weight_bytes": weight_bytes(model)},
         "hardware": hardware.name,
         "hardware_profile": hardware.to_dict(),
         "moesim": version_info(),
@@ -361,6 +378,70 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
         if hasattr(backend, extra):
             summary[f"backend_{extra}" if extra == "info" else extra] = getattr(backend, extra)()
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
+
+
+def run_model(cfg, spec):
+    """The trace's model as the run stores it: completed with the rest of the architecture (model.config, else the
+    catalogue; moesim.whole.completed), in the formats model.recipe and model.<class>_format ask for."""
+    from .models import with_formats
+    from .whole import completed
+
+    m = cfg.model
+    config = m.get("config")
+    spec = completed(spec, str(config) if config else None)
+    if m.get("recipe"):
+        from .formats import recipe
+
+        spec = with_formats(spec, **recipe(str(m.recipe)))
+    return with_formats(spec, **{cls: (None if m.get(f"{cls}_format") is None else str(m.get(f"{cls}_format")))
+                                 for cls in ("experts", "attention", "dense", "embed", "kv")})
+
+
+def vram_plan(cfg, model, hardware, ctx):
+    """(VramPlan, Budget, scope, notes) of a run of the real model `model` on `hardware`'s card: budget=auto takes
+    what the rest of the plan leaves (in one global pool where per_layer cannot hold top-k per layer); a plan over
+    the card is refused with its lines (vram.force=true: a warning in `notes` instead)."""
+    from .units import parse_bytes
+    from .whole import check_plan, plan_vram
+
+    v = cfg.get("vram") or {}
+
+    def count(name, auto):
+        value = v.get(name, "auto")
+        if str(value) == "auto":
+            return auto
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MoesimError(f"vram.{name}={value!r}: expected auto or a whole number >= 1")
+        return value
+
+    context, batch = count("context", max(ctx.max_context, 1)), count("batch", max(ctx.max_batch, 1))
+    reserve = parse_bytes(v.get("reserve", "512MiB"), "vram.reserve")
+
+    def plan_with(expert_bytes):
+        return plan_vram(model, hardware.vram_bytes, expert_bytes, context, batch, ctx.max_tokens, ctx.max_logits,
+                         reserve)
+
+    requested, scope, notes = str(cfg.budget).strip(), str(cfg.scope), []
+    if requested == "auto":
+        rest = plan_with(0)
+        slots = min(max(rest.card - rest.total, 0) // model.bytes_per_expert, model.total_experts)
+        if scope == "per_layer" and model.top_k <= slots < model.top_k * model.layers:
+            scope = "global"  # one pool is the only way to run it: say so rather than refuse
+            notes.append(f"note: budget=auto leaves room for {slots} experts, fewer than top-k x layers = "
+                         f"{model.top_k * model.layers} that scope=per_layer needs; running with scope=global")
+        if slots < model.top_k:
+            raise MoesimError("budget=auto: the card has no room for the experts one layer needs after the rest of "
+                              "the plan:\n" + "\n".join(rest.lines()) + f"\none expert takes "
+                              f"{model.bytes_per_expert / 2**20:.1f} MiB and a layer needs top-k = {model.top_k}; "
+                              f"pick a smaller format (model.experts_format=q4_k), context or batch (vram.context, "
+                              f"vram.batch)")
+        budget = parse_budget(str(slots), model, scope)
+        budget = type(budget)(budget.slots, "auto", budget.bytes, budget.per_layer_slots)
+    else:
+        budget = parse_budget(requested, model, scope)
+    plan = plan_with(budget.slots * model.bytes_per_expert)
+    warning = check_plan(plan, bool(v.get("force", False)))
+    return plan, budget, scope, notes + ([warning] if warning else [])
 
 
 def run(cfg, write: bool = True) -> Result:
@@ -389,7 +470,7 @@ class Execution:
 
 
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
-            progress: bool = False, fast="auto") -> Execution:
+            progress: bool = False, fast="auto", dense=None) -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
     `backend_cfg` with `n_slots` slots in `scope` (see `replay_parts`). `spec` is the stored model (scale and
     dtype applied); `hardware` the run's profile."""
@@ -398,12 +479,12 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     offload = build(strat.offload, "offload") if strat.get("offload") else None
     backend = build(backend_cfg, "backend", hardware=hardware)
     return replay_parts(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend, hardware,
-                        reset_per_seq=reset_per_seq, progress=progress, fast=fast)
+                        reset_per_seq=reset_per_seq, progress=progress, fast=fast, dense=dense)
 
 
 def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher, offload, backend, hardware=None,
                  cost=None, reset_per_seq: bool = False, progress: bool = False, fast="auto",
-                 prefetch_max: int | None = None) -> Execution:
+                 prefetch_max: int | None = None, dense=None) -> Execution:
     """Replay `trace` through built parts (`make_policy` builds the cache policy of one partition) on `backend`
     (not set up yet). Where every part is built in, the compiled core (moesim/core/) decides: on the sim
     backend it runs the whole run; on another (torch) it records its decisions and the backend executes them
@@ -411,7 +492,8 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     Python driver (moesim/engine.py) calls the parts' hooks. `hardware`: the profile whose costs an offload
     policy is asked with (`cost`, default moesim.hardware.Cost(hardware, spec)); None: the h200 preset, for runs
     without an offload policy. `fast`: see `compiled_run`; `prefetch_max` (the Python driver's, for checks
-    with a custom prefetcher) takes the Python driver."""
+    with a custom prefetcher) takes the Python driver. `dense`: the model's non-expert part per step
+    (moesim.whole.DenseTimes), timed by the sim backend only."""
     from . import core
     from .hardware import Cost, load_hardware
     from .profiler import Profiler
@@ -423,7 +505,7 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     way = compiled_run(fast, backend, first, prefetcher, offload) if prefetch_max is None else None
     if way == "sim":  # tests/test_core.py: equal to the Python driver, event for event
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
-                            reset_per_seq, pinned=backend.pinned, cost=cost)
+                            reset_per_seq, pinned=backend.pinned, cost=cost, dense=dense)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
     if way == "play":  # the core decides; the backend executes (tests/test_core.py: the same calls)
@@ -435,6 +517,8 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
         served = backend.request_stats() if hasattr(backend, "request_stats") else None
         return Execution(Counters(**sim.counters), sim.prefetch, profiler, served, backend.device_bytes(), backend,
                          bound, True)
+    if dense is not None and hasattr(backend, "dense"):
+        backend.dense = dense
     cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload, cost,
                                      reset_per_seq=reset_per_seq, prefetch_max=prefetch_max, progress=progress)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
@@ -542,8 +626,25 @@ def summary_table(s: dict) -> str:
                                    f"{lat.get('p99', float('nan')):.2f}"),
         ("stall", f"{s['stall_ms']:.1f} ms"),
         ("stall-free requests", "n/a" if s.get("stall_free_rate") is None else f"{s['stall_free_rate']:.4f}"),
-        ("peak device memory", f"{s['peak_device_bytes'] / 2**30:.2f} GiB"),
+        ("peak device memory", f"{s['peak_device_bytes'] / 2**30:.2f} GiB (the expert slots and shared experts the "
+                               f"backend held)"),
     ]
+    plan = s.get("vram_plan")
+    if plan:
+        rows.append(("VRAM plan", f"{plan['total'] / 2**30:.2f} of {plan['card'] / 2**30:.2f} GiB"
+                                  + ("" if plan["whole_model"] else " (experts only: no whole-model spec)")))
+    split = s.get("step_ms_split")
+    if s.get("whole_model") and split:
+        rows.insert(8, ("step ms: dense / experts / stall / other",
+                        f"{split['dense']:.2f} / {split['expert_compute']:.2f} / {split['stall']:.2f} / "
+                        f"{split['other']:.2f}"))
+    if s.get("decode_tokens_per_s") is not None:
+        rows.insert(8, ("decode tokens/s", f"{s['decode_tokens_per_s']:.1f}" + ("" if s.get("whole_model") else
+                                                                               " (MoE layers only)")))
+    if s.get("ttft_ms"):
+        t = s["ttft_ms"]
+        rows.insert(8, ("time to first token ms", f"p50 {t['p50']:.1f} / p90 {t['p90']:.1f} over {t['sequences']} "
+                                                  f"prompts"))
     if s.get("prefetch_loads"):
         late = "n/a" if s.get("late_prefetches") is None else s["late_prefetches"]
         rows.insert(7, ("prefetch precision / recall", f"{s['prefetch_precision']:.4f} / {s['prefetch_recall']:.4f}"
@@ -555,9 +656,22 @@ def summary_table(s: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def plan_lines(plan: dict) -> list[str]:
+    """summary.json's vram_plan as the lines `run` prints (moesim.whole.VramPlan.lines)."""
+    from .whole import VramPlan
+
+    fields = {k: plan[k] for k in ("card", "weights", "kv_cache", "workspace", "reserve", "experts", "context",
+                                   "batch")}
+    return VramPlan(**fields, whole=plan["whole_model"]).lines()
+
+
 def run_command(cfg) -> None:
     """`python -m moesim run ...`: replay, print the summary, write the results directory and its report."""
     result = run(cfg)
+    plan = result.summary.get("vram_plan")
+    if plan:
+        print(f"VRAM plan ({result.summary['hardware']}):")
+        print("\n".join(plan_lines(plan)))
     print(summary_table(result.summary))
     print(f"results: {result.out_dir}")
     print(f"report: {result.report()}")

@@ -180,6 +180,7 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
         steps = tqdm(steps, total=trace.n_steps, unit="step", desc="replay", file=sys.stderr,
                      disable=None, mininterval=0.5)
     caps = [cache.capacity_of(layer) for layer in range(L)]
+    begin_layer = getattr(backend, "begin_layer", None)  # a backend written before it may lack it
     for s, start, n_tokens, keys_of, counts_of in steps:
         if s in resets:
             cache.reset()
@@ -189,6 +190,8 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
                 route(trace.experts[start:start + n_tokens], trace.weights[start:start + n_tokens])
         pos = s * L
         for layer, keys in enumerate(keys_of):
+            if begin_layer is not None:
+                begin_layer(layer)
             if prefetcher is not None:  # the layer is routed: its experts are known before they compute
                 prefetcher.observe(pos, layer, [k[1] for k in keys])
                 if ask:
@@ -379,6 +382,7 @@ def play(trace: Trace, backend, script, progress: bool = False) -> None:
     if getattr(route, "__func__", None) is Backend.route:
         route = None
     starts = trace.step_starts
+    begin_layer = getattr(backend, "begin_layer", None)
     c = v = r = 0  # next copy, wave, served row
     step_ends = enumerate(script.step_waves.tolist())
     if progress:
@@ -391,8 +395,12 @@ def play(trace: Trace, backend, script, progress: bool = False) -> None:
         backend.begin_step(s, hi - lo)
         if route is not None:
             route(trace.experts[lo:hi], trace.weights[lo:hi])
+        prev = -1
         while v < end:
             layer, issued, last = waves[v]
+            if layer != prev and begin_layer is not None:  # a layer's first wave
+                begin_layer(layer)
+                prev = layer
             for layer_c, expert, slot, prefetch in copies[c:issued]:
                 backend.load(keys[layer_c * E + expert], slot, bool(prefetch))
             c = issued

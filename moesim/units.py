@@ -88,3 +88,15 @@ def parse_inflight(value, bytes_per_expert: int, where: str) -> int | None:
         raise MoesimError(f"{where}={value!r}: expected null, bytes (1000000), a size with a unit (256MiB, "
                           f"1.5GB; units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB) or expert copies (4 experts)")
     return int(float(m.group(1)) * _UNITS.get(unit, 1))
+
+
+def parse_bytes(value, where: str) -> int:
+    """A size: bytes (1000000) or a number with a unit (512MiB, 1.5GB)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
+    unit = m.group(2).lower() if m else None
+    if unit is None or unit not in _UNITS | {"": 1}:
+        raise MoesimError(f"{where}={value!r}: expected bytes (1000000) or a size with a unit (512MiB, 1.5GB; units "
+                          f"B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    return int(float(m.group(1)) * _UNITS.get(unit, 1))

@@ -17,6 +17,7 @@ from moesim.units import parse_budget
 from moesim.engine import hit_counts as reference_hit_counts
 from moesim.errors import MoesimError
 from moesim.trace import ModelSpec, from_arrays
+from moesim.hardware import load_hardware
 
 POLICY_PARAMS = {  # each policy with its defaults and with parameters that change its decisions
     "lru": [{}],
@@ -154,7 +155,7 @@ def _cpu_profile():
 CPU_PROFILE = _cpu_profile()
 
 
-def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetcher=None, offload=None):
+def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetcher=None, offload=None, dense=None):
     """The Python driver with the sim backend: (counters, profiler, device bytes, request stats, prefetch)."""
     from moesim.backends.sim import SimBackend
     from moesim.cache import Cache
@@ -165,6 +166,7 @@ def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetch
     cls = core.reference_class(policy)
     cache = Cache(trace.spec, slots, scope, lambda: cls(**params), trace)
     backend, profiler = SimBackend(hardware), Profiler(trace.n_layers)
+    backend.dense = dense
     backend.setup(trace.spec, slots, profiler)
     counters = replay(trace, cache, backend, prefetcher() if prefetcher else None, offload() if offload else None,
                       Cost(backend.hardware, trace.spec), reset_per_seq=reset)
@@ -172,10 +174,10 @@ def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetch
     return counters.to_dict(), profiler, backend.device_bytes(), backend.request_stats(), pf
 
 
-def core_sim(trace, policy, params, slots, scope, hardware, reset, prefetcher=None, offload=None):
+def core_sim(trace, policy, params, slots, scope, hardware, reset, prefetcher=None, offload=None, dense=None):
     cls = core.reference_class(policy)
     return core.simulate(trace, trace.spec, slots, scope, lambda: cls(**params), prefetcher() if prefetcher else None,
-                         offload() if offload else None, hardware, reset)
+                         offload() if offload else None, hardware, reset, dense=dense)
 
 
 @pytest.mark.parametrize("policy", sorted(POLICY_PARAMS))
@@ -481,3 +483,38 @@ def test_a_recorded_script_makes_the_python_drivers_backend_calls(policy):
             play(trace, played, sim.script)
             assert sim.counters == want.to_dict()
             assert played.calls == python.calls, (policy, scope, make_pf, make_off)
+
+
+def test_whole_model_dense_times_equal_the_python_driver():
+    """A whole-model spec (attention with a sliding window, a dense layer, an LM head): the dense part's times
+    enter both drivers at the same points (each layer's attention before its lookups), with prefetch, offload
+    and waves; the dense part adds to every step, less where copies in flight hide under it."""
+    import dataclasses
+
+    from moesim.whole import contexts, dense_times
+
+    prefetchers, offloads = _parts()
+    base = random_trace(5, max_batch=4, predicted=True)
+    spec = dataclasses.replace(base.spec, name="tiny-whole", attention="gqa", heads=4, kv_heads=2, head_dim=16,
+                               vocab=500, dense_layers=1, dense_ffn=96, sliding_window=8, sliding_layers=2)
+    trace = from_arrays(spec, base.experts, base.weights, step=base.step, seq=base.seq, phase=base.phase,
+                        predicted=base.predicted)
+    need = max_request(trace)
+    for hw in ("rtx-4090", _host_profile()):
+        dense = dense_times(spec, load_hardware(hw), contexts(trace, spec.sliding_window))
+        assert (dense.attention > 0).all() and (dense.tail > 0).all() and dense.cls.tolist() == [0, 1, 0]  # blocks 0 (dense) and 2 slide
+        for slots, pf, off in ((need - 1, None, None), (2 * need, prefetchers["transition"], None),
+                               (2 * need, None, offloads["cost"])):
+            want = reference_sim(trace, "lru", {}, slots, "global", False, hw, pf, off, dense=dense)
+            _assert_same(core_sim(trace, "lru", {}, slots, "global", hw, False, pf, off, dense=dense), want)
+            plain = core_sim(trace, "lru", {}, slots, "global", hw, False, pf, off)
+            assert got_counters_equal(plain, want)
+            lat = lambda prof: prof.arrays()[0][:, 3] - prof.arrays()[0][:, 2]  # noqa: E731
+            assert (lat(want[1]) > dense.total_ms).all()
+            # serial time added, of which copies in flight may hide under the attention: never more than it
+            assert lat(plain.profiler).sum() < lat(want[1]).sum() <= lat(plain.profiler).sum() + dense.total_ms.sum() + 1e-9
+
+
+def got_counters_equal(run, want) -> bool:
+    """The dense part changes times, never decisions (without a clock-reading cap)."""
+    return run.counters == want[0]

@@ -2,7 +2,7 @@
 moves real expert weights. Both get the same calls from the one replay loop (moesim/engine.py), make no
 policy decisions, and report what happened to a moesim.profiler.Profiler.
 
-Call order, per run:   setup  (begin_step  route  (load* compute)*L  end_step)*  finish
+Call order, per run:   setup  (begin_step  route  (begin_layer  load* compute+)*L  end_step)*  finish
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ class Backend:
     def route(self, experts, weights) -> None:
         """The step's routing, as the trace has it: experts [n_tokens, L, K] (ids, -1 = none) and their gate
         weights [n_tokens, L, K]; a backend that computes real outputs weights each expert's by them."""
+
+    def begin_layer(self, layer: int) -> None:
+        """Layer `layer` starts: its attention runs before its experts are known (compute calls follow, one
+        per wave where the layer runs in waves)."""
 
     def load(self, key: Key, slot: int, prefetch: bool) -> None:
         """Copy `key`'s weights from host memory into device slot `slot` (asynchronously where the device

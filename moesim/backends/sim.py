@@ -28,8 +28,10 @@ device=cpu, 0 for GPUs) is added serially after each layer's compute (per layer,
 load issued since the previous layer), never overlapping a copy: on a CPU the replay, the copies and the
 compute share one thread. On device=cpu profiles, copies
 also slow the next layer's FFNs by writeback_us_per_mib of the bytes copied since the previous layer.
-A step's latency is its last layer's end minus its start (the previous step's end). Attention and dense
-layers are not modelled (the model spec has no numbers for them). The sim makes no decisions: the engine
+A step's latency is its last layer's end minus its start (the previous step's end). The rest of the model
+(`dense`, moesim/whole.py, where the spec describes it): embeddings and dense layers run at the step's start,
+each MoE layer's attention and router before its experts are looked up (so its misses are issued after it),
+the LM head at the end; all on the compute timeline. The sim makes no decisions: the engine
 (moesim/engine.py) tells it what to load and where to compute.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ class SimBackend(Backend):
         self.hardware = load_hardware(hardware)
         self.pinned = pinned
         self.spec = None
+        self.dense = None  # moesim.whole.DenseTimes: the model's non-expert part per step (None: not modelled)
 
     def setup(self, spec, n_slots: int, profiler) -> None:
         self.spec, self.n_slots, self.profiler = spec, n_slots, profiler
@@ -75,11 +78,18 @@ class SimBackend(Backend):
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         self._step, self._n_tokens, self._step_start = step, n_tokens, self._now
+        if self.dense is not None:
+            self._now += float(self.dense.head[step])  # embeddings and dense layers, before the first MoE layer
         s = self._shared_ms.get(n_tokens)
         if s is None:
             s = self._shared_ms[n_tokens] = self.spec.shared_experts * self.hardware.expert_ms(
                 n_tokens, self.spec, "device", shared=True)
         self._step_shared_ms = s
+
+    def begin_layer(self, layer: int) -> None:
+        """Layer `layer`'s attention and router run before its experts are known (and looked up)."""
+        if self.dense is not None:
+            self._now += float(self.dense.attention[self._step, self.dense.cls[layer]])
 
     def load(self, key, slot: int, prefetch: bool) -> None:
         self._loads += 1
@@ -157,6 +167,8 @@ class SimBackend(Backend):
         return end
 
     def end_step(self) -> None:
+        if self.dense is not None:
+            self._now += float(self.dense.tail[self._step])  # final norm and LM head
         self.profiler.step(self._step, self._n_tokens, self._step_start, self._now)
 
     def finish(self) -> None:

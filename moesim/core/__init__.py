@@ -225,14 +225,15 @@ class SimRun(NamedTuple):
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
-             reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None) -> SimRun:
+             reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None, dense=None) -> SimRun:
     """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
     SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
     built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
     not decisions). The same counters and the same events (hence latencies, stalls, metrics, tables).
     `cost`: what the offload policy is asked with (default moesim.hardware.Cost(hardware, spec)).
     `record`: also keep the decisions as a Script, to run them on another backend (moesim.engine.play); they
-    are the Python driver's there too where none depends on that backend's clock (no max_inflight cap)."""
+    are the Python driver's there too where none depends on that backend's clock (no max_inflight cap).
+    `dense`: the model's non-expert part per step (moesim.whole.DenseTimes), as SimBackend.dense; None: none."""
     from ..backends.sim import SimBackend
     from ..hardware import Cost
 
@@ -258,6 +259,10 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
                           for n in tokens])[inverse.reshape(-1)]  # per step
     own = np.array([hw.replay_overhead_ms(0, 0), hw.expert_overhead_us * 1e-3, hw.load_overhead_us * 1e-3,
                     hw.writeback_ms(nbytes)])  # as SimBackend.setup
+    if dense is None:
+        from ..whole import DenseTimes
+
+        dense = DenseTimes.none(trace.n_steps, trace.n_layers)
     loop.reset(st.I, st.F, prm)
     cnt = np.zeros(loop.N_CNT, np.int64)
     served = np.zeros(2, np.int64)
@@ -270,11 +275,12 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
             st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap, *offl, cnt,
-            served, ck, record)
+            served, ck, record, dense.attention, dense.cls, dense.head, dense.tail)
     t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
     profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes)
+    backend.dense = dense
     backend.setup(spec, n_slots, profiler)  # only for device_bytes(): the events are already there
     script = None
     if record:

@@ -309,7 +309,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, laye
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, oi, odev, ohl, oshare, ofaster, oroom, opart,
-            host_cap, cnt, served, ck, record):
+            host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -318,7 +318,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     load]; serial: the profile's serial_copies; pf: int16 [S * L, lookahead, width] the prefetcher's table
     (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none);
     pf_cap, host_cap: bytes queued on the copy engine above which no prefetch / background load is issued
-    (-1: no cap); the o* arrays: see offload_decision.
+    (-1: no cap); the o* arrays: see offload_decision. dattn [S, 2], dcls [L], dhead [S], dtail [S]: the dense
+    part's times (moesim.whole.DenseTimes: each layer's attention before its lookups, the head before the first
+    layer, the tail after the last).
     record: also return the decisions as another backend executes them (`script` below; else empty arrays).
     Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
     step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
@@ -354,9 +356,11 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             cnt[PF_UNUSED] = 0
             reset(I, F, prm)
         step_start = ck[NOW]
+        ck[NOW] += dhead[s]
         shared = shared_ms[s]
         n_tokens = step_tokens[s]
         for layer in range(L):
+            ck[NOW] += dattn[s, dcls[layer]]  # the layer's attention and router: its experts are known after it
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
             cap = I[CAP, I[PART, layer]]
@@ -467,6 +471,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 # the replay's own work for this layer, serial and after it (never overlapping a copy)
                 ck[NOW] = end + own[0] + own[1] * (n_dev + n_host) + own[2] * loads
                 ck[LOADS] = 0.0
+        ck[NOW] += dtail[s]
         steps[s, 0] = s
         steps[s, 1] = n_tokens
         steps[s, 2] = step_start

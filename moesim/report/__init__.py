@@ -186,6 +186,25 @@ def _hardware(run: dict) -> tuple[list, str]:
             f"Profile {name!s} as loaded now (the run recorded its name, not its numbers).")
 
 
+def _plan_rows(s: dict) -> tuple[list, list]:
+    """The VRAM plan's rows and the split of a step's time (summary.json's vram_plan, step_ms_split)."""
+    plan, split = s.get("vram_plan"), s.get("step_ms_split")
+    plan_rows, split_rows = [], []
+    if isinstance(plan, dict):
+        names = (("non-expert weights", "weights"), ("KV cache", "kv_cache"), ("activation workspace", "workspace"),
+                 ("runtime reserve", "reserve"), ("expert cache", "experts"), ("total", "total"), ("card", "card"))
+        plan_rows = [(k, _fmt(plan.get(f), ".2f", GIB, " GiB")) for k, f in names]
+        plan_rows.insert(2, ("KV cache holds", f"{plan.get('context')} tokens x {plan.get('batch')} sequences"))
+        if not plan.get("whole_model"):
+            plan_rows.append(("note", "the model spec does not describe attention or embeddings: experts only"))
+    if isinstance(split, dict):
+        names = (("dense part (attention, dense layers, LM head)", "dense"), ("expert compute", "expert_compute"),
+                 ("stall (waiting for copies)", "stall"), ("other (host experts not hidden, replay's own)", "other"),
+                 ("host compute (overlaps)", "host_compute"), ("copy engine busy (overlaps)", "copies"))
+        split_rows = [(k, _fmt(split.get(f), ".3f", 1, " ms")) for k, f in names]
+    return plan_rows, split_rows
+
+
 def build_run_report(run, out=None) -> Path:
     """Write the report of one run (a dict from read_run, or its directory) to `out` (default
     <run dir>/report.html). Returns its path."""
@@ -214,9 +233,19 @@ def build_run_report(run, out=None) -> Path:
          " / ".join(_fmt(lat.get(q), ".2f") for q in ("p50", "p90", "p99", "mean")) + " ms"),
         ("stall", _fmt(s.get("stall_ms"), ".1f", 1, " ms")),
         ("wall time", _fmt(s.get("wall_ms"), ".1f", 1, " ms")),
-        ("peak device memory", _fmt(s.get("peak_device_bytes"), ".2f", GIB, " GiB")),
+        ("peak device memory", _fmt(s.get("peak_device_bytes"), ".2f", GIB, " GiB") + " (expert slots and shared "
+                               "experts)"),
     ]
+    if s.get("decode_tokens_per_s") is not None:
+        summary_rows.insert(10, ("decode tokens/s", _fmt(s.get("decode_tokens_per_s"), ".1f")
+                                 + ("" if s.get("whole_model") else " (MoE layers only)")))
+    ttft = s.get("ttft_ms")
+    if isinstance(ttft, dict):
+        summary_rows.insert(10, ("time to first token p50 / p90", " / ".join(_fmt(ttft.get(q), ".1f") for q in
+                                                                            ("p50", "p90"))
+                                 + f" ms over {ttft.get('sequences')} prompts"))
     matrix, experts_note = _experts(run)
+    plan_rows, split_rows = _plan_rows(s)
     figures = {"latency": plots.latency_distribution(run["steps"], lat), "stall": plots.layer_stall(run["layers"]),
                "bandwidth": plots.bandwidth_over_time(run["steps"]),
                "experts": plots.expert_heatmap(matrix) if matrix is not None else None}
@@ -241,6 +270,7 @@ def build_run_report(run, out=None) -> Path:
         figures=figures, experts_note=experts_note, trace_rows=trace_rows,
         model_rows=[(k, _value(v)) for k, v in (s.get("model") or {}).items()],
         hardware_rows=hardware_rows, hardware_note=hardware_note, software_rows=software_rows,
+        plan_rows=plan_rows, split_rows=split_rows,
         config_text=(d / CONFIG).read_text(encoding="utf-8", errors="replace"))
 
 
