@@ -158,7 +158,8 @@ class _Reader:
     def sliding(self, n: int) -> tuple[int, int]:
         """(sliding_window, how many layers use it)."""
         c = self.cfg
-        window = self.int("sliding_window") if c.get("sliding_window") is not None else 0
+        window = self.int("sliding_window") if c.get("sliding_window") else 0  # null or 0: none (transformers
+        # writes 0 where use_sliding_window is false)
         if "layer_types" in c:
             kinds = c["layer_types"]
             if not isinstance(kinds, list) or len(kinds) != n:
@@ -180,7 +181,8 @@ class _Reader:
     def formats(self) -> dict:
         """The storage format of each tensor class (ModelSpec fields), and the experts' bits per weight."""
         c = self.cfg
-        raw = c.get("torch_dtype", c.get("dtype", "bfloat16"))  # gpt-oss's config names none: bf16 as loaded
+        raw = c.get("torch_dtype") or c.get("dtype") or "bfloat16"  # gpt-oss's config names none (or null, as
+        # transformers writes a config built in code): bf16, as the checkpoints load
         base = ALIASES.get(str(raw).lower(), str(raw).lower())
         if base not in ("bf16", "fp16", "fp32"):
             raise MoesimError(f"{self.where}: key 'torch_dtype' = {raw!r}; expected bfloat16, float16 or float32")

@@ -22,6 +22,7 @@ resumes from there; the trace is written atomically at the end and the partial f
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -137,9 +138,27 @@ def spec_of(model, adapter: Adapter, name: str) -> ModelSpec:
         quant = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
         dtype = str(quant or dtype)
     n_shared, shared_ffn = adapter.shared(config)
-    return ModelSpec(name=name, layers=len(moe), experts=n_experts, top_k=int(router.top_k), hidden=hidden,
+    spec = ModelSpec(name=name, layers=len(moe), experts=n_experts, top_k=int(router.top_k), hidden=hidden,
                      ffn=ffn, shared_experts=int(n_shared), shared_ffn=int(shared_ffn),
                      dtype=_DTYPE_NAMES.get(dtype, dtype), bits_per_weight=bits)
+    return whole_spec(spec, config)
+
+
+def whole_spec(spec: ModelSpec, config) -> ModelSpec:
+    """`spec` with the rest of the architecture from the model's config (moesim/hf_config.py), so the trace
+    describes the whole model; unchanged where moesim cannot read that config (it says so on stderr)."""
+    from .errors import TraceError
+    from .whole import completed
+
+    try:
+        whole = completed(spec, config.to_dict())
+    except (MoesimError, TraceError) as e:
+        print(f"record: the trace describes the experts only: {e}", file=sys.stderr)
+        return spec
+    if spec.dtype in ("bf16", "fp16", "fp32"):  # the model as loaded: its other weights are in that dtype too
+        whole = dataclasses.replace(whole, attention_format=spec.dtype, dense_format=spec.dtype,
+                                    embed_format=spec.dtype, kv_format=spec.dtype)
+    return whole
 
 
 def _bits_for(nbytes: int, hidden: int, ffn: int) -> float:

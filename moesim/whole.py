@@ -392,7 +392,10 @@ def completed(spec: ModelSpec, config=None) -> ModelSpec:
         if other is None or not other.whole:
             return spec
         where = None
-    differ = [f"{k} {getattr(spec, k)} vs {getattr(other, k)}" for k in ROUTING if getattr(spec, k) != getattr(other, k)]
+    def value(s, k):  # shared_ffn 0 means "as ffn"
+        return (s.shared_ffn or s.ffn) if k == "shared_ffn" and s.shared_experts else getattr(s, k)
+
+    differ = [f"{k} {value(spec, k)} vs {value(other, k)}" for k in ROUTING if value(spec, k) != value(other, k)]
     if differ:
         if where is None:
             return spec  # a model of the same name but other numbers: leave it as the trace says

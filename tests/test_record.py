@@ -248,6 +248,10 @@ def test_spec_is_read_from_the_model(arch):
     else:  # gpt-oss: biases make an expert a little more than 3 * hidden * ffn weights
         assert spec.shared_experts == 0 and spec.bits_per_weight > 32
         assert spec.bytes_per_expert == 4 * (32 * 32 + 32 + 16 * 32 + 32)
+    # the rest of the architecture, from the model's config: the trace describes the whole model
+    assert spec.whole and spec.vocab == VOCAB and spec.heads == c.num_attention_heads
+    assert spec.attention == ("mla" if arch == "deepseek_v3" else "gqa")
+    assert spec.dense_layers == (1 if arch == "deepseek_v3" else 0)
 
 
 def generate_spy(model):
