@@ -175,3 +175,38 @@ def test_budget_auto_refuses_a_card_too_small_for_one_layer(tmp_path):
 def test_bad_vram_options_are_named(bad, match):
     with pytest.raises(MoesimError, match=match):
         moesim.simulate("gpt-oss-like", overrides=[bad])
+
+
+def test_model_config_gives_the_architecture_and_must_match_the_trace(tmp_path):
+    """model.config=config.json: the whole model from a Hugging Face config (here the catalogue's own copy of
+    Mixtral-8x7B's, so the plan equals the catalogue's); a config of another model is refused, naming both."""
+    import json
+
+    from moesim.catalogue import MODEL_SPECS
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(_catalogue_config("mixtral-8x7b")))
+    trace = moesim.load_trace("mixtral-like").slice_tokens(0, 300)
+    bare = from_arrays(dataclasses.replace(trace.spec, **{k: getattr(ModelSpec("x", 1, 1, 1, 1, 1), k)
+                                                         for k in ("attention", "heads", "kv_heads", "head_dim",
+                                                                   "vocab")}, name="my-mixtral"),
+                       trace.experts, trace.weights, step=trace.step, seq=trace.seq, phase=trace.phase)
+    path = str(save_trace(bare, tmp_path / "bare.moetrace.safetensors"))
+    alone = moesim.simulate(path, budget="25%", hardware="h200", scope="global")
+    assert not alone.summary["whole_model"] and alone.summary["vram_plan"]["weights"] == 0
+    r = moesim.simulate(path, budget="25%", hardware="h200", scope="global", overrides=[f"model.config={cfg}"])
+    assert r.summary["whole_model"]
+    assert r.summary["vram_plan"]["weights"] == sum(v for k, v in weight_bytes(MODEL_SPECS["mixtral-8x7b"]).items()
+                                                    if k != "experts")
+    other = tmp_path / "olmoe.json"
+    other.write_text(json.dumps(_catalogue_config("olmoe-1b-7b")))
+    with pytest.raises(MoesimError, match="differ from the trace's model 'my-mixtral'"):
+        moesim.simulate(path, budget="25%", hardware="h200", overrides=[f"model.config={other}"])
+
+
+def _catalogue_config(name: str) -> dict:
+    """The config.json keys the catalogue stores for `name` (moesim/data/models/)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(moesim.__file__).parent / "data" / "models" / f"{name}.json").read_text())["config"]
