@@ -137,8 +137,8 @@ def kv_bytes_per_token(spec: ModelSpec, context: int | None = None) -> int:
     per = get_format(spec.kv_format).tensor_bytes(1, kv_values_per_token(spec)) if spec.whole else 0
     if context is None:
         return per * spec.all_layers
-    full = spec.all_layers - spec.sliding_layers
-    return per * (full * context + spec.sliding_layers * min(context, spec.sliding_window))
+    sliding = min(spec.sliding_layers, spec.all_layers)  # a cut-down model may keep the full model's count
+    return per * ((spec.all_layers - sliding) * context + sliding * min(context, spec.sliding_window))
 
 
 # -------------------------------------------------------------------------------------------- VRAM plan

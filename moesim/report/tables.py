@@ -44,6 +44,10 @@ SUMMARY_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("h2d_gbps", ("h2d_gbps",)),
     ("overlap", ("overlap",)),
     ("peak_device_bytes", ("peak_device_bytes",)),  # bytes
+    ("decode_tokens_per_s", ("decode_tokens_per_s",)),  # the whole model's where whole_model is true
+    ("ttft_p50_ms", ("ttft_ms", "p50")),
+    ("vram_plan_bytes", ("vram_plan", "total")),  # the whole plan: weights, KV, workspace, reserve, experts
+    ("whole_model", ("whole_model",)),
 )
 TEXT_COLUMNS = ("strategy", "budget", "scope", "hardware", "backend", "trace", "model")
 # config keys that say where or how a run was written, not what was run
