@@ -173,15 +173,16 @@ def model_spec(name_or_spec: str | dict | ModelSpec) -> ModelSpec:
     return MODEL_SPECS[name_or_spec]
 
 
-# Dtypes a backend can store expert weights in (torch has them); quantised formats are stored as bf16.
+# Dtypes torch computes expert weights in. A packed format (mxfp4, fp8, q4_k, hqq4_g64 ...: moesim/formats.py)
+# is stored as its own bytes and decoded to bf16 for compute (moesim/backends/torch/packed.py).
 DTYPE_BITS = {"bf16": 16, "fp16": 16, "fp32": 32}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "f16": "fp16", "half": "fp16", "float32": "fp32",
                   "f32": "fp32", "float": "fp32"}
 
 
 def weights_dtype(spec_dtype: str, requested: str = "auto") -> str:
-    """The torch dtype name (bf16 | fp16 | fp32) expert weights are stored in: `requested`, or with "auto"
-    the spec's own where torch has it, else bf16 (mxfp4, fp8 and other quantised formats)."""
+    """The torch dtype name (bf16 | fp16 | fp32) expert weights are computed in: `requested`, or with "auto"
+    the spec's own where torch has it, else bf16 (a packed format such as mxfp4 or fp8 is decoded to bf16)."""
     if requested != "auto":
         name = _DTYPE_ALIASES.get(str(requested).lower(), str(requested).lower())
         if name not in DTYPE_BITS:
@@ -192,8 +193,12 @@ def weights_dtype(spec_dtype: str, requested: str = "auto") -> str:
 
 
 def stored_spec(spec: ModelSpec, dtype: str = "auto") -> ModelSpec:
-    """`spec` as this backend stores it: dtype and bits per weight of the torch dtype (bf16 for mxfp4/fp8),
-    so bytes_per_expert is the bytes each load really moves. Run the sim on it to compare with torch."""
+    """`spec` as the torch backend stores it, so that bytes_per_expert is the bytes each load really moves.
+    "auto": the spec's own format, packed (mxfp4, fp8, q4_k ...), where moesim/formats.py knows it at the
+    spec's bits_per_weight; otherwise (an unknown format or other bits) bf16. bf16 | fp16 | fp32: every
+    routed expert unpacked in that dtype. Run the sim on it to compare with torch."""
+    if dtype == "auto" and known_format(spec.dtype) and spec.bits_per_weight == get_format(spec.dtype).bits:
+        return spec
     name = weights_dtype(spec.dtype, dtype)
     bits = float(DTYPE_BITS[name])
     if spec.dtype == name and spec.bits_per_weight == bits:

@@ -4,20 +4,26 @@
     python -m moesim run backend=torch backend.device=cpu model.scale=0.125 strategy=lru budget=25%
 
 This file holds TorchBackend (pools, timelines, events); its parts live beside it: device.py (which device,
-its name, CPU threads), memory.py (the memory plan, the refusal when it does not fit, peak usage), copies.py
-(host-memory copies and the copy worker thread), ffn.py (the expert FFN, random weights). Their names are
-importable from here (moesim.backends.torch) as before.
+its name, CPU threads), memory.py (the memory plan, the pinned chunks, the refusal when it does not fit, peak
+usage), copies.py (host-memory copies and the copy worker thread), packed.py (experts as the bytes of their
+format, their decode, random experts), ffn.py (the expert FFN). Their names are importable from here
+(moesim.backends.torch).
 
 Memory, estimated first (refused with the numbers when it does not fit), then allocated once in `setup`:
-  host pool    [L*E, W]   every routed expert as one contiguous block of W = 3*hidden*ffn values
-                          (gate rows [ffn, hidden], up rows [ffn, hidden], down [hidden, ffn]), so a load
-                          is one copy; pinned on CUDA
-  device pool  [slots, W] exactly the budget's slots; with device=cpu a separate block of host memory
-  shared       [L*S, Ws]  the model's shared experts, resident on the device
+  host pool    [L*E, B]   uint8: every routed expert as one contiguous block of B = spec.bytes_per_expert
+                          bytes, its gate [ffn, hidden], up [ffn, hidden] and down [hidden, ffn] in the
+                          expert's storage format (mxfp4, q4_k, fp8, bf16 ...: packed.py), so a load is one
+                          copy of exactly the bytes the sim counts; on CUDA pinned, in chunks whose sizes
+                          keep torch's power-of-two rounding of pinned blocks small (memory.py pinned_chunks)
+  device pool  [slots, B] uint8, exactly the budget's slots; with device=cpu a separate block of host memory
+  shared       [L*S, Bs]  the model's shared experts in their format (dense_format), resident on the device
+  decoded      [3*hidden*ffn] the compute dtype: a packed expert is decoded into it before its FFN (one on the
+               device, one on the host for host experts on CUDA); none where the format is the compute dtype
   activations  [tokens, hidden] random inputs (fixed seed) and the layer output; allocated for
                `workspace_tokens` and grown only when a step has more tokens than any before
-Weights are random (fixed seed): timings do not depend on their values. Dtype: the spec's where torch has
-it (bf16, fp16, fp32), bf16 for quantised formats (mxfp4, fp8); `info()` says which.
+Weights are random (fixed seed), valid for their format: timings do not depend on their values. Compute
+dtype: the format's where torch has it (bf16, fp16, fp32), else bf16; backend.dtype=bf16|fp16|fp32 stores
+every routed expert unpacked in that dtype instead. `info()` says which.
 
 Timelines, the same as moesim/backends/sim.py's so that the two compare number for number:
   copies   one at a time, in issue order. CUDA: on a copy stream; each copy first waits for the end of
@@ -54,9 +60,11 @@ from ...errors import MoesimError
 from ...models import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401
 from .copies import CopyWorker, memcpy
 from .device import TORCH_DTYPES, device_name, resolve_device, resolve_threads
-from .ffn import expert_ffn, fill_random, routed_ffn, swiglu
-from .memory import (DEVICE_SHARE, HOST_SHARE, GiB, MemoryPlan, MiB, NvmlSampler, check_memory,  # noqa: F401
-                     host_memory_available, host_memory_total, peak_rss_bytes, plan_memory)
+from .ffn import expert_ffn, routed_ffn, swiglu
+from .memory import (DEVICE_SHARE, HOST_SHARE, ChunkedPool, GiB, MemoryPlan, MiB, NvmlSampler,  # noqa: F401
+                     check_memory, host_memory_available, host_memory_total, peak_rss_bytes, pinned_bytes,
+                     pinned_chunks, plan_memory, shared_format)
+from .packed import ExpertCodec, fill_experts  # noqa: F401
 
 WAIT_EPS_MS = 0.002  # CUDA: a stream wait shorter than this (event resolution ~0.5 us) did not wait
 FLUSH_STEPS = 8  # CUDA: steps whose events may wait unresolved before the host waits for the device
@@ -104,8 +112,8 @@ class TorchBackend(Backend):
 
     def setup(self, spec: ModelSpec, n_slots: int, profiler) -> None:
         self.resolve()
-        dtype = weights_dtype(spec.dtype, self.requested_dtype)
-        self.spec = spec = stored_spec(spec, dtype)
+        self.spec = spec = stored_spec(spec, self.requested_dtype)  # the spec's own format, packed, or forced
+        dtype = weights_dtype(spec.dtype, self.requested_dtype)  # what its weights decode to
         self.dtype_name, self.dtype = dtype, TORCH_DTYPES[dtype]
         self.n_slots, self.profiler = n_slots, profiler
         dev, on_cpu = self.device, self.device.type == "cpu"
@@ -116,21 +124,36 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.threads)
         H, Fd, L, E = spec.hidden, spec.ffn, spec.layers, spec.experts
         Fs = spec.shared_ffn or spec.ffn
-        self._width = 3 * H * Fd  # values per routed expert block
-        self._nbytes = self._width * torch.finfo(self.dtype).bits // 8  # bytes per load
+        self._codec = ExpertCodec(spec.dtype, H, Fd, self.dtype)
+        self._shared_codec = ExpertCodec(shared_format(spec), H, Fs, self.dtype)
+        self._nbytes = self._codec.nbytes  # bytes per load
+        if self._nbytes != spec.bytes_per_expert:
+            raise MoesimError(f"internal: {spec.dtype} experts of {H} x {Fd} pack into {self._nbytes} bytes, "
+                              f"but the spec counts {spec.bytes_per_expert}")
         self._E = E
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             self._nvml = NvmlSampler(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        pin = dev.type == "cuda" and self.pinned  # never pin without CUDA: pin_memory needs a CUDA driver
-        self.host_pool = torch.empty((L * E, self._width), dtype=self.dtype, pin_memory=pin)
-        fill_random(self.host_pool, self.seed, 1.0 / math.sqrt(max(H, Fd)), desc="host pool", via=dev)
-        self.device_pool = torch.empty((n_slots, self._width), dtype=self.dtype, device=dev)
+        # never pin without CUDA: pin_memory needs a CUDA driver
+        if dev.type == "cuda" and self.pinned:  # chunks: one pinned block would round up to a power of two
+            self.host_pool = ChunkedPool(pinned_chunks(L * E, self._nbytes), self._nbytes)
+            pools = self.host_pool.chunks
+        else:
+            self.host_pool = torch.empty((L * E, self._nbytes), dtype=torch.uint8)
+            pools = [self.host_pool]
+        fill_experts(pools, self._codec, self.seed, 1.0 / math.sqrt(max(H, Fd)), desc="host pool", via=dev)
+        self.device_pool = torch.empty((n_slots, self._nbytes), dtype=torch.uint8, device=dev)
         if on_cpu:
             self.device_pool.zero_()  # touch every page now, not during the first copies
-        self.shared_pool = torch.empty((L * spec.shared_experts, 3 * H * Fs), dtype=self.dtype, device=dev)
-        fill_random(self.shared_pool, self.seed + 1, 1.0 / math.sqrt(max(H, Fs)))
+        self.shared_pool = torch.empty((L * spec.shared_experts, self._shared_codec.nbytes), dtype=torch.uint8,
+                                       device=dev)
+        fill_experts([self.shared_pool], self._shared_codec, self.seed + 1, 1.0 / math.sqrt(max(H, Fs)))
+        # the decoded expert a packed one is decoded into (on the device; on CUDA another for host experts)
+        width = max(0 if self._codec.view_only else 3 * H * Fd,
+                    0 if self._shared_codec.view_only or not spec.shared_experts else 3 * H * Fs)
+        self._ws = torch.empty(width, dtype=self.dtype, device=dev) if width else None
+        self._host_ws = self._ws if on_cpu or self._codec.view_only else torch.empty(3 * H * Fd, dtype=self.dtype)
         self._shared_ffn = Fs
         self._weight = 1.0 / spec.top_k  # the gate weight when no routing was given (`route` not called)
         self._routes: dict = {}  # (layer, expert) -> its tokens' rows and gate weights in this step (`route`)
@@ -284,20 +307,21 @@ class TorchBackend(Backend):
     def _device_experts(self, layer: int, device) -> None:
         spec, H, Fd, w = self.spec, self.spec.hidden, self.spec.ffn, self._weight
         n_all = self._n_tokens
-        x, out, pool = self._x, self._out, self.device_pool
+        x, out, pool, ws, decode = self._x, self._out, self.device_pool, self._ws, self._codec.decode
         for s in range(spec.shared_experts):  # shared experts: every token of the step, weight 1
-            expert_ffn(self.shared_pool[layer * spec.shared_experts + s], x[:n_all], out[:n_all], H,
-                       self._shared_ffn, 1.0)
+            block = self._shared_codec.decode(self.shared_pool[layer * spec.shared_experts + s], ws)
+            expert_ffn(block, x[:n_all], out[:n_all], H, self._shared_ffn, 1.0)
         routes = self._routes
         for key, slot, n in device:
             r = routes.get(key)
+            block = decode(pool[slot], ws)  # the slot's bytes as weights (a view, or decoded into ws)
             if r is None:  # no routing given (driven without `route`): the first n rows, weight 1/top_k
-                expert_ffn(pool[slot], x[:n], out[:n], H, Fd, w)
+                expert_ffn(block, x[:n], out[:n], H, Fd, w)
             elif len(r) == 2:  # one token: its row, its gate weight (the plain FFN on that row, no gather)
                 t = r[0]
-                expert_ffn(pool[slot], x[t:t + 1], out[t:t + 1], H, Fd, r[1])
+                expert_ffn(block, x[t:t + 1], out[t:t + 1], H, Fd, r[1])
             else:
-                routed_ffn(pool[slot], x, out, H, Fd, r[0], r[1])
+                routed_ffn(block, x, out, H, Fd, r[0], r[1])
 
     def _host_experts(self, host) -> None:
         """Host experts from the host pool over the activations already in _host_x, summed into _host_y. The
@@ -309,7 +333,7 @@ class TorchBackend(Backend):
         routes = self._routes
         for key, n in host:
             r = routes.get(key)
-            block = self.host_pool[key[0] * E + key[1]]
+            block = self._codec.decode(self.host_pool[key[0] * E + key[1]], self._host_ws)
             if r is None or len(r) == 2:
                 expert_ffn(block, xs[:n], ys[:n], H, Fd, w if r is None else r[1])
             else:
@@ -499,6 +523,13 @@ class TorchBackend(Backend):
         at their first use). On CUDA complete once `finish` has run."""
         return {"stall_free_requests": self._stall_free, "late_prefetches": self._late}
 
+    def expert_weights(self, index: int, shared: bool = False) -> torch.Tensor:
+        """Routed expert `index` (layer * experts + expert) of the host pool, or with `shared` shared expert
+        `index` (layer * shared_experts + s), as compute weights on the host: a new tensor [3 * hidden * ffn]
+        (gate rows, up rows, down), decoded from its bytes as compute decodes a slot."""
+        codec, pool = (self._shared_codec, self.shared_pool) if shared else (self._codec, self.host_pool)
+        return codec.decode(pool[index].cpu(), torch.empty(codec.width, dtype=self.dtype)).clone()
+
     # ------------------------------------------------------------------------------------- memory
     def device_bytes(self) -> int:
         """Device memory held for expert weights: the slots plus every layer's shared experts (bytes)."""
@@ -511,7 +542,12 @@ class TorchBackend(Backend):
             "device_pool_bytes": self.plan.device_pool,
             "shared_bytes": self.plan.shared,
             "host_pool_bytes": self.plan.host_pool,
-            "workspace_bytes": int(self._x.numel() * self._x.element_size() * 5),  # x, out, host x/y, up
+            # bytes torch's pinned allocator reserved for the host pool's chunks (CUDA, pinned); None unpinned
+            "host_pool_pinned_bytes": self.plan.host_pool_reserved if self.plan.pinned else None,
+            # x, out, host x/y, up; the decoded expert(s)
+            "workspace_bytes": int(self._x.numel() * self._x.element_size() * 5)
+            + sum(int(t.numel() * t.element_size()) for t in {id(t): t for t in (self._ws, self._host_ws)
+                                                               if t is not None}.values()),
             "peak_device_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,
             "peak_nvml_used_bytes": self._nvml.peak if cuda and self._nvml is not None else None,
             "nvml_used_before_bytes": self._nvml.before if cuda and self._nvml is not None else None,
@@ -519,8 +555,10 @@ class TorchBackend(Backend):
         }
 
     def info(self) -> dict:
-        """What ran: device, weights dtype and bytes per load, how copies ran, threads."""
+        """What ran: device, the experts' storage format and the dtype they compute in, bytes per load, how
+        copies ran, threads."""
         return {"device": str(self.device), "device_name": device_name(self.device),
+                "weights_format": self.spec.dtype if self.spec is not None else None,
                 "weights_dtype": self.dtype_name if self.spec is not None else None,
                 "bytes_per_expert": self._nbytes if self.spec is not None else None,
                 "copies": self.mode, "pinned": self.device.type == "cuda" and self.pinned,

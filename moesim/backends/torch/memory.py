@@ -3,6 +3,7 @@ allocation when it does not fit (check_memory), and what was used (host memory, 
 
     from moesim.backends.torch import plan_memory
     plan_memory(spec, n_slots=64, dtype="bf16", tokens=512, on_cpu=False).device_total   # bytes
+    pinned_chunks(768, 49_766_400)   # experts per pinned chunk: gpt-oss-20b's bf16 pool pinned in 36 GiB, not 64
 
 The parts (host pool, device pool, shared experts, workspace) are described in moesim/backends/torch/__init__.py.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import MoesimError
+from ...formats import get_format
 from ...models import DTYPE_BITS, ModelSpec
 from .device import device_name
 
@@ -47,6 +49,63 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def pow2ceil(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): what torch's pinned allocator reserves for n bytes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def pinned_chunks(n_experts: int, nbytes: int) -> list[int]:
+    """How many experts each pinned chunk of the host pool holds, so that the pinned bytes stay close to
+    the pool's own. torch's CUDA host allocator rounds every pinned allocation up to a power of two
+    (ATen/core/CachingHostAllocator.h in torch 2.13, allocate: PowerOf2Ceil(size) unless the size exceeds
+    pinned_max_round_threshold, by default never): one pinned block of gpt-oss-20b's 35.6 GiB of bf16
+    experts reserves 64 GiB. A chunk of k experts reserves pow2ceil(k * nbytes); every chunk but the last
+    holds C // nbytes experts for a power of two C, and C is the one with the fewest pinned bytes in all
+    (fewest chunks on a tie) among those whose total is at most the pool's bytes + C. An expert is never
+    split between chunks (one expert, one copy)."""
+    if n_experts <= 0:
+        return []
+    need = n_experts * nbytes
+    best = None
+    c = pow2ceil(nbytes)
+    while True:
+        k = c // nbytes  # experts per full chunk
+        full, rest = divmod(n_experts, k)
+        counts = [k] * full + ([rest] if rest else [])
+        total = pinned_bytes(counts, nbytes)
+        if total <= need + c and (best is None or (total, len(counts)) < best[0]):
+            best = ((total, len(counts)), counts)
+        if k >= n_experts:  # one chunk holds the whole pool: larger chunks change nothing
+            break
+        c *= 2
+    return best[1]
+
+
+def pinned_bytes(counts: list[int], nbytes: int) -> int:
+    """Bytes torch's pinned allocator reserves for chunks of `counts` experts of `nbytes` each."""
+    return sum(pow2ceil(k * nbytes) for k in counts)
+
+
+class ChunkedPool:
+    """The host pool in pinned chunks (pinned_chunks): `pool[i]` is expert i's bytes (uint8 [nbytes]), a view
+    into its chunk; `chunks` are the uint8 [k, nbytes] blocks as allocated. Indexes like a [n, nbytes] tensor."""
+
+    def __init__(self, counts: list[int], nbytes: int):
+        self.chunks = [torch.empty((k, nbytes), dtype=torch.uint8, pin_memory=True) for k in counts]
+        self._rows = [row for chunk in self.chunks for row in chunk]  # views, made once
+        self.shape = (len(self._rows), nbytes)
+        self.dtype = torch.uint8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._rows[i]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def is_pinned(self) -> bool:
+        return all(c.is_pinned() for c in self.chunks)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes a run will allocate, by part (see the module docstring)."""
@@ -54,14 +113,16 @@ class MemoryPlan:
     host_pool: int
     device_pool: int
     shared: int
-    workspace: int  # activations and per-expert temporaries for `workspace_tokens` tokens
+    workspace: int  # activations, per-expert temporaries and the decoded expert for `workspace_tokens` tokens
     on_cpu: bool  # device=cpu: the device pool, shared experts and workspace are host memory too
-    pinned: bool = False  # the host pool is pinned: torch's pinned allocator rounds it up to a power of two
+    pinned: bool = False  # the host pool is pinned, in chunks (pinned_chunks)
+    host_pool_pinned: int = 0  # bytes torch's pinned allocator reserves for those chunks
+    host_decode: int = 0  # CUDA: the host's decoded expert (host experts of a packed format)
 
     @property
     def host_pool_reserved(self) -> int:
-        """Host bytes the host pool takes (pinned: the next power of two, as torch's host allocator rounds)."""
-        return 1 << max(0, self.host_pool - 1).bit_length() if self.pinned else self.host_pool
+        """Host bytes the host pool takes (pinned: what the allocator reserves for its chunks)."""
+        return self.host_pool_pinned if self.pinned else self.host_pool
 
     @property
     def device_total(self) -> int:
@@ -69,23 +130,43 @@ class MemoryPlan:
 
     @property
     def host_total(self) -> int:
-        return self.host_pool_reserved + (self.device_total if self.on_cpu else self.workspace)
+        return self.host_pool_reserved + (self.device_total if self.on_cpu else self.workspace + self.host_decode)
 
 
 def plan_memory(spec: ModelSpec, n_slots: int, dtype: str, tokens: int, on_cpu: bool,
                 pinned: bool = False) -> MemoryPlan:
-    """What `setup` allocates for `spec` (as stored: see stored_spec) with `n_slots` slots; `pinned`: a
-    pinned host pool (CUDA)."""
+    """What `setup` allocates for `spec` (as stored: see stored_spec; experts packed in their format,
+    spec.bytes_per_expert each) with `n_slots` slots, computing in `dtype`; `pinned`: a pinned host pool
+    (CUDA)."""
     item = DTYPE_BITS[dtype] // 8
-    per_expert = 3 * spec.hidden * spec.ffn * item
+    per_expert = spec.bytes_per_expert
     shared_ffn = spec.shared_ffn or spec.ffn
-    per_shared = 3 * spec.hidden * shared_ffn * item
+    per_shared = spec.bytes_per_shared_expert
     widest = max(spec.ffn, shared_ffn if spec.shared_experts else 0)
     # x and out [T, hidden]; per expert h [T, 2 ffn], a [T, ffn], y [T, hidden]; host round trip 2 x [T, hidden]
     workspace = tokens * (5 * spec.hidden + 3 * widest) * item
-    return MemoryPlan(host_pool=spec.layers * spec.experts * per_expert, device_pool=n_slots * per_expert,
-                      shared=spec.layers * spec.shared_experts * per_shared, workspace=workspace, on_cpu=on_cpu,
-                      pinned=pinned and not on_cpu)
+    routed_decoded = not _view_only(spec.dtype, dtype)
+    shared_decoded = spec.shared_experts and not _view_only(shared_format(spec), dtype)
+    # the decoded expert [3 hidden ffn] a packed format is decoded into before its FFN
+    decode = 3 * spec.hidden * max(spec.ffn if routed_decoded else 0, shared_ffn if shared_decoded else 0) * item
+    n = spec.layers * spec.experts
+    pin = pinned and not on_cpu
+    return MemoryPlan(host_pool=n * per_expert, device_pool=n_slots * per_expert,
+                      shared=spec.layers * spec.shared_experts * per_shared, workspace=workspace + decode,
+                      on_cpu=on_cpu, pinned=pin,
+                      host_pool_pinned=pinned_bytes(pinned_chunks(n, per_expert), per_expert) if pin else 0,
+                      host_decode=3 * spec.hidden * spec.ffn * item if routed_decoded and not on_cpu else 0)
+
+
+def shared_format(spec: ModelSpec) -> str:
+    """The format the shared experts are stored in: dense_format where the spec describes the whole model
+    (ModelSpec.bytes_per_shared_expert), else the routed experts' format."""
+    return spec.dense_format if spec.whole else spec.dtype
+
+
+def _view_only(fmt: str, dtype: str) -> bool:
+    """Weights stored in `fmt` are already compute weights of `dtype` (no decode)."""
+    return get_format(fmt).torch_dtype == dtype
 
 
 def _gib(n: int) -> str:
@@ -108,7 +189,7 @@ def check_memory(plan: MemoryPlan, spec: ModelSpec, n_slots: int, dtype: str, de
     """Refuse, before any allocation, a run that does not fit host memory or free VRAM, with the numbers
     and the knob that helps (model.scale=, a smaller budget)."""
     per_expert = plan.host_pool // max(1, spec.layers * spec.experts)
-    parts = [f"host pool {spec.layers * spec.experts} experts x {per_expert / MiB:.1f} MiB ({dtype}) = "
+    parts = [f"host pool {spec.layers * spec.experts} experts x {per_expert / MiB:.1f} MiB ({spec.dtype}) = "
              f"{_gib(plan.host_pool)}" + (f", pinned in {_gib(plan.host_pool_reserved)}" if plan.pinned else "")]
     if plan.on_cpu:
         parts.append(f"device pool {n_slots} slots = {_gib(plan.device_pool)}")
