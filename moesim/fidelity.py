@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .hardware import Cost, HardwareProfile
-from .models import scale_spec
+from .models import scale_spec, with_formats
 
 
 def check_trace(value: str, tokens: int):
@@ -33,13 +33,15 @@ def check_trace(value: str, tokens: int):
 
 def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%", scope: str = "per_layer",
                      scale: float = 1.0, backend_options: dict | None = None, make_prefetcher=None,
-                     prefetch_max: int = 0, make_offload=None) -> dict:
-    """Replay `trace` (model at `scale`, weights as the torch backend stores them) through the same strategy
-    and budget on the torch backend and on the sim backend with `profile`; returns both runs' numbers and
-    the sim's relative errors: {"real": {...}, "sim": {...}, "error": {...}, "spec": ..., "slots": ...}.
+                     prefetch_max: int = 0, make_offload=None, experts_format: str | None = None) -> dict:
+    """Replay `trace` (model at `scale`, weights as the torch backend stores them: packed in their format
+    unless backend_options["dtype"] names bf16, fp16 or fp32) through the same strategy and budget on the
+    torch backend and on the sim backend with `profile`; returns both runs' numbers and the sim's relative
+    errors: {"real": {...}, "sim": {...}, "error": {...}, "spec": ..., "slots": ...}.
 
     `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None);
-    `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends."""
+    `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends;
+    `experts_format`: store the routed experts in this format instead of the trace's (q4_k, mxfp4 ...)."""
     from .api import replay_parts
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
@@ -47,7 +49,8 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
 
     options = dict(backend_options or {})
     torch_backend = TorchBackend(**options)
-    spec = stored_spec(scale_spec(trace.spec, scale), options.get("dtype", "auto"))
+    spec = stored_spec(scale_spec(with_formats(trace.spec, experts=experts_format), scale),
+                       options.get("dtype", "auto"))
     slots = parse_budget(budget, trace.spec, scope).slots  # slots: the same decisions at any scale
     runs = {}
     for name, backend in (("real", torch_backend), ("sim", SimBackend(profile, pinned=options.get("pinned", True)))):

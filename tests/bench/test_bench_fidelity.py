@@ -6,6 +6,10 @@ predicts the torch backend; and how long `calibrate` takes (goal: under 2 minute
 The errors go into the benchmark's extra_info (saved with --benchmark-autosave) and are printed. Goal:
 median per-token latency within 10% (5% ideally) on CPU, hits and bytes identical. Both benchmarks run only
 with --benchmark-enable: each takes a minute or more. docs/fidelity.md gives the figures measured here.
+The latency cases store the experts as bf16 (backend.dtype=bf16: what calibrate times); the packed cases
+(mxfp4, gpt-oss's own format, and q4_k) check that both backends move the same bytes and report the latency
+error without a bound: a calibrated profile looks FFN times up by an expert's bytes and times bf16 FFNs,
+while the torch backend decodes a packed expert before its FFN.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from strategies.lru import LRU
 REPO = Path(__file__).resolve().parents[2]
 LATENCY_GOAL = 0.10  # |sim - torch| / torch of the median per-token latency, CPU
 CALIBRATE_GOAL_S = 120.0
-SCALE = 0.125  # gpt-oss-20b at 1/8: 360 x 360 experts, bf16, 0.74 MiB each; 576 MiB host pool
+SCALE = 0.125  # gpt-oss-20b at 1/8: 360 x 360 experts; bf16 0.74 MiB each (576 MiB host pool), mxfp4 220,320 B
 
 
 def _gpu_check():
@@ -38,14 +42,17 @@ def _need_enabled(benchmark):
         pytest.skip("a minute-long benchmark: run with --benchmark-enable")
 
 
-@pytest.mark.parametrize("case", ["real", "real+prefetch", "real+host", "batch1", "batch8"])
+@pytest.mark.parametrize("case", ["real", "real+prefetch", "real+host", "batch1", "batch8", "real-mxfp4",
+                                  "real-q4_k"])
 def test_bench_fidelity_cpu(benchmark, request, case):
     """real: the first 150 decode steps of the gpt-oss-20b trace (+prefetch: a perfect next-layer
     prefetcher; +host: half the misses computed on the host, offload=host share=0.5); batchN: synthetic steps
-    of N tokens. LRU at 25% in every case."""
+    of N tokens; real-FORMAT: the experts packed in FORMAT. LRU at 25% in every case."""
     _need_enabled(benchmark)
     gpt = MODEL_SPECS["gpt-oss-20b"]
-    extra = {}
+    packed = case.split("-")[1] if "-" in case else None
+    options = {"device": "cpu"} if packed else {"device": "cpu", "dtype": "bf16"}
+    extra = {"experts_format": packed} if packed else {}
     if case == "real+prefetch":
         extra = {"make_prefetcher": _gpu_check().NextLayerOracle, "prefetch_max": gpt.top_k}
     elif case == "real+host":
@@ -65,13 +72,17 @@ def test_bench_fidelity_cpu(benchmark, request, case):
     result = {}
 
     def run():
-        result.update(compare_backends(trace, profile, LRU, "25%", "per_layer", SCALE, {"device": "cpu"}, **extra))
+        result.update(compare_backends(trace, profile, LRU, "25%", "per_layer", SCALE, options, **extra))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     print(f"\n{case}: {trace.describe()}, scale {SCALE}, lru, 25%:\n{comparison_table(result)}")
     benchmark.extra_info.update({f"error_{k}": v for k, v in result["error"].items()})
     benchmark.extra_info.update(real_p50_ms=result["real"]["latency_p50_ms"], sim_p50_ms=result["sim"]["latency_p50_ms"])
     assert result["same_decisions"]
+    assert result["real"]["bytes_h2d"] == result["real"]["loads"] * result["real"]["info"]["bytes_per_expert"]
+    if packed:
+        assert result["real"]["info"]["weights_format"] == packed
+        return
     assert abs(result["error"]["latency_p50_ms"]) < LATENCY_GOAL, result["error"]
 
 
