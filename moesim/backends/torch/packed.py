@@ -2,7 +2,7 @@
 format (moesim/formats.py), byte for byte as many as ModelSpec.bytes_per_expert counts; these bytes are what
 a load copies, and compute decodes them into a weight of the compute dtype.
 
-    from moesim.backends.torch.packed import ExpertCodec
+    from moesim.backends.torch.packed import ExpertCodec, fill_experts
     codec = ExpertCodec("mxfp4", hidden=360, ffn=360, dtype=torch.bfloat16)
     codec.nbytes                                     # 3 * 360 * 12 * 17 = 220,320 bytes per expert
     fill_experts([pool], codec, seed=0, bound=0.05)  # pool: uint8 [experts, nbytes], valid random experts
@@ -17,9 +17,11 @@ Decodes, per tensor of `rows` x `cols` (each tensor's bytes as Format.tensor_byt
   fp8             the rows x cols float8 e4m3 bytes, then float32 scales [ceil(rows/128), ceil(cols/128)]
                   (DeepSeek-V3's weight_dequant: weight * scale of its 128 x 128 tile).
   hqq*            hqq's codes as its BitPack packs them, then the groups' fp16 scales, then zeros (the `_mo`
-                  formats: 8-bit scales and zeros with their fp16 meta-scales); w = (q - zero) * scale. Groups
-                  run over the flattened tensor (hqq's axis=1; the `_mo` formats' axis=0 codes, scales
-                  meta-grouped in consecutive runs): moesim's own arrangement of hqq's bytes.
+                  formats: 8-bit scales and zeros with their fp16 meta-scales); w = (q - zero) * scale, groups
+                  over the flattened tensor as hqq's axis=1 makes them (the `_mo` formats: hqq@37502bea's
+                  axis=0, codes [group * bits / 8, G]). Where hqq's reshape gives every (G/128)-th 8-bit scale
+                  one meta-scale, moesim gives it to runs of 128 consecutive ones: the same bytes, moesim's
+                  own arrangement of them.
   k-quants, iq*   moesim's own layout, NOT bit-compatible with GGUF: each block's first 2 bytes are an fp16
                   scale d, then codes of k bits (k the largest power of two the block's remaining bytes
                   allow: q4_k 4, q3_k and q2_k and iq2/iq3 2, iq1 1), then one uint8 sub-scale per run of
