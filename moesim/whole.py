@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import MoesimError
-from .formats import get_format, known_format
+from .formats import get_format
 from .models import ModelSpec, _ffn_bytes
 
 # --------------------------------------------------------------------------------------------- weights
@@ -186,14 +186,13 @@ class VramPlan:
 def workspace_bytes(spec: ModelSpec, step_tokens: int, logits: int) -> int:
     """Activations alive at once in the largest step, bytes (moesim's estimate, bf16 activations): the
     residual stream in and out, the larger of the attention's q/k/v/o and an FFN's gate/up outputs (top_k
-    experts per token), fp32 logits, and one decoded expert where the experts' format is not a torch dtype
-    (the torch backend decodes a slot into it)."""
+    experts per token), and fp32 logits. Packed experts are taken to run through a fused dequantizing kernel
+    (llama.cpp's, Marlin), as the sim's roofline assumes: no decoded copy (moesim's torch backend decodes into a
+    workspace of its own, which its memory() reports)."""
     h, n = spec.hidden, step_tokens
     attn = n * (spec.heads + 2 * spec.kv_heads) * max(spec.head_dim, 1) * 2 if spec.whole else 0
     ffn = n * 2 * max(spec.top_k * spec.ffn, spec.dense_ffn, spec.shared_ffn or 0) * 2
-    packed = not known_format(spec.dtype) or get_format(spec.dtype).torch_dtype is None
-    decoded = 3 * h * spec.ffn * 2 if packed else 0
-    return 2 * n * h * 2 + max(attn, ffn) + logits * spec.vocab * 4 + decoded
+    return 2 * n * h * 2 + max(attn, ffn) + logits * spec.vocab * 4
 
 
 def plan_vram(spec: ModelSpec, card_bytes: int, expert_bytes: int, context: int, batch: int, step_tokens: int,
