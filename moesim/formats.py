@@ -203,5 +203,5 @@ def recipe(name: str) -> dict[str, str]:
     embed; for moesim.models.with_formats(spec, **recipe("q4_k_m")). Refuses an unknown name, listing them."""
     key = str(name).strip().lower().replace("-", "_")
     if key not in RECIPES:
-        raise MoesimError(f"recipe={name!r}: unknown GGUF file type; known: {', '.join(RECIPES)}")
+        raise MoesimError(f"model.recipe={name!r}: unknown GGUF file type; known: {', '.join(RECIPES)}")
     return dict(RECIPES[key])

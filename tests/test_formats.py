@@ -112,7 +112,7 @@ def test_recipes():
     assert RECIPES["q4_k_s"]["experts"] == "q4_k"
     with pytest.raises(MoesimError) as e:
         recipe("q4_k_x")
-    assert "recipe='q4_k_x'" in str(e.value) and "q4_k_m" in str(e.value)
+    assert "model.recipe='q4_k_x'" in str(e.value) and "q4_k_m" in str(e.value)
 
 
 def test_a_recipe_applies_to_a_spec():

@@ -210,3 +210,22 @@ def _catalogue_config(name: str) -> dict:
     from pathlib import Path
 
     return json.loads((Path(moesim.__file__).parent / "data" / "models" / f"{name}.json").read_text())["config"]
+
+
+def test_format_options_change_the_bytes_moved_not_the_decisions():
+    """model.experts_format / model.recipe: the same hits, loads in the format's bytes; unknown names refused."""
+    from moesim.formats import get_format
+
+    trace = moesim.load_trace("gpt-oss-like").slice_tokens(0, 300)
+    base = moesim.simulate(trace, budget="25%").summary
+    q8 = moesim.simulate(trace, budget="25%", overrides=["model.experts_format=q8_0"]).summary
+    assert (q8["hits"], q8["loads"]) == (base["hits"], base["loads"])
+    per = 3 * get_format("q8_0").tensor_bytes(2880, 2880)
+    assert q8["model"]["bytes_per_expert"] == per and q8["bytes_h2d"] == q8["loads"] * per
+    assert base["bytes_h2d"] == base["loads"] * 3 * 2880 * 90 * 17  # mxfp4, the model's own
+    gguf = moesim.simulate(trace, budget="25%", overrides=["model.recipe=q4_k_m"]).summary
+    assert gguf["model"]["attention_format"] == "q4_k" and gguf["vram_plan"]["weights"] < base["vram_plan"]["weights"]
+    for bad, match in (("model.experts_format=q9_k", "model.experts_format='q9_k'"),
+                       ("model.recipe=q9", "model.recipe='q9'")):
+        with pytest.raises(MoesimError, match=match):
+            moesim.simulate(trace, overrides=[bad])
