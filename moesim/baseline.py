@@ -114,8 +114,14 @@ def subset(trace, tokens: int | None = None, sequences: int | None = None):
 
 
 def fingerprint(trace) -> str:
-    """sha256 of what the replay reads from a trace: expert ids, steps, sequences, phases, and the model."""
-    h = hashlib.sha256(json.dumps(trace.spec.to_dict(), sort_keys=True).encode())
+    """sha256 of what the replay reads from a trace: expert ids, steps, sequences, phases, and the model. The
+    whole-model fields (moesim.whole.WHOLE_FIELDS) count only where set, so a trace whose model describes its
+    experts only keeps the fingerprint it had before ModelSpec grew them."""
+    from .whole import WHOLE_FIELDS
+
+    blank = type(trace.spec)("", 1, 1, 1, 1, 1)  # every field at its default
+    spec = {k: v for k, v in trace.spec.to_dict().items() if k not in WHOLE_FIELDS or v != getattr(blank, k)}
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for a in (trace.experts, trace.step, trace.seq, trace.phase):
         arr = np.ascontiguousarray(a)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())

@@ -188,3 +188,29 @@ def test_command_refuses_bad_input_with_one_line(small_file, tmp_path, capsys):
     assert B.main(["check", str(tmp_path / "bad.json")]) == 2
     assert "not a moesim baseline" in capsys.readouterr().err
     assert B.main([]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_an_experts_only_trace_keeps_its_fingerprint():
+    """ModelSpec gained whole-model fields (issue 13); a trace whose model describes only its experts hashes as
+    before (its spec as the ten fields it had then), so users' committed baselines stay valid; a whole-model
+    spec hashes its new fields too."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    from moesim.trace import ModelSpec, from_arrays
+
+    spec = ModelSpec("old", 2, 4, 1, 8, 8)
+    experts = np.zeros((3, 2, 1), np.int16)
+    trace = from_arrays(spec, experts, np.ones((3, 2, 1), np.float16))
+    old = {k: getattr(spec, k) for k in ("name", "layers", "experts", "top_k", "hidden", "ffn", "shared_experts",
+                                         "shared_ffn", "dtype", "bits_per_weight")}
+    h = hashlib.sha256(json.dumps(old, sort_keys=True).encode())
+    for a in (trace.experts, trace.step, trace.seq, trace.phase):
+        arr = np.ascontiguousarray(a)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    assert B.fingerprint(trace) == "sha256:" + h.hexdigest()
+    whole = dataclasses.replace(spec, attention="gqa", heads=2, kv_heads=1, head_dim=4, vocab=10)
+    assert B.fingerprint(from_arrays(whole, experts, np.ones((3, 2, 1), np.float16))) != B.fingerprint(trace)
