@@ -244,6 +244,8 @@ def build_run_report(run, out=None) -> Path:
         summary_rows.insert(10, ("time to first token p50 / p90", " / ".join(_fmt(ttft.get(q), ".1f") for q in
                                                                             ("p50", "p90"))
                                  + f" ms over {ttft.get('sequences')} prompts"))
+    for note in s.get("notes") or []:  # budget=auto's scope, a forced plan over the card
+        summary_rows.append(("note", str(note)))
     matrix, experts_note = _experts(run)
     plan_rows, split_rows = _plan_rows(s)
     figures = {"latency": plots.latency_distribution(run["steps"], lat), "stall": plots.layer_stall(run["layers"]),
