@@ -1,38 +1,52 @@
 """Measure this machine into a hardware profile for the sim backend: `python -m moesim calibrate [out=FILE]`.
 
     python -m moesim calibrate                                    # CUDA if present, else the CPU
-    python -m moesim calibrate out=mine.yaml model=gpt-oss-20b scale=0.25   # + that model's exact expert size
+    python -m moesim calibrate out=mine.yaml model=gpt-oss-20b scale=0.25   # + that model's experts (mxfp4)
+    python -m moesim calibrate model=gpt-oss-20b scale=0.25 experts_format=q4_k     # stored as q4_k instead
+    python -m moesim calibrate model=gpt-oss-20b scale=0.25 experts_format=[mxfp4,q4_k]   # both, one profile
     python -m moesim calibrate backend.device=cpu backend.copy_worker=false
     python -m moesim run backend=sim hardware=mine.yaml ...       # the sim, predicting the torch backend
 
-Everything is measured through the torch backend's own code (moesim/backends/torch/: its copies,
-`expert_ffn`, its threads), with the backend config composed as for `run` (`backend.*` overrides apply),
-so that the sim predicts that backend on this machine:
-  copies      host->device copies of expert-sized blocks, rotating over more memory than the caches hold:
+Everything is measured through the torch backend's own code (moesim/backends/torch/: its copies, its packed
+experts and their decode, `expert_ffn`, its threads), with the backend config composed as for `run`
+(`backend.*` overrides apply), so that the sim predicts that backend on this machine:
+  formats     experts are measured as the torch backend stores them: `model=` at `scale=` in the model's own
+              format, packed (gpt-oss-20b: mxfp4), or in each format of `experts_format=` (as run's
+              model.experts_format); backend.dtype=bf16|fp16|fp32 stores them unpacked in that dtype, as
+              it does for a run. Without a model, `dims` in bf16 (or the first of `experts_format`).
+  copies      host->device copies of expert-sized blocks of bytes (uint8, as the backend's pools), rotating
+              over more memory than the caches hold:
               CUDA: on a copy stream, each timed by events, from pinned and from pageable memory; cpu: host
               memory into the device-pool block, a memcpy as the backend issues it (with the copy worker:
               from issue to the waiting thread's wake-up), pinned = pageable. Blocks in random order. The
               points go into copy_table (the sim interpolates them); a least-squares fit of
               time = latency + bytes / bandwidth (relative errors) gives copy_latency_us and h2d_*_gbps.
-  expert FFN  one SwiGLU expert over 1, 2, 4, ... tokens (until one call takes `stop_ms`), for several expert
-              sizes, on the device and on the host -> ffn_table, which the sim interpolates.
+  expert FFN  one expert as the backend computes it from a slot: its packed bytes decoded by the backend's
+              ExpertCodec into a workspace of the compute dtype (a view where the format is that dtype),
+              then SwiGLU over 1, 2, 4, ... tokens (until one call takes `stop_ms`), for the model's sizes
+              and `dims` in each format, on the device and on the host -> ffn_table, keyed by the packed
+              bytes (spec.bytes_per_expert: the key the sim looks up). The table has no format column: two
+              sizes of equal bytes (q4_0 and q4_k of one shape) would share a key; a model's size that
+              collides is refused, a `dims` size is dropped (and said).
   host        host_mem_gbps: memory read bandwidth, STREAM-like: the best of 5 sums of one fp32 buffer of
               4x the last-level cache (STREAM's rule for its arrays; at most an eighth of the host's memory),
               with the thread count the replay's host work uses (`backend.threads` on cpu, torch's own on
-              CUDA). host_gflops: the best of 5 square GEMMs (torch.mm) in the weights' dtype, the size
+              CUDA). host_gflops: the best of 5 square GEMMs (torch.mm) in the compute dtype, the size
               doubled from 256 until one call takes 10 ms.
   rates       a fit of the 1-token FFN times against bytes gives memory bandwidth and the fixed cost per
-              expert (device_mem_gbps + kernel_overhead_us, host_overhead_us); the best flop rate at the
-              largest token count gives device_tflops. vram_gib: the GPU's memory (cpu: MemTotal).
+              expert (device_mem_gbps + kernel_overhead_us, host_overhead_us; decode included for packed
+              formats); the best flop rate at the largest token count gives device_tflops. vram_gib: the
+              GPU's memory (cpu: MemTotal).
   replay      device=cpu only, where the replay's host work and the compute share one thread: a short
-              replay as a torch run makes it (the compiled core's decisions played on the torch backend)
-              gives the replay's own time per layer,
+              replay as a torch run makes it (the compiled core's decisions played on the torch backend),
+              its experts in the first format measured, gives the replay's own time per layer,
               per expert and per load (layer/expert/load_overhead_us), and, from its layers' compute
               times against the loads before them, the copies' write-back cost (writeback_us_per_mib);
               `replay=false` skips.
-The profile records the dtype, threads and copy mode it was measured with in `source`: the sim's
+The profile records the formats, dtype, threads and copy mode it was measured with in `source`: the sim's
 predictions hold for torch runs with the same settings. `check=TRACE` then replays that trace on both
-backends and prints the sim's errors (the comparison is moesim/fidelity.py's).
+backends (in each format of `experts_format`) and prints the sim's errors (the comparison is
+moesim/fidelity.py's).
 """
 from __future__ import annotations
 
@@ -47,13 +61,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.torch import (TORCH_DTYPES, CopyWorker, device_name, expert_ffn, host_memory_total, memcpy,
-                             resolve_device, resolve_threads, routed_ffn, scale_spec, stored_spec,
-                             weights_dtype)
+from .backends.torch import (TORCH_DTYPES, CopyWorker, ExpertCodec, device_name, expert_ffn, fill_experts,
+                             host_memory_total, memcpy, resolve_device, resolve_threads, routed_ffn, scale_spec,
+                             shared_format, stored_spec, weights_dtype)
 from .errors import MoesimError
 from .fidelity import check_trace, compare_backends, comparison_table
+from .formats import get_format
 from .hardware import HardwareProfile, save_hardware
-from .models import model_spec
+from .models import ModelSpec, model_spec, with_formats
 
 MiB = 2**20
 CPU_DIMS = (256, 512, 1024, 2048)  # hidden = ffn of the expert sizes measured by default (bf16: 0.4-25 MB)
@@ -69,18 +84,21 @@ class Measurements:
 
     device: str
     device_name: str
-    dtype: str
+    dtype: str  # the compute dtype the experts are decoded to (bf16 | fp16 | fp32)
     threads: int
     copies: str  # the torch backend's copy mode: stream | worker | sync
+    formats: list = field(default_factory=list)  # the experts' storage formats, in order (the first: the replay's)
     copy_points: dict = field(default_factory=dict)  # "pinned"/"pageable" -> [(bytes, ms)]
     copy_fit: dict = field(default_factory=dict)  # "pinned"/"pageable" -> (latency ms, GB/s)
     ffn_points: list = field(default_factory=list)  # [{"where", "tokens", "expert_bytes", "ms"}]
+    ffn_sizes: dict = field(default_factory=dict)  # expert_bytes -> (format, hidden, ffn) of each size measured
+    dropped: list = field(default_factory=list)  # `dims` sizes left out: their bytes were another size's key
     skipped: list = field(default_factory=list)  # what the time limit left out
     overheads: dict = field(default_factory=dict)  # device=cpu: the replay's own time (measure_replay_overhead)
     writeback_us_per_mib: float = 0.0  # device=cpu: measure_replay_overhead
     host_mem_gbps: float = 0.0  # host memory read bandwidth (measure_host_memory)
     host_mem_bytes: int = 0  # the buffer it read
-    host_gflops: float = 0.0  # host GEMM rate in the weights' dtype (measure_host_gemm)
+    host_gflops: float = 0.0  # host GEMM rate in the compute dtype (measure_host_gemm)
     host_gemm_n: int = 0  # the GEMM's size: n x n times n x n
     seconds: float = 0.0
 
@@ -112,18 +130,24 @@ def _mean_ms(samples: list[float]) -> float:
     return float(np.mean(samples))
 
 
-def _blocks(n_bytes_each: int, device: torch.device, dtype: torch.dtype, pinned: bool, seed: int | None) -> torch.Tensor:
-    """[n, width] blocks of `n_bytes_each` bytes, n so that they cover ROTATE_BYTES (at least 2): random from
-    `seed` (weights: a GPU's matmul speed depends on the data), or a constant with seed None (copies, whose
-    speed does not; a memset is much faster to fill)."""
-    item = torch.finfo(dtype).bits // 8
-    width = max(1, n_bytes_each // item)
-    n = max(2, min(256, math.ceil(ROTATE_BYTES[device.type] / (width * item))))
-    t = torch.empty((n, width), dtype=dtype, device=device, pin_memory=pinned)
-    if seed is None:
-        return t.fill_(0.01)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return t.uniform_(-0.05, 0.05, generator=gen)
+def _rotation(n_bytes_each: int, device: torch.device) -> int:
+    """How many blocks of `n_bytes_each` bytes cover ROTATE_BYTES: at least 2, at most 256."""
+    return max(2, min(256, math.ceil(ROTATE_BYTES[device.type] / max(1, n_bytes_each))))
+
+
+def _blocks(n_bytes_each: int, device: torch.device, pinned: bool) -> torch.Tensor:
+    """uint8 [n, n_bytes_each] blocks to copy, as the backend's pools hold experts; n from _rotation. A constant
+    fill: a copy's speed does not depend on the data, and a memset is much faster to fill."""
+    n = _rotation(n_bytes_each, device)
+    return torch.empty((n, n_bytes_each), dtype=torch.uint8, device=device, pin_memory=pinned).fill_(1)
+
+
+def _experts(codec: ExpertCodec, device: torch.device, seed: int) -> torch.Tensor:
+    """uint8 [n, codec.nbytes]: random experts valid for their format, made as the backend makes its pools
+    (fill_experts, its bound: a GPU's matmul speed depends on the data); n from _rotation."""
+    pool = torch.empty((_rotation(codec.nbytes, device), codec.nbytes), dtype=torch.uint8, device=device)
+    fill_experts([pool], codec, seed, 1.0 / math.sqrt(max(codec.hidden, codec.ffn)))
+    return pool
 
 
 @dataclass(frozen=True)
@@ -167,22 +191,22 @@ def _cuda_sample(issue_one, sampling: Sampling, stream=None) -> float:
     return _mean_ms(times)
 
 
-def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, pinned: bool, mode: str,
+def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: str,
                    sampling: Sampling = Sampling()) -> list[tuple[int, float]]:
     """Mean ms of one host->device copy of each size in `sizes` (bytes), as the torch backend in `mode`
-    ("stream" | "worker" | "sync") issues it, rotating source and destination blocks."""
+    ("stream" | "worker" | "sync") issues it, rotating source and destination blocks of bytes."""
     out = []
     worker = CopyWorker() if mode == "worker" else None
     try:
         for size in sizes:
-            src = _blocks(size, torch.device("cpu"), dtype, pinned and device.type == "cuda", None)
-            dst = _blocks(size, device, dtype, False, None)
+            src = _blocks(size, torch.device("cpu"), pinned and device.type == "cuda")
+            dst = _blocks(size, device, False)
             # (source, destination) views in a random order, as a replay picks experts and slots; made before
             # timing: the backend indexes its pools outside its copy spans too
             pairs = _random_pairs(src, dst, sampling.max_n + 1)
             # cpu: between two timed copies, an untimed read of another block, as a layer's FFNs read weights
             # between a replay's copies (back-to-back copies also wait for each other's write-backs: ~5% slower)
-            between = _blocks(size, torch.device("cpu"), dtype, False, None) if device.type == "cpu" else None
+            between = _blocks(size, torch.device("cpu"), False) if device.type == "cpu" else None
             if mode == "stream":
                 stream = torch.cuda.Stream(device)
 
@@ -195,7 +219,7 @@ def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, p
             else:
                 def one(i):
                     s_, d_ = pairs[i % len(pairs)]
-                    between[i % between.shape[0]].sum()
+                    between[i % between.shape[0]].sum()  # uint8: summed as int64, every byte read
                     t0 = time.perf_counter()
                     if worker is not None:  # from issue until the waiting thread runs again
                         worker.wait(worker.submit(d_, s_))
@@ -204,7 +228,7 @@ def measure_copies(device: torch.device, sizes: list[int], dtype: torch.dtype, p
                     return (time.perf_counter() - t0) * 1e3
 
                 ms = _sample(one, sampling)
-            out.append((src.shape[1] * src.element_size(), ms))
+            out.append((size, ms))
     finally:
         if worker is not None:
             worker.close()
@@ -218,15 +242,17 @@ def _random_pairs(src: torch.Tensor, dst: torch.Tensor, n: int, seed: int = 5) -
                                                        rng.integers(0, dst.shape[0], n))]
 
 
-def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int, tokens: tuple[int, ...],
-                stop_ms: float, sampling: Sampling = Sampling(), deadline: float | None = None
-                ) -> list[tuple[int, float]]:
-    """Mean ms of one `expert_ffn` (the backend's) over n tokens for n in `tokens`, ascending, rotating over
-    blocks of `hidden` x `ffn` experts in `device` memory; stops after the first n whose call takes
-    `stop_ms` or more, or at `deadline` (time.perf_counter)."""
-    item = torch.finfo(dtype).bits // 8
-    blocks = _blocks(3 * hidden * ffn * item, device, dtype, False, 13)
+def measure_ffn(device: torch.device, codec: ExpertCodec, tokens: tuple[int, ...], stop_ms: float,
+                sampling: Sampling = Sampling(), deadline: float | None = None) -> list[tuple[int, float]]:
+    """Mean ms of one expert over n tokens for n in `tokens`, ascending, as the torch backend computes a slot:
+    `codec.decode` of the expert's packed bytes into a workspace of the compute dtype (a view where the format
+    is that dtype), then `expert_ffn` / `routed_ffn` (codec: the backend's ExpertCodec of the expert's format,
+    size and compute dtype); rotating over experts in `device` memory. Stops after the first n whose call
+    takes `stop_ms` or more, or at `deadline` (time.perf_counter)."""
+    hidden, ffn, dtype = codec.hidden, codec.ffn, codec.dtype
+    blocks = _experts(codec, device, 13)
     nb = blocks.shape[0]
+    ws = None if codec.view_only else torch.empty(codec.width, dtype=dtype, device=device)  # the decoded expert
     top = 2 * max(tokens)  # rows of the batch an expert's tokens are gathered from
     gen = torch.Generator(device=device).manual_seed(17)
     x = torch.empty((top, hidden), dtype=dtype, device=device).uniform_(-1, 1, generator=gen)
@@ -234,13 +260,14 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
     order = np.random.default_rng(3).integers(0, nb, sampling.max_n + 1).tolist()  # experts in no memory order
     points = []
     for n in sorted(tokens):
-        # as the backend computes an expert: one token's row and gate weight, or n rows gathered from a batch
-        # (here twice as large), computed, weighted and scattered back (moesim/backends/torch/ffn.py routed_ffn)
+        # as the backend computes an expert (moesim/backends/torch/__init__.py _device_experts): the slot's
+        # bytes decoded, then one token's row and gate weight, or n rows gathered from a batch (here twice as
+        # large), computed, weighted and scattered back (ffn.py routed_ffn)
         rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
         gates = torch.full((n, 1), 0.25, dtype=dtype, device=device)
 
         def ffn_call(i, n=n, rows=rows, gates=gates):
-            block = blocks[order[i % len(order)]]
+            block = codec.decode(blocks[order[i % len(order)]], ws)
             if n == 1:
                 expert_ffn(block, x[:1], out[:1], hidden, ffn, 0.25)
             else:
@@ -250,7 +277,7 @@ def measure_ffn(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
             ms = _cuda_sample(ffn_call, sampling)
         else:
             def one(i):
-                t0 = time.perf_counter()  # the block and activation views are made inside, as the backend does
+                t0 = time.perf_counter()  # the slot and activation views are made inside, as the backend does
                 ffn_call(i)
                 return (time.perf_counter() - t0) * 1e3
 
@@ -313,24 +340,26 @@ def measure_host_gemm(dtype: torch.dtype, repeats: int = HOST_REPEATS, min_ms: f
         n *= 2
 
 
-def measure_replay_overhead(options: dict, dtype: str, hidden: int, ffn: int, step_ms: float) -> dict:
+def measure_replay_overhead(options: dict, fmt: str, hidden: int, ffn: int, step_ms: float) -> dict:
     """device=cpu: the replay's own host time outside copies and FFNs (moesim/engine.py's play of the compiled
     core's decisions, as a torch run replays, and the torch backend's bookkeeping), from a short replay: per
     step, latency - compute - stall = a * layers computed + b * experts computed + c * loads, least squares
-    (a coefficient that comes out negative is dropped). Synthetic batch-1 routing over 8 layers x 32 experts, 1-4 experts per token and
-    layer (so that layers and experts vary apart), 25% budget, experts of `hidden` x `ffn`; `step_ms`: a
-    guess of one step's time, to replay about 3 s. Also the copies' write-back cost: per layer, compute time
-    = c + d * experts + e * loads (least squares); e per MiB copied is writeback_us_per_mib. Returns
+    (a coefficient that comes out negative is dropped). Synthetic batch-1 routing over 8 layers x 32 experts,
+    1-4 experts per token and layer (so that layers and experts vary apart), 25% budget, experts of `hidden` x
+    `ffn` stored in format `fmt` (packed: each computed expert decoded from its slot, as in a run; `options`
+    are the TorchBackend's); `step_ms`: a guess of one step's time, to replay about 3 s. Also the copies'
+    write-back cost: per layer, compute time = c + d * experts + e * loads (least squares); e per MiB copied
+    (of the stored, packed bytes) is writeback_us_per_mib. Returns
     {"layer_overhead_us", "expert_overhead_us", "load_overhead_us", "writeback_us_per_mib"}."""
     from .api import replay_parts  # as a run replays: the compiled core decides, the torch backend executes
     from .backends.torch import TorchBackend
-    from .models import ModelSpec
     from .trace import from_arrays
     from strategies.lru import LRU
 
     L, E, K = 8, 32, 4
     steps = int(min(120, max(30, 3000.0 / max(step_ms, 1e-3))))
-    spec = stored_spec(ModelSpec("calibrate-replay", L, E, K, hidden, ffn, dtype=dtype), dtype)
+    spec = stored_spec(ModelSpec("calibrate-replay", L, E, K, hidden, ffn, dtype=fmt,
+                                 bits_per_weight=get_format(fmt).bits), options.get("dtype", "auto"))
     rng = np.random.default_rng(23)
     popularity = rng.dirichlet(np.full(E, 0.3), size=L)  # skewed per layer: hits and misses both occur
     experts = np.stack([np.stack([rng.choice(E, K, replace=False, p=popularity[layer]) for layer in range(L)])
@@ -375,33 +404,75 @@ def _nonnegative_fit(A: np.ndarray, y: np.ndarray, keep_first: bool = False) -> 
 
 
 # ------------------------------------------------------------------------------------------- calibrate
-def _model_dims(model, scale: float) -> tuple[list[tuple[int, int]], str | None]:
-    """(hidden, ffn) pairs of `model` at `scale` (routed expert; shared expert if its size differs), and the
-    model's dtype."""
-    if model in (None, "", "null"):
-        return [], None
-    spec = scale_spec(model_spec(model if isinstance(model, str) else dict(model)), float(scale))
-    dims = [(spec.hidden, spec.ffn)]
-    if spec.shared_experts and spec.shared_ffn and spec.shared_ffn != spec.ffn:
-        dims.append((spec.hidden, spec.shared_ffn))
-    return dims, spec.dtype
+def _formats(experts_format) -> list:
+    """The formats of option `experts_format` (a name or a list of names), checked; [None] (the model's own)
+    when unset."""
+    if experts_format in (None, "", "null"):
+        return [None]
+    names = [experts_format] if isinstance(experts_format, str) else list(experts_format)
+    return list(dict.fromkeys(get_format(str(n), "calibrate experts_format").name for n in names)) or [None]
+
+
+def expert_sizes(model, scale: float, experts_format, dtype: str, dims) -> list[tuple[str, int, int, str, str]]:
+    """The experts calibrate measures, in order, as (storage format, hidden, ffn, compute dtype, what): per
+    format of `experts_format` (None: the model's own), the routed expert of `model` at `scale` as the torch
+    backend stores it under backend.dtype=`dtype` (stored_spec: packed in its format, or unpacked in a forced
+    dtype) and its shared expert where it has one (shared_format, decoded to the routed experts' dtype, as
+    the backend does); then `dims` ((hidden, ffn) pairs) in each of those formats (without a model: in bf16,
+    or each format of `experts_format`). what: "routed" | "shared" | "dims"."""
+    spec = None
+    if model not in (None, "", "null"):
+        spec = scale_spec(model_spec(model if isinstance(model, str) else dict(model)), float(scale))
+    model_sizes, formats = [], []
+    for f in _formats(experts_format):
+        if spec is not None:
+            s = stored_spec(with_formats(spec, experts=f), dtype)
+            compute = weights_dtype(s.dtype, dtype)
+            model_sizes.append((s.dtype, s.hidden, s.ffn, compute, "routed"))
+            if s.shared_experts:
+                model_sizes.append((shared_format(s), s.hidden, s.shared_ffn or s.ffn, compute, "shared"))
+            formats.append(s.dtype)
+        else:
+            name = f or "bf16"
+            s = stored_spec(ModelSpec("calibrate", 1, 1, 1, 1, 1, dtype=name, bits_per_weight=get_format(name).bits),
+                            dtype)
+            formats.append(s.dtype)
+    formats = list(dict.fromkeys(formats))
+    return model_sizes + [(f, h, ffn, weights_dtype(f, dtype), "dims") for f in formats for h, ffn in dims]
 
 
 def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, pinned: bool = True,
             model=None, scale: float = 1.0, dims=None, tokens=TOKENS, stop_ms: float | None = None,
             max_s: float = 100.0, host: bool = True, sampling: Sampling = Sampling(), replay: bool = True,
-            host_mem_bytes: int | None = None, log=print) -> Measurements:
-    """Measure copies and expert FFNs (see the module docstring). `dims`: (hidden, ffn) pairs or ints
-    (hidden = ffn) of the expert sizes for the FFN table, default by device; `model`/`scale` add that model's
-    exact expert size (measured first). `max_s`: sizes still unmeasured then are skipped (and listed).
-    `replay` (device=cpu): also measure the replay's own overheads and the copies' write-back cost.
-    `host_mem_bytes`: the buffer of the host memory read, default host_read_bytes()."""
+            host_mem_bytes: int | None = None, experts_format=None, log=print) -> Measurements:
+    """Measure copies and expert FFNs (see the module docstring). `model`/`scale`: that model's experts as the
+    torch backend stores them, in its own format or in each of `experts_format` (a name or a list), measured
+    first and always; `dims`: (hidden, ffn) pairs or ints (hidden = ffn) of further sizes for the FFN table, in
+    the same formats, default by device. Each expert is keyed by its packed bytes; a model's size whose bytes
+    another size already has is refused (the table has no format column), a `dims` one dropped. `max_s`:
+    `dims` sizes (but the first size measured) still unmeasured then are skipped (and listed). `replay`
+    (device=cpu): also measure the replay's own overheads and the copies' write-back cost, with experts in the
+    first format. `host_mem_bytes`: the buffer of the host memory read, default host_read_bytes()."""
     started = time.perf_counter()
     dev = resolve_device(device)
-    model_dims, model_dtype = _model_dims(model, scale)
-    dname = weights_dtype(model_dtype or "bf16", dtype)
-    tdtype = TORCH_DTYPES[dname]
     cuda = dev.type == "cuda"
+    if dims is None:
+        dims = CUDA_DIMS if cuda else CPU_DIMS
+    pairs = list(dict.fromkeys((int(d[0]), int(d[1])) if isinstance(d, (tuple, list)) else (int(d), int(d))
+                               for d in dims))
+    for h, f in pairs:
+        if h < 1 or f < 1:
+            raise MoesimError(f"calibrate: expert dims must be >= 1, got hidden={h}, ffn={f}")
+    sizes = expert_sizes(model, scale, experts_format, dtype, pairs)
+    if not sizes:
+        raise MoesimError("calibrate: no expert size to measure: give model= (with scale=) or dims=")
+    computes = sorted({c for _, _, _, c, _ in sizes})
+    if len(computes) > 1:
+        raise MoesimError(f"calibrate: the formats {', '.join(dict.fromkeys(s[0] for s in sizes))} compute in "
+                          f"different dtypes ({', '.join(computes)}), and a profile holds one: calibrate them into "
+                          f"separate profiles")
+    dname = computes[0]
+    tdtype = TORCH_DTYPES[dname]
     mode = "stream" if cuda else ("worker" if copy_worker else "sync")
     n_threads = resolve_threads(threads, dev, bool(copy_worker))
     threads_before = torch.get_num_threads()
@@ -409,26 +480,40 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
         torch.set_num_threads(n_threads)
     if cuda:
         torch.cuda.set_device(dev)
-    if dims is None:
-        dims = CUDA_DIMS if cuda else CPU_DIMS
-    pairs = list(model_dims) + [d if isinstance(d, (tuple, list)) else (int(d), int(d)) for d in dims]
-    pairs = list(dict.fromkeys((int(h), int(f)) for h, f in pairs))  # model sizes first, no repeats
-    for h, f in pairs:
-        if h < 1 or f < 1:
-            raise MoesimError(f"calibrate: expert dims must be >= 1, got hidden={h}, ffn={f}")
     if stop_ms is None:
         stop_ms = 20.0 if not cuda else 5.0
-    item = torch.finfo(tdtype).bits // 8
     m = Measurements(str(dev), device_name(dev), dname, torch.get_num_threads(), mode)
+    m.formats = list(dict.fromkeys(fmt for fmt, _, _, _, what in sizes if what != "shared"))
+    # the backend's codec of each size; the table's key is the packed bytes, one size per key
+    codecs, seen = [], {}
+    for fmt, h, f, _, what in sizes:
+        c = ExpertCodec(fmt, h, f, tdtype)
+        other = seen.get(c.nbytes)
+        if other is not None:
+            if (other[0].fmt.name, other[0].hidden, other[0].ffn) == (c.fmt.name, h, f):
+                continue  # the same expert again
+            name = f"{fmt} {h}x{f} ({what})"
+            first = f"{other[0].fmt.name} {other[0].hidden}x{other[0].ffn} ({other[1]})"
+            if what != "dims":
+                raise MoesimError(f"calibrate: {name} and {first} both pack into {c.nbytes} bytes per expert, and the "
+                                  f"profile's ffn_table is keyed by bytes alone: calibrate them into separate profiles "
+                                  f"(one experts_format each)")
+            m.dropped.append(f"{name}: {c.nbytes} bytes, as {first}")
+            continue
+        seen[c.nbytes] = (c, what)
+        codecs.append((c, what))
     deadline = started + max_s
     try:
-        # copies: small blocks for the fixed cost, then the expert sizes
-        sizes = sorted({64 * 1024, 256 * 1024} | {3 * h * f * item for h, f in pairs})
-        sizes = [s for s in sizes if s <= (2048 if cuda else 256) * MiB]
-        log(f"calibrate: {m.device_name}, {dname}, {m.threads} threads, copies: {mode}")
+        # copies: small blocks for the fixed cost, then the experts' packed sizes
+        copy_sizes = sorted({64 * 1024, 256 * 1024} | {c.nbytes for c, _ in codecs})
+        copy_sizes = [s for s in copy_sizes if s <= (2048 if cuda else 256) * MiB]
+        log(f"calibrate: {m.device_name}, experts {', '.join(m.formats)} computed in {dname}, {m.threads} threads, "
+            f"copies: {mode}")
+        for d in m.dropped:
+            log(f"  dropped {d} (the ffn_table is keyed by bytes)")
         kinds = ("pinned", "pageable") if cuda else ("pinned",)
         for kind in kinds:
-            pts = measure_copies(dev, sizes, tdtype, kind == "pinned", mode, sampling)
+            pts = measure_copies(dev, copy_sizes, kind == "pinned", mode, sampling)
             m.copy_points[kind] = pts
             m.copy_fit[kind] = fit_latency_rate(pts)
         if not cuda:  # no pinned memory without CUDA: both are the same memcpy
@@ -443,30 +528,34 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
         m.host_gflops, m.host_gemm_n = measure_host_gemm(tdtype)
         log(f"  host memory: {m.host_mem_gbps:.2f} GB/s read ({m.host_mem_bytes / MiB:.0f} MiB, {m.threads} "
             f"threads); GEMM {m.host_gflops:.1f} GFLOP/s ({dname}, {m.host_gemm_n}^3)")
-        # expert FFNs, smallest first after the model's own sizes
+        # expert FFNs: the model's sizes (always), then the dims sizes while time is left
         wheres = [("device", dev)] + ([("host", torch.device("cpu"))] if host and cuda else [])
-        for i, (h, f) in enumerate(pairs):
-            nbytes = 3 * h * f * item
+        for i, (c, what) in enumerate(codecs):
+            always = i == 0 or what != "dims"
+            name = f"{c.fmt.name} {c.hidden}x{c.ffn}"
             for where, d in wheres:
-                if i and time.perf_counter() > deadline:  # the first size is always measured
-                    m.skipped.append(f"{where} ffn {h}x{f}")
+                if not always and time.perf_counter() > deadline:
+                    m.skipped.append(f"{where} ffn {name}")
                     continue
-                pts = measure_ffn(d, tdtype, h, f, tuple(tokens), stop_ms, sampling, deadline if i else None)
-                m.ffn_points += [{"where": where, "tokens": n, "expert_bytes": nbytes, "ms": ms} for n, ms in pts]
+                pts = measure_ffn(d, c, tuple(tokens), stop_ms, sampling, None if always else deadline)
+                m.ffn_sizes[c.nbytes] = (c.fmt.name, c.hidden, c.ffn)
+                m.ffn_points += [{"where": where, "tokens": n, "expert_bytes": c.nbytes, "ms": ms} for n, ms in pts]
                 if not cuda and host:  # device=cpu: the host is the same CPU and the same code
-                    m.ffn_points += [{"where": "host", "tokens": n, "expert_bytes": nbytes, "ms": ms}
+                    m.ffn_points += [{"where": "host", "tokens": n, "expert_bytes": c.nbytes, "ms": ms}
                                      for n, ms in pts]
-                log(f"  ffn {where:6s} {h}x{f} ({nbytes / MiB:.2f} MiB): "
+                log(f"  ffn {where:6s} {name} ({c.nbytes:,} B{'' if c.view_only else ', decoded to ' + dname}): "
                     + "  ".join(f"{n}:{ms:.3f}" for n, ms in pts) + "  (tokens:ms)")
         if replay and not cuda:
-            h, f = _replay_dims(*pairs[0], item)
-            nbytes = 3 * h * f * item
-            first = min((p for p in m.ffn_points if p["tokens"] == 1), key=lambda p: abs(p["expert_bytes"] - nbytes))
-            options = {"device": str(dev), "dtype": dname, "threads": threads, "copy_worker": bool(copy_worker),
+            c = codecs[0][0]  # the first size measured, in the first format
+            h, f = _replay_dims(c.hidden, c.ffn, c.nbytes)
+            small = ExpertCodec(c.fmt.name, h, f, tdtype)
+            one = next(p["ms"] for p in m.ffn_points if p["where"] == "device" and p["tokens"] == 1
+                       and p["expert_bytes"] == c.nbytes)
+            options = {"device": str(dev), "dtype": dtype, "threads": threads, "copy_worker": bool(copy_worker),
                        "pinned": pinned}
-            m.overheads = measure_replay_overhead(options, dname, h, f, 8 * 3 * first["ms"] * nbytes / first["expert_bytes"])
+            m.overheads = measure_replay_overhead(options, c.fmt.name, h, f, 8 * 3 * one * small.nbytes / c.nbytes)
             m.writeback_us_per_mib = m.overheads.pop("writeback_us_per_mib")
-            log(f"  replay overheads ({h}x{f}): {m.overheads['layer_overhead_us']:.1f} us per layer + "
+            log(f"  replay overheads ({c.fmt.name} {h}x{f}): {m.overheads['layer_overhead_us']:.1f} us per layer + "
                 f"{m.overheads['expert_overhead_us']:.1f} us per expert + {m.overheads['load_overhead_us']:.1f} us "
                 f"per load; copies' write-back: {m.writeback_us_per_mib:.1f} us of compute per MiB copied")
         if m.skipped:
@@ -477,15 +566,16 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
     return m
 
 
-def _replay_dims(hidden: int, ffn: int, item: int, most: int = 2 * MiB) -> tuple[int, int]:
-    """(hidden, ffn) shrunk alike so that an expert has at most `most` bytes: the replay overheads do not
-    depend on the expert's size, and their short replay holds 8 x 32 experts."""
-    f = min(1.0, math.sqrt(most / (3 * hidden * ffn * item)))
+def _replay_dims(hidden: int, ffn: int, nbytes: int, most: int = 2 * MiB) -> tuple[int, int]:
+    """(hidden, ffn) of an expert of `nbytes` bytes shrunk alike so that it has at most about `most` bytes: the
+    replay overheads do not depend on the expert's size, and their short replay holds 8 x 32 experts."""
+    f = min(1.0, math.sqrt(most / nbytes))
     return max(1, int(hidden * f)), max(1, int(ffn * f))
 
 
 def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, float, float]:
-    """(memory GB/s, fixed us per expert, GFLOP/s) of `where` from its FFN points."""
+    """(memory GB/s, fixed us per expert, GFLOP/s) of `where` from its FFN points (hidden_of: bytes -> hidden
+    * ffn of the expert; a packed expert's bytes are fewer than its weights')."""
     mine = [p for p in points if p["where"] == where]
     one = [(p["expert_bytes"], p["ms"]) for p in mine if p["tokens"] == 1]
     overhead_ms, bytes_per_ms = fit_latency_rate(one)
@@ -493,7 +583,7 @@ def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, floa
     for nbytes in {p["expert_bytes"] for p in mine}:
         pts = [p for p in mine if p["expert_bytes"] == nbytes]
         top = max(pts, key=lambda p: p["tokens"])
-        flops = 6.0 * hidden_of[nbytes] * top["tokens"]  # 2 * 3 * hidden * ffn * tokens; hidden*ffn = bytes/3/item
+        flops = 6.0 * hidden_of[nbytes] * top["tokens"]  # 2 * 3 * hidden * ffn * tokens
         best = max(best, flops / (top["ms"] * 1e6))  # GFLOP/s
     return bytes_per_ms / 1e6, overhead_ms * 1e3, best
 
@@ -501,8 +591,7 @@ def _rates(points: list[dict], where: str, hidden_of: dict) -> tuple[float, floa
 def _ffn_rates(m: Measurements) -> dict:
     """{where: (memory GB/s, fixed us per expert, GFLOP/s)} from the FFN points (host: the device's without
     host points)."""
-    item = torch.finfo(TORCH_DTYPES[m.dtype]).bits // 8
-    hf_of = {p["expert_bytes"]: p["expert_bytes"] / (3 * item) for p in m.ffn_points}  # hidden * ffn
+    hf_of = {b: h * f for b, (_, h, f) in m.ffn_sizes.items()}  # hidden * ffn
     rates = {"device": _rates(m.ffn_points, "device", hf_of)}
     have_host = any(p["where"] == "host" for p in m.ffn_points)
     rates["host"] = _rates(m.ffn_points, "host", hf_of) if have_host else rates["device"]
@@ -526,7 +615,8 @@ def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
     note = "" if cuda else ("; device=cpu: the 'device' is a block of host memory, host->device is a memcpy "
                             "(pinned = pageable), host FFN rows repeat the device ones (same CPU, same code)")
     source = (f"python -m moesim calibrate on {socket.gethostname()}, {datetime.date.today().isoformat()}: "
-              f"{m.device_name}, torch {torch.__version__}, weights {m.dtype}, {m.threads} threads, "
+              f"{m.device_name}, torch {torch.__version__}, experts {'/'.join(m.formats)} computed in {m.dtype} "
+              f"(ffn_table keyed by their packed bytes), {m.threads} threads, "
               f"copies {m.copies}; host memory read over {m.host_mem_bytes / MiB:.0f} MiB, GEMM {m.host_gemm_n}^3"
               f"{note}" + (f"; skipped (time limit): {', '.join(m.skipped)}" if m.skipped else ""))
     return HardwareProfile(
@@ -554,9 +644,10 @@ def calibrate(**options) -> HardwareProfile:
 
 
 def calibrate_command(cfg) -> None:
-    """`python -m moesim calibrate [out=FILE] [model=NAME scale=S] [check=TRACE] [backend.device=cpu] ...`:
+    """`python -m moesim calibrate [out=FILE] [model=NAME scale=S] [experts_format=F] [check=TRACE] ...`:
     measure, print, write the profile (YAML, atomically); with `check=`, replay that trace's first
-    `check_tokens` tokens on the torch backend and on the sim with the new profile, and print the errors."""
+    `check_tokens` tokens on the torch backend and on the sim with the new profile, in each format measured,
+    and print the errors."""
     from hydra.utils import instantiate
 
     b = cfg.backend
@@ -570,7 +661,7 @@ def calibrate_command(cfg) -> None:
         m = measure(device=b.device, dtype=b.dtype, threads=b.threads, copy_worker=bool(b.copy_worker),
                     pinned=bool(b.pinned), model=model, scale=float(cfg.scale), dims=dims,
                     tokens=tuple(int(t) for t in cfg.tokens), stop_ms=cfg.stop_ms, max_s=float(cfg.max_s),
-                    replay=bool(cfg.get("replay", True)),
+                    replay=bool(cfg.get("replay", True)), experts_format=cfg.get("experts_format"),
                     log=lambda s: print(s, file=sys.stderr))
     except torch.cuda.OutOfMemoryError as e:
         raise MoesimError(f"calibrate: out of device memory ({e}); use smaller dims=") from None
@@ -584,17 +675,20 @@ def calibrate_command(cfg) -> None:
 
         options = {k: v for k, v in OmegaConf.to_container(b, resolve=True).items() if k != "_target_"}
         strat = cfg.strategy
-        r = compare_backends(trace, profile, lambda: instantiate(strat.cache), cfg.budget, cfg.scope,
-                             float(cfg.scale), options)
-        print(f"\ncheck: {trace.describe()} at scale {cfg.scale:g}, strategy {strat.name}, budget {cfg.budget} "
-              f"= {r['slots']} slots, {cfg.scope}")
-        print(comparison_table(r))
+        for fmt in _formats(cfg.get("experts_format")):  # each format measured, as a run stores it
+            r = compare_backends(trace, profile, lambda: instantiate(strat.cache), cfg.budget, cfg.scope,
+                                 float(cfg.scale), options, experts_format=fmt)
+            print(f"\ncheck: {trace.describe()} at scale {cfg.scale:g}, experts {r['spec']['dtype']} "
+                  f"({r['real']['info']['bytes_per_expert']:,} B), strategy {strat.name}, budget {cfg.budget} "
+                  f"= {r['slots']} slots, {cfg.scope}")
+            print(comparison_table(r))
 
 
 def profile_table(p: HardwareProfile, m: Measurements) -> str:
     host_ffn = _ffn_rates(m)["host"]
     rows = [
-        ("device", f"{m.device_name} ({m.device}), {m.dtype}, {m.threads} threads, copies {m.copies}"),
+        ("device", f"{m.device_name} ({m.device}), {m.threads} threads, copies {m.copies}"),
+        ("experts", f"{', '.join(m.formats)}, computed in {m.dtype}"),
         ("host->device pinned", f"{p.h2d_pinned_gbps:.2f} GB/s + {p.copy_latency_us:.1f} us per copy"),
         ("host->device pageable", f"{p.h2d_pageable_gbps:.2f} GB/s"),
         ("device expert FFN", f"{p.device_mem_gbps:.2f} GB/s weights read (1 token), {p.device_tflops * 1e3:.1f} "
@@ -604,7 +698,8 @@ def profile_table(p: HardwareProfile, m: Measurements) -> str:
         ("host expert FFN", f"{host_ffn[0]:.2f} GB/s weights read (1 token), {host_ffn[2]:.1f} GFLOP/s best, "
                             f"{p.host_overhead_us:.1f} us fixed"),
         ("memory", f"{p.vram_gib:.1f} GiB"),
-        ("ffn table", f"{len(p.ffn_table)} points, {len({q['expert_bytes'] for q in p.ffn_table})} expert sizes"),
+        ("ffn table", f"{len(p.ffn_table)} points, expert sizes "
+                      + ", ".join(f"{fmt} {h}x{f} {b:,} B" for b, (fmt, h, f) in m.ffn_sizes.items())),
         ("replay overheads", f"{p.layer_overhead_us:.1f} us per layer + {p.expert_overhead_us:.1f} us per expert + "
                              f"{p.load_overhead_us:.1f} us per load; write-back {p.writeback_us_per_mib:.1f} us/MiB"),
         ("took", f"{m.seconds:.1f} s"),

@@ -15,6 +15,7 @@ from moesim import calibrate as C
 from moesim.calibrate import Sampling, fit_latency_rate, measure, to_profile
 from moesim.errors import MoesimError
 from moesim.hardware import load_hardware, save_hardware
+from moesim.models import with_formats
 from moesim.trace import MODEL_SPECS, ModelSpec
 
 CUDA = torch.cuda.is_available()
@@ -70,7 +71,7 @@ def test_last_level_cache_and_the_default_read_size(tmp_path, monkeypatch):
 def test_measure_and_profile_on_cpu(tmp_path):
     m = measure(device="cpu", dtype="fp32", dims=[32, (48, 64)], tokens=(1, 2, 4), sampling=FAST,
                 host_mem_bytes=SMALL, log=lambda s: None)
-    assert (m.device, m.dtype, m.copies, m.threads) == ("cpu", "fp32", "sync", 1)
+    assert (m.device, m.dtype, m.copies, m.threads, m.formats) == ("cpu", "fp32", "sync", 1, ["fp32"])
     sizes = {3 * 32 * 32 * 4, 3 * 48 * 64 * 4}
     assert {b for b, _ in m.copy_points["pinned"]} >= sizes  # the expert sizes are among the copies
     assert all(ms > 0 for _, ms in m.copy_points["pinned"])
@@ -110,18 +111,87 @@ def test_measure_and_profile_on_cpu(tmp_path):
 
 
 def test_model_option_measures_that_exact_expert_size():
+    """By default the model's experts as the torch backend stores them: gpt-oss-20b's mxfp4, packed, keyed by its
+    packed bytes (what the sim looks up), decoded to bf16; the replay's overheads measured on packed slots."""
     m = measure(device="cpu", model="gpt-oss-20b", scale=1 / 32, dims=[], tokens=(1, 2), sampling=FAST,
                 host_mem_bytes=SMALL, log=lambda s: None)
-    spec = stored_spec(scale_spec(MODEL_SPECS["gpt-oss-20b"], 1 / 32))  # 90 x 90, bf16
-    assert m.dtype == "bf16"
+    spec = stored_spec(scale_spec(MODEL_SPECS["gpt-oss-20b"], 1 / 32))  # 90 x 90: 3 rows x 3 blocks x 17 B each
+    assert spec.dtype == "mxfp4" and spec.bytes_per_expert == 3 * 90 * 3 * 17
+    assert (m.formats, m.dtype) == (["mxfp4"], "bf16")
     assert {p["expert_bytes"] for p in m.ffn_points} == {spec.bytes_per_expert}
+    assert spec.bytes_per_expert in {b for b, _ in m.copy_points["pinned"]}  # a load's exact bytes, copied
+    o = m.overheads
+    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"} and min(o.values()) >= 0
+    assert m.writeback_us_per_mib >= 0
+    p = to_profile(m)
+    assert "mxfp4" in p.source and p.replay_overhead_ms(1, 1) > 0.001
+    # the 1-token time the sim reads is the measured one: decode included
+    point = next(q for q in m.ffn_points if q["where"] == "device" and q["tokens"] == 1)
+    assert p.expert_ms(1, spec) == pytest.approx(point["ms"], rel=1e-4)
+    # backend.dtype=bf16 stores them unpacked, as a torch run with that option does
+    m = measure(device="cpu", dtype="bf16", model="gpt-oss-20b", scale=1 / 32, dims=[], tokens=(1,), sampling=FAST,
+                replay=False, host_mem_bytes=SMALL, log=lambda s: None)
+    assert m.formats == ["bf16"] and {p["expert_bytes"] for p in m.ffn_points} == {3 * 90 * 90 * 2}
+
+
+def test_experts_format_measures_each_format_at_its_packed_size():
+    gpt = MODEL_SPECS["gpt-oss-20b"]
+    m = measure(device="cpu", model="gpt-oss-20b", scale=1 / 32, dims=[64], experts_format=["q4_k", "mxfp4"],
+                tokens=(1, 2), sampling=FAST, replay=False, host_mem_bytes=SMALL, log=lambda s: None)
+    want = {stored_spec(scale_spec(with_formats(gpt, experts=f), 1 / 32)).bytes_per_expert: f
+            for f in ("q4_k", "mxfp4")}
+    assert set(want) == {3 * 90 * 144, 3 * 90 * 3 * 17}  # q4_k: one 256-weight block of 144 B per 90-wide row
+    assert m.formats == ["q4_k", "mxfp4"]
+    # the model's sizes first, then the dims in each format; every point at a size's packed bytes
+    assert list(m.ffn_sizes.values()) == [("q4_k", 90, 90), ("mxfp4", 90, 90), ("q4_k", 64, 64), ("mxfp4", 64, 64)]
+    assert {p["expert_bytes"] for p in m.ffn_points} == set(m.ffn_sizes) == set(want) | {3 * 64 * 144, 3 * 64 * 2 * 17}
+    p = to_profile(m)
+    for nbytes, fmt in want.items():  # the sim finds each format's measured time at exactly its bytes
+        spec = stored_spec(scale_spec(with_formats(gpt, experts=fmt), 1 / 32))
+        point = next(q for q in m.ffn_points if q["expert_bytes"] == nbytes and q["tokens"] == 2)
+        assert p.expert_ms(2, spec) == pytest.approx(point["ms"], rel=1e-4)
+    assert "q4_k/mxfp4" in p.source
+
+
+def test_formats_of_equal_bytes_are_refused_or_dropped():
+    # q4_0 (18 B per 32 weights) and q4_k (144 B per 256) pack a 256-wide row into the same 144 bytes
+    spec = ModelSpec("t", 2, 8, 2, 256, 256, dtype="q4_0", bits_per_weight=4.5).to_dict()
+    with pytest.raises(MoesimError, match="both pack into 110592 bytes.*separate profiles"):
+        measure(device="cpu", model=spec, dims=[], experts_format=["q4_0", "q4_k"], log=lambda s: None)
+    lines = []
+    m = measure(device="cpu", dims=[256, 64], experts_format="q4_0 q4_k".split(), tokens=(1,), sampling=FAST,
+                replay=False, host_mem_bytes=SMALL, log=lines.append)
+    assert m.dropped == ["q4_k 256x256 (dims): 110592 bytes, as q4_0 256x256 (dims)"]
+    assert list(m.ffn_sizes.values()) == [("q4_0", 256, 256), ("q4_0", 64, 64), ("q4_k", 64, 64)]
+    assert any("dropped q4_k 256x256" in s for s in lines)
+    with pytest.raises(MoesimError, match="different dtypes"):  # fp16 computes in fp16, q4_k in bf16
+        measure(device="cpu", model="gpt-oss-20b", scale=1 / 32, dims=[], experts_format=["fp16", "q4_k"],
+                log=lambda s: None)
+    with pytest.raises(MoesimError, match="experts_format='q9'"):
+        measure(device="cpu", dims=[32], experts_format="q9", log=lambda s: None)
+
+
+def test_expert_sizes_follow_the_torch_backends_store():
+    qwen = MODEL_SPECS["qwen1.5-moe-a2.7b"]  # bf16 routed experts and a wider bf16 shared expert
+    s = scale_spec(qwen, 1 / 16)
+    assert C.expert_sizes("qwen1.5-moe-a2.7b", 1 / 16, None, "auto", [(32, 32)]) == [
+        ("bf16", s.hidden, s.ffn, "bf16", "routed"), ("bf16", s.hidden, s.shared_ffn, "bf16", "shared"),
+        ("bf16", 32, 32, "bf16", "dims")]
+    # packed routed experts decode to bf16, and so does the shared expert (the backend's one compute dtype)
+    sizes = C.expert_sizes("qwen1.5-moe-a2.7b", 1 / 16, "q4_k", "auto", [])
+    assert [x[0] for x in sizes] == ["q4_k", "bf16"] and {x[3] for x in sizes} == {"bf16"}
+    # backend.dtype=fp32 stores the routed experts unpacked in fp32 whatever the format
+    assert C.expert_sizes("gpt-oss-20b", 1 / 32, "q4_k", "fp32", [(8, 8)]) == [
+        ("fp32", 90, 90, "fp32", "routed"), ("fp32", 8, 8, "fp32", "dims")]
+    assert C.expert_sizes(None, 1.0, None, "auto", [(8, 8)]) == [("bf16", 8, 8, "bf16", "dims")]
+    assert C.expert_sizes(None, 1.0, "mxfp4", "auto", [(8, 8)]) == [("mxfp4", 8, 8, "bf16", "dims")]
 
 
 def test_time_limit_skips_and_says_so():
     lines = []
     m = measure(device="cpu", dtype="fp32", dims=[16, 24, 32], tokens=(1,), sampling=FAST, max_s=0.0,
                 host_mem_bytes=SMALL, log=lines.append)
-    assert m.skipped == ["device ffn 24x24", "device ffn 32x32"]  # the first size is always measured
+    assert m.skipped == ["device ffn fp32 24x24", "device ffn fp32 32x32"]  # the first size is always measured
     assert {p["expert_bytes"] for p in m.ffn_points} == {3 * 16 * 16 * 4}
     assert any("skipped" in s for s in lines)
     assert "skipped (time limit)" in to_profile(m).source
@@ -165,6 +235,17 @@ def test_calibrate_check_compares_on_a_trace(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "check: 6 tokens" in printed and "strategy lru" in printed
     assert "hits" in printed and "DIFFERENT" not in printed
+    # two formats in one profile, each checked as a run stores it (olmoe at 1/32: 64 x 32 experts)
+    cfg = compose("calibrate", [f"out={tmp_path / 'f.yaml'}", "dims=[]", "tokens=[1,2]", f"check={trace}",
+                                "check_tokens=6", "scale=0.03125", "max_s=30", "replay=false",
+                                "experts_format=[bf16,q4_k]"])
+    calibrate_command(cfg)
+    printed = capsys.readouterr().out
+    assert "bf16, q4_k, computed in bf16" in printed  # the table's experts row
+    q4_k = (32 + 32 + 64) * 144  # gate and up: 32 rows of 64, down: 64 rows of 32; one 144-byte block per row
+    assert f"experts bf16 ({3 * 64 * 32 * 2:,} B)" in printed and f"experts q4_k ({q4_k:,} B)" in printed
+    assert "DIFFERENT" not in printed
+    assert {q["expert_bytes"] for q in load_hardware(str(tmp_path / "f.yaml")).ffn_table} == {3 * 64 * 32 * 2, q4_k}
 
 
 @pytest.mark.gpu
