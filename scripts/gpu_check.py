@@ -104,7 +104,8 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------- checks
 def check_copies(device: torch.device, spec: ModelSpec, n_copies: int = 32) -> dict:
     """The backend's achieved host->device bandwidth on `n_copies` expert loads against a plain pinned
-    memcpy (cpu: memcpy between two host blocks) of the same size and count, timed the same way."""
+    memcpy (cpu: memcpy between two host blocks) of the same bytes (info()["bytes_per_expert"]: the stored,
+    possibly packed, expert) and count, timed the same way."""
     n_slots = min(n_copies, spec.layers * spec.experts)
     backend = TorchBackend(device=str(device))
     profiler = Profiler(spec.layers)
@@ -119,10 +120,10 @@ def check_copies(device: torch.device, spec: ModelSpec, n_copies: int = 32) -> d
     backend.finish()
     m = profiler.metrics()
     backend_gbps = m["h2d_gbps"]
-    # the plain copy: the same bytes, pinned source, back to back on one stream
-    width = backend.host_pool.shape[1]
-    src = torch.empty((n_copies, width), dtype=backend.dtype, pin_memory=device.type == "cuda").uniform_(-1, 1)
-    dst = torch.empty((n_slots, width), dtype=backend.dtype, device=device)
+    # the plain copy: the same bytes (uint8 rows of the packed expert, as the backend's pools), pinned source,
+    # back to back on one stream
+    src = torch.empty((n_copies, nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
+    dst = torch.empty((n_slots, nbytes), dtype=torch.uint8, device=device).zero_()  # pages touched, as the backend does
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -185,7 +186,8 @@ def check_memory(device: torch.device, spec: ModelSpec, trace, budget="25%") -> 
 
 def check_fidelity(device: torch.device, trace, scale: float, budget="25%", max_s: float = 60.0,
                    quick: bool = False) -> dict:
-    """Calibrate here on the trace's expert size (at `scale`), then compare the sim with the torch backend."""
+    """Calibrate here on the trace's experts at `scale` as the torch backend stores them (gpt-oss-20b: mxfp4,
+    each decoded before its FFN), then compare the sim with the torch backend storing them so."""
     spec = scale_spec(trace.spec, scale)
     t0 = time.perf_counter()
     small = {"dims": [], "tokens": (1, 2, 4), "sampling": Sampling(min_n=5, min_ms=10.0, max_n=100)} if quick else {}
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         copy_spec = ModelSpec("copy-check", 2, 8, 2, 256, 512, dtype="fp32", bits_per_weight=32)
         replay_spec = ModelSpec("check", 4, 16, 2, 256, 512, dtype="fp32", bits_per_weight=32)
         steps, scale, n_copies, max_s = 40, 1.0, 16, 10.0
-    else:  # gpt-oss-20b's expert size (bf16: 47.5 MiB) for copies; half size for replays
+    else:  # copies: gpt-oss-20b's expert shape stored bf16 (47.5 MiB; its own mxfp4: 13.2 MB); replays: half size,
+        # mxfp4 (the backend's default store for gpt-oss)
         gpt = MODEL_SPECS["gpt-oss-20b"]
         copy_spec = stored_spec(ModelSpec("gpt-oss-20b-copy", 2, 32, 4, gpt.hidden, gpt.ffn))
         replay_spec = gpt
