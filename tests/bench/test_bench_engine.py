@@ -224,11 +224,13 @@ def test_bench_torch_cpu_copies(benchmark, gpt_oss_like):
     from moesim.units import parse_budget
     from moesim.engine import replay
     from moesim.profiler import Profiler
-    from moesim.trace import scale_spec
+    from moesim.trace import scale_spec, stored_spec
     from strategies.lru import LRU
 
     trace = gpt_oss_like.slice_tokens(0, TORCH_TOKENS)
-    spec = scale_spec(trace.spec, TORCH_SCALE)
+    # stored bf16 (model.dtype=bf16), as measured before experts moved packed: the copy path is the same, and
+    # 190 KiB copies keep the ratio about bandwidth (mxfp4's 54 KiB ones measure the fixed cost per copy)
+    spec = stored_spec(scale_spec(trace.spec, TORCH_SCALE), "bf16")
     slots = parse_budget("12.5%", trace.spec, "per_layer").slots
     backend = TorchBackend(device="cpu")
     backend.setup(spec, slots, Profiler(spec.layers))
@@ -245,7 +247,7 @@ def test_bench_torch_cpu_copies(benchmark, gpt_oss_like):
     replay_s = time.perf_counter() - t0
     metrics = backend.profiler.metrics()
     ours_gbps = metrics["h2d_gbps"]  # bytes / ms busy copying, x 1e-6: GB/s
-    # the same bytes as plain numpy arrays (bf16 viewed as int16: numpy has no bf16)
+    # the same bytes as plain numpy arrays (uint8 rows of bf16 values viewed as int16)
     host = backend.host_pool.view(torch.int16).numpy()
     device = backend.device_pool.view(torch.int16).numpy()
     nbytes = host[0].nbytes
