@@ -36,7 +36,9 @@ BUDGETS = ("12.5%", "25%", "50%")
 HARDWARE = ("rtx-4090", "h200")
 CALIB = "{calib}"  # replaced by the calibration trace's path
 DEPENDS = ["moesim/api.py", "moesim/engine.py", "moesim/cache.py", "moesim/backends/sim.py", "moesim/hardware.py",
-           "moesim/profiler.py", "moesim/core", "moesim/trace.py", "moesim/models.py", "moesim/conf", "strategies"]
+           "moesim/profiler.py", "moesim/core", "moesim/trace.py", "moesim/models.py", "moesim/conf", "strategies",
+           "moesim/whole.py", "moesim/catalogue.py", "moesim/formats.py", "moesim/hf_config.py", "moesim/units.py",
+           "moesim/data"]
 
 # (row label, Hydra overrides of `python -m moesim run`, what it is). Bounds are recognised by summary["bound"].
 STRATEGIES = [
@@ -113,7 +115,7 @@ def code_hash() -> str:
         p = REPO / rel
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         for f in files:
-            if f.is_file() and f.suffix in (".py", ".yaml"):
+            if f.is_file() and f.suffix in (".py", ".yaml", ".json"):  # .json: the catalogue's configs
                 h.update(str(f.relative_to(REPO)).encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]
