@@ -192,9 +192,14 @@ def _cuda_sample(issue_one, sampling: Sampling, stream=None) -> float:
 
 
 def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: str,
-                   sampling: Sampling = Sampling()) -> list[tuple[int, float]]:
+                   sampling: Sampling = Sampling(), experts: dict | None = None) -> list[tuple[int, float]]:
     """Mean ms of one host->device copy of each size in `sizes` (bytes), as the torch backend in `mode`
-    ("stream" | "worker" | "sync") issues it, rotating source and destination blocks of bytes."""
+    ("stream" | "worker" | "sync") issues it, rotating source and destination blocks of bytes. cpu: between two
+    timed copies, untimed, one expert of `experts` ({bytes: ExpertCodec}) of that size computed as the backend
+    computes a slot (the layer a replay computes between its copies), or for other sizes a read of another
+    block. A packed expert's decode leaves its temporaries dirty in the caches, and the copy after it pays
+    for their write-back: 14-20% longer than after a read (mxfp4, q4_k at 220-311 KB on the 2-core VM); a
+    bf16 FFN only reads, and back-to-back copies also wait for each other's write-backs (~5% slower)."""
     out = []
     worker = CopyWorker() if mode == "worker" else None
     try:
@@ -204,9 +209,14 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
             # (source, destination) views in a random order, as a replay picks experts and slots; made before
             # timing: the backend indexes its pools outside its copy spans too
             pairs = _random_pairs(src, dst, sampling.max_n + 1)
-            # cpu: between two timed copies, an untimed read of another block, as a layer's FFNs read weights
-            # between a replay's copies (back-to-back copies also wait for each other's write-backs: ~5% slower)
-            between = _blocks(size, torch.device("cpu"), False) if device.type == "cpu" else None
+            between = None
+            if device.type == "cpu" and experts and size in experts:
+                between = SlotFFN(experts[size], torch.device("cpu"), 1, sampling.max_n + 1)
+            elif device.type == "cpu":
+                reads = _blocks(size, torch.device("cpu"), False)
+
+                def between(i, reads=reads):
+                    reads[i % reads.shape[0]].sum()  # uint8: summed as int64, every byte read
             if mode == "stream":
                 stream = torch.cuda.Stream(device)
 
@@ -219,7 +229,7 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
             else:
                 def one(i):
                     s_, d_ = pairs[i % len(pairs)]
-                    between[i % between.shape[0]].sum()  # uint8: summed as int64, every byte read
+                    between(i)
                     t0 = time.perf_counter()
                     if worker is not None:  # from issue until the waiting thread runs again
                         worker.wait(worker.submit(d_, s_))
@@ -242,6 +252,49 @@ def _random_pairs(src: torch.Tensor, dst: torch.Tensor, n: int, seed: int = 5) -
                                                        rng.integers(0, dst.shape[0], n))]
 
 
+class SlotFFN:
+    """Random experts of `codec` (the backend's ExpertCodec: format, size, compute dtype) in `device` memory,
+    computed as the torch backend computes a slot (moesim/backends/torch/__init__.py _device_experts): the
+    expert's bytes decoded into a workspace (a view where the format is the compute dtype), then one token's
+    row (`expert_ffn`), or n rows gathered from a batch of up to 2 x `tokens`, weighted and scattered back
+    (`routed_ffn`). Call i computes expert order[i], the experts in no memory order (`calls` of them)."""
+
+    def __init__(self, codec: ExpertCodec, device: torch.device, tokens: int, calls: int):
+        self.codec = codec
+        self.blocks = _experts(codec, device, 13)
+        self.ws = None if codec.view_only else torch.empty(codec.width, dtype=codec.dtype, device=device)
+        gen = torch.Generator(device=device).manual_seed(17)
+        shape = (2 * tokens, codec.hidden)  # the batch an expert's tokens are gathered from
+        self.x = torch.empty(shape, dtype=codec.dtype, device=device).uniform_(-1, 1, generator=gen)
+        self.out = torch.zeros(shape, dtype=codec.dtype, device=device)
+        self.order = np.random.default_rng(3).integers(0, self.blocks.shape[0], calls).tolist()
+
+    def __call__(self, i: int, rows: torch.Tensor | None = None, gates: torch.Tensor | None = None) -> None:
+        """Compute expert order[i] over one token (rows None), or over `rows` of the batch with `gates`."""
+        self.compute(self.order[i % len(self.order)], rows, gates)
+
+    def compute(self, e: int, rows: torch.Tensor | None = None, gates: torch.Tensor | None = None) -> None:
+        c = self.codec
+        block = c.decode(self.blocks[e], self.ws)
+        if rows is None:
+            expert_ffn(block, self.x[:1], self.out[:1], c.hidden, c.ffn, 0.25)
+        else:
+            routed_ffn(block, self.x, self.out, c.hidden, c.ffn, rows, gates)
+
+    def warm_up(self, most_ms: float) -> None:
+        """Compute each expert once, in memory order, for at most `most_ms`: in a replay every slot has been
+        computed before, and the first calls over fresh experts run slower (mxfp4 360 x 360 after calibrate's
+        host memory read: 2-6% over the first 50 calls on the 2-core VM), which a short sample of one token
+        would be all of."""
+        t0 = time.perf_counter()
+        for e in range(self.blocks.shape[0]):
+            self.compute(e)
+            if self.blocks.is_cuda:
+                torch.cuda.synchronize(self.blocks.device)
+            if (time.perf_counter() - t0) * 1e3 >= most_ms:
+                break
+
+
 def measure_ffn(device: torch.device, codec: ExpertCodec, tokens: tuple[int, ...], stop_ms: float,
                 sampling: Sampling = Sampling(), deadline: float | None = None) -> list[tuple[int, float]]:
     """Mean ms of one expert over n tokens for n in `tokens`, ascending, as the torch backend computes a slot:
@@ -249,36 +302,20 @@ def measure_ffn(device: torch.device, codec: ExpertCodec, tokens: tuple[int, ...
     is that dtype), then `expert_ffn` / `routed_ffn` (codec: the backend's ExpertCodec of the expert's format,
     size and compute dtype); rotating over experts in `device` memory. Stops after the first n whose call
     takes `stop_ms` or more, or at `deadline` (time.perf_counter)."""
-    hidden, ffn, dtype = codec.hidden, codec.ffn, codec.dtype
-    blocks = _experts(codec, device, 13)
-    nb = blocks.shape[0]
-    ws = None if codec.view_only else torch.empty(codec.width, dtype=dtype, device=device)  # the decoded expert
-    top = 2 * max(tokens)  # rows of the batch an expert's tokens are gathered from
-    gen = torch.Generator(device=device).manual_seed(17)
-    x = torch.empty((top, hidden), dtype=dtype, device=device).uniform_(-1, 1, generator=gen)
-    out = torch.zeros((top, hidden), dtype=dtype, device=device)
-    order = np.random.default_rng(3).integers(0, nb, sampling.max_n + 1).tolist()  # experts in no memory order
+    slot_ffn = SlotFFN(codec, device, max(tokens), sampling.max_n + 1)
+    slot_ffn.warm_up(sampling.min_ms)
     points = []
     for n in sorted(tokens):
-        # as the backend computes an expert (moesim/backends/torch/__init__.py _device_experts): the slot's
-        # bytes decoded, then one token's row and gate weight, or n rows gathered from a batch (here twice as
-        # large), computed, weighted and scattered back (ffn.py routed_ffn)
-        rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
-        gates = torch.full((n, 1), 0.25, dtype=dtype, device=device)
-
-        def ffn_call(i, n=n, rows=rows, gates=gates):
-            block = codec.decode(blocks[order[i % len(order)]], ws)
-            if n == 1:
-                expert_ffn(block, x[:1], out[:1], hidden, ffn, 0.25)
-            else:
-                routed_ffn(block, x, out, hidden, ffn, rows, gates)
-
+        rows = gates = None  # one token: its row
+        if n > 1:  # n tokens' rows, drawn from a batch twice as large (fixed seed), and their gate weights
+            rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
+            gates = torch.full((n, 1), 0.25, dtype=codec.dtype, device=device)
         if device.type == "cuda":
-            ms = _cuda_sample(ffn_call, sampling)
+            ms = _cuda_sample(lambda i, r=rows, g=gates: slot_ffn(i, r, g), sampling)
         else:
-            def one(i):
+            def one(i, r=rows, g=gates):
                 t0 = time.perf_counter()  # the slot and activation views are made inside, as the backend does
-                ffn_call(i)
+                slot_ffn(i, r, g)
                 return (time.perf_counter() - t0) * 1e3
 
             ms = _sample(one, sampling)
@@ -513,7 +550,8 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
             log(f"  dropped {d} (the ffn_table is keyed by bytes)")
         kinds = ("pinned", "pageable") if cuda else ("pinned",)
         for kind in kinds:
-            pts = measure_copies(dev, copy_sizes, kind == "pinned", mode, sampling)
+            pts = measure_copies(dev, copy_sizes, kind == "pinned", mode, sampling,
+                                 {c.nbytes: c for c, _ in codecs})
             m.copy_points[kind] = pts
             m.copy_fit[kind] = fit_latency_rate(pts)
         if not cuda:  # no pinned memory without CUDA: both are the same memcpy
