@@ -41,7 +41,9 @@ def compare_backends(trace, profile: HardwareProfile, make_policy, budget="25%",
 
     `make_policy`: a CachePolicy class or factory; `make_prefetcher`: a Prefetcher factory (or None);
     `make_offload`: an OffloadPolicy factory (or None), asked with `profile`'s costs on both backends;
-    `experts_format`: store the routed experts in this format instead of the trace's (q4_k, mxfp4 ...)."""
+    `experts_format`: store the routed experts in this format instead of the trace's (q4_k, mxfp4 ...).
+    Experts only: the torch backend runs no attention, embeddings or LM head, so no dense times
+    (moesim/whole.py) are given to the sim either (a sim `run` adds them: its `whole_model`)."""
     from .api import replay_parts
     from .backends.sim import SimBackend
     from .backends.torch import TorchBackend, stored_spec
