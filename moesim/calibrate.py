@@ -198,7 +198,7 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
     timed copies, untimed, one expert of `experts` ({bytes: ExpertCodec}) of that size computed as the backend
     computes a slot (the layer a replay computes between its copies), or for other sizes a read of another
     block. A packed expert's decode leaves its temporaries dirty in the caches, and the copy after it pays
-    for their write-back: 14-20% longer than after a read (mxfp4, q4_k at 220-311 KB on the 2-core VM); a
+    for their write-back: 14-24% longer than after a read (mxfp4, q4_k at 220-311 KB on the 2-core VM); a
     bf16 FFN only reads, and back-to-back copies also wait for each other's write-backs (~5% slower)."""
     out = []
     worker = CopyWorker() if mode == "worker" else None
