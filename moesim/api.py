@@ -337,7 +337,8 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
     if cfg.model.dtype:
         spec = stored_spec(spec, str(cfg.model.dtype))
     strat = cfg.strategy
-    whole = bool(cfg.get("whole_model", True)) and spec.whole and str(cfg.backend.get("name", "sim")) == "sim"
+    sim = str(cfg.backend.get("_target_", "")).endswith("SimBackend")  # the torch backend runs no attention
+    whole = bool(cfg.get("whole_model", True)) and spec.whole and sim
     dense = dense_times(spec, hardware, ctx) if whole else None
     ex = execute(trace, spec, budget.slots, scope, strat, cfg.backend, hardware,
                  reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"),

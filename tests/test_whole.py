@@ -229,3 +229,13 @@ def test_format_options_change_the_bytes_moved_not_the_decisions():
                        ("model.recipe=q9", "model.recipe='q9'")):
         with pytest.raises(MoesimError, match=match):
             moesim.simulate(trace, overrides=[bad])
+
+
+def test_a_torch_run_times_the_experts_only():
+    """The torch backend runs no attention: its runs say whole_model false and put nothing in the dense part."""
+    pytest.importorskip("torch")
+    trace = moesim.load_trace("gpt-oss-like").slice_tokens(0, 40)
+    r = moesim.simulate(trace, backend="torch", overrides=["model.scale=0.03125", "backend.device=cpu",
+                                                          "progress=false"]).summary
+    assert r["whole_model"] is False and r["step_ms_split"]["dense"] == 0.0
+    assert moesim.simulate(trace, overrides=["model.scale=0.03125"]).summary["whole_model"] is True
