@@ -80,23 +80,27 @@ def parse_inflight(value, bytes_per_expert: int, where: str) -> int | None:
         if value < 0:
             raise MoesimError(f"{where}={value}: expected bytes >= 0")
         return value
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
-    unit = m.group(2).lower() if m else None
+    number, unit = _number_unit(value)
     if unit in ("expert", "experts"):
-        return int(float(m.group(1)) * bytes_per_expert)
+        return int(number * bytes_per_expert)
     if unit is None or unit not in _UNITS | {"": 1}:
         raise MoesimError(f"{where}={value!r}: expected null, bytes (1000000), a size with a unit (256MiB, "
                           f"1.5GB; units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB) or expert copies (4 experts)")
-    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+    return int(number * _UNITS.get(unit, 1))
+
+
+def _number_unit(value) -> tuple[float, str | None]:
+    """(number, lower-case unit) of `512MiB`, `4 experts`, `1000000`; unit None where it is not that shape."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
+    return (float(m.group(1)), m.group(2).lower()) if m else (0.0, None)
 
 
 def parse_bytes(value, where: str) -> int:
     """A size: bytes (1000000) or a number with a unit (512MiB, 1.5GB)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(value).strip())
-    unit = m.group(2).lower() if m else None
+    number, unit = _number_unit(value)
     if unit is None or unit not in _UNITS | {"": 1}:
         raise MoesimError(f"{where}={value!r}: expected bytes (1000000) or a size with a unit (512MiB, 1.5GB; units "
                           f"B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
-    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+    return int(number * _UNITS.get(unit, 1))

@@ -228,7 +228,6 @@ class Contexts:
 def contexts(trace, window: int = 0) -> Contexts:
     """The per-step contexts of `trace` (its seq, step and phase arrays); `window`: the sliding window."""
     seq = np.asarray(trace.seq, dtype=np.int64)
-    step = np.asarray(trace.step)
     phase = np.asarray(trace.phase)
     T = len(seq)
     order = np.argsort(seq, kind="stable")
@@ -260,7 +259,6 @@ def contexts(trace, window: int = 0) -> Contexts:
     prefill = np.bincount(step_of, weights=~decode, minlength=S) > 0
     batch = np.bincount(step_of[last_tok], minlength=S)
     tokens = np.diff(starts)
-    del step
     return Contexts(tokens=tokens.astype(np.int64), kv_reads=kv.astype(np.int64), attended=att.astype(np.int64),
                     logits=logits.astype(np.int64), kv_reads_win=kv_w.astype(np.int64),
                     attended_win=att_w.astype(np.int64), prefill=prefill,
@@ -343,10 +341,10 @@ def dense_times(spec: ModelSpec, hardware, ctx: Contexts) -> DenseTimes:
     if spec.dense_layers:
         ffn_b, ffn_p = w["dense"] / spec.dense_layers, p["dense"] / spec.dense_layers
         ffn = np.maximum(ffn_b / mem, 2.0 * ffn_p * n / rate) + k_ms
-        for i in range(spec.dense_layers):
-            a = attention(ctx.kv_reads_win, ctx.attended_win, False) if blocks[i] else \
-                attention(ctx.kv_reads, ctx.attended, False)
-            head = head + a + ffn
+        dense_full = attention(ctx.kv_reads, ctx.attended, False) + ffn  # a dense block has no router
+        dense_slide = attention(ctx.kv_reads_win, ctx.attended_win, False) + ffn
+        sliding = int(blocks[:spec.dense_layers].sum())
+        head = head + (spec.dense_layers - sliding) * dense_full + sliding * dense_slide
     lm_bytes = (w["lm_head"] or w["embed"])
     lm = np.maximum(lm_bytes / mem, 2.0 * spec.vocab * spec.hidden * ctx.logits / rate) + k_ms
     return DenseTimes(np.stack([full, slide], axis=1), cls, np.asarray(head, np.float64) + np.zeros(S),
