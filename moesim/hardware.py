@@ -118,6 +118,9 @@ class HardwareProfile:
     # device=cpu with inline copies: a copy holds the thread that computes, so copies never overlap compute
     # (prefetches included); the sim then runs them on the compute timeline
     serial_copies: bool = False
+    # what the machine was doing while `calibrate` measured (CONDITION_FIELDS: load average before and after,
+    # CPUs, the spread of repeated measurements); empty for presets and profiles written before it existed
+    conditions: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # per `where`: {expert_bytes: (tokens ascending, ms)}, built once; the profile is immutable
@@ -408,7 +411,44 @@ def profile_from_dict(d, where: str) -> HardwareProfile:
     if not isinstance(serial, bool):
         raise MoesimError(f"{where}: field 'serial_copies' must be true or false, got {serial!r}")
     return HardwareProfile(name=d["name"], source=d.get("source", ""), ffn_table=points, copy_table=copy_points,
-                           serial_copies=serial, **values)
+                           serial_copies=serial, conditions=_conditions(d, where), **values)
+
+
+def _nonnegative(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)
+
+
+# the keys of a profile's `conditions` (each optional): (check, what it must be); calibrate.py writes them
+CONDITION_FIELDS = {
+    "measured_at": (lambda v: isinstance(v, str), "a string (ISO date and time)"),
+    "cpus": (_positive_int, "a positive integer"),  # CPUs this process could run on
+    "load_before": (_nonnegative, "a number >= 0"),  # 1-minute load average when measuring began
+    "load_after": (_nonnegative, "a number >= 0"),  # ... and when it ended
+    "spread_median": (_nonnegative, "a number >= 0"),  # median over the repeated measurements of their spread
+    "spread_worst": (_nonnegative, "a number >= 0"),  # the largest spread
+    "spread_worst_at": (lambda v: isinstance(v, str), "a string"),  # which measurement had it
+    "spread_points": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "warnings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "forced": (lambda v: isinstance(v, bool), "true or false"),  # refused conditions, written with force=true
+}
+
+
+def _conditions(d: dict, where: str) -> dict:
+    """The profile's `conditions` mapping (absent or null: {}), each key known and checked."""
+    c = d.get("conditions") or {}
+    if not isinstance(c, dict):
+        raise MoesimError(f"{where}: field 'conditions' must be a mapping of {sorted(CONDITION_FIELDS)}, "
+                          f"got {c!r}")
+    unknown = sorted(set(map(str, c)) - set(CONDITION_FIELDS))
+    if unknown:
+        raise MoesimError(f"{where}: unknown key(s) {unknown} in field 'conditions'; it may have "
+                          f"{sorted(CONDITION_FIELDS)}")
+    for k, v in c.items():
+        ok, expected = CONDITION_FIELDS[k]
+        if not ok(v):
+            raise MoesimError(f"{where}: field 'conditions.{k}' must be {expected}, got {v!r}")
+    return {k: float(v) if k in ("load_before", "load_after", "spread_median", "spread_worst") else v
+            for k, v in c.items()}
 
 
 def _points(d: dict, name: str, fields: dict, where: str) -> list[dict]:
