@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("moesim.record:record_command", "record routing traces from a Hugging Face transformers MoE model"),
     "sweep": ("moesim.sweep:sweep_command", "a grid of runs (Hydra multirun, resumable): a results directory per cell, one table and report"),
     "report": ("moesim.report:report_command", "HTML report of one run, or comparison of a sweep or of several runs"),
+    "validate": ("moesim.validate:validate_command", "replay published measurements of real offloading systems and report moesim's errors"),
     "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
 }
 
