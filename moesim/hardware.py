@@ -274,21 +274,24 @@ HOST_OVERHEAD_US = 30.0  # fixed host time per expert FFN (assumed: three torch 
 
 @dataclass(frozen=True)
 class Host:
-    """The CPU side of a preset: one socket of a named machine (one socket's memory serves host experts; see
-    the module docstring), from which the profile's host_* fields are derived."""
+    """The CPU side of a preset: the sockets of a named machine whose memory serves host experts (one, unless
+    the system places experts on every socket; see the module docstring), from which the profile's host_*
+    fields are derived."""
 
     name: str  # the machine and its CPUs, as its source names them
     cores: tuple  # ((count, base GHz, flop per cycle per core), ...) per core type of one socket
     channels: int  # memory channels of one socket
     mts: int  # MT/s the channels run at in this configuration
+    sockets: int = 1  # sockets whose memory and cores serve the host experts
+    pcie_gen: int | None = None  # the platform's PCIe generation: a GPU of a later one links at this one
 
     @property
     def peak_mem_gbps(self) -> float:
-        return self.channels * self.mts * 8 / 1e3  # 8 bytes per transfer on a 64-bit channel; MB/s -> GB/s
+        return self.sockets * self.channels * self.mts * 8 / 1e3  # 8 bytes per transfer on a 64-bit channel
 
     @property
     def peak_gflops(self) -> float:
-        return sum(n * ghz * flop for n, ghz, flop in self.cores)
+        return self.sockets * sum(n * ghz * flop for n, ghz, flop in self.cores)
 
     def profile_fields(self) -> dict:
         return dict(host_mem_gbps=round(self.peak_mem_gbps * HOST_MEM_EFFICIENCY, 1),
@@ -341,8 +344,14 @@ DESKTOP_I5_12400_HOST = Host("desktop: Intel Core i5-12400, 2x DDR5-4800", cores
                              mts=4800)
 
 
+_GPUS: dict[str, tuple] = {}  # preset name -> its _preset arguments after the name (for `gpu+host`)
+
+
 def _preset(name: str, pcie_gen: int, mem_gbps: float, bf16_tflops: float, vram_gib: float, host: Host,
             note: str) -> HardwareProfile:
+    _GPUS.setdefault(name, (pcie_gen, mem_gbps, bf16_tflops, vram_gib, host, note))
+    if host.pcie_gen and host.pcie_gen < pcie_gen:
+        pcie_gen, note = host.pcie_gen, f"{note}; linked at the host's PCIe Gen{host.pcie_gen}"
     pinned = round(_pcie_gbps(pcie_gen) * LINK_EFFICIENCY, 1)
     return HardwareProfile(
         name=name, h2d_pinned_gbps=pinned, h2d_pageable_gbps=round(pinned / 2, 1), copy_latency_us=10.0,
@@ -373,6 +382,25 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     # bf16, so this is the fp16 rate the experts would run at; PCIe Gen3 x16.
     _preset("t4", 3, 320, 65, 16, SUPERMICRO_XEON_8280_HOST, "NVIDIA T4 datasheet (fp16: no bf16 on Turing), PCIe Gen3 x16"),
 ]}
+
+
+# The hosts by name, for `hardware=<gpu>+<host>`: a GPU preset's device side with another machine's CPU side.
+HOSTS: dict[str, Host] = {
+    "dgx-h100": DGX_H100_HOST, "g482-epyc-7742": G482_EPYC_7742_HOST, "4029gp-xeon-8280": SUPERMICRO_XEON_8280_HOST,
+    "i9-13900k": DESKTOP_I9_13900K_HOST, "i5-12400": DESKTOP_I5_12400_HOST,
+}
+
+
+def combined(name: str) -> HardwareProfile:
+    """The profile `gpu+host` names: GPU preset `gpu` on host `host` of HOSTS (the link at the older of the two
+    PCIe generations)."""
+    gpu, _, host = name.partition("+")
+    if gpu not in _GPUS:
+        raise MoesimError(f"hardware={name!r}: unknown GPU preset {gpu!r}; presets: {', '.join(_GPUS)}")
+    if host not in HOSTS:
+        raise MoesimError(f"hardware={name!r}: unknown host {host!r}; hosts: {', '.join(HOSTS)}")
+    gen, mem, tflops, vram, _, note = _GPUS[gpu]
+    return _preset(name, gen, mem, tflops, vram, HOSTS[host], note)
 
 
 # ----------------------------------------------------------------------------------------- load / save
@@ -424,6 +452,7 @@ CONDITION_FIELDS = {
     "cpus": (_positive_int, "a positive integer"),  # CPUs this process could run on
     "load_before": (_nonnegative, "a number >= 0"),  # 1-minute load average when measuring began
     "load_after": (_nonnegative, "a number >= 0"),  # ... and when it ended
+    "other_cpus": (_nonnegative, "a number >= 0"),  # CPUs' worth of other processes' work meanwhile (Linux)
     "spread_median": (_nonnegative, "a number >= 0"),  # median over the repeated measurements of their spread
     "spread_worst": (_nonnegative, "a number >= 0"),  # the largest spread
     "spread_worst_at": (lambda v: isinstance(v, str), "a string"),  # which measurement had it
@@ -447,7 +476,7 @@ def _conditions(d: dict, where: str) -> dict:
         ok, expected = CONDITION_FIELDS[k]
         if not ok(v):
             raise MoesimError(f"{where}: field 'conditions.{k}' must be {expected}, got {v!r}")
-    return {k: float(v) if k in ("load_before", "load_after", "spread_median", "spread_worst") else v
+    return {k: float(v) if k in ("load_before", "load_after", "other_cpus", "spread_median", "spread_worst") else v
             for k, v in c.items()}
 
 
@@ -470,7 +499,8 @@ def _points(d: dict, name: str, fields: dict, where: str) -> list[dict]:
 
 
 def load_hardware(value) -> HardwareProfile:
-    """A preset name (h200, h100-pcie, ...), a path to a YAML profile, a mapping of fields, or a profile."""
+    """A preset name (h200, h100-pcie, ...), `gpu+host` (a preset's GPU on a host of HOSTS), a path to a YAML
+    profile, a mapping of fields, or a profile."""
     if isinstance(value, HardwareProfile):
         return value
     if isinstance(value, dict) or (hasattr(value, "items") and not isinstance(value, (str, os.PathLike))):
@@ -479,6 +509,8 @@ def load_hardware(value) -> HardwareProfile:
     if text in PRESETS:
         return PRESETS[text]
     path = Path(text)
+    if "+" in text and not path.is_file():
+        return combined(text)
     if not path.is_file():
         if path.suffix in (".yaml", ".yml") or os.sep in text:
             raise MoesimError(f"hardware: no such file {text!r}")
