@@ -44,7 +44,14 @@ experts and their decode, `expert_ffn`, its threads), with the backend config co
               times against the loads before them, the copies' write-back cost (writeback_us_per_mib);
               `replay=false` skips.
 The profile records the formats, dtype, threads and copy mode it was measured with in `source`: the sim's
-predictions hold for torch runs with the same settings. `check=TRACE` then replays that trace on both
+predictions hold for torch runs with the same settings. It records in `conditions` what the machine was doing
+meanwhile: the 1-minute load average before and after, the CPUs, other processes' CPU use (Linux /proc/stat),
+and the spread (std/mean) of each repeated copy and FFN measurement, its median and worst. A busy machine
+preempts some calls and not others, so the spread rises with the error of the means the profile keeps (2-core
+VM: quiet 7-10%, means within 5%; two busy loops beside it 58-67%, means 55-179% slow). `judge_conditions`:
+a median spread over 15% or other work over half the CPUs is a warning, over 25% a refusal (nothing written;
+`force=true` writes it, marked forced). A torch run compares its own copy and FFN times with its profile's
+(moesim/backends/torch/drift.py) and says so when they differ by over 10%. `check=TRACE` then replays that trace on both
 backends (in each format of `experts_format`) and prints the sim's errors (the comparison is
 moesim/fidelity.py's).
 """
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import socket
 import sys
 import time
@@ -101,6 +109,8 @@ class Measurements:
     host_gflops: float = 0.0  # host GEMM rate in the compute dtype (measure_host_gemm)
     host_gemm_n: int = 0  # the GEMM's size: n x n times n x n
     seconds: float = 0.0
+    spreads: list = field(default_factory=list)  # [(label, relative spread, mean ms)] of each copy and FFN point
+    conditions: dict = field(default_factory=dict)  # the profile's `conditions` (see `conditions`)
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -159,8 +169,17 @@ class Sampling:
     max_n: int = 400
 
 
-def _sample(run_one, sampling: Sampling) -> float:
-    """Mean ms of `run_one(i)` (which returns one call's ms) after one warm-up call, under `sampling`."""
+def relative_spread(times) -> float:
+    """The spread of one operation's repeated times: their coefficient of variation (standard deviation / mean).
+    A machine shared with other work preempts some calls and not others, and the mean (what the profile keeps)
+    moves with the spread (see `judge_conditions`)."""
+    t = np.asarray(times, dtype=np.float64)
+    return float(t.std() / t.mean()) if len(t) > 1 and t.mean() > 0 else 0.0
+
+
+def _sample(run_one, sampling: Sampling, spreads: list | None = None, label: str = "") -> float:
+    """Mean ms of `run_one(i)` (which returns one call's ms) after one warm-up call, under `sampling`;
+    `spreads`: gets (label, relative_spread of the times, mean ms)."""
     run_one(0)
     times: list[float] = []
     total, i = 0.0, 1
@@ -169,10 +188,12 @@ def _sample(run_one, sampling: Sampling) -> float:
         times.append(ms)
         total += ms
         i += 1
+    if spreads is not None:
+        spreads.append((label, relative_spread(times), _mean_ms(times)))
     return _mean_ms(times)
 
 
-def _cuda_sample(issue_one, sampling: Sampling, stream=None) -> float:
+def _cuda_sample(issue_one, sampling: Sampling, stream=None, spreads: list | None = None, label: str = "") -> float:
     """Like _sample for CUDA work: `issue_one(i)` queues one call; each is timed by events around it, calls
     queued back to back as the backend queues them (so launch gaps count where the host is the bottleneck)."""
     issue_one(0)
@@ -188,18 +209,22 @@ def _cuda_sample(issue_one, sampling: Sampling, stream=None) -> float:
         batch = [e0.elapsed_time(e1) for e0, e1 in evs]
         times += batch
         total += sum(batch)
+    if spreads is not None:
+        spreads.append((label, relative_spread(times), _mean_ms(times)))
     return _mean_ms(times)
 
 
 def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: str,
-                   sampling: Sampling = Sampling(), experts: dict | None = None) -> list[tuple[int, float]]:
+                   sampling: Sampling = Sampling(), experts: dict | None = None,
+                   spreads: list | None = None) -> list[tuple[int, float]]:
     """Mean ms of one host->device copy of each size in `sizes` (bytes), as the torch backend in `mode`
     ("stream" | "worker" | "sync") issues it, rotating source and destination blocks of bytes. cpu: between two
     timed copies, untimed, one expert of `experts` ({bytes: ExpertCodec}) of that size computed as the backend
     computes a slot (the layer a replay computes between its copies), or for other sizes a read of another
     block. A packed expert's decode leaves its temporaries dirty in the caches, and the copy after it pays
     for their write-back: 14-24% longer than after a read (mxfp4, q4_k at 220-311 KB on the 2-core VM); a
-    bf16 FFN only reads, and back-to-back copies also wait for each other's write-backs (~5% slower)."""
+    bf16 FFN only reads, and back-to-back copies also wait for each other's write-backs (~5% slower).
+    `spreads`: gets (label, relative spread, mean ms) of each size's repeated copies."""
     out = []
     worker = CopyWorker() if mode == "worker" else None
     try:
@@ -209,6 +234,7 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
             # (source, destination) views in a random order, as a replay picks experts and slots; made before
             # timing: the backend indexes its pools outside its copy spans too
             pairs = _random_pairs(src, dst, sampling.max_n + 1)
+            label = f"copy {'pinned' if pinned else 'pageable'} {size:,} B"
             between = None
             if device.type == "cpu" and experts and size in experts:
                 between = SlotFFN(experts[size], torch.device("cpu"), 1, sampling.max_n + 1)
@@ -225,7 +251,7 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
                     with torch.cuda.stream(stream):
                         d_.copy_(s_, non_blocking=True)
 
-                ms = _cuda_sample(issue, sampling, stream)
+                ms = _cuda_sample(issue, sampling, stream, spreads, label)
             else:
                 def one(i):
                     s_, d_ = pairs[i % len(pairs)]
@@ -237,7 +263,7 @@ def measure_copies(device: torch.device, sizes: list[int], pinned: bool, mode: s
                         memcpy(d_, s_)
                     return (time.perf_counter() - t0) * 1e3
 
-                ms = _sample(one, sampling)
+                ms = _sample(one, sampling, spreads, label)
             out.append((size, ms))
     finally:
         if worker is not None:
@@ -296,12 +322,14 @@ class SlotFFN:
 
 
 def measure_ffn(device: torch.device, codec: ExpertCodec, tokens: tuple[int, ...], stop_ms: float,
-                sampling: Sampling = Sampling(), deadline: float | None = None) -> list[tuple[int, float]]:
+                sampling: Sampling = Sampling(), deadline: float | None = None,
+                spreads: list | None = None) -> list[tuple[int, float]]:
     """Mean ms of one expert over n tokens for n in `tokens`, ascending, as the torch backend computes a slot:
     `codec.decode` of the expert's packed bytes into a workspace of the compute dtype (a view where the format
     is that dtype), then `expert_ffn` / `routed_ffn` (codec: the backend's ExpertCodec of the expert's format,
     size and compute dtype); rotating over experts in `device` memory. Stops after the first n whose call
-    takes `stop_ms` or more, or at `deadline` (time.perf_counter)."""
+    takes `stop_ms` or more, or at `deadline` (time.perf_counter). `spreads`: gets (label, relative spread, mean
+    ms) of each token count's repeated calls."""
     slot_ffn = SlotFFN(codec, device, max(tokens), sampling.max_n + 1)
     slot_ffn.warm_up(sampling.min_ms)
     points = []
@@ -310,15 +338,16 @@ def measure_ffn(device: torch.device, codec: ExpertCodec, tokens: tuple[int, ...
         if n > 1:  # n tokens' rows, drawn from a batch twice as large (fixed seed), and their gate weights
             rows = torch.from_numpy(np.sort(np.random.default_rng(n).permutation(2 * n)[:n])).to(device)
             gates = torch.full((n, 1), 0.25, dtype=codec.dtype, device=device)
+        label = f"ffn {device.type} {codec.fmt.name} {codec.hidden}x{codec.ffn} {n} tok"
         if device.type == "cuda":
-            ms = _cuda_sample(lambda i, r=rows, g=gates: slot_ffn(i, r, g), sampling)
+            ms = _cuda_sample(lambda i, r=rows, g=gates: slot_ffn(i, r, g), sampling, None, spreads, label)
         else:
             def one(i, r=rows, g=gates):
                 t0 = time.perf_counter()  # the slot and activation views are made inside, as the backend does
                 slot_ffn(i, r, g)
                 return (time.perf_counter() - t0) * 1e3
 
-            ms = _sample(one, sampling)
+            ms = _sample(one, sampling, spreads, label)
         points.append((n, ms))
         if ms >= stop_ms or (deadline is not None and time.perf_counter() > deadline):
             break
@@ -440,6 +469,110 @@ def _nonnegative_fit(A: np.ndarray, y: np.ndarray, keep_first: bool = False) -> 
     return coef
 
 
+# ------------------------------------------------------------------------------------------ conditions
+# Measured on the 2-core VM (docs/fidelity.md, "Stale profiles"), median std/mean of the repeated measurements of
+# model=gpt-oss-20b scale=0.125 (41 points): quiet 6.7-10.2% (5 runs, means within +-5% of their average); one
+# busy loop beside it 8.3% and 27.8% (FFN means +18% in the latter); two busy loops 58% and 67% (means +55% and
+# +179%). Warn above the quiet runs, refuse where the means were off by tens of percent.
+SPREAD_WARN = 0.15  # median relative spread of the repeated measurements above which calibrate warns
+SPREAD_REFUSE = 0.25  # ... and above which it refuses to write the profile (force=true writes it anyway)
+SPREAD_MIN_MS = 0.2  # points judged: those whose call takes this long on average (quiet, calls under 0.1 ms spread
+#                     16-72% whatever the load: a few us of timer, interrupts and cache misses are much of them;
+#                     calls over 0.5 ms 3-13%)
+LOAD_WARN = 0.5  # other work, as a fraction of the CPUs, above which calibrate warns (quiet: 0.15-0.7 of 2
+#                  CPUs busy with other work, with one busy loop beside it 1.1-1.3)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def busy_seconds() -> tuple[float, float, float] | None:
+    """(wall s, CPU s all processes were busy, CPU s of this process) now, to difference later (other_cpus);
+    None where /proc/stat cannot be read (not Linux). Busy: user, nice, system, irq, softirq and steal (a VM's
+    host running something else) jiffies of /proc/stat's cpu line."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    own = os.times()
+    return time.time(), (user + nice + system + irq + softirq + steal) / hz, own.user + own.system
+
+
+def other_cpus(before, after) -> float | None:
+    """CPUs' worth of work by other processes (and a VM's host) between two busy_seconds() readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
+def conditions(spreads: list, load_before: float, load_after: float, cpus: int | None = None,
+               other: float | None = None) -> dict:
+    """The profile's `conditions` of a measurement: when, the 1-minute load average before and after, the CPUs,
+    other processes' CPU use meanwhile (`other`: other_cpus), and the median and largest relative spread of the
+    repeated measurements (`spreads`: [(label, spread, mean ms)]) whose calls took SPREAD_MIN_MS or more."""
+    c = {"measured_at": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": cpus or cpu_count(),
+         "load_before": round(float(load_before), 2), "load_after": round(float(load_after), 2),
+         "spread_points": 0}
+    if other is not None:
+        c["other_cpus"] = round(float(other), 3)
+    judged = [x for x in spreads if x[2] >= SPREAD_MIN_MS]
+    if judged:
+        values = [x[1] for x in judged]
+        worst = max(judged, key=lambda x: x[1])
+        c["spread_points"] = len(judged)
+        c |= {"spread_median": round(float(np.median(values)), 4), "spread_worst": round(float(worst[1]), 4),
+              "spread_worst_at": worst[0]}
+    return c
+
+
+def conditions_line(c: dict) -> str:
+    """`conditions` in one line, for the terminal."""
+    parts = [f"load average {c.get('load_before', 0):.2f} before, {c.get('load_after', 0):.2f} after, "
+             f"{c.get('cpus', '?')} CPUs" + (f", {c['other_cpus']:.2f} of them busy with other work meanwhile"
+                                             if "other_cpus" in c else "")]
+    if "spread_median" in c:
+        parts.append(f"spread of repeated measurements (std/mean) {c['spread_median'] * 100:.1f}% median, "
+                     f"{c['spread_worst'] * 100:.1f}% worst ({c['spread_worst_at']}), over {c['spread_points']} "
+                     f"points of {SPREAD_MIN_MS:g} ms or more")
+    else:
+        parts.append(f"spread not judged: no measured call took {SPREAD_MIN_MS:g} ms")
+    return "; ".join(parts)
+
+
+def judge_conditions(c: dict, threads: int = 1) -> tuple[list[str], str | None]:
+    """(warnings, refusal) of `conditions` c: a warning where the median spread exceeds SPREAD_WARN or other
+    work exceeds LOAD_WARN of the CPUs (other_cpus; without it, the larger of the load average before and the
+    one after less calibrate's own `threads`: the 1-minute average lags a short calibrate); a refusal (None:
+    none) where the median spread exceeds SPREAD_REFUSE."""
+    warnings, refusal = [], None
+    spread = c.get("spread_median")
+    if spread is not None and spread > SPREAD_REFUSE:
+        refusal = (f"calibrate: the repeated measurements spread {spread * 100:.0f}% (median std/mean; refused "
+                   f"above {SPREAD_REFUSE * 100:.0f}%): the machine is busy, and the profile would predict that "
+                   f"load, not this machine; re-run when it is quiet, or force=true to write it anyway")
+    elif spread is not None and spread > SPREAD_WARN:
+        warnings.append(f"calibrate: warning: the repeated measurements spread {spread * 100:.0f}% (median "
+                        f"std/mean; warned above {SPREAD_WARN * 100:.0f}%): the machine may be busy, and its "
+                        f"times may be too slow")
+    cpus = c.get("cpus") or cpu_count()
+    if "other_cpus" in c:
+        other, what = c["other_cpus"], "CPUs busy with other processes"
+    else:
+        other, what = max(c.get("load_before", 0.0), c.get("load_after", 0.0) - threads), "load average"
+    if other > LOAD_WARN * cpus:
+        warnings.append(f"calibrate: warning: other work loaded the machine while it measured ({other:.2f} {what}; "
+                        f"warned above {LOAD_WARN:g} x {cpus} CPUs): its times may be too slow")
+    return warnings, refusal
+
+
 # ------------------------------------------------------------------------------------------- calibrate
 def _formats(experts_format) -> list:
     """The formats of option `experts_format` (a name or a list of names), checked; [None] (the model's own)
@@ -491,6 +624,7 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
     (device=cpu): also measure the replay's own overheads and the copies' write-back cost, with experts in the
     first format. `host_mem_bytes`: the buffer of the host memory read, default host_read_bytes()."""
     started = time.perf_counter()
+    load_before, busy_before = os.getloadavg()[0], busy_seconds()
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     if dims is None:
@@ -551,7 +685,7 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
         kinds = ("pinned", "pageable") if cuda else ("pinned",)
         for kind in kinds:
             pts = measure_copies(dev, copy_sizes, kind == "pinned", mode, sampling,
-                                 {c.nbytes: c for c, _ in codecs})
+                                 {c.nbytes: c for c, _ in codecs}, m.spreads)
             m.copy_points[kind] = pts
             m.copy_fit[kind] = fit_latency_rate(pts)
         if not cuda:  # no pinned memory without CUDA: both are the same memcpy
@@ -575,7 +709,7 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
                 if not always and time.perf_counter() > deadline:
                     m.skipped.append(f"{where} ffn {name}")
                     continue
-                pts = measure_ffn(d, c, tuple(tokens), stop_ms, sampling, None if always else deadline)
+                pts = measure_ffn(d, c, tuple(tokens), stop_ms, sampling, None if always else deadline, m.spreads)
                 m.ffn_sizes[c.nbytes] = (c.fmt.name, c.hidden, c.ffn)
                 m.ffn_points += [{"where": where, "tokens": n, "expert_bytes": c.nbytes, "ms": ms} for n, ms in pts]
                 if not cuda and host:  # device=cpu: the host is the same CPU and the same code
@@ -601,6 +735,9 @@ def measure(device="auto", dtype="auto", threads=1, copy_worker: bool = False, p
     finally:
         torch.set_num_threads(threads_before)
     m.seconds = time.perf_counter() - started
+    m.conditions = conditions(m.spreads, load_before, os.getloadavg()[0], other=other_cpus(busy_before,
+                                                                                            busy_seconds()))
+    log(f"  conditions: {conditions_line(m.conditions)}")
     return m
 
 
@@ -672,6 +809,7 @@ def to_profile(m: Measurements, name: str | None = None) -> HardwareProfile:
         **{k: round(v, 3) for k, v in m.overheads.items()},
         writeback_us_per_mib=round(m.writeback_us_per_mib, 3),
         serial_copies=m.copies == "sync",
+        conditions=dict(m.conditions),
     )
 
 
@@ -703,6 +841,16 @@ def calibrate_command(cfg) -> None:
                     log=lambda s: print(s, file=sys.stderr))
     except torch.cuda.OutOfMemoryError as e:
         raise MoesimError(f"calibrate: out of device memory ({e}); use smaller dims=") from None
+    warnings, refusal = judge_conditions(m.conditions, m.threads)
+    if refusal and not cfg.get("force", False):
+        raise MoesimError(refusal)  # nothing written
+    if refusal:  # force=true: written, and the profile says so
+        warnings.append(refusal.replace("force=true to write it anyway", "written anyway (force=true)"))
+        m.conditions["forced"] = True
+    for w in warnings:
+        print(w, file=sys.stderr)
+    if warnings:
+        m.conditions["warnings"] = warnings
     profile = to_profile(m, cfg.name)
     out = Path(cfg.out) if cfg.out else Path("reports/hardware") / f"{profile.name}.yaml"
     save_hardware(profile, out)

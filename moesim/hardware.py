@@ -342,6 +342,23 @@ DESKTOP_I9_13900K_HOST = Host("desktop: Intel Core i9-13900K, 2x DDR5-5600",
 # AVX2: 32 fp32 flop per cycle as above.
 DESKTOP_I5_12400_HOST = Host("desktop: Intel Core i5-12400, 2x DDR5-4800", cores=((6, 2.5, 32),), channels=2,
                              mts=4800)
+# KTransformers' machine (kvcache-ai/ktransformers@62b7b28 doc/en/DeepseekR1_V3_tutorial.md: "Intel (R) Xeon (R) Gold
+# 6454S, 32 cores per socket, 2 sockets", "standard DDR5-4800 server DRAM (1 TB), each socket with 8xDDR5-4800").
+# Xeon Gold 6454S (ark 231733 via cpu-spec-dataset@4c08d88 intel-cpus.csv): 32 cores, 2.20 GHz base, 8 channels,
+# "Up to DDR5 4800 MT/s 1DPC", 2 AVX-512 FMA units, AMX, PCIe 5.0. 8 DIMMs on 8 channels: 1 per channel, 4800 MT/s.
+# Its GEMM rate here is AVX-512's, 2 x 16 fp32 lanes x 2 = 64 flop per cycle, not AMX's: the systems measured on it
+# (KTransformers V0.2 and llama.cpp) compute experts with llamafile/ggml kernels, and the doc names AMX kernels as
+# V0.3's. -2s: both sockets serve, as KTransformers' NUMA build (USE_NUMA=1) copies the experts onto both nodes.
+XEON_6454S_HOST = Host("Intel Xeon Gold 6454S, 8x DDR5-4800 (1 per channel); one socket, AVX-512 kernels",
+                       cores=((32, 2.2, 64),), channels=8, mts=4800, pcie_gen=5)
+XEON_6454S_2S_HOST = dataclasses.replace(XEON_6454S_HOST, sockets=2, name="2x Intel Xeon Gold 6454S, 16x DDR5-4800 "
+                                         "(1 per channel); both sockets (experts copied to both NUMA nodes), AVX-512 kernels")
+# The RTX 3090 machine of hardware-corner.net/gpt-oss-offloading-moe-layers/ ("an AMD EPYC 7343 CPU, and 64 GB of DDR4
+# 3200 MT/s"). EPYC 7343 (cpu-spec-dataset@4c08d88 amd-cpus.csv): 16 cores, 3.2 GHz base, 8 channels of DDR4 "Up to
+# 3200MHz", PCIe 4.0, no AVX-512 or AMX; 32 fp32 flop per cycle as for the EPYC 7742 (moesim's assumption). The DIMM
+# count is not stated: 4 x 16 GB on 4 channels is moesim's assumption.
+EPYC_7343_HOST = Host("AMD EPYC 7343, 64 GB DDR4-3200 (4 channels assumed)", cores=((16, 3.2, 32),), channels=4,
+                      mts=3200, pcie_gen=4)
 
 
 _GPUS: dict[str, tuple] = {}  # preset name -> its _preset arguments after the name (for `gpu+host`)
@@ -381,6 +398,14 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     # NVIDIA T4 datasheet: 16 GB GDDR6, 320 GB/s, FP16 tensor (mixed precision) 65 TFLOPS; Turing has no
     # bf16, so this is the fp16 rate the experts would run at; PCIe Gen3 x16.
     _preset("t4", 3, 320, 65, 16, SUPERMICRO_XEON_8280_HOST, "NVIDIA T4 datasheet (fp16: no bf16 on Turing), PCIe Gen3 x16"),
+    # RTX 4090 D (hmc-tech.com/gpu/nvidia-geforce-rtx-4090-d): 24 GB GDDR6X, 1008 GB/s, BF16 tensor 147.09 TFLOPS
+    # dense (= the 4090's 165.2 x 14592/16384 shaders). PCIe generation not found in the pages opened: Gen4 x16 as
+    # the RTX 4090 (moesim's assumption). Host: the 4090's desktop (moesim's choice).
+    _preset("rtx-4090d", 4, 1008, 147.09, 24, DESKTOP_I9_13900K_HOST, "RTX 4090 D spec (hmc-tech.com), PCIe Gen4 x16 assumed"),
+    # RTX 3090: 24 GB GDDR6X, 936 GB/s (Tom's Hardware's table as copied at holynerdvana.blogspot.com/2022/10/);
+    # BF16 with FP32 accumulate 71 TFLOPS dense (the GA102 whitepaper figure above); PCIe Gen4 x16 (Ampere
+    # generation; the page opened for it is of low quality). Host: the 4090's desktop (moesim's choice).
+    _preset("rtx-3090", 4, 936, 71, 24, DESKTOP_I9_13900K_HOST, "RTX 3090 spec + GA102 whitepaper rate, PCIe Gen4 x16"),
 ]}
 
 
@@ -388,6 +413,7 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
 HOSTS: dict[str, Host] = {
     "dgx-h100": DGX_H100_HOST, "g482-epyc-7742": G482_EPYC_7742_HOST, "4029gp-xeon-8280": SUPERMICRO_XEON_8280_HOST,
     "i9-13900k": DESKTOP_I9_13900K_HOST, "i5-12400": DESKTOP_I5_12400_HOST,
+    "xeon-6454s": XEON_6454S_HOST, "xeon-6454s-2s": XEON_6454S_2S_HOST, "epyc-7343": EPYC_7343_HOST,
 }
 
 
