@@ -406,6 +406,34 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     # BF16 with FP32 accumulate 71 TFLOPS dense (the GA102 whitepaper figure above); PCIe Gen4 x16 (Ampere
     # generation; the page opened for it is of low quality). Host: the 4090's desktop (moesim's choice).
     _preset("rtx-3090", 4, 936, 71, 24, DESKTOP_I9_13900K_HOST, "RTX 3090 spec + GA102 whitepaper rate, PCIe Gen4 x16"),
+    # GPUs of the published measurements in validation/cases/ whose sources name no CPU: each gets a host of its
+    # kind (moesim's choice, said in the case files); their rows compute no expert on the host.
+    # A100 80GB SXM4: 80 GB HBM2e, 2,039 GB/s (thundercompute.com/blog/nvidia-a100-specs-full-guide), BF16 312
+    # TFLOPS dense (glennklockwood.com/garden/processors/A100, citing NVIDIA's A100 datasheet), PCIe Gen4 x16.
+    # Host: the EPYC 7742 of DGX A100-class systems (the G482-Z54 above has the same CPUs).
+    _preset("a100-sxm-80gb", 4, 2039, 312, 80, G482_EPYC_7742_HOST, "A100 80GB SXM4 specs, PCIe Gen4 x16"),
+    # RTX 3080 Mobile 16GB (laptop): GA104, 48 SMs, 16 GB GDDR6 on 256 bits at 14 Gbps = 448 GB/s (wccftech.com,
+    # "nvidia-unveils-geforce-rtx-30-mobility-gpus..."; another page says 384: the bus x rate product is taken),
+    # PCIe 4.0 x16, boost up to 1710 MHz. BF16 derived as for the RTX 3060: 192 tensor cores (4 per SM) x 1.71 GHz
+    # x 128 flop/clock = 42.0 TFLOPS dense (moesim's derivation; the laptop's clock depends on its power limit).
+    # Host: the i5-12400 desktop (moesim's choice: a laptop CPU is not stated).
+    _preset("rtx-3080-mobile", 4, 448, 42.0, 16, DESKTOP_I5_12400_HOST,
+            "RTX 3080 Mobile 16GB specs (wccftech), BF16 derived, PCIe Gen4 x16"),
+    # The RTX 3060 desktop of arXiv 2312.17238 ("RTX 3060 (12GB, PCIe Gen.3)"): rtx-3060-12gb on a Gen3 link.
+    _preset("rtx-3060-12gb-pcie3", 3, 360, 25.5, 12, DESKTOP_I5_12400_HOST,
+            "NVIDIA RTX 3060 spec + GA102 whitepaper rate, PCIe Gen3 x16 (as arXiv 2312.17238 states)"),
+    # RTX 6000 Ada: 48 GB GDDR6, 960 GB/s, 142 SMs, boost 2505 MHz, PCIe 4.0 x16 (grafikkarten.com's table of
+    # NVIDIA's figures; cputronic.com). Dense BF16 not found: derived from the RTX 4090's 165.2 (128 SMs at
+    # 2520 MHz) x 142/128 x 2505/2520 = 182.2 TFLOPS (GeForce's FP32-accumulate rate; the workstation card may
+    # double it). Host: the DGX H100's Xeon (moesim's choice).
+    _preset("rtx-6000-ada", 4, 960, 182.2, 48, DGX_H100_HOST, "RTX 6000 Ada specs, BF16 derived, PCIe Gen4 x16"),
+    # L4: 24 GB GDDR6, 300 GB/s, PCIe 4.0 x16 (store.sourcecode.com), FP16 tensor 242 TFLOPS with sparsity = 121
+    # dense (grokipedia.com/page/NVIDIA_L4_vs_L40S). Host: Xeon Platinum 8280 (Fiddler's README: "32-core Intel
+    # Cascade Lake"; the 8280 is a 28-core Cascade Lake: moesim's choice).
+    _preset("l4", 4, 300, 121, 24, SUPERMICRO_XEON_8280_HOST, "L4 specs, PCIe Gen4 x16"),
+    # RTX A6000: 48 GB GDDR6, 768 GB/s, PCI Express 4.0 x16 (servethehome.com spec table), FP16/BF16 tensor 154.8
+    # TFLOPS dense (llmperf.net, citing Microway). Host: the DGX H100's Xeon (moesim's choice).
+    _preset("rtx-a6000", 4, 768, 154.8, 48, DGX_H100_HOST, "RTX A6000 specs, PCIe Gen4 x16"),
 ]}
 
 
