@@ -110,6 +110,18 @@ GPT_OSS_FIT = dict(
     rank=3, noise=0.0, gate_temperature=1.19,
 )
 
+
+
+def _resampled(fit: dict, layers: int) -> dict:
+    """`fit` with its per-layer knobs stretched to `layers` layers by relative depth (linear interpolation)."""
+    out = dict(fit)
+    for k, v in fit.items():
+        if isinstance(v, tuple):
+            x = np.linspace(0, 1, len(v))
+            out[k] = tuple(float(round(y, 3)) for y in np.interp(np.linspace(0, 1, layers), x, v))
+    return out
+
+
 # name -> (knobs, model preset). Only the routing of the gpt-oss presets is fitted to data.
 PRESETS: dict[str, tuple[SyntheticConfig, str]] = {
     # The default trace of `python -m moesim run` and `stats`: batch-1 decode like the real files;
@@ -119,6 +131,10 @@ PRESETS: dict[str, tuple[SyntheticConfig, str]] = {
     # so prompt tokens are routed like decode tokens.
     "gpt-oss-like-batch8": (SyntheticConfig(seed=0, sequences=64, decode_tokens=(32, 512), prompt_tokens=(16, 256),
                                             batch=8, **GPT_OSS_FIT), "gpt-oss-20b"),
+    # gpt-oss-120b (36 layers of 128 experts, top-4) routed like gpt-oss-20b: the 20b fit, its per-layer values
+    # stretched to 36 layers by relative depth. Not fitted to gpt-oss-120b routing (no trace of it is at hand).
+    "gpt-oss-120b-like": (SyntheticConfig(seed=0, sequences=100, decode_tokens=(32, 512), **_resampled(GPT_OSS_FIT, 36)),
+                          "gpt-oss-120b"),
     # Not fitted to any trace: a guess. The Mixtral paper (arXiv 2401.04088, section 5) found no clear
     # specialisation of experts by subject and repeated assignment of consecutive tokens above chance,
     # more at later layers: so little skew and topic, reuse growing with depth.
