@@ -333,7 +333,7 @@ def run_cases(paths, progress=print) -> list[Outcome]:
             except MoesimError as e:
                 o.error = str(e)
             if progress:
-                shown = f"{o.predicted:.4g}" if o.predicted is not None else f"failed: {o.error}"
+                shown = f"{o.predicted:.4g}" if o.predicted is not None else f"failed: {o.error.splitlines()[0]}"
                 progress(f"[{i}/{n}] {case.source}/{row.id}: published {row.published:g}, predicted {shown}")
             out.append(o)
     return out
@@ -400,7 +400,7 @@ def report_lines(outcomes: list[Outcome]) -> list[str]:
                 continue
             pred = f"{o.predicted:10.4g}" if o.predicted is not None else f"{'failed':>10}"
             lines.append(f"  {o.row.id:<{w}}  {o.row.metric:<20} {o.row.published:10.4g} {pred} {_pct(o.rel):>7}"
-                         + (f"  ({o.error})" if o.error else ""))
+                         + (f"  ({o.error.splitlines()[0]})" if o.error else ""))
         for c in (c for c in checks if c["table"] in case.tables):
             t = c["table"]
             order = "yes" if c["ranked"] else "no"
@@ -416,13 +416,14 @@ def report_lines(outcomes: list[Outcome]) -> list[str]:
 
 def goal_lines(g: dict) -> list[str]:
     med = g["median_abs_error"]
-    return [
+    failed = [f"  rows whose run failed: {g['failed']} (not judged: the goals below are not met)"] if g["failed"] else []
+    return failed + [
         f"  median |error| {_pct(med).lstrip('+')} (goal <= {GOAL_MEDIAN:.0%}): "
-        f"{'met' if med is not None and med <= GOAL_MEDIAN else 'not met'}",
+        f"{'met' if med is not None and med <= GOAL_MEDIAN and not g['failed'] else 'not met'}",
         f"  rows within a factor of 2: {g['within_factor_2']}/{g['rows']} (worst x{g['worst_factor'] or 0:.2f}): "
         f"{'met' if g['within_factor_2'] == g['rows'] else 'not met'}",
         f"  ratios within {GOAL_RATIO:.0%} of the published: {g['ratios_within']}/{g['ratios']}: "
-        f"{'met' if g['ratios_within'] == g['ratios'] else 'not met'}",
+        f"{'met' if g['ratios_within'] == g['ratios'] and not g['failed'] else 'not met'}",
         f"  tables in the published order: {g['tables_ranked']}/{g['tables']}: "
         f"{'met' if g['tables_ranked'] == g['tables'] else 'not met'}",
     ]
@@ -495,8 +496,7 @@ def page(outcomes: list[Outcome]) -> str:
            "shape, and the relative error is predicted / published - 1. The sim is deterministic: the page does "
            "not depend on the machine that runs it. The case files, with every citation and every assumption, "
            "are in `validation/cases/`; their format is in `validation/README.md`.", "",
-           "## Goals", ""] + [line.strip() for line in goal_lines(g)]
-    out[-4:] = [f"- {x}" for x in out[-4:]]
+           "## Goals", ""] + [f"- {line.strip()}" for line in goal_lines(g)]
     errs = [abs(o.rel) for o in outcomes if o.rel is not None]
     out += ["", "## Error distribution", "", "| absolute error | rows |", "| --- | --- |"]
     lo = 0.0
@@ -520,7 +520,7 @@ def page(outcomes: list[Outcome]) -> str:
         for o in rows:
             sp = o.info.get("split") or {}
             split = " / ".join(f"{sp.get(k, 0):.1f}" for k in ("dense", "expert_compute", "stall", "host_compute"))
-            pred = f"{o.predicted:.4g}" if o.predicted is not None else f"failed: {_md(o.error)}"
+            pred = f"{o.predicted:.4g}" if o.predicted is not None else f"failed: {_md(o.error.splitlines()[0])}"
             out.append(f"| {_md(o.row.id)} | {_md(o.row.machine)} | {o.row.metric} | {o.row.published:g} | {pred} | "
                        f"{_pct(o.rel)} | {split if sp else '–'} | {_md(o.row.note)} |")
         for c in (c for c in checks if c["table"] in case.tables):
