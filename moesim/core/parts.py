@@ -46,6 +46,7 @@ PREFETCH = {
     "strategies.recorded.Recorded": ("recorded", _TABLE),
     "strategies.transition.Transition": ("transition", _TABLE + ("reuse_weight",) + _CALIB),
     "strategies.history.History": ("history", _TABLE + _CALIB),
+    "strategies.whole_layer.WholeLayer": ("whole_layer", _TABLE),
 }
 _HOST = ("device_set", "share", "fill_first", "load", "max_inflight") + _CALIB
 OFFLOAD = {
