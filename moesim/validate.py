@@ -36,7 +36,11 @@ from .files import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]  # the repository (validation/ and docs/ live there)
 CASES_DIR = ROOT / "validation" / "cases"
 DOCS = ROOT / "docs" / "validation.md"
-METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "ttft_ms", "token_latency_ms")
+# decode_tokens_per_s: decode tokens over the decode steps' time; output_tokens_per_s: decode tokens over the whole
+# run's time, prefill included (a harness that times generate()); prefill_tokens_per_s: prompt tokens over their
+# time to first token; ttft_ms: its median; token_latency_ms: 1000 / decode_tokens_per_s; hit_rate: the cache's
+METRICS = ("decode_tokens_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "ttft_ms",
+           "token_latency_ms")
 GOAL_MEDIAN = 0.30  # median |relative error| of absolute figures
 GOAL_FACTOR = 2.0  # every row within this factor
 GOAL_RATIO = 0.15  # ratio between a table's configurations within this of the published ratio
@@ -280,6 +284,9 @@ def predict(row: Row) -> dict:
     elif row.metric == "token_latency_ms":
         rate = s.get("decode_tokens_per_s")
         value = 1e3 / rate if rate else None
+    elif row.metric == "output_tokens_per_s":
+        total_ms = float((steps[:, 3] - steps[:, 2]).sum())
+        value = int((np.asarray(trace.phase) != 0).sum()) / (total_ms / 1e3) if total_ms > 0 else None
     elif row.metric == "hit_rate":
         value = s["hit_rate"]
     else:
@@ -309,6 +316,15 @@ class Outcome:
     @property
     def rel(self) -> float | None:
         return None if self.predicted is None else self.predicted / self.row.published - 1
+
+    @property
+    def gap_ms(self) -> float | None:
+        """For a tokens/s metric: ms per token the source spent beyond moesim's prediction (1000/published -
+        1000/predicted; negative: moesim predicts more time). A constant gap across a table's configurations
+        points to a fixed cost per token that moesim does not model."""
+        if not self.predicted or not self.row.metric.endswith("tokens_per_s"):
+            return None
+        return 1e3 / self.row.published - 1e3 / self.predicted
 
     @property
     def factor(self) -> float | None:
@@ -478,25 +494,34 @@ def _md(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _grouped(items) -> list[tuple[list, str]]:
+    """[(keys, text)] from (key, text) pairs: keys sharing a text together, in first-seen order."""
+    groups: dict[str, list] = {}
+    for key, text in items:
+        if text:
+            groups.setdefault(text, []).append(key)
+    return [(keys, text) for text, keys in groups.items()]
+
+
 def page(outcomes: list[Outcome]) -> str:
     """docs/validation.md: the goals, the error distribution, every source's rows and tables, the misses."""
-    from .report import version_info
+    from . import __version__
 
     cases = list(dict.fromkeys(o.case for o in outcomes))
     checks = [c for case in cases for c in table_checks(case, outcomes)]
     g = goals(outcomes, checks)
-    v = version_info()
     out = ["# Validation: moesim against published measurements", "",
            "<!-- written by `python -m moesim validate write_docs=true`; edit validation/cases/*.yaml, not this "
            "page -->", "",
-           f"Made on {datetime.date.today().isoformat()} by `python -m moesim validate write_docs=true` (moesim "
-           f"{_md(v.get('version', '?'))}, commit {_md(str(v.get('commit') or '?')[:10])}). Every row is a figure a "
-           "source published for a real system; moesim replays the same configuration (model, formats, GPU, host, "
-           "strategy, prompt and generation lengths) with the whole-model simulation on a synthetic trace of that "
-           "shape, and the relative error is predicted / published - 1. The sim is deterministic: the page does "
-           "not depend on the machine that runs it. The case files, with every citation and every assumption, "
-           "are in `validation/cases/`; their format is in `validation/README.md`.", "",
-           "## Goals", ""] + [f"- {line.strip()}" for line in goal_lines(g)]
+           f"Made on {datetime.date.today().isoformat()} with moesim {__version__} by `python -m moesim validate "
+           "write_docs=true`. Every row is a figure a source published for a real system; moesim replays the same "
+           "configuration (model, formats, GPU, host, strategy, prompt and generation lengths) with the "
+           "whole-model simulation on a synthetic trace of that shape; the error is predicted / published - 1. "
+           "The sim is deterministic: the page does not depend on the machine that makes it. The case files, "
+           "with every citation and assumption, are in `validation/cases/`; their format is in "
+           "`validation/README.md`. Per row, `gap ms/token` is 1000 / published - 1000 / predicted: the time per "
+           "token the system spent that moesim does not predict; the step split is moesim's mean step (prefill "
+           "steps included).", "", "## Goals", ""] + [f"- {line.strip()}" for line in goal_lines(g)]
     errs = [abs(o.rel) for o in outcomes if o.rel is not None]
     out += ["", "## Error distribution", "", "| absolute error | rows |", "| --- | --- |"]
     lo = 0.0
@@ -510,36 +535,51 @@ def page(outcomes: list[Outcome]) -> str:
         q = np.percentile(signed, [10, 50, 90])
         out += ["", f"Signed error: p10 {_pct(q[0])}, median {_pct(q[1])}, p90 {_pct(q[2])} over {len(signed)} rows "
                 f"({sum(e > 0 for e in signed)} predicted high, {sum(e < 0 for e in signed)} low)."]
+        out += ["", "| source | rows | median error | within 2x |", "| --- | --- | --- | --- |"]
+        for case in cases:
+            rel = [o.rel for o in outcomes if o.case is case and o.rel is not None]
+            within = sum(o.factor <= GOAL_FACTOR for o in outcomes if o.case is case and o.factor is not None)
+            med = _pct(float(np.median(rel))) if rel else "–"
+            out.append(f"| {_md(case.source)} | {len(rel)} | {med} | {within} |")
     for case in cases:
         rows = [o for o in outcomes if o.case is case]
-        out += ["", f"## {_md(case.source)}: {_md(case.title)}", "",
-                f"Source: {_md(case.citation)}" + (f", <{case.url}>" if case.url else "") + "."
-                + (f" System: {_md(case.system)}." if case.system else ""), "",
-                "| row | machine | metric | published | predicted | error | step ms: dense / experts / stall / "
-                "host | note |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += ["", f"## {_md(case.source)}", "", f"{_md(case.title)}. Source: {_md(case.citation)}"
+                + (f", <{case.url}>" if case.url else "") + "." + (f" System: {_md(case.system)}." if case.system else ""),
+                "", "| row | metric | published | predicted | error | gap ms/token | step ms: dense / experts / stall / "
+                "host |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for o in rows:
             sp = o.info.get("split") or {}
             split = " / ".join(f"{sp.get(k, 0):.1f}" for k in ("dense", "expert_compute", "stall", "host_compute"))
             pred = f"{o.predicted:.4g}" if o.predicted is not None else f"failed: {_md(o.error.splitlines()[0])}"
-            out.append(f"| {_md(o.row.id)} | {_md(o.row.machine)} | {o.row.metric} | {o.row.published:g} | {pred} | "
-                       f"{_pct(o.rel)} | {split if sp else '–'} | {_md(o.row.note)} |")
+            gap = "–" if o.gap_ms is None else f"{o.gap_ms:+.1f}"
+            out.append(f"| {_md(o.row.id)} | {o.row.metric} | {o.row.published:g} | {pred} | {_pct(o.rel)} | {gap} | "
+                       f"{split if sp else '–'} |")
         for c in (c for c in checks if c["table"] in case.tables):
             t = c["table"]
             out += ["", f"Table `{_md(t.id)}`" + (f" ({_md(t.caption)})" if t.caption else "")
                     + f": published order {'reproduced' if c['ranked'] else 'not reproduced'} "
-                    f"({c['agree']} of {c['pairs']} pairs). Ratios to `{_md(c['reference'])}`:", ""]
-            out += ["| row | published ratio | predicted ratio | error |", "| --- | --- | --- | --- |"]
-            for r in c["ratios"]:
-                pred = "–" if r["predicted"] is None else f"{r['predicted']:.3f}"
-                out.append(f"| {_md(r['row'])} | {r['published']:.3f} | {pred} | {_pct(r['error'])} |")
+                    f"({c['agree']} of {c['pairs']} pairs). Ratios to `{_md(c['reference'])}`: "
+                    + "; ".join(f"`{_md(r['row'])}` {r['published']:.3f} published, "
+                                + ("–" if r["predicted"] is None else f"{r['predicted']:.3f}")
+                                + f" predicted ({_pct(r['error'])})" for r in c["ratios"]) + "."]
             if t.note:
                 out += ["", _md(t.note)]
+        out += ["", "Machines:", ""] + [f"- {', '.join(f'`{_md(k)}`' for k in keys)}: {_md(text)}"
+                                         for keys, text in _grouped((o.row.id, o.row.machine) for o in rows)]
+        notes = _grouped((o.row.id, o.row.note) for o in rows)
+        if notes:
+            out += ["", "How the rows map onto moesim:", ""] + [
+                f"- {', '.join(f'`{_md(k)}`' for k in keys)}: {_md(text)}" for keys, text in notes]
         if case.notes:
             out += ["", "Notes: " + _md(case.notes)]
     misses = [o for o in outcomes if o.error or (o.rel is not None and abs(o.rel) > GOAL_MEDIAN)]
     out += ["", "## Misses", "",
-            "Rows more than 30% off, with the reason their case file gives (the step split above shows where "
-            "moesim puts the time):", ""]
-    out += [f"- `{_md(o.case.source)}/{_md(o.row.id)}` {_pct(o.rel) if o.rel is not None else 'failed'}: "
-            f"{_md(o.row.note) or 'no reason recorded'}" for o in misses] or ["- none"]
+            "Rows more than 30% off, by source; the reasons are in each source's notes above and in its case file.", ""]
+    for case in cases:
+        m = [o for o in misses if o.case is case]
+        if m:
+            out.append(f"- {_md(case.source)}: " + ", ".join(
+                f"`{_md(o.row.id)}` {_pct(o.rel) if o.rel is not None else 'failed'}" for o in m))
+    if not misses:
+        out.append("- none")
     return "\n".join(out) + "\n"
