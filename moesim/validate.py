@@ -453,10 +453,12 @@ def to_records(outcomes: list[Outcome]) -> list[dict]:
 
 
 def write_pins(outcomes: list[Outcome], path) -> Path:
-    """The predictions of `outcomes`, keyed case/row, merged into the JSON file at `path` (what the CI test
-    re-runs and compares)."""
+    """The predictions of `outcomes`, keyed case/row, written into the JSON file at `path` (what the CI test
+    re-runs and compares): the cases run replace their old entries, other cases' entries stay."""
     path = Path(path)
     pins = json.loads(path.read_text()) if path.is_file() else {}
+    run = {o.case.source for o in outcomes}
+    pins = {k: v for k, v in pins.items() if k.split("/", 1)[0] not in run}
     for o in outcomes:
         if o.predicted is None:
             raise MoesimError(f"pin: {o.case.source}/{o.row.id} failed ({o.error}); nothing pinned")
@@ -570,8 +572,8 @@ def page(outcomes: list[Outcome]) -> str:
         if notes:
             out += ["", "How the rows map onto moesim:", ""] + [
                 f"- {', '.join(f'`{_md(k)}`' for k in keys)}: {_md(text)}" for keys, text in notes]
-        if case.notes:
-            out += ["", "Notes: " + _md(case.notes)]
+        for para in (p for p in case.notes.split("\n\n") if p.strip()):  # the file's paragraphs, as written
+            out += ["", _md(para)]
     misses = [o for o in outcomes if o.error or (o.rel is not None and abs(o.rel) > GOAL_MEDIAN)]
     out += ["", "## Misses", "",
             "Rows more than 30% off, by source; the reasons are in each source's notes above and in its case file.", ""]

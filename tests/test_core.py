@@ -295,6 +295,7 @@ def _parts():
     from strategies.recorded import Recorded
     from strategies.static_split import StaticSplit
     from strategies.transition import Transition
+    from strategies.whole_layer import WholeLayer
 
     prefetchers = {
         "oracle": lambda: Oracle(),
@@ -302,6 +303,7 @@ def _parts():
         "recorded": lambda: Recorded(),
         "transition": lambda: Transition(lookahead=2, calibrate_fraction=0.3),
         "history": lambda: History(per_layer=3, max_inflight=3 * 16 * 16 * 3 * 2),
+        "whole_layer": lambda: WholeLayer(),
     }
     offloads = {
         "fetch": lambda: Fetch(),

@@ -19,7 +19,8 @@ HW = HardwareProfile("toy", h2d_pinned_gbps=3, h2d_pageable_gbps=1.5, copy_laten
 
 
 def test_presets_load_and_are_sane():
-    assert set(PRESETS) == {"h200", "h100-pcie", "a100-pcie", "rtx-4090", "rtx-3060-12gb", "t4"}
+    assert set(PRESETS) == {"h200", "h100-pcie", "a100-pcie", "rtx-4090", "rtx-3060-12gb", "t4", "rtx-4090d", "rtx-3090",
+                            "a100-sxm-80gb", "rtx-3080-mobile", "rtx-3060-12gb-pcie3", "rtx-6000-ada", "l4", "rtx-a6000"}
     for name in PRESETS:
         hw = load_hardware(name)
         assert hw.name == name
@@ -221,3 +222,24 @@ def test_real_model_numbers_are_plausible():
     spec, hw = model_spec("gpt-oss-20b"), load_hardware("h200")
     assert 0.25 < hw.copy_ms(spec.bytes_per_expert) < 0.3
     assert hw.expert_ms(1, spec) < 0.02 < hw.copy_ms(spec.bytes_per_expert)
+
+
+def test_a_gpu_preset_on_another_host():
+    """`gpu+host`: the GPU's device side, the host's CPU side, the link at the older PCIe generation."""
+    from moesim.hardware import HOSTS
+
+    gpu, both = load_hardware("rtx-4090d"), load_hardware("rtx-4090d+xeon-6454s-2s")
+    one = load_hardware("rtx-4090d+xeon-6454s")
+    assert (both.device_mem_gbps, both.device_tflops, both.vram_gib) == (gpu.device_mem_gbps, gpu.device_tflops,
+                                                                         gpu.vram_gib)
+    assert both.host_mem_gbps == pytest.approx(2 * one.host_mem_gbps, rel=1e-3)  # 16 channels, not 8
+    assert one.host_mem_gbps == pytest.approx(8 * 4800 * 8 / 1e3 * 0.7, abs=0.1)
+    assert "Xeon Gold 6454S" in both.source and both.name == "rtx-4090d+xeon-6454s-2s"
+    # a Gen5 GPU on the Gen4 EPYC 7343 links at Gen4
+    assert load_hardware("h100-pcie+epyc-7343").h2d_pinned_gbps == load_hardware("a100-pcie").h2d_pinned_gbps
+    for host in HOSTS:
+        assert load_hardware(f"t4+{host}").host_mem_gbps > 0
+    with pytest.raises(MoesimError, match="unknown host 'nope'; hosts: "):
+        load_hardware("t4+nope")
+    with pytest.raises(MoesimError, match="unknown GPU preset 'gtx'"):
+        load_hardware("gtx+epyc-7343")

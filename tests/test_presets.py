@@ -20,7 +20,8 @@ from moesim.trace import ModelSpec, from_arrays, save_trace
 from strategies.activation_aware import ActivationAware
 from strategies.class_lru import ClassLRU
 
-PRESETS = ("mixtral_offloading", "moe_infinity", "fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache", "vllm_lfru")
+PRESETS = ("mixtral_offloading", "moe_infinity", "fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache", "vllm_lfru",
+           "layer_offload")
 SPEC = ModelSpec("toy8", layers=3, experts=8, top_k=2, hidden=1000, ffn=1000, bits_per_weight=8)
 
 
@@ -46,14 +47,14 @@ def _run(trace, *overrides):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_composes_and_runs(tiny, preset):
-    extra = ["scope=global"] if preset == "llama_cpp_ncmoe" else []
+    extra = {"llama_cpp_ncmoe": ["scope=global"], "layer_offload": ["scope=global", "budget=16"]}.get(preset, [])
     s = _run(tiny[0], f"strategy={preset}", *extra)
     assert s["strategy"] == preset and s["bound"] is False
     assert s["requests"] == s["hits"] + s["misses"] > 0
     assert s["tokens_per_s"] > 0 and 0 <= s["stall_free_rate"] <= s["hit_rate"] + 1e-12
     uses_host = preset in ("fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache")
     assert (s["host_computes"] > 0) == uses_host
-    prefetches = preset in ("mixtral_offloading", "moe_infinity")
+    prefetches = preset in ("mixtral_offloading", "moe_infinity", "layer_offload")
     assert (s["prefetch_loads"] > 0) == prefetches
 
 
@@ -63,6 +64,16 @@ def test_each_preset_names_its_source_and_what_it_approximates(preset):
     comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     assert any(w in comments for w in ("arXiv:", "github.com", "PR #", "docs/")), preset
     assert "Approximated" in comments, preset
+
+
+def test_layer_offload_moves_every_expert_of_every_layer_each_step(tiny):
+    """Two layers' worth of slots in one pool: each step loads all 8 experts of each of the 3 layers ahead, so the
+    bytes per step do not depend on the routing; only the very first layer, which nothing precedes, loads just
+    its 2 routed experts, on demand."""
+    s = _run(tiny[1], "strategy=layer_offload", "scope=global", "budget=16")
+    steps = 60
+    assert s["loads"] == steps * 3 * 8 - (8 - 2)
+    assert s["misses"] <= 2  # only the first layer of the first step waits for its own experts
 
 
 def test_presets_that_need_something_say_so(tiny):

@@ -113,10 +113,11 @@ def test_six_experts_is_a_trace_of_top_k_six(tmp_path):
 
 
 def test_pinned_predictions_do_not_drift():
-    """A few fast shipped rows, replayed: their predictions equal the pinned ones (the sim is deterministic).
-    After a deliberate change: python -m moesim validate cases=[...] pin=tests/baseline/validation.json"""
+    """Every shipped row, replayed (10 s): its prediction equals the pinned one (the sim is deterministic), and
+    every row is pinned. After a deliberate change: python -m moesim validate pin=tests/baseline/validation.json"""
     pins = json.loads(PINS.read_text())
-    assert pins, "no pinned rows"
+    shipped = {f"{c.source}/{r.id}" for c in map(load_case, case_paths("all")) for r in c.rows}
+    assert shipped == set(pins), f"rows not pinned: {sorted(shipped - set(pins))}; pinned, gone: {sorted(set(pins) - shipped)}"
     by_case: dict[str, list[str]] = {}
     for key in pins:
         case, row = key.split("/", 1)
