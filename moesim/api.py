@@ -378,6 +378,12 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
     for extra in ("memory", "info"):  # what only some backends can tell (torch: peak RSS, VRAM, device name)
         if hasattr(backend, extra):
             summary[f"backend_{extra}" if extra == "info" else extra] = getattr(backend, extra)()
+    check = backend.profile_check() if hasattr(backend, "profile_check") else None
+    if check:  # torch: its copy and FFN times against the profile's (moesim/backends/torch/drift.py)
+        summary["profile_check"] = {k: v for k, v in check.items() if k != "notes"}
+        for note in check["notes"]:
+            notes.append(note)
+            print(note, file=sys.stderr)
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
 
 

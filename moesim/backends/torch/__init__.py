@@ -56,10 +56,12 @@ import torch
 
 from .. import Backend
 from ...errors import MoesimError
+from ...hardware import load_hardware
 # the parts' names are imported here for TorchBackend and re-exported for callers (calibrate, tests, scripts)
 from ...models import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dtype  # noqa: F401
 from .copies import CopyWorker, memcpy
 from .device import TORCH_DTYPES, device_name, resolve_device, resolve_threads
+from .drift import DriftCheck
 from .ffn import expert_ffn, routed_ffn, swiglu
 from .memory import (DEVICE_SHARE, HOST_SHARE, ChunkedPool, GiB, MemoryPlan, MiB, NvmlSampler,  # noqa: F401
                      check_memory, host_memory_available, host_memory_total, peak_rss_bytes, pinned_bytes,
@@ -80,7 +82,7 @@ class TorchBackend(Backend):
                  copy_worker: bool = False, threads=1, seed: int = 0, workspace_tokens: int = 512):
         # options are checked in `setup` (as `resolve`), so that a refusal reaches the user as a MoesimError
         # and not wrapped in Hydra's instantiation error
-        self.hardware = hardware  # not used for timing: this backend measures
+        self.hardware = hardware  # not used for timing (this backend measures): its times are compared (drift.py)
         self.options = {"device": device, "threads": threads, "workspace_tokens": workspace_tokens}
         self.requested_dtype = dtype
         self.pinned = bool(pinned)
@@ -186,6 +188,10 @@ class TorchBackend(Backend):
             if self.copy_worker:
                 self._worker = CopyWorker()
         self._steps_pending = 0
+        # the profile's times for this run's work, beside the observed ones (drift.py); needs a profile (Hydra's
+        # instantiate hands the run's profile over as a config node: read back as a profile)
+        hw = None if self.hardware is None else load_hardware(self.hardware)
+        self._drift = None if hw is None else DriftCheck(hw, spec, self._nbytes, dev.type == "cuda" and self.pinned)
 
     def _alloc_activations(self, tokens: int) -> None:
         """Activations for up to `tokens` tokens: x (random, fixed seed), the layer output, host round trip."""
@@ -254,6 +260,8 @@ class TorchBackend(Backend):
                         for k, a, b in zip(keys.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())}
 
     def load(self, key, slot: int, prefetch: bool) -> None:
+        if self._drift is not None:
+            self._drift.load()
         src = self.host_pool[key[0] * self._E + key[1]]
         dst = self.device_pool[slot]
         mode = self.mode
@@ -299,6 +307,8 @@ class TorchBackend(Backend):
             self._late += 1
 
     def compute(self, layer: int, device, host) -> None:
+        if self._drift is not None:
+            self._drift.layer(device, self._n_tokens)
         if self.device.type == "cuda":
             self._compute_cuda(layer, device, host)
         else:
@@ -449,7 +459,7 @@ class TorchBackend(Backend):
         if not cut:
             return
         done, self._events = self._events[:cut], self._events[cut:]
-        prof = self.profiler
+        prof, drift = self.profiler, self._drift
         if mode == "stream":
             base, ms = self._base, None
             ms = base.elapsed_time
@@ -457,7 +467,10 @@ class TorchBackend(Backend):
                 kind = ev[0]
                 if kind == "copy":
                     _, key, prefetch, e0, e1 = ev
-                    prof.copy(key, self._nbytes, ms(e0), ms(e1), prefetch)
+                    a, b = ms(e0), ms(e1)
+                    prof.copy(key, self._nbytes, a, b, prefetch)
+                    if drift is not None:
+                        drift.observed_copy(b - a)
                     self._free_events += (e0, e1)
                     if self._inflight and self._inflight[0] is e1:  # complete: no longer in flight
                         self._inflight.popleft()
@@ -468,6 +481,8 @@ class TorchBackend(Backend):
                     else:
                         t_wait, t_start, t_end = ms(a), ms(b), ms(c)
                         prof.compute(layer, t_start, t_end, max(0.0, t_start - t_wait), "device")
+                        if drift is not None:
+                            drift.observed_layer(t_end - t_start)
                         last = t_wait
                         for first_prefetch_use, mark in ev[6]:
                             t = ms(mark)
@@ -489,9 +504,13 @@ class TorchBackend(Backend):
                         s, e = times.pop(a)
                         a, b = (s - t0) * 1e3, (e - t0) * 1e3
                     prof.copy(key, self._nbytes, a, b, prefetch)
+                    if drift is not None:
+                        drift.observed_copy(b - a)
                 elif kind == "compute":
                     _, layer, start, end, stall, where = ev
                     prof.compute(layer, start, end, stall, where)
+                    if drift is not None and where == "device":
+                        drift.observed_layer(end - start)
                 else:
                     _, index, n, start, end = ev
                     prof.step(index, n, start, end)
@@ -516,6 +535,13 @@ class TorchBackend(Backend):
         while q and q[0].query():  # one copy stream: copies complete in issue order
             q.popleft()
         return len(q) * self._nbytes
+
+    def profile_check(self) -> dict | None:
+        """This run's copy and expert FFN times against its hardware profile's for the same work (drift.py), once
+        `finish` has run; None without a profile. Its "notes": lines to show where they differ by over 10%."""
+        if getattr(self, "_drift", None) is None:
+            return None
+        return self._drift.result(device_name(self.device))
 
     def request_stats(self) -> dict:
         """Counts of served requests, as the sim counts them: `stall_free_requests` (device experts whose
