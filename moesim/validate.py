@@ -533,7 +533,7 @@ def page(outcomes: list[Outcome]) -> str:
            "token the system spent that moesim does not predict; the step split is moesim's mean step (prefill "
            "steps included).", "", "## Goals", ""] + [f"- {line.strip()}" for line in goal_lines(g)]
     errs = [abs(o.rel) for o in outcomes if o.rel is not None]
-    out += ["", "## Error distribution", "", "| absolute error | rows |", "| --- | --- |"]
+    out += ["", "## Error distribution (every row)", "", "| absolute error | rows |", "| --- | --- |"]
     lo = 0.0
     for hi, label in BUCKETS:
         out.append(f"| {label} | {sum(lo <= e < hi for e in errs)} |")
@@ -583,13 +583,16 @@ def page(outcomes: list[Outcome]) -> str:
         for para in (p for p in case.notes.split("\n\n") if p.strip()):  # the file's paragraphs, as written
             out += ["", _md(para)]
     misses = [o for o in outcomes if o.error or (o.rel is not None and abs(o.rel) > GOAL_MEDIAN)]
-    out += ["", "## Misses", "",
-            "Rows more than 30% off, by source; the reasons are in each source's notes above and in its case file.", ""]
+    out += ["", "## Misses explained", "",
+            "Rows more than 30% off, by source, with the source's own reading of the comparison (the paragraph of "
+            "its case file that starts 'What the comparison shows').", ""]
     for case in cases:
         m = [o for o in misses if o.case is case]
         if m:
-            out.append(f"- {_md(case.source)}: " + ", ".join(
-                f"`{_md(o.row.id)}` {_pct(o.rel) if o.rel is not None else 'failed'}" for o in m))
+            out += [f"- **{_md(case.source)}**: " + ", ".join(
+                f"`{_md(o.row.id)}` {_pct(o.rel) if o.rel is not None else 'failed'}" for o in m)]
+            why = [p for p in case.notes.split("\n\n") if p.strip().startswith("What the comparison shows")]
+            out += [f"  {_md(p)}" for p in why] or ["  (no reading recorded)"]
     if not misses:
         out.append("- none")
     return "\n".join(out) + "\n"
