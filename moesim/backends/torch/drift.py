@@ -6,14 +6,14 @@ same work, so that a profile measured on a busier (or quieter, or other) machine
 The backend already times every copy and every layer's device experts for its profiler; this adds up those
 times and, beside them, the profile's: copy_ms(bytes per expert) per copy, and per layer expert_ms(tokens) of
 each device expert, the shared experts over the step's tokens and the write-back of the copies before it
-(writeback_ms), as the sim backend charges a layer. Host experts are not compared. The bookkeeping costs about
-1 us per layer on the 2-core VM (0.1% of a gpt-oss-20b step at scale 1/8), in the replay's own time. Where the observed mean
-differs from the profile's by more than DRIFT, a note says so (a preset's numbers describe a datasheet's GPU,
-not this machine: there the difference is expected, and the note says that instead).
+(writeback_ms), as the sim backend charges a layer. Host experts are not compared. Where the profile's total
+differs from the observed one by more than DRIFT, a note says so (a preset's numbers describe a datasheet's
+GPU, not this machine: there the difference is expected, and the note says that instead). The bookkeeping
+costs about 1 us per layer on the 2-core VM (0.1% of a gpt-oss-20b step at scale 1/8), in the replay's own time.
 """
 from __future__ import annotations
 
-DRIFT = 0.10  # |observed / profile - 1| above which a run says its profile is off
+DRIFT = 0.10  # |profile / observed - 1| above which a run says its profile is off
 
 
 class DriftCheck:
