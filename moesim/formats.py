@@ -142,9 +142,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     # ... and its attention: 4 bits in groups of 64, the scales' meta-groups of 256 (its notebook sets 256)
     _hqq("hqq4_g64_mo", ((64, 32), (64, 1), (64 * 256, 4), (64, 1), (0, 4)), _HQQ_MO),
     # the paper's 3-bit scheme (arXiv:2312.17238 Section 4.2: "HQQ 3-bit with group size 64, scale group size
-    # 128"; the released code has no 3-bit config): hqq's 3-bit packing (10 codes per int32) with the same
-    # quantised scales and zeros as the two above
-    _hqq("hqq3_g64_mo", ((640, 256), (64, 1), (64 * 128, 4), (64, 1), (0, 4)), _HQQ_MO),
+    # 128"; the released code has no 3-bit config) with the same quantised scales and zeros as the two above. With
+    # axis=0 a tensor is [64, G] and hqq@37502bea's pack_3bit_32 pads its 64 rows to 70 and packs 10 per int32:
+    # 7 int32 = 28 bytes per group of 64 (3.5 bits; dequantize drops the 6 padding rows)
+    _hqq("hqq3_g64_mo", ((64, 28), (64, 1), (64 * 128, 4), (64, 1), (0, 4)), _HQQ_MO),
 ]}
 
 ALIASES = {"bfloat16": "bf16", "float16": "fp16", "f16": "fp16", "half": "fp16", "float32": "fp32", "f32": "fp32",

@@ -352,6 +352,27 @@ def test_hqq_mixtral_offloading_config_decodes_its_quantised_meta():
     torch.testing.assert_close(_decode("hqq2_g16_mo", rows, cols, data), torch.from_numpy(want).float())
 
 
+def test_hqq_3bit_axis0_drops_the_padding_rows():
+    """hqq3_g64_mo: axis=0 codes [64, G] padded to 70 rows and packed 10 per int32 row ([7, G], 28 bytes per
+    group), the same quantised meta as hqq2_g16_mo; the decode reads 28 bytes per group and drops rows 64..69."""
+    rows, cols, group = 64, 256, 64
+    G = rows * cols // group  # 256: 2 meta-groups of 128
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 8, (group, G))
+    sq, zq = rng.integers(0, 256, G).astype(np.uint8), rng.integers(0, 256, G).astype(np.uint8)
+    ms = rng.uniform(1e-4, 1e-3, G // 128).astype(np.float16)
+    mz = rng.uniform(-20, 20, G // 128).astype(np.float16)
+    zs, zz = np.float16(7 / 255), np.float16(-10)
+    codes = _hqq_pack(q, 3)
+    assert codes.nbytes == 28 * G
+    data = (codes.tobytes() + sq.tobytes() + ms.tobytes() + mz.tobytes() + zq.tobytes() + zs.tobytes() + zz.tobytes())
+    assert len(data) == get_format("hqq3_g64_mo").tensor_bytes(rows, cols)
+    scale = (sq - np.repeat(mz.astype(np.float32), 128)) * np.repeat(ms.astype(np.float32), 128)
+    zero = (zq - np.float32(zz)) * np.float32(zs)
+    want = ((q - zero[None, :]) * scale[None, :]).reshape(rows, cols)
+    torch.testing.assert_close(_decode("hqq3_g64_mo", rows, cols, data), torch.from_numpy(want).float())
+
+
 @pytest.mark.parametrize("name", ["q4_k", "q2_k", "iq1_m", "iq4_xs", "q6_k"])
 def test_generic_blocks_read_every_byte(name):
     """k-quants and iq formats: moesim's own block (not GGUF's bits), but every byte of the block changes

@@ -129,6 +129,9 @@ class TensorCodec:
         """The [G, group] codes (axis=1) or [group, G] (the `_mo` formats' axis=0), as hqq's BitPack unpacks."""
         code = src[:self.offs[1]]
         g, G, b = self.group, self.G, self.nbits
+        if b == 3 and self.mo:  # axis=0: [g, G] padded to 10 * ceil(g / 10) rows, 10 rows per int32 row
+            words = _as(code, torch.int32).view(-1, G)
+            return torch.cat([(words >> s) & 7 for s in range(27, -1, -3)], 0)[:g].float()
         if b == 3:  # int32 rows of 10 codes, 3 bits each, the first in bits 27..29
             words = _as(code, torch.int32).view(-1, g)
             return torch.cat([(words >> s) & 7 for s in range(27, -1, -3)], 0)[:G].float()
