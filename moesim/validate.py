@@ -115,6 +115,14 @@ def _unknown(d: dict, known: set, where: str) -> None:
         raise MoesimError(f"{where}: unknown field(s) {extra}; known: {sorted(known)}")
 
 
+def _entries(items: list, where: str):
+    """(where[i], item) for each item of a list that must hold mappings."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise MoesimError(f"{where}[{i}]: expected a mapping, got {type(item).__name__}")
+        yield f"{where}[{i}]", item
+
+
 def _check_trace(t: dict, where: str) -> dict:
     _unknown(t, _TRACE_KEYS, where)
     if ("preset" in t) == ("path" in t):
@@ -154,10 +162,7 @@ def load_case(path) -> CaseFile:
     if not isinstance(raw_rows, list) or not raw_rows:
         raise MoesimError(f"{where}: field 'rows' must be a non-empty list of rows")
     rows = []
-    for i, r in enumerate(raw_rows):
-        at = f"{where}: rows[{i}]"
-        if not isinstance(r, dict):
-            raise MoesimError(f"{at}: expected a mapping, got {type(r).__name__}")
+    for at, r in _entries(raw_rows, f"{where}: rows"):
         _unknown(r, _ROW_KEYS, at)
         rid = _text(r, "id", at, required=True)
         at = f"{where}: row {rid!r}"
@@ -181,10 +186,7 @@ def load_case(path) -> CaseFile:
     if not isinstance(raw_tables, list):
         raise MoesimError(f"{where}: field 'tables' must be a list")
     tables = []
-    for i, t in enumerate(raw_tables):
-        at = f"{where}: tables[{i}]"
-        if not isinstance(t, dict):
-            raise MoesimError(f"{at}: expected a mapping, got {type(t).__name__}")
+    for at, t in _entries(raw_tables, f"{where}: tables"):
         _unknown(t, {"id", "caption", "rows", "note"}, at)
         members = t.get("rows")
         if not isinstance(members, list) or len(members) < 2:

@@ -333,23 +333,30 @@ def test_hqq_decodes_its_packed_codes_with_scale_and_zero(name, bits, group):
     torch.testing.assert_close(_decode(name, rows, cols, data), torch.from_numpy(want.reshape(rows, cols)).float())
 
 
+def _hqq_mo_tensor(q: np.ndarray, bits: int, seed: int) -> tuple[bytes, np.ndarray]:
+    """The bytes of codes q [group, G] (axis=0) with random 8-bit scales and zeros as hqq@37502bea quantises them
+    (an fp16 scale and zero per 128 scales; one fp16 scale and zero for the zeros), and the weights they mean."""
+    G = q.shape[1]
+    rng = np.random.default_rng(seed)
+    sq, zq = rng.integers(0, 256, G).astype(np.uint8), rng.integers(0, 256, G).astype(np.uint8)
+    ms = rng.uniform(1e-4, 1e-3, G // 128).astype(np.float16)
+    mz = rng.uniform(-20, 20, G // 128).astype(np.float16)
+    zs, zz = np.float16((2**bits - 1) / 255), np.float16(-10)
+    data = (_hqq_pack(q, bits).tobytes() + sq.tobytes() + ms.tobytes() + mz.tobytes() + zq.tobytes()
+            + zs.tobytes() + zz.tobytes())
+    scale = (sq - np.repeat(mz.astype(np.float32), 128)) * np.repeat(ms.astype(np.float32), 128)
+    zero = (zq - np.float32(zz)) * np.float32(zs)
+    return data, ((q - zero[None, :]) * scale[None, :]).astype(np.float32)
+
+
 def test_hqq_mixtral_offloading_config_decodes_its_quantised_meta():
     """hqq@37502bea axis=0 as mixtral-offloading used it: codes [group * 2 / 8, G]; 8-bit scales with an
     fp16 scale and zero per 128 of them; 8-bit zeros with one fp16 scale and zero."""
     rows, cols, group = 64, 512, 16
     G = rows * cols // group  # 2048: 16 meta-groups of 128
-    rng = np.random.default_rng(4)
-    q = rng.integers(0, 4, (group, G))
-    sq, zq = rng.integers(0, 256, G).astype(np.uint8), rng.integers(0, 256, G).astype(np.uint8)
-    ms = rng.uniform(1e-4, 1e-3, G // 128).astype(np.float16)
-    mz = rng.uniform(-20, 20, G // 128).astype(np.float16)
-    zs, zz = np.float16(3 / 255), np.float16(-10)
-    data = (_hqq_pack(q, 2).tobytes() + sq.tobytes() + ms.tobytes() + mz.tobytes() + zq.tobytes()
-            + zs.tobytes() + zz.tobytes())
-    scale = (sq - np.repeat(mz.astype(np.float32), 128)) * np.repeat(ms.astype(np.float32), 128)
-    zero = (zq - np.float32(zz)) * np.float32(zs)
-    want = ((q - zero[None, :]) * scale[None, :]).reshape(rows, cols)
-    torch.testing.assert_close(_decode("hqq2_g16_mo", rows, cols, data), torch.from_numpy(want).float())
+    q = np.random.default_rng(4).integers(0, 4, (group, G))
+    data, want = _hqq_mo_tensor(q, 2, seed=4)
+    torch.testing.assert_close(_decode("hqq2_g16_mo", rows, cols, data), torch.from_numpy(want.reshape(rows, cols)))
 
 
 def test_hqq_3bit_axis0_drops_the_padding_rows():
@@ -357,20 +364,11 @@ def test_hqq_3bit_axis0_drops_the_padding_rows():
     group), the same quantised meta as hqq2_g16_mo; the decode reads 28 bytes per group and drops rows 64..69."""
     rows, cols, group = 64, 256, 64
     G = rows * cols // group  # 256: 2 meta-groups of 128
-    rng = np.random.default_rng(5)
-    q = rng.integers(0, 8, (group, G))
-    sq, zq = rng.integers(0, 256, G).astype(np.uint8), rng.integers(0, 256, G).astype(np.uint8)
-    ms = rng.uniform(1e-4, 1e-3, G // 128).astype(np.float16)
-    mz = rng.uniform(-20, 20, G // 128).astype(np.float16)
-    zs, zz = np.float16(7 / 255), np.float16(-10)
-    codes = _hqq_pack(q, 3)
-    assert codes.nbytes == 28 * G
-    data = (codes.tobytes() + sq.tobytes() + ms.tobytes() + mz.tobytes() + zq.tobytes() + zs.tobytes() + zz.tobytes())
+    q = np.random.default_rng(5).integers(0, 8, (group, G))
+    assert _hqq_pack(q, 3).nbytes == 28 * G
+    data, want = _hqq_mo_tensor(q, 3, seed=5)
     assert len(data) == get_format("hqq3_g64_mo").tensor_bytes(rows, cols)
-    scale = (sq - np.repeat(mz.astype(np.float32), 128)) * np.repeat(ms.astype(np.float32), 128)
-    zero = (zq - np.float32(zz)) * np.float32(zs)
-    want = ((q - zero[None, :]) * scale[None, :]).reshape(rows, cols)
-    torch.testing.assert_close(_decode("hqq3_g64_mo", rows, cols, data), torch.from_numpy(want).float())
+    torch.testing.assert_close(_decode("hqq3_g64_mo", rows, cols, data), torch.from_numpy(want.reshape(rows, cols)))
 
 
 @pytest.mark.parametrize("name", ["q4_k", "q2_k", "iq1_m", "iq4_xs", "q6_k"])
