@@ -404,6 +404,23 @@ def run_model(cfg, spec):
                                  for cls in ("experts", "attention", "dense", "embed", "kv")})
 
 
+SCOPES = ("per_layer", "global")
+
+
+def run_scope(cfg) -> str:
+    """The run's scope: `scope=` as given, or for `auto` the strategy config's own `scope:` (a preset that only
+    works in one pool says so there), else per_layer."""
+    scope = str(cfg.get("scope", "auto"))
+    if scope == "auto":
+        scope = str(cfg.strategy.get("scope") or "per_layer")
+        where = f"strategy {cfg.strategy.get('name')!r}: scope"
+    else:
+        where = "scope"
+    if scope not in SCOPES:
+        raise MoesimError(f"{where}={scope!r}: expected auto, per_layer or global")
+    return scope
+
+
 def vram_plan(cfg, model, hardware, ctx):
     """(VramPlan, Budget, scope, notes) of a run of the real model `model` on `hardware`'s card: budget=auto takes
     what the rest of the plan leaves (in one global pool where per_layer cannot hold top-k per layer); a plan over
@@ -428,7 +445,7 @@ def vram_plan(cfg, model, hardware, ctx):
         return plan_vram(model, hardware.vram_bytes, expert_bytes, context, batch, ctx.max_tokens, ctx.max_logits,
                          reserve)
 
-    requested, scope, notes = str(cfg.budget).strip(), str(cfg.scope), []
+    requested, scope, notes = str(cfg.budget).strip(), run_scope(cfg), []
     if requested == "auto":
         rest = plan_with(0)
         slots = min(max(rest.card - rest.total, 0) // model.bytes_per_expert, model.total_experts)

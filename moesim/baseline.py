@@ -39,10 +39,10 @@ COUNTS = ("requests", "hits", "misses", "loads", "prefetch_loads", "evictions", 
           "prefetch_bytes_h2d", "prefetch_used", "wasted_prefetches", "late_prefetches", "stall_free_requests")
 TIMES = ("tokens_per_s", "stall_ms", "latency_p50_ms", "latency_p99_ms")
 # The project's own baselines (tests/baseline/<name>.json, checked by tests/test_baseline.py): every built-in
-# strategy as its config says (llama_cpp_ncmoe's host_layers=auto refuses per_layer scope, so it also runs in
-# one global pool). The subsets are small so that the test takes under a minute on 2 cores: half the
+# strategy as its config says (its own scope where it names one: llama_cpp_ncmoe and layer_offload run in one
+# global pool). The subsets are small so that the test takes under a minute on 2 cores: half the
 # strategies have no compiled path and replay under 1,000 tokens/s in the Python loop, at three budgets each.
-PROJECT_STRATEGIES = ["all", "llama_cpp_ncmoe scope=global"]
+PROJECT_STRATEGIES = ["all"]
 PROJECT = {
     # the default synthetic trace (fitted to gpt-oss-20b): its first 2 sequences, 483 decode tokens
     "synthetic": {"trace": "gpt-oss-like", "sequences": 2, "strategies": PROJECT_STRATEGIES},

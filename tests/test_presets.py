@@ -47,7 +47,7 @@ def _run(trace, *overrides):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_composes_and_runs(tiny, preset):
-    extra = {"llama_cpp_ncmoe": ["scope=global"], "layer_offload": ["scope=global", "budget=16"]}.get(preset, [])
+    extra = {"layer_offload": ["budget=16"]}.get(preset, [])  # its own scope comes from its config
     s = _run(tiny[0], f"strategy={preset}", *extra)
     assert s["strategy"] == preset and s["bound"] is False
     assert s["requests"] == s["hits"] + s["misses"] > 0
@@ -70,7 +70,7 @@ def test_layer_offload_moves_every_expert_of_every_layer_each_step(tiny):
     """Two layers' worth of slots in one pool: each step loads all 8 experts of each of the 3 layers ahead, so the
     bytes per step do not depend on the routing; only the very first layer, which nothing precedes, loads just
     its 2 routed experts, on demand."""
-    s = _run(tiny[1], "strategy=layer_offload", "scope=global", "budget=16")
+    s = _run(tiny[1], "strategy=layer_offload", "budget=16")
     steps = 60
     assert s["loads"] == steps * 3 * 8 - (8 - 2)
     assert s["misses"] <= 2  # only the first layer of the first step waits for its own experts
@@ -79,8 +79,18 @@ def test_layer_offload_moves_every_expert_of_every_layer_each_step(tiny):
 def test_presets_that_need_something_say_so(tiny):
     with pytest.raises(MoesimError, match="predicted"):
         _run(tiny[1], "strategy=mixtral_offloading")  # no recorded guesses in this trace
-    with pytest.raises(MoesimError, match="scope=global"):
-        _run(tiny[0], "strategy=llama_cpp_ncmoe")
+    with pytest.raises(MoesimError, match="scope=global"):  # an explicit scope overrides the preset's own
+        _run(tiny[0], "strategy=llama_cpp_ncmoe", "scope=per_layer")
+
+
+def test_a_preset_that_needs_one_pool_sets_its_scope(tiny):
+    """run.yaml's scope=auto takes the strategy's `scope:`; other strategies stay per_layer; a bad one is named."""
+    assert _run(tiny[0], "strategy=llama_cpp_ncmoe")["scope"] == "global"
+    assert _run(tiny[0], "strategy=layer_offload", "budget=16")["scope"] == "global"
+    assert _run(tiny[0], "strategy=lru")["scope"] == "per_layer"
+    assert _run(tiny[0], "strategy=lru", "scope=global")["scope"] == "global"
+    with pytest.raises(MoesimError, match="strategy 'lru': scope='pool'"):
+        _run(tiny[0], "strategy=lru", "+strategy.scope=pool")
 
 
 def test_a_presets_parts_can_be_tuned_or_replaced(tiny):
