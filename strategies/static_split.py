@@ -5,6 +5,7 @@ As llama.cpp's `--n-cpu-moe N` (keep the MoE weights of the first N layers in ho
 CPU; the rest on the GPU). `host_layers`:
   N (an integer)   the first N layers
   [l, ...]         these layers
+  all              every layer: all routed experts computed by the host (KTransformers' placement)
   auto             as many first layers as needed for the rest to fit the budget whole: N = L - slots // E.
                    Needs `scope=global` (per layer, a layer's share of the slots never holds all its experts).
 With `scope=global` and `auto` the device layers' experts all fit, so after each is loaded once nothing is
@@ -19,12 +20,12 @@ from . import OffloadPolicy
 
 class StaticSplit(OffloadPolicy):
     def __init__(self, host_layers="auto"):
-        ok = (host_layers == "auto" or (isinstance(host_layers, int) and not isinstance(host_layers, bool)
+        ok = (host_layers in ("auto", "all") or (isinstance(host_layers, int) and not isinstance(host_layers, bool)
                                         and host_layers >= 0)
               or (hasattr(host_layers, "__iter__") and not isinstance(host_layers, str)
                   and all(isinstance(x, int) and not isinstance(x, bool) for x in host_layers)))
         if not ok:
-            raise MoesimError(f"offload.host_layers={host_layers!r}: expected auto, a number of first layers, "
+            raise MoesimError(f"offload.host_layers={host_layers!r}: expected auto, all, a number of first layers, "
                               f"or a list of layer indices")
         self.host_layers = host_layers if isinstance(host_layers, (int, str)) else [int(x) for x in host_layers]
 
@@ -37,6 +38,8 @@ class StaticSplit(OffloadPolicy):
                                   "needs one pool; add scope=global (or give host_layers=N)")
             n = max(0, L - ctx.capacity // E)
             layers = range(n)
+        elif spec == "all":
+            layers = range(L)
         elif isinstance(spec, int):
             if spec > L:
                 raise MoesimError(f"offload.host_layers={spec}: the model has {L} layers")

@@ -150,6 +150,8 @@ def test_static_split_keeps_chosen_layers_on_the_host():
     first = StaticSplit(host_layers=2)
     first.setup(ctx())
     assert first.host == {0, 1}
+    c, _, _, cache = sim(tr, 6, StaticSplit(host_layers="all"))  # KTransformers: every routed expert on the host
+    assert c.host_computes == c.requests == 24 and c.loads == 0
 
 
 def test_static_split_auto_fits_the_device_layers_whole_in_a_global_pool():

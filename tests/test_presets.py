@@ -21,7 +21,7 @@ from strategies.activation_aware import ActivationAware
 from strategies.class_lru import ClassLRU
 
 PRESETS = ("mixtral_offloading", "moe_infinity", "fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache", "vllm_lfru",
-           "layer_offload")
+           "layer_offload", "ktransformers")
 SPEC = ModelSpec("toy8", layers=3, experts=8, top_k=2, hidden=1000, ffn=1000, bits_per_weight=8)
 
 
@@ -52,7 +52,7 @@ def test_each_preset_composes_and_runs(tiny, preset):
     assert s["strategy"] == preset and s["bound"] is False
     assert s["requests"] == s["hits"] + s["misses"] > 0
     assert s["tokens_per_s"] > 0 and 0 <= s["stall_free_rate"] <= s["hit_rate"] + 1e-12
-    uses_host = preset in ("fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache")
+    uses_host = preset in ("fiddler", "llama_cpp_ncmoe", "llama_cpp_moe_cache", "ktransformers")
     assert (s["host_computes"] > 0) == uses_host
     prefetches = preset in ("mixtral_offloading", "moe_infinity", "layer_offload")
     assert (s["prefetch_loads"] > 0) == prefetches
@@ -74,6 +74,13 @@ def test_layer_offload_moves_every_expert_of_every_layer_each_step(tiny):
     steps = 60
     assert s["loads"] == steps * 3 * 8 - (8 - 2)
     assert s["misses"] <= 2  # only the first layer of the first step waits for its own experts
+
+
+def test_ktransformers_computes_every_routed_expert_on_the_host(tiny):
+    """Its DeepSeek-V3 rules put KExpertsCPU on every MoE layer: no expert is ever loaded, every request is a host
+    compute, and the run is in one pool (the preset's own scope)."""
+    s = _run(tiny[0], "strategy=ktransformers")
+    assert s["loads"] == 0 and s["host_computes"] == s["requests"] == 60 * 3 * 2 and s["scope"] == "global"
 
 
 def test_presets_that_need_something_say_so(tiny):
