@@ -10,3 +10,8 @@ class MoesimError(Exception):
 
 class TraceError(MoesimError):
     """A trace file that cannot be read or does not satisfy the trace format."""
+
+
+class NotApplicable(MoesimError):
+    """A strategy that cannot run on this input, through no mistake (a trace without the recorded guesses its
+    prefetcher reads): a sweep keeps going and lists the cell as "not applicable: <reason>"."""

@@ -29,7 +29,8 @@ from .profiler import LAYERS_TABLE_COLUMNS, STEPS_TABLE_COLUMNS
 
 CONFIG, SUMMARY, TIMELINE = "config.yaml", "summary.json", "timeline.json"
 STEPS, LAYERS = "steps.parquet", "layers.parquet"
-FILES = (CONFIG, STEPS, LAYERS, TIMELINE, SUMMARY)  # in the order they are written: summary last
+FILES = (CONFIG, STEPS, LAYERS, TIMELINE, SUMMARY)
+NOT_APPLICABLE = "not_applicable.json"  # a sweep cell whose strategy cannot run on its input: why, and its config  # in the order they are written: summary last
 EXPERTS = "experts.parquet"  # optional (runs written before it existed lack it), so not in FILES
 EXPERTS_TABLE_COLUMNS = ("layer", "expert", "requests")
 
@@ -152,3 +153,26 @@ def default_run_dir(name: str, root="reports/runs") -> Path:
         except FileExistsError:
             continue
     raise MoesimError(f"{root}: could not create a new run directory named {base}-N")
+
+
+def write_not_applicable(run_dir, config: dict, strategy: str, reason: str) -> Path:
+    """Mark `run_dir` as a cell whose strategy cannot run on its input (moesim.errors.NotApplicable)."""
+    body = {"strategy": strategy, "not_applicable": reason, "config": config}
+    return atomic_write_text(Path(run_dir) / NOT_APPLICABLE, json.dumps(body, indent=1, default=str) + "\n")
+
+
+def read_not_applicable(run_dir) -> dict:
+    """A not-applicable cell as read_run's dict: its summary holds the strategy, the reason and the settings a
+    comparison shows; no steps or layers."""
+    d = Path(run_dir)
+    path = d / NOT_APPLICABLE
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        config, strategy, reason = body["config"], str(body["strategy"]), str(body["not_applicable"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoesimError(f"{path}: not a not-applicable record ({e})") from None
+    summary = {"strategy": strategy, "not_applicable": reason, "budget": {"requested": str(config.get("budget"))},
+               "scope": config.get("scope"), "hardware": config.get("hardware"), "backend": None,
+               "trace": {"name": config.get("trace")}, "bound": False}
+    return {"dir": str(d), "summary": summary, "config": config, "steps": None, "layers": None, "experts": None,
+            "timeline_path": None}

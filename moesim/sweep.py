@@ -21,9 +21,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import MoesimError
+from .errors import MoesimError, NotApplicable
 from .files import atomic_write
-from .results import CONFIG, is_complete
+from .results import CONFIG, NOT_APPLICABLE, is_complete, write_not_applicable
 
 RESULTS = "results.parquet"
 REPORT = "report.html"
@@ -115,10 +115,17 @@ def run_cell(cfg) -> dict:
     for stale in cell_dir.glob(".tmp-*"):  # left by a kill in the middle of an atomic write
         stale.unlink(missing_ok=True)
     start = time.perf_counter()
+    (cell_dir / NOT_APPLICABLE).unlink(missing_ok=True)  # an earlier verdict on this cell's old config
     try:
         result = run(run_cfg)
         if cfg.cell_reports:
             result.report()
+    except NotApplicable as e:  # the strategy cannot run on this input: said, kept in the results, not a failure
+        config = OmegaConf.to_container(run_cfg, resolve=True)
+        write_not_applicable(cell_dir, config, str(run_cfg.strategy.get("name")), str(e))
+        print(f"{label} ... not applicable: {e}", file=sys.stderr, flush=True)
+        return {"dir": str(cell_dir), "skipped": False, "seconds": time.perf_counter() - start, "error": None,
+                "not_applicable": str(e)}
     except MoesimError as e:
         print(f"{label} ... failed: {e}", file=sys.stderr, flush=True)
         return {"dir": str(cell_dir), "skipped": False, "seconds": time.perf_counter() - start, "error": str(e)}
@@ -198,7 +205,9 @@ def sweep(overrides: list[str]) -> dict:
     if failed:
         raise MoesimError(f"sweep: {len(failed)} of {len(cells)} cells failed (the others are kept; run the "
                           "sweep again once fixed): " + "; ".join(f"cell {n}: {e}" for n, e in failed))
-    done = {"root": root, "cells": cells, "results": None, "report": None}
+    done = {"root": root, "cells": cells, "results": None, "report": None,
+            "not_applicable": [(c.name, job.return_value.get("not_applicable")) for c, job in zip(cells, jobs)
+                               if job.return_value.get("not_applicable")]}
     if jobs and jobs[0].cfg.report:
         done.update(write_sweep_results(root, cells))
     return done
@@ -209,10 +218,11 @@ def write_sweep_results(root, cells) -> dict:
     directories. Returns {"results", "report"} paths."""
     from .report import build_comparison_report
     from .report.tables import comparison_table
-    from .results import read_run
+    from .results import read_not_applicable, read_run
 
     root = Path(root)
-    runs = [read_run(c) for c in cells]
+    runs = [read_not_applicable(c) if (Path(c) / NOT_APPLICABLE).is_file() and not is_complete(c) else read_run(c)
+            for c in cells]
     table = comparison_table(runs)
     atomic_write(root / RESULTS, lambda tmp: table.to_parquet(tmp, engine="pyarrow", index=False))
     report = build_comparison_report(runs, root / REPORT, root=root)
@@ -224,6 +234,8 @@ def sweep_command(args: list[str]) -> None:
     start = time.perf_counter()
     done = sweep(args)
     print(f"{len(done['cells'])} cells in {done['root']} ({time.perf_counter() - start:.1f} s)")
+    for name, why in done["not_applicable"]:
+        print(f"not applicable: cell {name}: {why}")
     if done["results"] is not None:
         print(f"results: {done['results']}")
         print(f"report: {done['report']}")

@@ -10,7 +10,7 @@ A trace without `predicted` is refused with the reason.
 """
 from __future__ import annotations
 
-from moesim.errors import MoesimError
+from moesim.errors import MoesimError, NotApplicable
 
 from .prefetch_table import TablePrefetcher, ranked_rows, shift_table
 
@@ -22,7 +22,7 @@ class Recorded(TablePrefetcher):
                               f"exists only once layer l-1 is routed; use lookahead=1")
         if ctx.trace.predicted is None:
             where = ctx.trace.path or ctx.trace.source.get("model", "the trace")
-            raise MoesimError(f"prefetch=recorded: {where} has no 'predicted' tensor (experts guessed for each "
+            raise NotApplicable(f"prefetch=recorded: {where} has no 'predicted' tensor (experts guessed for each "
                               f"layer before it ran); record the trace with predictions, or use "
                               f"prefetch=transition or prefetch=history, which learn from routing alone")
         super().setup(ctx)

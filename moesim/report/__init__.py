@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import MoesimError
 from ..files import atomic_write_text
-from ..results import CONFIG, FILES, SUMMARY, is_complete, read_run
+from ..results import CONFIG, FILES, NOT_APPLICABLE, SUMMARY, is_complete, read_not_applicable, read_run
 from . import plots
 from .tables import (best_per_setting, comparison_table, expert_matrix, expert_use, flatten, pareto_front,
                      varied_keys)
@@ -99,7 +99,7 @@ def _g(d: dict, *path, default=None):
 
 # ---------------------------------------------------------------------------------------------- inputs
 def _looks_like_run(d: Path) -> bool:
-    return any((d / name).exists() for name in FILES)
+    return any((d / name).exists() for name in (*FILES, NOT_APPLICABLE))
 
 
 def collect_runs(dirs) -> tuple[str, list[dict], Path | None]:
@@ -119,7 +119,7 @@ def collect_runs(dirs) -> tuple[str, list[dict], Path | None]:
             runs.append(read_run(d))  # a named run must be complete: read_run says what is missing
             continue
         cells = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".") and _looks_like_run(c))
-        done = [c for c in cells if is_complete(c)]
+        done = [c for c in cells if is_complete(c) or (c / NOT_APPLICABLE).is_file()]
         for c in cells:
             if c not in done:
                 print(f"moesim: report: skipping {c}: incomplete (no {SUMMARY}; still running or killed)",
@@ -127,7 +127,7 @@ def collect_runs(dirs) -> tuple[str, list[dict], Path | None]:
         if not done:
             raise MoesimError(f"{d}: neither a results directory ({', '.join(FILES)}) nor a sweep root "
                               "holding complete results directories")
-        runs += [read_run(c) for c in done]
+        runs += [read_run(c) if is_complete(c) else read_not_applicable(c) for c in done]
         root = d if len(dirs) == 1 else None
     kind = "run" if len(dirs) == 1 and root is None else "comparison"
     return kind, runs, root
@@ -304,8 +304,9 @@ def build_comparison_report(runs: list, out, root=None, title: str | None = None
     head = ["run", "strategy", *other, "budget", "slots", *(h for h, *_ in TABLE_COLUMNS)]
     rows = []
     for _, r in table.iterrows():
+        na = f" (not applicable: {r['not_applicable']})" if r["not_applicable"] else ""
         cells = [{"text": r["run"], "num": False},
-                 {"text": r["label"] + (" (bound)" if r["bound"] else ""), "num": False}]
+                 {"text": r["label"] + (" (bound)" if r["bound"] else "") + na, "num": False}]
         cells += [{"text": r[f"cfg.{k}"], "num": False} for k in other]
         cells += [{"text": r["budget"], "num": False}, {"text": _fmt(r["budget_slots"], ".0f"), "num": True}]
         cells += [{"text": _fmt(r[col], spec, scale), "num": True} for _, col, spec, scale in TABLE_COLUMNS]

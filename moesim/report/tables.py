@@ -8,6 +8,7 @@ them alone, by anyone who has them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,9 @@ SUMMARY_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ttft_p50_ms", ("ttft_ms", "p50")),
     ("vram_plan_bytes", ("vram_plan", "total")),  # the whole plan: weights, KV, workspace, reserve, experts
     ("whole_model", ("whole_model",)),
+    ("not_applicable", ("not_applicable",)),  # why the strategy could not run on this input (a sweep's cell)
 )
-TEXT_COLUMNS = ("strategy", "budget", "scope", "hardware", "backend", "trace", "model")
+TEXT_COLUMNS = ("strategy", "budget", "scope", "hardware", "backend", "trace", "model", "not_applicable")
 # config keys that say where or how a run was written, not what was run
 NOT_SETTINGS = ("out", "progress")
 
@@ -84,7 +86,7 @@ def varied_keys(configs: list[dict]) -> list[str]:
 
 
 def _text(v) -> str:
-    return "" if v is None else str(v)
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
 def comparison_table(runs: list[dict]) -> pd.DataFrame:
