@@ -11,14 +11,11 @@ Options:
                        popularity-profiled placement, warmed on first use instead of at load time
   share: 1.0           the share of the other misses computed on the host, spread evenly (the rest are
                        fetched); `auto`: fetch_ms / (fetch_ms + host_ms) at the miss's token count, the
-                       share that keeps the copy engine and the CPU equally busy. llama.cpp's
-                       `--moe-cache-cpu-share F` (docs/moe-cache.md), which its scripts/moe-cache-tune.py
-                       picks by measuring
-  fill_first: false    true: fetch every miss until the cache (the miss's partition) has been filled once,
-                       as llama.cpp does before applying its CPU share (counts this policy's fetches only)
+                       share that keeps the copy engine and the CPU equally busy (moesim's own rule)
+  fill_first: false    true: fetch every miss until the cache (the miss's partition) has been filled once
+                       (counts this policy's fetches only)
   load: false          true: also copy a host-computed miss into the cache in the background for later
-                       requests ("host_and_load", as llama.cpp PR #27861's GPU cache for CPU-offloaded
-                       layers), while the copy engine holds less than `max_inflight` (null: no cap; bytes,
+                       requests (as a llama.cpp fork's MoE cache: strategy=llama_cpp_fork_moe_cache), while the copy engine holds less than `max_inflight` (null: no cap; bytes,
                        `256MiB`, or `4 experts`)
 """
 from __future__ import annotations

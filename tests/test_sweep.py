@@ -183,16 +183,16 @@ def test_failed_cells_are_named_and_the_others_finish(trace, tmp_path, capfd):
 
 
 def test_a_strategy_that_cannot_run_on_the_trace_is_not_applicable_not_a_failure(trace, tmp_path, capfd):
-    """mixtral_offloading reads recorded guesses, which this trace lacks: its cell says why, the sweep finishes,
+    """mixtral_offloading_paper reads recorded guesses, which this trace lacks: its cell says why, the sweep finishes,
     and the table and both reports list it as not applicable."""
     root = tmp_path / "s"
-    done = sweep(args(trace, root, "strategy=lru,mixtral_offloading", "budget=25%"))
+    done = sweep(args(trace, root, "strategy=lru,mixtral_offloading_paper", "budget=25%"))
     (cell, why), = done["not_applicable"]
-    assert cell == "strategy=mixtral_offloading" and "no 'predicted' tensor" in why
-    assert "strategy=mixtral_offloading ... not applicable: prefetch=recorded" in capfd.readouterr().err
+    assert cell == "strategy=mixtral_offloading_paper" and "no 'predicted' tensor" in why
+    assert "strategy=mixtral_offloading_paper ... not applicable: prefetch=recorded" in capfd.readouterr().err
     table = pd.read_parquet(root / "results.parquet").set_index("label")
-    assert "no 'predicted' tensor" in table.loc["mixtral_offloading", "not_applicable"]
-    assert np.isnan(table.loc["mixtral_offloading", "tokens_per_s"]) and table.loc["lru", "not_applicable"] == ""
+    assert "no 'predicted' tensor" in table.loc["mixtral_offloading_paper", "not_applicable"]
+    assert np.isnan(table.loc["mixtral_offloading_paper", "tokens_per_s"]) and table.loc["lru", "not_applicable"] == ""
     assert "(not applicable: prefetch=recorded" in (root / "report.html").read_text()
     assert main(["report", str(root), f"out={tmp_path / 'again.html'}"]) == 0
     assert "(not applicable: prefetch=recorded" in (tmp_path / "again.html").read_text()

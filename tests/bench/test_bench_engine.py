@@ -47,7 +47,7 @@ CACHE_FLOORS = {  # cache-only replay, by policy module
 }
 TIMED_FLOORS = {  # timed sim run, by strategy (5 runs each since `run` took the compiled path)
     "lru": 0.1, "fifo": 0.08, "belady": 0.08, "lfu": 0.09, "lfru": 0.1, "vllm_lfru": 0.073, "static": 0.057,
-    "activation_aware": 0.027, "class_lru": 0.019, "fiddler": 0.031, "llama_cpp_moe_cache": 0.028,
+    "activation_aware": 0.027, "class_lru": 0.019, "fiddler": 0.031, "class_lru_host": 0.028,
     "llama_cpp_ncmoe": 0.05, "moe_infinity": 0.012,
 }
 TORCH_COPY_FLOOR = 0.35  # measured 0.75-1.18
