@@ -198,9 +198,7 @@ def _strategy_cases() -> list[tuple[str, str, list[str]]]:
     cases = []
     for name in names:
         extra = []
-        if name == "llama_cpp_ncmoe":  # host_layers=auto needs one pool
-            extra = ["scope=global"]
-        if name == "mixtral_offloading":  # the real trace has no recorded guesses: transition stands in
+        if name == "mixtral_offloading_paper":  # the real trace has no recorded guesses: transition stands in
             extra = ["prefetch=transition"]
         cases.append((name, name, extra))
     for name in ("lru", "fifo", "lfu", "lfru", "belady", "static", "class_lru", "activation_aware"):
@@ -212,11 +210,11 @@ def _parts(strategy: str, overrides: list[str]):
     """(scope, make_policy, make_prefetcher, make_offload) of a composed run config."""
     from hydra.utils import instantiate
 
-    from moesim.api import compose_run, resolve_strategy
+    from moesim.api import compose_run, resolve_strategy, run_scope
 
     cfg = resolve_strategy(compose_run("gpt-oss-like", strategy, overrides=overrides))
     st = cfg.strategy
-    return (str(cfg.scope), lambda: instantiate(st.cache),
+    return (run_scope(cfg), lambda: instantiate(st.cache),
             (lambda: instantiate(st.prefetch)) if st.get("prefetch") else (lambda: None),
             (lambda: instantiate(st.offload)) if st.get("offload") else (lambda: None))
 
