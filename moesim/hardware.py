@@ -366,7 +366,8 @@ _GPUS: dict[str, tuple] = {}  # preset name -> its _preset arguments after the n
 
 def _preset(name: str, pcie_gen: int, mem_gbps: float, bf16_tflops: float, vram_gib: float, host: Host,
             note: str) -> HardwareProfile:
-    _GPUS.setdefault(name, (pcie_gen, mem_gbps, bf16_tflops, vram_gib, host, note))
+    if "+" not in name:  # a GPU preset, not a `gpu+host` combination of one
+        _GPUS.setdefault(name, (pcie_gen, mem_gbps, bf16_tflops, vram_gib, host, note))
     if host.pcie_gen and host.pcie_gen < pcie_gen:
         pcie_gen, note = host.pcie_gen, f"{note}; linked at the host's PCIe Gen{host.pcie_gen}"
     pinned = round(_pcie_gbps(pcie_gen) * LINK_EFFICIENCY, 1)

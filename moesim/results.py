@@ -176,3 +176,12 @@ def read_not_applicable(run_dir) -> dict:
                "trace": {"name": config.get("trace")}, "bound": False}
     return {"dir": str(d), "summary": summary, "config": config, "steps": None, "layers": None, "experts": None,
             "timeline_path": None}
+
+
+def read_result(run_dir) -> dict:
+    """A sweep cell as a comparison reads it: the run (read_run) or, where its strategy could not run on the
+    input, the not-applicable record (read_not_applicable)."""
+    d = Path(run_dir)
+    if not is_complete(d) and (d / NOT_APPLICABLE).is_file():
+        return read_not_applicable(d)
+    return read_run(d)

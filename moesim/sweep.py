@@ -218,11 +218,10 @@ def write_sweep_results(root, cells) -> dict:
     directories. Returns {"results", "report"} paths."""
     from .report import build_comparison_report
     from .report.tables import comparison_table
-    from .results import read_not_applicable, read_run
+    from .results import read_result
 
     root = Path(root)
-    runs = [read_not_applicable(c) if (Path(c) / NOT_APPLICABLE).is_file() and not is_complete(c) else read_run(c)
-            for c in cells]
+    runs = [read_result(c) for c in cells]
     table = comparison_table(runs)
     atomic_write(root / RESULTS, lambda tmp: table.to_parquet(tmp, engine="pyarrow", index=False))
     report = build_comparison_report(runs, root / REPORT, root=root)

@@ -395,7 +395,7 @@ def goals(outcomes: list[Outcome], checks: list[dict]) -> dict:
     speed = [o for o in outcomes if o.row.metric.endswith("tokens_per_s")]
     errs = [abs(o.rel) for o in speed if o.rel is not None]
     factors = [o.factor for o in speed if o.factor is not None]
-    other = [abs(o.rel) for o in outcomes if o.rel is not None and o not in speed]
+    other = [abs(o.rel) for o in outcomes if o.rel is not None and not o.row.metric.endswith("tokens_per_s")]
     ratio_errs = [abs(r["error"]) for c in checks for r in c["ratios"] if r["error"] is not None]
     return {
         "rows": len(speed), "failed": sum(o.error is not None for o in outcomes),

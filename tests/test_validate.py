@@ -13,7 +13,7 @@ from moesim.__main__ import compose, main
 from moesim.errors import MoesimError
 from moesim.hardware import load_hardware
 from moesim.validate import (CASES_DIR, Outcome, case_paths, case_trace, goals, load_case, page, predict,
-                             row_overrides, run_cases, table_checks)
+                             row_overrides, table_checks)
 
 PINS = Path(__file__).parent / "baseline" / "validation.json"
 

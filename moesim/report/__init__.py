@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import MoesimError
 from ..files import atomic_write_text
-from ..results import CONFIG, FILES, NOT_APPLICABLE, SUMMARY, is_complete, read_not_applicable, read_run
+from ..results import CONFIG, FILES, NOT_APPLICABLE, SUMMARY, is_complete, read_result, read_run
 from . import plots
 from .tables import (best_per_setting, comparison_table, expert_matrix, expert_use, flatten, pareto_front,
                      varied_keys)
@@ -127,7 +127,7 @@ def collect_runs(dirs) -> tuple[str, list[dict], Path | None]:
         if not done:
             raise MoesimError(f"{d}: neither a results directory ({', '.join(FILES)}) nor a sweep root "
                               "holding complete results directories")
-        runs += [read_run(c) if is_complete(c) else read_not_applicable(c) for c in done]
+        runs += [read_result(c) for c in done]
         root = d if len(dirs) == 1 else None
     kind = "run" if len(dirs) == 1 and root is None else "comparison"
     return kind, runs, root
