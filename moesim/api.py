@@ -441,9 +441,13 @@ def vram_plan(cfg, model, hardware, ctx):
     context, batch = count("context", max(ctx.max_context, 1)), count("batch", max(ctx.max_batch, 1))
     reserve = parse_bytes(v.get("reserve", "512MiB"), "vram.reserve")
 
+    strat = cfg.strategy
+    offload = build(strat.offload, "offload") if strat.get("offload") else None
+    scratch = offload.scratch_slots(model) * model.bytes_per_expert if offload is not None else 0
+
     def plan_with(expert_bytes):
         return plan_vram(model, hardware.vram_bytes, expert_bytes, context, batch, ctx.max_tokens, ctx.max_logits,
-                         reserve)
+                         reserve, scratch)
 
     requested, scope, notes = str(cfg.budget).strip(), run_scope(cfg), []
     if requested == "auto":
@@ -536,7 +540,9 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, hardware, reset_per_seq,
                             cost=cost, record=True)
         profiler = Profiler(spec.layers)
-        backend.setup(spec, n_slots, profiler)
+        if offload is not None:
+            backend.host_after_device = bool(offload.host_after_device)
+        backend.setup(spec, n_slots + (offload.scratch_slots(spec) if offload is not None else 0), profiler)
         play(trace, backend, sim.script, progress=progress)
         served = backend.request_stats() if hasattr(backend, "request_stats") else None
         return Execution(Counters(**sim.counters), sim.prefetch, profiler, served, backend.device_bytes(), backend,
@@ -674,6 +680,8 @@ def summary_table(s: dict) -> str:
         rows.insert(7, ("prefetch precision / recall", f"{s['prefetch_precision']:.4f} / {s['prefetch_recall']:.4f}"
                                                         f"  ({late} late, {s['wasted_prefetch_bytes'] / 2**30:.2f} "
                                                         f"GiB wasted)"))
+    if s.get("streams"):
+        rows.insert(7, ("streamed", f"{s['streams']} (copied into scratch slots, computed, dropped; in loads)"))
     if s.get("host_computes"):
         rows.insert(7, ("host computes", f"{s['host_computes']}"))
     w = max(len(k) for k, _ in rows)
@@ -686,7 +694,7 @@ def plan_lines(plan: dict) -> list[str]:
 
     fields = {k: plan[k] for k in ("card", "weights", "kv_cache", "workspace", "reserve", "experts", "context",
                                    "batch")}
-    return VramPlan(**fields, whole=plan["whole_model"]).lines()
+    return VramPlan(**fields, whole=plan["whole_model"], scratch=plan.get("scratch", 0)).lines()
 
 
 def run_command(cfg) -> None:

@@ -35,7 +35,7 @@ FORMAT = "moesim-baseline"
 FORMAT_VERSION = 1
 BUDGETS = ("12.5%", "25%", "50%")
 RTOL = 1e-9  # relative tolerance of the simulated times
-COUNTS = ("requests", "hits", "misses", "loads", "prefetch_loads", "evictions", "host_computes", "bytes_h2d",
+COUNTS = ("requests", "hits", "misses", "loads", "prefetch_loads", "evictions", "host_computes", "streams", "bytes_h2d",
           "prefetch_bytes_h2d", "prefetch_used", "wasted_prefetches", "late_prefetches", "stall_free_requests")
 TIMES = ("tokens_per_s", "stall_ms", "latency_p50_ms", "latency_p99_ms")
 # The project's own baselines (tests/baseline/<name>.json, checked by tests/test_baseline.py): every built-in

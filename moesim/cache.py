@@ -72,6 +72,7 @@ class Counters:
     prefetch_loads: int = 0
     evictions: int = 0
     host_computes: int = 0  # misses computed on the host instead of loaded
+    streams: int = 0  # misses copied into a scratch slot, computed on the device and dropped (not in loads)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -13,7 +13,8 @@ is built per request.
 Per step and per layer (position `pos = step * L + layer`): the layer's distinct experts are looked up
 (all pinned while the layer computes), each miss is fetched into the cache (the policy picks a victim) or,
 if the offload policy says so, computed on the host (and with "host_and_load" also copied into the cache in
-the background); the backend computes the layer; the cache unpins.
+the background) or streamed (copied into a scratch slot past the cache's, computed, dropped: the cache never
+sees it); the backend computes the layer; the cache unpins.
 A layer that needs more distinct experts than its slots (a prefill chunk, a large batch) runs in waves of
 at most that many experts, hits first, each wave pinned while it computes.
 Prefetch: once a layer is routed, the prefetcher observes its experts and predicts keys of later layers;
@@ -165,6 +166,9 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
         prefetcher.setup(Context(trace, trace.spec, tuple(range(L)), cache.n_slots, cache.scope))
     if offload is not None:
         offload.setup(Context(trace, trace.spec, tuple(range(L)), cache.n_slots, cache.scope))
+    scratch = (cache.n_slots, offload.scratch_slots(trace.spec)) if offload is not None else None
+    if offload is not None and backend is not None:
+        backend.host_after_device = bool(offload.host_after_device)
     ask = prefetcher is not None and prefetch_max != 0
     ahead = None  # keys to prefetch once the current layer's misses are issued
     nbytes = cache.spec.bytes_per_expert  # the stored size (model.scale and dtype apply)
@@ -184,6 +188,8 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
     for s, start, n_tokens, keys_of, counts_of in steps:
         if s in resets:
             cache.reset()
+        if offload is not None:
+            offload.begin_step(n_tokens)
         if backend is not None:
             backend.begin_step(s, n_tokens)
             if route is not None:
@@ -200,9 +206,9 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
                         ahead = ahead[:prefetch_max]
             ns = counts_of[layer] if counts_of is not None else None
             if len(keys) <= caps[layer]:
-                _serve(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap)
+                _serve(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch)
             else:
-                _serve_waves(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap)
+                _serve_waves(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch)
             pos += 1
         if backend is not None:
             backend.end_step()
@@ -255,7 +261,8 @@ def _replay_cache_only(trace: Trace, cache: Cache, reset_per_seq: bool) -> None:
 
 
 def _serve_waves(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: list[Key], ns: list[int] | None,
-                 ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None) -> None:
+                 ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None,
+                 scratch: tuple[int, int] | None = None) -> None:
     """A layer that needs more distinct keys than its slots (prefill, big batches): `_serve` in waves of at
     most that many keys, hits first, each wave pinned while it computes; `ahead` with the first."""
     cap = cache.capacity_of(layer)
@@ -264,21 +271,32 @@ def _serve_waves(cache: Cache, backend, offload, cost, pos: int, layer: int, key
     for w in range(0, len(order), cap):
         wave = order[w:w + cap]
         _serve(cache, backend, offload, cost, pos, layer, [keys[i] for i in wave], [ns[i] for i in wave],
-               ahead if w == 0 else None, pf_cap, host_cap)
+               ahead if w == 0 else None, pf_cap, host_cap, scratch)
 
 
 def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: list[Key], ns: list[int] | None,
-           ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None) -> None:
-    """One layer's keys `keys` (chosen by `ns` tokens each; None: one each): look up (pinning them), fetch or
-    host-compute each miss, prefetch `ahead`, compute, unpin."""
+           ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None,
+           scratch: tuple[int, int] | None = None) -> None:
+    """One layer's keys `keys` (chosen by `ns` tokens each; None: one each): look up (pinning them), fetch,
+    host-compute or stream each miss, prefetch `ahead`, compute, unpin. `scratch`: (first scratch slot, count)."""
     misses = cache.lookup(pos, layer, keys)
     if ns is None and (offload is not None or backend is not None):
         ns = [1] * len(keys)
     host: list[tuple[Key, int]] = []
+    streamed: dict[Key, int] = {}  # key -> scratch slot
     for key in misses:
         if offload is not None:
             n = ns[keys.index(key)]
             decision = offload.on_miss(key, n, cost)
+            if decision == "stream":
+                if not scratch or scratch[1] <= 0:
+                    raise MoesimError(f"{type(offload).__name__}.on_miss returned 'stream' but its "
+                                      f"scratch_slots() is 0: it must name the scratch slots it streams into")
+                streamed[key] = s = scratch[0] + len(streamed) % scratch[1]  # in turn
+                cache.counters.streams += 1
+                if backend is not None:
+                    backend.load(key, s, False)
+                continue
             if decision == "host" or decision == "host_and_load":
                 host.append((key, n))
                 cache.counters.host_computes += 1
@@ -289,7 +307,7 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
                 continue
             if decision != "fetch":
                 raise MoesimError(f"{type(offload).__name__}.on_miss returned {decision!r}; expected "
-                                  f"'fetch', 'host' or 'host_and_load'")
+                                  f"'fetch', 'host', 'host_and_load' or 'stream'")
         slot, _ = cache.insert(pos, key)
         if backend is not None:
             backend.load(key, slot, False)
@@ -297,6 +315,8 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
         _prefetch(cache, backend, ahead, pos, pf_cap)
     if backend is not None:
         slot = cache.partitions[cache.part_of_layer[layer]].resident  # key -> slot (Cache.slot_of, once per layer)
+        if streamed:
+            slot = {**slot, **streamed}
         if host:
             hosted = {k for k, _ in host}
             device = [(k, slot[k], n) for k, n in zip(keys, ns) if k not in hosted]
@@ -362,7 +382,7 @@ def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[]
 
     cache = Cache(spec, n_slots, scope, make_policy, trace)
     profiler = Profiler(spec.layers)
-    backend.setup(spec, n_slots, profiler)
+    backend.setup(spec, n_slots + (offload.scratch_slots(spec) if offload is not None else 0), profiler)
     counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
                       prefetch_max=prefetch_max, progress=progress)
     return cache, profiler, counters

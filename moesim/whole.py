@@ -155,10 +155,11 @@ class VramPlan:
     context: int  # tokens per sequence the KV cache is sized for
     batch: int  # sequences it holds
     whole: bool  # the spec describes the non-expert parts (else weights/kv/workspace cover shared experts only)
+    scratch: int = 0  # the offload policy's scratch slots for streamed experts (OffloadPolicy.scratch_slots)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.workspace + self.reserve + self.experts
+        return self.weights + self.kv_cache + self.workspace + self.reserve + self.experts + self.scratch
 
     @property
     def fits(self) -> bool:
@@ -166,8 +167,8 @@ class VramPlan:
 
     def to_dict(self) -> dict:
         return {"card": self.card, "weights": self.weights, "kv_cache": self.kv_cache, "workspace": self.workspace,
-                "reserve": self.reserve, "experts": self.experts, "total": self.total, "free": self.card - self.total,
-                "context": self.context, "batch": self.batch, "whole_model": self.whole}
+                "reserve": self.reserve, "experts": self.experts, "scratch": self.scratch, "total": self.total,
+                "free": self.card - self.total, "context": self.context, "batch": self.batch, "whole_model": self.whole}
 
     def lines(self) -> list[str]:
         """The plan as a short table, one part per line (GiB)."""
@@ -177,7 +178,9 @@ class VramPlan:
                 ("KV cache", self.kv_cache, f"  ({self.context} tokens x {self.batch} sequences)"),
                 ("activation workspace", self.workspace, ""),
                 ("runtime reserve", self.reserve, ""),
-                ("expert cache", self.experts, ""),
+                ("expert cache", self.experts, "")] + (
+                [("stream scratch", self.scratch, "  (streamed experts: copied, computed, dropped)")]
+                if self.scratch else []) + [
                 ("total", self.total, f"  of {self.card / g:.2f} GiB on the card"
                  + ("" if self.fits else f": {(self.total - self.card) / g:.2f} GiB over"))]
         return [f"  {k:<22}{v / g:>9.2f} GiB{note}" for k, v, note in rows]
@@ -196,15 +199,16 @@ def workspace_bytes(spec: ModelSpec, step_tokens: int, logits: int) -> int:
 
 
 def plan_vram(spec: ModelSpec, card_bytes: int, expert_bytes: int, context: int, batch: int, step_tokens: int,
-              logits: int, reserve: int) -> VramPlan:
+              logits: int, reserve: int, scratch_bytes: int = 0) -> VramPlan:
     """The VRAM plan of `spec` (the real model, formats applied) on a card of `card_bytes` with an expert cache
     of `expert_bytes`, a KV cache for `batch` sequences of `context` tokens, the largest step of `step_tokens`
-    tokens with `logits` rows of logits, and `reserve` bytes for the runtime."""
+    tokens with `logits` rows of logits, `reserve` bytes for the runtime and `scratch_bytes` for streamed experts."""
     w = weight_bytes(spec)
     return VramPlan(card=int(card_bytes), weights=sum(v for k, v in w.items() if k != "experts"),
                     kv_cache=kv_bytes_per_token(spec, context) * batch,
                     workspace=workspace_bytes(spec, step_tokens, logits), reserve=int(reserve),
-                    experts=int(expert_bytes), context=int(context), batch=int(batch), whole=spec.whole)
+                    experts=int(expert_bytes), context=int(context), batch=int(batch), whole=spec.whole,
+                    scratch=int(scratch_bytes))
 
 
 # ------------------------------------------------------------------------------------ trace's contexts

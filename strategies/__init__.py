@@ -137,15 +137,30 @@ class Prefetcher:
 class OffloadPolicy:
     """On a miss: load the expert and wait for it (`"fetch"`), compute it on the host from its host copy
     (`"host"`), or both: compute it on the host now and copy it into the cache in the background for later
-    requests (`"host_and_load"`, issued only while less than `max_inflight` of copies are queued)."""
+    requests (`"host_and_load"`, issued only while less than `max_inflight` of copies are queued), or copy it
+    into a scratch slot on the device, compute it there and keep nothing (`"stream"`: Fiddler's placeholder
+    expert, llama.cpp's upload of the experts a big batch uses; the cache and its policy never see it; needs
+    `scratch_slots` > 0).
+
+    `host_after_device`: True when a layer's host experts start only once its device experts have ended (the
+    code of the system modelled runs them in sequence); False: beside them."""
 
     bound = False
     max_inflight = None  # cap on queued copies for "host_and_load" (as Prefetcher.max_inflight); None: no cap
+    host_after_device = False
 
     def setup(self, ctx: Context) -> None:
         """Called once before the replay."""
 
-    def on_miss(self, key: Key, n_tokens: int, cost) -> Literal["fetch", "host", "host_and_load"]:
+    def scratch_slots(self, spec: "ModelSpec") -> int:
+        """Device slots, besides the cache's, that this policy's "stream" decisions copy into: the most a layer
+        (or wave) streams at once; the layer's streamed experts take them in turn. 0: it never streams."""
+        return 0
+
+    def begin_step(self, n_tokens: int) -> None:
+        """A step (forward pass) over `n_tokens` tokens starts: for rules on the batch size."""
+
+    def on_miss(self, key: Key, n_tokens: int, cost) -> Literal["fetch", "host", "host_and_load", "stream"]:
         """`cost` answers `cost.fetch_ms(key)`, `cost.device_ms(key, n_tokens)` and `cost.host_ms(key,
         n_tokens)` under the hardware profile."""
         return "fetch"

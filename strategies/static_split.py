@@ -10,6 +10,10 @@ CPU; the rest on the GPU). `host_layers`:
                    Needs `scope=global` (per layer, a layer's share of the slots never holds all its experts).
 With `scope=global` and `auto` the device layers' experts all fit, so after each is loaded once nothing is
 evicted: llama.cpp's load-time placement, warmed on first use.
+`min_batch` (null: never): in a step of at least this many tokens a host layer's experts are streamed instead:
+copied into scratch slots on the device (one per expert of a layer), computed there, and dropped. llama.cpp's
+rule for a host weight under a batch of 32+ tokens (GGML_OP_OFFLOAD_MIN_BATCH, default 32: ggml's scheduler
+copies only the experts the batch uses and keeps none).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from . import OffloadPolicy
 
 
 class StaticSplit(OffloadPolicy):
-    def __init__(self, host_layers="auto"):
+    def __init__(self, host_layers="auto", min_batch: int | None = None):
         ok = (host_layers in ("auto", "all") or (isinstance(host_layers, int) and not isinstance(host_layers, bool)
                                         and host_layers >= 0)
               or (hasattr(host_layers, "__iter__") and not isinstance(host_layers, str)
@@ -28,6 +32,10 @@ class StaticSplit(OffloadPolicy):
             raise MoesimError(f"offload.host_layers={host_layers!r}: expected auto, all, a number of first layers, "
                               f"or a list of layer indices")
         self.host_layers = host_layers if isinstance(host_layers, (int, str)) else [int(x) for x in host_layers]
+        if min_batch is not None and (not isinstance(min_batch, int) or isinstance(min_batch, bool) or min_batch < 1):
+            raise MoesimError(f"offload.min_batch={min_batch!r}: expected a whole number of tokens >= 1, or null")
+        self.min_batch = min_batch
+        self.step_tokens = 1
 
     def setup(self, ctx) -> None:
         L, E = ctx.spec.layers, ctx.spec.experts
@@ -51,5 +59,13 @@ class StaticSplit(OffloadPolicy):
             layers = spec
         self.host = frozenset(layers)
 
+    def scratch_slots(self, spec) -> int:
+        return spec.experts if self.min_batch is not None else 0
+
+    def begin_step(self, n_tokens: int) -> None:
+        self.step_tokens = n_tokens
+
     def on_miss(self, key, n_tokens: int, cost) -> str:
-        return "host" if key[0] in self.host else "fetch"
+        if key[0] not in self.host:
+            return "fetch"
+        return "stream" if self.min_batch is not None and self.step_tokens >= self.min_batch else "host"

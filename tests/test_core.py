@@ -167,8 +167,9 @@ def reference_sim(trace, policy, params, slots, scope, reset, hardware, prefetch
     cache = Cache(trace.spec, slots, scope, lambda: cls(**params), trace)
     backend, profiler = SimBackend(hardware), Profiler(trace.n_layers)
     backend.dense = dense
-    backend.setup(trace.spec, slots, profiler)
-    counters = replay(trace, cache, backend, prefetcher() if prefetcher else None, offload() if offload else None,
+    off = offload() if offload else None
+    backend.setup(trace.spec, slots + (off.scratch_slots(trace.spec) if off else 0), profiler)
+    counters = replay(trace, cache, backend, prefetcher() if prefetcher else None, off,
                       Cost(backend.hardware, trace.spec), reset_per_seq=reset)
     pf = (cache.prefetch.used, cache.prefetch.wasted, len(cache.prefetch.unused))
     return counters.to_dict(), profiler, backend.device_bytes(), backend.request_stats(), pf
@@ -289,6 +290,7 @@ def _parts():
     """Every built-in prefetcher and offload policy with parameters that change their decisions."""
     from strategies.cost import Cost
     from strategies.fetch import Fetch
+    from strategies.fiddler import Fiddler
     from strategies.history import History
     from strategies.host import Host
     from strategies.oracle import Oracle
@@ -312,6 +314,8 @@ def _parts():
         "host-popular": lambda: Host(device_set="popular", share=0.7, calibrate_fraction=0.3),
         "cost": lambda: Cost(),
         "static_split": lambda: StaticSplit(host_layers=[1]),
+        "static_split-stream": lambda: StaticSplit(host_layers=[0, 1], min_batch=3),  # steps of 3+ tokens stream
+        "fiddler": lambda: Fiddler(latency_cpu=7, latency_gpu=14, calibrate_fraction=0.3),  # 2+ tokens stream
     }
     return prefetchers, offloads
 
@@ -481,7 +485,8 @@ def test_a_recorded_script_makes_the_python_drivers_backend_calls(policy):
             sim = core.simulate(trace, trace.spec, slots, scope, lambda: cls(**params), make_pf() if make_pf else None,
                                 make_off() if make_off else None, hw, reset, record=True)
             played = Recorder()
-            played.setup(trace.spec, slots, Profiler(trace.n_layers))
+            off = make_off() if make_off else None
+            played.setup(trace.spec, slots + (off.scratch_slots(trace.spec) if off else 0), Profiler(trace.n_layers))
             play(trace, played, sim.script)
             assert sim.counters == want.to_dict()
             assert played.calls == python.calls, (policy, scope, make_pf, make_off)

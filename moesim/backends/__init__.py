@@ -10,9 +10,12 @@ from strategies import Key
 
 
 class Backend:
-    """The interface the engine drives. Units: slots are indices into the device pool [0, n_slots)."""
+    """The interface the engine drives. Units: slots are indices into the device pool [0, n_slots) (the cache's
+    slots, then any scratch slots an offload policy streams into). `host_after_device`: set by the engine from
+    the offload policy before the replay: a layer's host experts start once its device experts end."""
 
     name = "base"
+    host_after_device = False
 
     def setup(self, spec, n_slots: int, profiler) -> None:
         """Allocate what the run needs before the replay: `n_slots` device slots for routed experts, the

@@ -12,7 +12,8 @@ Three timelines, as a GPU server has them (times in ms from the start of the rep
     activations' round trip (hardware.activations_ms for min(step tokens, tokens routed to host experts):
     down to the host and the summed output back up, small copies assumed not to queue behind expert
     copies on the copy engine) plus expert_ms(where="host") of each host expert. The layer ends at the
-    later of its device and host parts.
+    later of its device and host parts. With `host_after_device` (an offload policy whose system runs them in
+    sequence: Fiddler) the host experts start when the device experts end.
 Issue time: a copy is issued at the compute timeline's current time: a demand miss is found when its layer
 is about to run (the previous layer's end); a prefetch the engine issues once layer l is routed is issued at
 that same time, queued behind l's own misses, so its copy overlaps l's compute.
@@ -144,8 +145,8 @@ class SimBackend(Backend):
         end = start + duration
         self._stall_free += len(device) - waited
         self._add_compute(layer, start, end, start - free, "device")
-        if host:  # serial: on the same thread, after the device part
-            end = max(end, self._compute_host(layer, end if self._serial else free, host))
+        if host:  # serial (or the policy's order): after the device part
+            end = max(end, self._compute_host(layer, end if self._serial or self.host_after_device else free, host))
         # the replay's own work for this layer, serial and after it, so that it never overlaps a copy (on a
         # CPU the replay, the copies and the compute share one thread); the layer's first copy is issued later
         self._now = end + self._layer_ms + self._expert_ms * (len(device) + len(host)) + self._load_ms * self._loads

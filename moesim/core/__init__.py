@@ -108,7 +108,7 @@ def counters(cnt: np.ndarray) -> dict:
     c = [int(x) for x in cnt]
     return {"requests": c[loop.REQUESTS], "hits": c[loop.HITS], "misses": c[loop.REQUESTS] - c[loop.HITS],
             "loads": c[loop.LOADS_N], "prefetch_loads": c[loop.PF_LOADS], "evictions": c[loop.EVICTIONS],
-            "host_computes": c[loop.HOST_COMPUTES]}
+            "host_computes": c[loop.HOST_COMPUTES], "streams": c[loop.STREAMS]}
 
 
 class PrefetchOutcome(NamedTuple):
@@ -160,7 +160,7 @@ def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str
             raise kernel_error(status, req, cap, where)
         n = int(req.ptr[-1])
         return {"requests": n, "hits": int(hits), "misses": n - int(hits), "loads": n - int(hits),
-                "prefetch_loads": 0, "evictions": int(evictions), "host_computes": 0}
+                "prefetch_loads": 0, "evictions": int(evictions), "host_computes": 0, "streams": 0}
     return counters(_hits(trace, make, n_slots, scope, resets, np.zeros(0, np.uint8)))
 
 
@@ -281,7 +281,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         raise _error(status, req, st, where)
     profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes)
     backend.dense = dense
-    backend.setup(spec, n_slots, profiler)  # only for device_bytes(): the events are already there
+    backend.setup(spec, n_slots + int(offl[0][5]), profiler)  # only for device_bytes(): the events are there
     script = None
     if record:
         script = Script(copies[:, [0, 1, 6, 5]].astype(np.int64), waves, served_rows, step_waves)

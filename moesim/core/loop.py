@@ -23,10 +23,12 @@ from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT
 ALL_PINNED = -1  # kernel status: a miss found every resident of its partition pinned
 LFU_OVERFLOW = -3  # kernel status: LFU's aging factor overflowed (the reference raises OverflowError there)
 # rows of the counters array cnt (int64): moesim.cache.Counters and PrefetchCounters
-REQUESTS, HITS, LOADS_N, PF_LOADS, EVICTIONS, HOST_COMPUTES, PF_USED, PF_WASTED, PF_UNUSED = range(9)
-N_CNT = 9
-# offload kinds (moesim/core/parts.py): none or fetch; static_split (host by layer); host; cost
-OFF_NONE, OFF_STATIC_SPLIT, OFF_HOST, OFF_COST = range(4)
+REQUESTS, HITS, LOADS_N, PF_LOADS, EVICTIONS, HOST_COMPUTES, PF_USED, PF_WASTED, PF_UNUSED, STREAMS = range(10)
+N_CNT = 10
+# offload kinds (moesim/core/parts.py): none or fetch; static_split (host by layer); host; cost; fiddler
+OFF_NONE, OFF_STATIC_SPLIT, OFF_HOST, OFF_COST, OFF_FIDDLER = range(5)
+# offload decisions (strategies.OffloadPolicy.on_miss): fetch, host, host_and_load, stream
+FETCH, HOST, HOST_AND_LOAD, STREAM = range(4)
 
 
 @njit(**HOT)
@@ -277,17 +279,22 @@ def _small_fifo(ids, ptr, L, E, cap, reset):
 
 
 @njit(**HOT)
-def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, n):
-    """strategies/{static_split,host,cost}.py on_miss, from the arrays moesim/core/parts.py made of the policy
-    after its setup: 0 fetch, 1 host, 2 host and load in the background.
-    oi: [kind, fill_first, load]; odev [L * E]: the device set (always fetched); ohl [L]: host layers
-    (static_split); oshare, ofaster [max tokens + 1]: the host share and cost's `fetch is faster`, per token
-    count; oroom [partitions] and opart [L]: fill_first's room left and each layer's partition."""
+def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, n, step_tokens):
+    """strategies/{static_split,host,cost,fiddler}.py on_miss, from the arrays moesim/core/parts.py made of the
+    policy after its setup: FETCH, HOST, HOST_AND_LOAD (in the background) or STREAM.
+    oi: [kind, fill_first, load, min_batch (static_split; 0: never streams), host_after_device, scratch slots];
+    odev [L * E]: the device set (always fetched); ohl [L]: host layers (static_split); oshare, ofaster [max
+    tokens + 1]: the host share and cost's `fetch is faster` (fiddler's `streams`), per token count; oroom
+    [partitions] and opart [L]: fill_first's room left and each layer's partition. `step_tokens`: the step's."""
     kind = oi[0]
     if kind == OFF_STATIC_SPLIT:
-        return 1 if ohl[layer] else 0
+        if not ohl[layer]:
+            return FETCH
+        return STREAM if oi[3] > 0 and step_tokens >= oi[3] else HOST
     if odev[kid]:
-        return 0
+        return FETCH
+    if kind == OFF_FIDDLER:
+        return STREAM if ofaster[n] else HOST
     if kind == OFF_COST and ofaster[n]:
         return 0
     miss = 2 if oi[2] else 1  # Host.other_miss
@@ -346,8 +353,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     rows = np.empty((len(ids) if record else 0, 4), np.int64)
     n_rows = 0
     step_waves = np.zeros(S if record else 0, np.int64)
-    ready = np.zeros(max(n_slots, 1))  # ms: when the last copy into each slot completes
-    pf_slot = np.zeros(max(n_slots, 1), np.uint8)  # the slot's last copy was a prefetch not used yet
+    n_scratch = oi[5]  # scratch slots after the cache's n_slots (streamed experts)
+    ready = np.zeros(max(n_slots + n_scratch, 1))  # ms: when the last copy into each slot completes
+    pf_slot = np.zeros(max(n_slots + n_scratch, 1), np.uint8)  # the slot's last copy was a prefetch not used yet
     D = pf.shape[1]
     mark = 0  # pin mark of the running request (or wave)
     for s in range(S):
@@ -376,18 +384,27 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 if h < 0:
                     return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
                 n_host = 0
-                for i in range(wa, wb):  # misses in row order: fetch, or compute on the host
+                n_stream = 0
+                for i in range(wa, wb):  # misses in row order: fetch, compute on the host, or stream
                     if out[0, i - wa] == -2:
                         continue
                     kid = base + src[i]
                     nu = src_nxt[i] if prm.code == 4 else 0
-                    decision = 0 if oi[0] == OFF_NONE else offload_decision(
-                        ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, src_cnt[i])
-                    if decision != 0:
+                    decision = FETCH if oi[0] == OFF_NONE else offload_decision(
+                        ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, src_cnt[i], n_tokens)
+                    if decision == STREAM:  # a scratch slot in turn; the cache never sees it
+                        slot = n_slots + n_stream % n_scratch
+                        n_stream += 1
+                        out[1, i - wa] = slot
+                        cnt[STREAMS] += 1
+                        copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
+                                              src[i], nbytes)
+                        continue
+                    if decision != FETCH:
                         out[2, i - wa] = 1
                         n_host += 1
                         cnt[HOST_COMPUTES] += 1
-                        if decision == 2 and (host_cap < 0 or inflight_bytes(ck, copy_ms, nbytes) + nbytes <= host_cap):
+                        if decision == HOST_AND_LOAD and (host_cap < 0 or inflight_bytes(ck, copy_ms, nbytes) + nbytes <= host_cap):
                             slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)  # nobody waits for it
                             if slot >= 0:
                                 copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial,
@@ -463,8 +480,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                     computes = _grow(computes, n_cm)
                 _compute_row(computes, n_cm, layer, start, end, start - free, 0.0)
                 n_cm += 1
-                if n_host:  # serial: on the same thread, after the device part
-                    hs, he = host_part(ck, out, src_cnt, wa, wb, n_tokens, host_ms, act_ms, end if serial else free)
+                if n_host:  # serial (or the policy's order, oi[4]): after the device part
+                    hs, he = host_part(ck, out, src_cnt, wa, wb, n_tokens, host_ms, act_ms,
+                                       end if serial or oi[4] else free)
                     _compute_row(computes, n_cm, layer, hs, he, 0.0, 1.0)
                     n_cm += 1
                     end = max(end, he)

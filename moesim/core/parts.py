@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from ..errors import MoesimError
-from .loop import OFF_COST, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT
+from .loop import OFF_COST, OFF_FIDDLER, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT
 from .policies import POLICY_CODES
 from .requests import encode, next_uses
 from .state import CAP, LW, SCOUNT, STATIC, Params, State, new_state
@@ -51,11 +51,13 @@ PREFETCH = {
 _HOST = ("device_set", "share", "fill_first", "load", "max_inflight") + _CALIB
 OFFLOAD = {
     "strategies.fetch.Fetch": ("fetch", ()),
-    "strategies.static_split.StaticSplit": ("static_split", ("host_layers",)),
+    "strategies.static_split.StaticSplit": ("static_split", ("host_layers", "min_batch")),
     "strategies.host.Host": ("host", _HOST),
     "strategies.cost.Cost": ("cost", _HOST),
+    "strategies.fiddler.Fiddler": ("fiddler", ("latency_cpu", "latency_gpu") + _CALIB),
 }
-OFFLOAD_KIND = {"fetch": OFF_NONE, "static_split": OFF_STATIC_SPLIT, "host": OFF_HOST, "cost": OFF_COST}
+OFFLOAD_KIND = {"fetch": OFF_NONE, "static_split": OFF_STATIC_SPLIT, "host": OFF_HOST, "cost": OFF_COST,
+                "fiddler": OFF_FIDDLER}
 
 
 def class_path(obj_or_cls) -> str:
@@ -198,7 +200,7 @@ def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: i
     """(oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap): a built-in offload policy, set up as
     moesim.engine.replay sets it up, as the arrays of moesim.core.loop.offload_decision."""
     L, E = trace.n_layers, trace.spec.experts
-    oi = np.zeros(3, np.int64)
+    oi = np.zeros(6, np.int64)  # kind, fill_first, load, min_batch, host_after_device, scratch slots
     odev = np.zeros(L * E, np.uint8)
     ohl = np.zeros(L, np.uint8)
     oshare = np.ones(max_tokens + 1)
@@ -214,8 +216,15 @@ def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: i
     check_params(type(offload), OFFLOAD, "offload")
     offload.setup(_context(trace, trace.spec, tuple(range(L)), n_slots, scope))
     oi[0] = OFFLOAD_KIND[name]
+    oi[4], oi[5] = int(bool(offload.host_after_device)), offload.scratch_slots(trace.spec)
     if name == "static_split":
         ohl[sorted(offload.host)] = 1
+        oi[3] = offload.min_batch or 0
+    elif name == "fiddler":
+        for layer, e in offload.device:
+            odev[layer * E + e] = 1
+        for n in range(max_tokens + 1):
+            ofaster[n] = offload.streams(n)
     elif name in ("host", "cost"):
         oi[1], oi[2] = int(offload.fill_first), int(offload.load)
         for layer, e in offload.device:

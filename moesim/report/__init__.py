@@ -192,7 +192,8 @@ def _plan_rows(s: dict) -> tuple[list, list]:
     plan_rows, split_rows = [], []
     if isinstance(plan, dict):
         names = (("non-expert weights", "weights"), ("KV cache", "kv_cache"), ("activation workspace", "workspace"),
-                 ("runtime reserve", "reserve"), ("expert cache", "experts"), ("total", "total"), ("card", "card"))
+                 ("runtime reserve", "reserve"), ("expert cache", "experts"), ("stream scratch", "scratch"),
+                 ("total", "total"), ("card", "card"))
         plan_rows = [(k, _fmt(plan.get(f), ".2f", GIB, " GiB")) for k, f in names]
         plan_rows.insert(2, ("KV cache holds", f"{plan.get('context')} tokens x {plan.get('batch')} sequences"))
         if not plan.get("whole_model"):
@@ -225,6 +226,7 @@ def build_run_report(run, out=None) -> Path:
         ("hit rate", f"{_fmt(s.get('hit_rate'), '.4f')} ({s.get('hits')} of {s.get('requests')} expert requests)"),
         ("loads / prefetch loads / evictions", f"{s.get('loads')} / {s.get('prefetch_loads')} / {s.get('evictions')}"),
         ("host computes", _value(s.get("host_computes"))),
+        ("streamed (copied into scratch, computed, dropped)", _value(s.get("streams"))),
         ("bytes host->device", f"{_fmt(s.get('bytes_h2d'), '.3f', GIB, ' GiB')} "
                                f"(at {_fmt(s.get('h2d_gbps'), '.1f', 1, ' GB/s')} while copying)"),
         ("copy time hidden under compute", _fmt(s.get("overlap"), ".1%")),

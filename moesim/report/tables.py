@@ -34,6 +34,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prefetch_loads", ("prefetch_loads",)),
     ("evictions", ("evictions",)),
     ("host_computes", ("host_computes",)),
+    ("streams", ("streams",)),
     ("bytes_h2d", ("bytes_h2d",)),  # bytes
     ("tokens_per_s", ("tokens_per_s",)),
     ("latency_p50_ms", ("latency_ms", "p50")),  # per token

@@ -38,7 +38,8 @@ Timelines, the same as moesim/backends/sim.py's so that the two compare number f
            down(silu(gate x) * up x) over the rows of its tokens, scaled by their gate weights from
            the trace (`route`) and added into the layer's output.
   host     experts the offload policy keeps on the host run on the CPU from the host pool, after the
-           activations' round trip (to the host, result back); on CUDA in parallel with the device part.
+           activations' round trip (to the host, result back); on CUDA in parallel with the device part
+           (after it where the offload policy says `host_after_device`).
 Measured: per copy start/end (CUDA events, else perf_counter), per layer start/end and the stall waiting
 for weights (with inline copies: the copies run since the previous layer, prefetches included, since they
 held the compute thread), per step latency; peak memory in `memory()`; `request_stats()` and
@@ -403,6 +404,8 @@ class TorchBackend(Backend):
         self._events.append(("compute", layer, e_wait, e_start, e_end, "device", marks))
         if host:
             self._d2h_stream.synchronize()  # activations are on the host
+            if self.host_after_device:  # the policy's order: the host experts after the device experts
+                e_end.synchronize()
             h0 = self._now()
             self._host_experts(host)
             with torch.cuda.stream(cs):  # after the device experts, in stream order
