@@ -19,11 +19,13 @@ from moesim.trace import ModelSpec, from_arrays
 SPEC = ModelSpec("toy4", layers=2, experts=4, top_k=2, hidden=64, ffn=64, bits_per_weight=16)
 
 
-def trace_of(rows):
-    """A batch-1 trace: rows[t][l] = the two experts token t routes to at layer l (of 4 experts)."""
+def trace_of(rows, predicted=None):
+    """A batch-1 trace: rows[t][l] = the two experts token t routes to at layer l (of 4 experts); predicted[t][l]
+    (optional) = the experts guessed for layer l of token t before that layer ran (prefetch=recorded reads them)."""
     e = np.asarray(rows, dtype=np.int64)
     spec = dataclasses.replace(SPEC, layers=e.shape[1])
-    return from_arrays(spec, e, np.full(e.shape, 0.5), seq=np.zeros(len(rows), dtype=np.int64))
+    guesses = None if predicted is None else np.asarray(predicted, dtype=np.int64)
+    return from_arrays(spec, e, np.full(e.shape, 0.5), seq=np.zeros(len(rows), dtype=np.int64), predicted=guesses)
 
 
 class Decisions:
@@ -58,6 +60,9 @@ class Decisions:
         self.log.append(("compute", layer, [tuple(k) for k, _, _ in device], [tuple(k) for k, _ in host]))
         self.sim.compute(layer, device, host)
 
+    def inflight_bytes(self):  # a max_inflight cap reads the copy queue (the sim's)
+        return self.sim.inflight_bytes()
+
     def end_step(self):
         self.sim.end_step()
 
@@ -68,10 +73,10 @@ class Decisions:
         return self.sim.device_bytes()
 
 
-def decisions(strategy: str, rows, slots: int, *overrides) -> list:
-    """The decisions of preset `strategy` with `slots` slots on the trace of `rows`, by the Python driver; the
-    compiled core's recorded script must give the same ones."""
-    tr = trace_of(rows)
+def decisions(strategy: str, rows, slots: int, *overrides, predicted=None) -> list:
+    """The decisions of preset `strategy` with `slots` slots on the trace of `rows` (and `predicted` guesses), by
+    the Python driver; the compiled core's recorded script must give the same ones."""
+    tr = trace_of(rows, predicted)
     cfg = resolve_strategy(compose_run("gpt-oss-like", strategy, overrides=list(overrides)))  # the trace: below
     st = cfg.strategy
     scope = run_scope(cfg)
@@ -84,8 +89,27 @@ def decisions(strategy: str, rows, slots: int, *overrides) -> list:
         replay_parts(tr, tr.spec, slots, scope, make_policy, pre, off, backend, "rtx-4090", fast=fast)
         return backend.log
 
+    def recorded():
+        """The core's recorded decisions played onto Decisions, as replay_parts does on a backend other than sim;
+        called here directly where a max_inflight cap makes replay_parts take the Python driver (the cap reads
+        the backend's copy queue, which is this same rtx-4090 sim's, the core's own clock)."""
+        from moesim import core
+        from moesim.engine import play
+        from moesim.profiler import Profiler
+
+        backend = Decisions()
+        pre = build(st.prefetch, "prefetch") if st.get("prefetch") else None
+        off = build(st.offload, "offload") if st.get("offload") else None
+        sim = core.simulate(tr, tr.spec, slots, scope, lambda: build(st.cache, "strategy.cache"), pre, off,
+                            "rtx-4090", record=True)
+        backend.setup(tr.spec, slots, Profiler(tr.spec.layers))
+        play(tr, backend, sim.script)
+        return backend.log
+
     python = once(False)
     assert once("auto") == python, "the compiled core decides differently from the Python driver"
+    if any(st.get(part) and st[part].get("max_inflight") is not None for part in ("prefetch", "offload")):
+        assert recorded() == python, "the compiled core decides differently from the Python driver"
     return python
 
 
@@ -167,10 +191,125 @@ def test_layer_offload_moves_whole_layers():
     assert all(host == [] for _, _, host in computes(log))
 
 
-@pytest.mark.parametrize("strategy", ["mixtral_offloading", "llama_cpp_moe_cache", "ktransformers", "llama_cpp_ncmoe"])
-def test_each_tested_preset_still_names_its_pinned_source(strategy):
+def test_mixtral_offloading_paper_lru_per_layer_with_recorded_guesses():
+    """arXiv:2312.17238 sections 3.1-3.2 (mixtral_offloading_paper.yaml, prefetch recorded, lookahead 1): one LRU
+    of k = 3 experts per layer (budget 6); once layer l is routed, after its own misses are loaded and before it
+    computes, the guesses for layer l + 1 (predicted[t][l + 1]; at the last layer, predicted[t + 1][0]) that are
+    not resident are loaded as prefetches into that layer's LRU (a prefetched load is its most recent entry; the
+    guessed keys are pinned meanwhile, and a guessed key already resident is skipped, not touched). By hand:
+    t0 L0: 0, 1 miss (demand), then the guesses (2, 1) for L1 are prefetched into free slots: L1 LRU [2, 1].
+    t0 L1: 2 hits (a used prefetch), 3 loads (free slot): [1, 2, 3]; the guesses (0, 2) for t1 L0: 0 resident,
+    2 prefetched (free slot): L0 [0, 1, 2]. t1 L0: 0, 2 hit (2 a used prefetch): [1, 0, 2]; guesses (3, 0) for
+    L1: 3 resident (pinned), 0 evicts the LRU of {1, 2} = 1: a prefetch never used (wasted): L1 [2, 3, 0].
+    t1 L1: 2, 0 hit (0 a used prefetch): [3, 2, 0]; guesses (3, 1) for t2 L0: 1 resident and pinned, so 3
+    evicts 0, not the LRU 1: L0 [1, 2, 3]. t2 L0: 1 hits, 0 evicts the LRU of {2, 3} = 2 (demand) before the
+    guesses (1, 2) for L1: 2 resident (pinned), 1 evicts the LRU of {3, 0} = 3: L1 [2, 0, 1]. t2 L1: 1 hits (a
+    used prefetch), 3 evicts the LRU of {2, 0} = 2 (demand); no step follows, no guess. All on the GPU."""
+    rows = [[(0, 1), (2, 3)], [(0, 2), (2, 0)], [(1, 0), (3, 1)]]
+    predicted = [[(0, 1), (2, 1)], [(0, 2), (3, 0)], [(3, 1), (1, 2)]]  # [t][l]: guessed for layer l of token t
+    log = decisions("mixtral_offloading_paper", rows, 6, predicted=predicted)
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 2), True), ((1, 1), True),  # t0 L0
+                          ((1, 3), False), ((0, 2), True),  # t0 L1
+                          ((1, 0), True),  # t1 L0
+                          ((0, 3), True),  # t1 L1
+                          ((0, 0), False), ((1, 1), True),  # t2 L0: its own miss first, then the guess
+                          ((1, 3), False)]  # t2 L1
+    assert all(host == [] for _, _, host in computes(log))
+
+
+def test_llama_cpp_fork_moe_cache_misses_on_the_cpu_and_copied_behind():
+    """leloch/llama.cpp docs/moe-cache.md, ggml-cuda/expert-cache.cu (llama_cpp_fork_moe_cache.yaml): one LRU
+    pool over every layer (here 3 slots for 2 layers); a hit is computed on the GPU; every miss is computed by
+    the CPU and also copied into the pool in the background (taking the LRU slot of any layer; pinned while its
+    layer runs), while fewer than 8 experts' copies are queued: this trace copies 8 in all, so the cap never
+    refuses one. By hand: t0 L0: 0, 1 miss: CPU, copied into free slots: [00, 01]; L1: 2, 3 miss: CPU, 2 into
+    the free slot, 3 over the LRU (0,0): [01, 12, 13]. t1 L0: 1 hits (GPU; it came in behind t0's miss), 2
+    misses (CPU) and is copied over the LRU of {12, 13} = (1,2) (another layer's): [13, 01, 02]. t1 L1: 3 hits,
+    2 misses, copied over the LRU of {01, 02} = (0,1): [02, 13, 12]. t2 L0: 2 hits, 0 misses, over (1,3):
+    [12, 02, 00]; L1: 2 hits, 1 misses, over the LRU of {02, 00} = (0,2)."""
+    rows = [[(0, 1), (2, 3)], [(1, 2), (3, 2)], [(2, 0), (2, 1)]]
+    log = decisions("llama_cpp_fork_moe_cache", rows, 3)
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 2), False), ((1, 3), False),
+                          ((0, 2), False), ((1, 2), False), ((0, 0), False), ((1, 1), False)]
+    assert computes(log) == [(0, [], [(0, 0), (0, 1)]), (1, [], [(1, 2), (1, 3)]),
+                             (0, [(0, 1)], [(0, 2)]), (1, [(1, 3)], [(1, 2)]),
+                             (0, [(0, 2)], [(0, 0)]), (1, [(1, 2)], [(1, 1)])]
+    assert log.index(("load", (0, 2), False)) < log.index(("compute", 0, [(0, 1)], [(0, 2)]))  # copy, then compute
+
+
+def test_vllm_lfru_keeps_a_frequent_expert_that_lru_evicts():
+    """vllm-project/vllm PR #37190 as vllm_lfru.yaml gives it: a per-layer cache (3 slots each, budget 6) evicted
+    by LFRU (strategies/lfru.py): t in steps (layer 0 at t = s, layer 1 at s + 0.5); at each use (a hit or a
+    load) f <- f * 0.95**(t - t_last) + 1, kept after eviction; the lowest f * 0.95**age / (1 + age) is evicted,
+    a tie to the least recently touched; misses fetched on demand, all on the GPU. By hand, layer 0: t0 loads 0,
+    1 (f 1); t1 hits both (f 1.95 at 1); t2 hits 1 (f 2.8525), loads 2 (free; f 1 at 2); t3 hits 1, loads 3:
+    of {0, 2}, 0 scores 1.95 * 0.95**2 / 3 = 0.587, 2 scores 0.95 / 2 = 0.475: 2 goes, though 0 is the least
+    recently used; t4 hits 0, loads 2 again over the lower of 1 (3.71 * 0.95 / 2) and 3 (0.475): 3.
+    Layer 1 (ties): t0 loads 1, 0 (f 1 at 0.5, 1 touched first); t1 loads 2 (free), then 3 over the tie of 1 and
+    0 (f 1, age 1): the first touched, 1; t2 hits 0 (f 1.9025), loads 1 over the tie of 2 and 3 (f 1, age 1): 2,
+    inserted first; 1 comes back with its history, f 1 * 0.95**2 + 1 = 1.9025, as 0's; t3 hits 3, loads 2 over
+    the tie of 0 and 1 (both 1.9025, age 1): 0, touched before 1 (with 1's history lost 1 would go); t4 hits 1,
+    loads 0 (over 3, touched before 2)."""
+    rows = [[(0, 1), (1, 0)], [(0, 1), (2, 3)], [(1, 2), (1, 0)], [(1, 3), (2, 3)], [(0, 2), (1, 0)]]
+    log = decisions("vllm_lfru", rows, 6)
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 1), False), ((1, 0), False),  # t0
+                          ((1, 2), False), ((1, 3), False),  # t1
+                          ((0, 2), False), ((1, 1), False),  # t2
+                          ((0, 3), False), ((1, 2), False),  # t3
+                          ((0, 2), False), ((1, 0), False)]  # t4
+    assert all(host == [] for _, _, host in computes(log))
+    # per-layer LRU (mixtral_offloading: the same cache, fetch, no prefetch) evicts layer 0's 0 at t3 instead
+    # (used at t1, before 2 at t2), so at t4 0 misses and 2 hits; layer 1's ties are LRU's order anyway
+    lru = loads(decisions("mixtral_offloading", rows, 6))
+    assert lru == loads(log)[:10] + [((0, 0), False), ((1, 0), False)]
+
+
+def test_class_lru_host_fills_first_then_hosts_a_share_and_keeps_frequent_experts():
+    """moesim's own design (class_lru_host.yaml): per-layer cache (3 slots each, budget 6) evicted by class LRU
+    (strategies/class_lru.py: a key's CRF is its use count decayed with a half-life of 128 tokens (x 0.9946 per
+    step), its class floor(log2 CRF); the victim is, of the least recently used candidate of each class list,
+    the one with the largest idle positions / 2**class; a step is 2 positions); offload host: every miss is
+    fetched until its layer's 3 slots are filled once (fill_first), then a share F of the misses (error
+    diffusion over all layers: owed += F, host when owed >= 1) is computed on the CPU and not cached, the others
+    fetched. F = fetch_ms / (fetch_ms + host_ms) is 0.179 for this toy on rtx-4090: the 6th miss after the fill
+    is the first on the CPU. By hand, layer 0 (layer 1 loads 2, 3 at t0 and then hits them): t0, t1 fetch 0, 1,
+    2 (the fill). t2-t4 hit 0 and 2: 0 is used 5 times (CRF 4.95: class 2, last at t4), 2 four (3.97: class 1).
+    t5 (2, 3): 2 hits (class 2); 3, miss 1 after the fill (owed 0.18), is fetched over 1 (idle 10 / 2**0)
+    rather than 0 (2 / 4). t6 (2, 1): 1, miss 2 (0.36), fetched over 3 (idle 2 / 1) rather than 0 (4 / 4 = 1),
+    which LRU would evict (last used at t4, 3 at t5). t7 (3, 0): 0 hits (class 2); 3, miss 3 (0.54), over 1
+    (class 0, 2 / 1) rather than 2 (2 / 4). t8 (1, 2): 1, miss 4 (0.72), over 3 (2 / 1) rather than 0 (2 / 4).
+    t9 (3, 1): 1 hits; 3, miss 5 (0.89), over the head of class 2's list, 0 (4 / 4; 1 is class 1 and pinned).
+    t10 (0, 1): 1 hits; 0, miss 6 (owed 1.07), is computed on the CPU and not loaded. t11 (0, 2): 2 hits; 0,
+    miss 7 (0.25), misses again and is fetched, over 3 (class 1, 4 / 2) rather than 1 (class 2 since t10, 2 / 4)."""
+    from moesim.hardware import Cost, load_hardware
+
+    cost = Cost(load_hardware("rtx-4090"), SPEC)
+    share = cost.fetch_ms((0, 0)) / (cost.fetch_ms((0, 0)) + cost.host_ms((0, 0), 1))
+    assert 1 / 6 <= share < 1 / 5  # the derivation's F: the 6th miss after the fill is the first on the host
+    layer0 = [(0, 1), (0, 2), (0, 2), (0, 2), (0, 2), (2, 3), (2, 1), (3, 0), (1, 2), (3, 1), (0, 1), (0, 2)]
+    rows = [[e, (2, 3)] for e in layer0]
+    log = decisions("class_lru_host", rows, 6)
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 2), False), ((1, 3), False),  # t0
+                          ((0, 2), False),  # t1: the fill ends
+                          ((0, 3), False), ((0, 1), False), ((0, 3), False), ((0, 1), False), ((0, 3), False),  # t5-t9
+                          ((0, 0), False)]  # t11 (t10's miss went to the CPU)
+    on_host = [(i, c) for i, c in enumerate(computes(log)) if c[2]]
+    assert on_host == [(2 * 10, (0, [(0, 1)], [(0, 0)]))]  # t10, layer 0: the hit on the GPU, the miss on the CPU
+
+
+COMMIT = r"[0-9a-f]{40}"
+
+
+# vllm_lfru is left out: its source is a PR whose head commit is not visible (its YAML says so), nothing pinned;
+# class_lru_host is moesim's own design, with no source (tests/test_presets.py checks that it says so)
+@pytest.mark.parametrize("strategy, pinned", [
+    ("mixtral_offloading", COMMIT), ("llama_cpp_moe_cache", COMMIT), ("ktransformers", COMMIT),
+    ("llama_cpp_ncmoe", COMMIT), ("llama_cpp_fork_moe_cache", COMMIT),
+    ("mixtral_offloading_paper", r"arXiv:2312\.17238, section 3\.1"),  # a paper: its arXiv number and sections
+])
+def test_each_tested_preset_still_names_its_pinned_source(strategy, pinned):
     from importlib.resources import files
     import re
 
     text = files("moesim.conf").joinpath("strategy", f"{strategy}.yaml").read_text()
-    assert re.search(r"[0-9a-f]{40}", text), strategy
+    assert re.search(pinned, text), strategy
