@@ -1,8 +1,8 @@
 """Class LRU: one LRU list per frequency class; the victim is the least recently used expert of the class
 list whose oldest entry is oldest for its class. `strategy=class_lru`.
 
-After llama.cpp's MoE cache (ggml-org/llama.cpp src/llama-moe-cache.cpp, docs/moe-cache.md, `--moe-cache-mib`):
-each expert has a CRF (combined recency and frequency): its uses, decayed with a half-life of
+moesim's own design (no public source has it: llama.cpp's MoE caches, src/llama-moe-cache.cpp upstream and a
+fork's docs/moe-cache.md, are plain LRUs; docs/preset-sources.md section 5(c)). Each expert has a CRF (combined recency and frequency): its uses, decayed with a half-life of
 `half_life` tokens (128), kept across evictions. Its class is floor(log2(CRF)), at most `classes` - 1
 (8 classes). A resident expert sits in the LRU list of its class as of its last use; the victim is,
 among the least recently used evictable expert of each list, the one with the largest

@@ -15,8 +15,11 @@ Options:
   fill_first: false    true: fetch every miss until the cache (the miss's partition) has been filled once
                        (counts this policy's fetches only)
   load: false          true: also copy a host-computed miss into the cache in the background for later
-                       requests (as a llama.cpp fork's MoE cache: strategy=llama_cpp_fork_moe_cache), while the copy engine holds less than `max_inflight` (null: no cap; bytes,
-                       `256MiB`, or `4 experts`)
+                       requests (as a llama.cpp fork's MoE cache: strategy=llama_cpp_fork_moe_cache), while the
+                       copy engine holds less than `max_inflight` (null: no cap; bytes, `256MiB`, or `4 experts`)
+  loads_per_layer: null  with load: at most this many background loads per layer per step; the layer's other
+                       host misses are computed on the host only (llama.cpp PR #27861's
+                       `--moe-expert-cache-inserts`: strategy=llama_cpp_moe_expert_cache)
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ class Host(OffloadPolicy, Calibrated):
     where = "offload"
 
     def __init__(self, device_set: str = "none", share=1.0, fill_first: bool = False, load: bool = False,
-                 max_inflight=None, calibrate_tokens: int | None = None, calibrate_fraction: float = 0.1,
-                 calibrate_trace: str | None = None):
+                 max_inflight=None, loads_per_layer: int | None = None, calibrate_tokens: int | None = None,
+                 calibrate_fraction: float = 0.1, calibrate_trace: str | None = None):
         from moesim.units import parse_inflight
 
         if device_set not in DEVICE_SETS:
@@ -46,7 +49,11 @@ class Host(OffloadPolicy, Calibrated):
         for name, v in (("fill_first", fill_first), ("load", load)):
             if not isinstance(v, bool):
                 raise MoesimError(f"offload.{name}: expected true or false, got {v!r}")
+        if loads_per_layer is not None and (not isinstance(loads_per_layer, int) or isinstance(loads_per_layer, bool)
+                                            or loads_per_layer < 0):
+            raise MoesimError(f"offload.loads_per_layer={loads_per_layer!r}: expected a whole number >= 0 or null")
         self.device_set, self.share, self.fill_first, self.load = device_set, share, fill_first, load
+        self.loads_per_layer = loads_per_layer
         parse_inflight(max_inflight, 1, "offload.max_inflight")  # checks the form; the engine resolves it
         self.max_inflight = max_inflight
         self.init_calibration(calibrate_tokens, calibrate_fraction, calibrate_trace)
@@ -60,6 +67,19 @@ class Host(OffloadPolicy, Calibrated):
         self.room = [ctx.capacity // ctx.spec.layers if per_layer else ctx.capacity] * (ctx.spec.layers if per_layer else 1)
         self.owed = 0.0  # host share accumulated and not yet paid by a host decision
         self._auto: dict[int, float] = {}  # n_tokens -> auto share
+        self.loaded = [0] * ctx.spec.layers  # background loads per layer in the current step (loads_per_layer)
+
+    def begin_step(self, n_tokens: int) -> None:
+        if self.loads_per_layer is not None:
+            self.loaded = [0] * len(self.loaded)
+
+    def _host(self, layer: int) -> str:
+        """The host decision for a miss of `layer`: with load, a background load while the layer has any left."""
+        if self.miss == "host_and_load" and self.loads_per_layer is not None:
+            if self.loaded[layer] >= self.loads_per_layer:
+                return "host"
+            self.loaded[layer] += 1
+        return self.miss
 
     def on_miss(self, key, n_tokens: int, cost) -> str:
         if key in self.device:
@@ -75,11 +95,11 @@ class Host(OffloadPolicy, Calibrated):
                 return "fetch"
         share = self.share if self.share != "auto" else self.share_at(key, n_tokens, cost)
         if share >= 1.0:
-            return self.miss
+            return self._host(key[0])
         self.owed += share  # error diffusion: over n misses, round(n * share) go to the host, evenly spread
         if self.owed >= 1.0 - 1e-12:
             self.owed -= 1.0
-            return self.miss
+            return self._host(key[0])
         return "fetch"
 
     def share_at(self, key, n_tokens: int, cost) -> float:

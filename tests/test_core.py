@@ -314,6 +314,7 @@ def _parts():
         "host-popular": lambda: Host(device_set="popular", share=0.7, calibrate_fraction=0.3),
         "cost": lambda: Cost(),
         "static_split": lambda: StaticSplit(host_layers=[1]),
+        "host-inserts-per-layer": lambda: Host(load=True, loads_per_layer=1),  # no cap on queued copies
         "static_split-stream": lambda: StaticSplit(host_layers=[0, 1], min_batch=3),  # steps of 3+ tokens stream
         "fiddler": lambda: Fiddler(latency_cpu=7, latency_gpu=14, calibrate_fraction=0.3),  # 2+ tokens stream
     }

@@ -19,13 +19,15 @@ from moesim.trace import ModelSpec, from_arrays
 SPEC = ModelSpec("toy4", layers=2, experts=4, top_k=2, hidden=64, ffn=64, bits_per_weight=16)
 
 
-def trace_of(rows, predicted=None):
-    """A batch-1 trace: rows[t][l] = the two experts token t routes to at layer l (of 4 experts); predicted[t][l]
-    (optional) = the experts guessed for layer l of token t before that layer ran (prefetch=recorded reads them)."""
+def trace_of(rows, predicted=None, step=None):
+    """A trace: rows[t][l] = the two experts token t routes to at layer l (of 4 experts); predicted[t][l]
+    (optional) = the experts guessed for layer l of token t before that layer ran (prefetch=recorded reads them);
+    step[t] (optional) = token t's step (default: one token per step)."""
     e = np.asarray(rows, dtype=np.int64)
     spec = dataclasses.replace(SPEC, layers=e.shape[1])
     guesses = None if predicted is None else np.asarray(predicted, dtype=np.int64)
-    return from_arrays(spec, e, np.full(e.shape, 0.5), seq=np.zeros(len(rows), dtype=np.int64), predicted=guesses)
+    return from_arrays(spec, e, np.full(e.shape, 0.5), step=step, seq=np.zeros(len(rows), dtype=np.int64),
+                       predicted=guesses)
 
 
 class Decisions:
@@ -73,10 +75,10 @@ class Decisions:
         return self.sim.device_bytes()
 
 
-def decisions(strategy: str, rows, slots: int, *overrides, predicted=None) -> list:
+def decisions(strategy: str, rows, slots: int, *overrides, predicted=None, step=None) -> list:
     """The decisions of preset `strategy` with `slots` slots on the trace of `rows` (and `predicted` guesses), by
     the Python driver; the compiled core's recorded script must give the same ones."""
-    tr = trace_of(rows, predicted)
+    tr = trace_of(rows, predicted, step)
     cfg = resolve_strategy(compose_run("gpt-oss-like", strategy, overrides=list(overrides)))  # the trace: below
     st = cfg.strategy
     scope = run_scope(cfg)
@@ -102,7 +104,7 @@ def decisions(strategy: str, rows, slots: int, *overrides, predicted=None) -> li
         off = build(st.offload, "offload") if st.get("offload") else None
         sim = core.simulate(tr, tr.spec, slots, scope, lambda: build(st.cache, "strategy.cache"), pre, off,
                             "rtx-4090", record=True)
-        backend.setup(tr.spec, slots, Profiler(tr.spec.layers))
+        backend.setup(tr.spec, slots + (off.scratch_slots(tr.spec) if off else 0), Profiler(tr.spec.layers))
         play(tr, backend, sim.script)
         return backend.log
 
@@ -313,3 +315,84 @@ def test_each_tested_preset_still_names_its_pinned_source(strategy, pinned):
 
     text = files("moesim.conf").joinpath("strategy", f"{strategy}.yaml").read_text()
     assert re.search(pinned, text), strategy
+
+
+# Fiddler and llama.cpp's big-batch rule need steps of many tokens: step 2 below has 12 (rows 2 .. 13).
+BIG = ([[(0, 1), (2, 3)], [(0, 2), (2, 0)]]
+       + [[(0, 3), (2, 1)]] * 9 + [[(0, 3), (2, 0)]] + [[(0, 1), (2, 0)]] * 2  # L0: 0 x12, 3 x10, 1 x2; L1: 2, 1 x9, 0 x3
+       + [[(3, 1), (1, 3)]])
+BIG_STEPS = [0, 1] + [2] * 12 + [3]
+
+
+def test_fiddler_places_a_popular_set_and_runs_the_rest_on_the_cpu_or_streams_it():
+    """efeslab/fiddler@227715b src/fiddler/mixtral.py: the most popular (layer, expert) pairs, as many as fit over
+    all layers (3 slots; the profile: the first 2 tokens, offload.calibrate_tokens=2, where (0,0) and (1,2) are
+    requested twice and the rest once, ties to the lower pair: (0,1)) live on the GPU, and no other expert is
+    ever cached; a non-placed expert with n tokens runs on the CPU when 7 n < 70, else it is copied into the
+    placeholder, run on the GPU and dropped. By hand: t0 L0 fetches (0,0) and (0,1) (placed, first use); L1
+    fetches (1,2), runs (1,3) on the CPU. t1: (0,0), (1,2) hit; (0,2), (1,0) on the CPU. Step 2 (12 tokens), L0 in
+    order of first appearance: 0 (hit), 3 (n = 10: 70 >= 70, streamed: one copy, nothing kept), 1 (hit); L1: 2
+    (hit), 1 (n = 9: 63 < 70, CPU), 0 (n = 3: CPU). Step 3: (0,3) was not kept: CPU; (0,1) hits; (1,1), (1,3) on
+    the CPU. Nothing is ever evicted."""
+    log = decisions("fiddler", BIG, 3, "strategy.offload.calibrate_tokens=2", step=BIG_STEPS)
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 2), False), ((0, 3), False)]
+    assert computes(log) == [(0, [(0, 0), (0, 1)], []), (1, [(1, 2)], [(1, 3)]),
+                             (0, [(0, 0)], [(0, 2)]), (1, [(1, 2)], [(1, 0)]),
+                             (0, [(0, 0), (0, 3), (0, 1)], []), (1, [(1, 2)], [(1, 1), (1, 0)]),
+                             (0, [(0, 1)], [(0, 3)]), (1, [], [(1, 1), (1, 3)])]
+
+
+def test_fiddler_runs_a_layers_cpu_experts_after_its_gpu_experts():
+    """src/fiddler/mixtral.py L602-637: the GPU experts are launched first, then the CPU experts one by one in the
+    same thread (commit aeba581 removed the CPU thread): on the sim clock, every layer's host part starts when its
+    device part ends. With `offload=host` (the same popular set) they run beside each other: at t0 layer 1 the
+    host part starts while the device part still waits for (1,2)'s copy."""
+    from moesim.backends.sim import SimBackend
+
+    tr = trace_of(BIG, step=BIG_STEPS)
+    calib = "strategy.offload.calibrate_tokens=2"
+    for overrides, after in (([calib], True), (["offload=host", "offload.device_set=popular", "offload.calibrate_tokens=2"], False)):
+        st = resolve_strategy(compose_run("gpt-oss-like", "fiddler", overrides=overrides)).strategy
+        for fast in (False, "auto"):
+            run = replay_parts(tr, tr.spec, 3, "global", lambda: build(st.cache, "c"), None, build(st.offload, "o"),
+                               SimBackend("rtx-4090"), "rtx-4090", fast=fast)
+            comp = run.profiler.arrays()[2]  # layer, start, end, stall, host
+            pairs = [(comp[i], comp[i + 1]) for i in range(len(comp) - 1) if comp[i, 4] == 0 and comp[i + 1, 4] == 1]
+            assert len(pairs) >= 4, overrides
+            overlaps = [host[1] < dev[2] for dev, host in pairs]  # the host part starts before the device's ends
+            assert (not any(overlaps)) if after else any(overlaps), (overrides, fast, pairs)
+
+
+def test_llama_cpp_ncmoe_streams_a_host_layers_experts_for_a_batch_of_32():
+    """ggml-org/ggml@d99724f src/ggml-cuda/ggml-cuda.cu (GGML_OP_OFFLOAD_MIN_BATCH = 32) and src/ggml-backend.cpp:
+    a host weight under a batch of at least 32 tokens runs on the GPU, after a copy of only the experts the batch
+    uses, kept by nothing. min_batch=12 here (the 12-token step; the preset's 32 needs a longer trace). With 4
+    slots in one pool, N = 1: layer 0 on the host. By hand: t0, t1 (one token): layer 0's experts on the CPU,
+    layer 1's fetched on first use (2, 3, then 0). Step 2 (12 tokens): layer 0's 0, 3, 1 are each copied and
+    computed on the GPU (streamed); layer 1's 2 and 0 hit, 1 is fetched. Step 3: layer 0 on the CPU again
+    (nothing was kept), layer 1 all hits."""
+    log = decisions("llama_cpp_ncmoe", BIG, 4, "strategy.offload.min_batch=12", step=BIG_STEPS)
+    assert loads(log) == [((1, 2), False), ((1, 3), False), ((1, 0), False),
+                          ((0, 0), False), ((0, 3), False), ((0, 1), False), ((1, 1), False)]
+    assert computes(log) == [(0, [], [(0, 0), (0, 1)]), (1, [(1, 2), (1, 3)], []),
+                             (0, [], [(0, 0), (0, 2)]), (1, [(1, 2), (1, 0)], []),
+                             (0, [(0, 0), (0, 3), (0, 1)], []), (1, [(1, 2), (1, 1), (1, 0)], []),
+                             (0, [], [(0, 3), (0, 1)]), (1, [(1, 1), (1, 3)], [])]
+    default = decisions("llama_cpp_ncmoe", BIG, 4, step=BIG_STEPS)  # min_batch 32: the 12-token step stays on the CPU
+    assert not any(key[0] == 0 for key, _ in loads(default))
+    assert computes(default)[4] == (0, [], [(0, 0), (0, 3), (0, 1)])
+
+
+def test_llama_cpp_moe_expert_cache_hits_on_the_gpu_misses_on_the_cpu_two_uploads_per_layer():
+    """ggml-org/llama.cpp PR #27861 (description): N slots per host-resident expert layer, each an LRU; a cached
+    expert runs on the GPU, the others on the CPU beside it; uploads capped per layer per step
+    (--moe-expert-cache-inserts; set to 1 here so that the cap bites on a top-2 trace). 3 slots per layer (6).
+    By hand: t0 L0: 0, 1 miss, both on the CPU; only 0 is uploaded (the cap); L1: 2 uploaded, 3 CPU only.
+    t1 L0: 0 hits (GPU), 2 on the CPU and uploaded; L1: 2 hits, 0 on the CPU and uploaded. t2 L0: 3 and 1 miss:
+    3 uploaded (L0 holds 0, 2, 3: full), 1 CPU only; L1: 1 uploaded over the LRU of {2, 0} = 2, 3 CPU only."""
+    log = decisions("llama_cpp_moe_expert_cache", ROWS, 6, "strategy.offload.loads_per_layer=1")
+    assert loads(log) == [((0, 0), False), ((1, 2), False), ((0, 2), False), ((1, 0), False),
+                          ((0, 3), False), ((1, 1), False)]
+    assert computes(log) == [(0, [], [(0, 0), (0, 1)]), (1, [], [(1, 2), (1, 3)]),
+                             (0, [(0, 0)], [(0, 2)]), (1, [(1, 2)], [(1, 0)]),
+                             (0, [], [(0, 3), (0, 1)]), (1, [], [(1, 1), (1, 3)])]

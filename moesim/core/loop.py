@@ -279,10 +279,11 @@ def _small_fifo(ids, ptr, L, E, cap, reset):
 
 
 @njit(**HOT)
-def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, n, step_tokens):
+def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, n, step_tokens):
     """strategies/{static_split,host,cost,fiddler}.py on_miss, from the arrays moesim/core/parts.py made of the
     policy after its setup: FETCH, HOST, HOST_AND_LOAD (in the background) or STREAM.
-    oi: [kind, fill_first, load, min_batch (static_split; 0: never streams), host_after_device, scratch slots];
+    oi: [kind, fill_first, load, min_batch (static_split; 0: never streams), host_after_device, scratch slots,
+    loads_per_layer (-1: no cap)]; oload [L]: background loads per layer in the current step;
     odev [L * E]: the device set (always fetched); ohl [L]: host layers (static_split); oshare, ofaster [max
     tokens + 1]: the host share and cost's `fetch is faster` (fiddler's `streams`), per token count; oroom
     [partitions] and opart [L]: fill_first's room left and each layer's partition. `step_tokens`: the step's."""
@@ -297,26 +298,30 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, laye
         return STREAM if ofaster[n] else HOST
     if kind == OFF_COST and ofaster[n]:
         return 0
-    miss = 2 if oi[2] else 1  # Host.other_miss
-    if oi[1]:  # fill_first
+    if oi[1]:  # fill_first (Host.other_miss)
         q = opart[layer]
         if oroom[q] > 0:
             oroom[q] -= 1
-            return 0
+            return FETCH
     share = oshare[n]
-    if share >= 1.0:
-        return miss
-    ck[OWED] += share  # error diffusion: over n misses, round(n * share) go to the host, evenly spread
-    if ck[OWED] >= 1.0 - 1e-12:
+    if share < 1.0:
+        ck[OWED] += share  # error diffusion: over n misses, round(n * share) go to the host, evenly spread
+        if ck[OWED] < 1.0 - 1e-12:
+            return FETCH
         ck[OWED] -= 1.0
-        return miss
-    return 0
+    if not oi[2]:
+        return HOST
+    if oi[6] >= 0:  # loads_per_layer (Host._host)
+        if oload[layer] >= oi[6]:
+            return HOST
+        oload[layer] += 1
+    return HOST_AND_LOAD
 
 
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, oi, odev, ohl, oshare, ofaster, oroom, opart,
-            host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
+            oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -365,6 +370,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             reset(I, F, prm)
         step_start = ck[NOW]
         ck[NOW] += dhead[s]
+        oload[:] = 0  # Host.begin_step
         shared = shared_ms[s]
         n_tokens = step_tokens[s]
         for layer in range(L):
@@ -391,7 +397,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                     kid = base + src[i]
                     nu = src_nxt[i] if prm.code == 4 else 0
                     decision = FETCH if oi[0] == OFF_NONE else offload_decision(
-                        ck, oi, odev, ohl, oshare, ofaster, oroom, opart, kid, layer, src_cnt[i], n_tokens)
+                        ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, src_cnt[i], n_tokens)
                     if decision == STREAM:  # a scratch slot in turn; the cache never sees it
                         slot = n_slots + n_stream % n_scratch
                         n_stream += 1

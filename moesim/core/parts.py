@@ -48,7 +48,7 @@ PREFETCH = {
     "strategies.history.History": ("history", _TABLE + _CALIB),
     "strategies.whole_layer.WholeLayer": ("whole_layer", _TABLE),
 }
-_HOST = ("device_set", "share", "fill_first", "load", "max_inflight") + _CALIB
+_HOST = ("device_set", "share", "fill_first", "load", "max_inflight", "loads_per_layer") + _CALIB
 OFFLOAD = {
     "strategies.fetch.Fetch": ("fetch", ()),
     "strategies.static_split.StaticSplit": ("static_split", ("host_layers", "min_batch")),
@@ -197,19 +197,21 @@ def _table_key(trace, prefetcher) -> tuple[tuple, list]:
 
 
 def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: int, nbytes: int) -> tuple:
-    """(oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap): a built-in offload policy, set up as
+    """(oi, odev, ohl, oshare, ofaster, oroom, opart, oload, host_cap): a built-in offload policy, set up as
     moesim.engine.replay sets it up, as the arrays of moesim.core.loop.offload_decision."""
     L, E = trace.n_layers, trace.spec.experts
-    oi = np.zeros(6, np.int64)  # kind, fill_first, load, min_batch, host_after_device, scratch slots
+    oi = np.zeros(7, np.int64)  # kind, fill_first, load, min_batch, host_after_device, scratch slots, loads/layer
+    oi[6] = -1
     odev = np.zeros(L * E, np.uint8)
     ohl = np.zeros(L, np.uint8)
     oshare = np.ones(max_tokens + 1)
     ofaster = np.zeros(max_tokens + 1, np.uint8)
     oroom = np.zeros(L, np.int64)
     opart = np.zeros(L, np.int64)
+    oload = np.zeros(L, np.int64)
     host_cap = -1
     if offload is None:
-        return oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap
+        return oi, odev, ohl, oshare, ofaster, oroom, opart, oload, host_cap
     from ..units import parse_inflight
 
     name = builtin(offload, OFFLOAD)
@@ -227,6 +229,7 @@ def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: i
             ofaster[n] = offload.streams(n)
     elif name in ("host", "cost"):
         oi[1], oi[2] = int(offload.fill_first), int(offload.load)
+        oi[6] = -1 if offload.loads_per_layer is None else offload.loads_per_layer
         for layer, e in offload.device:
             odev[layer * E + e] = 1
         for n in range(max_tokens + 1):  # every routed expert costs the same: the key does not matter
@@ -237,4 +240,4 @@ def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: i
         opart[:] = offload.partition_of
         cap = parse_inflight(offload.max_inflight, nbytes, "offload.max_inflight")
         host_cap = -1 if cap is None else cap
-    return oi, odev, ohl, oshare, ofaster, oroom, opart, host_cap
+    return oi, odev, ohl, oshare, ofaster, oroom, opart, oload, host_cap
