@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cache import Counters
-from .engine import drive, play
+from .engine import drive, play, scratch_slots
 from .errors import MoesimError
 from .trace import Trace
 from .units import parse_budget
@@ -443,7 +443,7 @@ def vram_plan(cfg, model, hardware, ctx):
 
     strat = cfg.strategy
     offload = build(strat.offload, "offload") if strat.get("offload") else None
-    scratch = offload.scratch_slots(model) * model.bytes_per_expert if offload is not None else 0
+    scratch = scratch_slots(model, build(strat.cache, "strategy.cache"), offload) * model.bytes_per_expert
 
     def plan_with(expert_bytes):
         return plan_vram(model, hardware.vram_bytes, expert_bytes, context, batch, ctx.max_tokens, ctx.max_logits,
@@ -542,7 +542,7 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
         profiler = Profiler(spec.layers)
         if offload is not None:
             backend.host_after_device = bool(offload.host_after_device)
-        backend.setup(spec, n_slots + (offload.scratch_slots(spec) if offload is not None else 0), profiler)
+        backend.setup(spec, n_slots + scratch_slots(spec, first, offload), profiler)
         play(trace, backend, sim.script, progress=progress)
         served = backend.request_stats() if hasattr(backend, "request_stats") else None
         return Execution(Counters(**sim.counters), sim.prefetch, profiler, served, backend.device_bytes(), backend,

@@ -173,8 +173,9 @@ class Cache:
 
     def insert(self, pos: int, key: Key, prefetched: bool = False) -> tuple[int, Key | None] | None:
         """Make `key` resident: a free slot, else the policy's victim among unpinned residents.
-        Returns (slot, evicted key or None), or None if every resident is pinned (a prefetch then waits;
-        a demand miss cannot hit this case, since the budget holds top-k per layer).
+        Returns (slot, evicted key or None), or None if every resident is pinned or the policy refuses (a
+        prefetch is then skipped; a demand miss is streamed where the policy `refuses`, and cannot meet a
+        pinned partition otherwise, since the budget holds top-k per layer).
         The miss path; `serve_rows` is the same path fused into one loop for the cache-only replay."""
         p = self.partitions[self.part_of_layer[key[0]]]
         evicted = None
@@ -187,6 +188,8 @@ class Cache:
             cand.pos = pos
             evicted = p.policy.victim(cand)
             if evicted not in cand:
+                if evicted is None and getattr(p.policy, "refuses", False):
+                    return None  # the policy may evict nothing now
                 raise _bad_victim(p.policy, evicted)
             cand.discard(evicted)
             slot = p.resident.pop(evicted)

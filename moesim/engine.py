@@ -156,8 +156,10 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
 
     `prefetch_max`: at most this many keys of each `predict` are loaded (None: all it returns; 0: the
     prefetcher observes but is not asked)."""
+    policy = cache.partitions[0].policy
     if (backend is None and prefetcher is None and offload is None and not progress and not cache.prefetch.unused
-            and not cache.pinned and min(p.capacity for p in cache.partitions) >= trace.experts.shape[2]):
+            and not cache.pinned and min(p.capacity for p in cache.partitions) >= trace.experts.shape[2]
+            and not getattr(policy, "refuses", False)):
         _replay_cache_only(trace, cache, reset_per_seq)
         return cache.counters
     L = trace.n_layers
@@ -166,7 +168,7 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
         prefetcher.setup(Context(trace, trace.spec, tuple(range(L)), cache.n_slots, cache.scope))
     if offload is not None:
         offload.setup(Context(trace, trace.spec, tuple(range(L)), cache.n_slots, cache.scope))
-    scratch = (cache.n_slots, offload.scratch_slots(trace.spec)) if offload is not None else None
+    scratch = (cache.n_slots, scratch_slots(trace.spec, policy, offload))
     if offload is not None and backend is not None:
         backend.host_after_device = bool(offload.host_after_device)
     ask = prefetcher is not None and prefetch_max != 0
@@ -292,10 +294,7 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
                 if not scratch or scratch[1] <= 0:
                     raise MoesimError(f"{type(offload).__name__}.on_miss returned 'stream' but its "
                                       f"scratch_slots() is 0: it must name the scratch slots it streams into")
-                streamed[key] = s = scratch[0] + len(streamed) % scratch[1]  # in turn
-                cache.counters.streams += 1
-                if backend is not None:
-                    backend.load(key, s, False)
+                _stream(cache, backend, key, streamed, scratch)
                 continue
             if decision == "host" or decision == "host_and_load":
                 host.append((key, n))
@@ -308,9 +307,14 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
             if decision != "fetch":
                 raise MoesimError(f"{type(offload).__name__}.on_miss returned {decision!r}; expected "
                                   f"'fetch', 'host', 'host_and_load' or 'stream'")
-        slot, _ = cache.insert(pos, key)
+        got = cache.insert(pos, key)
+        if got is None:  # nothing may be evicted: pinned (a bug: a demand miss always has room) or refused
+            if not getattr(cache.partitions[cache.part_of_layer[layer]].policy, "refuses", False):
+                raise RuntimeError(f"no slot for demand miss {key} at position {pos}: every resident is pinned")
+            _stream(cache, backend, key, streamed, scratch)
+            continue
         if backend is not None:
-            backend.load(key, slot, False)
+            backend.load(key, got[0], False)
     if ahead:
         _prefetch(cache, backend, ahead, pos, pf_cap)
     if backend is not None:
@@ -324,6 +328,22 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
             device = [(k, slot[k], n) for k, n in zip(keys, ns)]
         backend.compute(layer, device, host)
     cache.release()
+
+
+def _stream(cache: Cache, backend, key: Key, streamed: dict, scratch: tuple[int, int]) -> None:
+    """Copy `key` into the next scratch slot (the layer's streamed experts take them in turn), for this layer only:
+    the cache never holds it."""
+    streamed[key] = s = scratch[0] + len(streamed) % scratch[1]
+    cache.counters.streams += 1
+    if backend is not None:
+        backend.load(key, s, False)
+
+
+def scratch_slots(spec, policy, offload) -> int:
+    """Device slots past the cache's for streamed experts: the offload policy's (OffloadPolicy.scratch_slots), or
+    a layer's experts where the cache policy may refuse to evict (CachePolicy.refuses)."""
+    n = offload.scratch_slots(spec) if offload is not None else 0
+    return max(n, spec.experts) if getattr(policy, "refuses", False) else n
 
 
 def _prefetch(cache: Cache, backend, keys: list[Key], pos: int, cap: int | None = None) -> None:
@@ -382,7 +402,7 @@ def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[]
 
     cache = Cache(spec, n_slots, scope, make_policy, trace)
     profiler = Profiler(spec.layers)
-    backend.setup(spec, n_slots + (offload.scratch_slots(spec) if offload is not None else 0), profiler)
+    backend.setup(spec, n_slots + scratch_slots(spec, cache.partitions[0].policy, offload), profiler)
     counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
                       prefetch_max=prefetch_max, progress=progress)
     return cache, profiler, counters

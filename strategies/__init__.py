@@ -76,6 +76,8 @@ class CachePolicy:
     `on_access` with the hits (row order, best first), then per miss `victim` (if full), `on_evict`, `on_insert`."""
 
     bound = False  # True for oracles that read the future: reported as a bound, never as deployable
+    refuses = False  # True: `victim` may return None (nothing may be evicted now): the engine then streams a
+    #                  demand miss (copies it into a scratch slot, computes it, drops it) and skips a prefetch
 
     def setup(self, ctx: Context) -> None:
         """Called once before the replay (and again after a reset); default: nothing to learn."""
@@ -89,8 +91,8 @@ class CachePolicy:
     def on_evict(self, key: Key) -> None:
         """`key` left the cache."""
 
-    def victim(self, candidates: Candidates) -> Key:
-        """The key to evict; must be one of `candidates` (never empty when called)."""
+    def victim(self, candidates: Candidates) -> Key | None:
+        """The key to evict; must be one of `candidates` (never empty when called), or None where `refuses`."""
         raise NotImplementedError
 
 

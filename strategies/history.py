@@ -65,25 +65,33 @@ class History(TablePrefetcher, Calibrated):
     def matches(self, tr) -> np.ndarray:
         """int64 [S]: per step, the calibration sequence closest to the current sequence's tokens before it."""
         S, L, E = tr.n_steps, tr.n_layers, tr.spec.experts
-        step_seq = tr.step_seq()
         out = np.full(S, -1, np.int64)
         if not len(self.unit):
             return out
-        carry, carry_seq = np.zeros((L, E)), None  # the running matrix of the sequence open at a chunk's start
-        for s0 in range(0, S, CHUNK_STEPS):
-            s1 = min(S, s0 + CHUNK_STEPS)
-            X = step_matrix(tr, s0, s1).astype(np.float64)  # [c, L, E]
-            sq = step_seq[s0:s1]
-            before = np.cumsum(X, axis=0) - X  # sums of the chunk's earlier steps
-            start = np.r_[True, sq[1:] != sq[:-1]]
-            first = np.maximum.accumulate(np.where(start, np.arange(s1 - s0), 0))  # first step of each one's sequence
-            eam = before - before[first]  # this sequence's steps before each step, within the chunk
-            eam[sq == carry_seq] += carry  # and before the chunk
+        for s0, s1, eam in sequence_so_far(tr):
             seen = eam.reshape(s1 - s0, -1).sum(axis=1) > 0
             sim = _unit_rows(eam).reshape(s1 - s0, L * E) @ self.unit.T  # [c, N]: sum of row cosines
             out[s0:s1] = np.where(seen, np.argmax(sim, axis=1), -1)
-            carry, carry_seq = eam[-1] + X[-1], sq[-1]
         return out
+
+
+def sequence_so_far(tr, chunk: int = CHUNK_STEPS):
+    """Per chunk of steps: (s0, s1, eam float64 [s1 - s0, L, E]), eam[i] = the tokens per expert of step s0 + i's
+    sequence (its first token's) over that sequence's steps before s0 + i: the expert activation matrix so far."""
+    S, L, E = tr.n_steps, tr.n_layers, tr.spec.experts
+    step_seq = tr.step_seq()
+    carry, carry_seq = np.zeros((L, E)), None  # the running matrix of the sequence open at a chunk's start
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        X = step_matrix(tr, s0, s1).astype(np.float64)  # [c, L, E]
+        sq = step_seq[s0:s1]
+        before = np.cumsum(X, axis=0) - X  # sums of the chunk's earlier steps
+        start = np.r_[True, sq[1:] != sq[:-1]]
+        first = np.maximum.accumulate(np.where(start, np.arange(s1 - s0), 0))  # first step of each one's sequence
+        eam = before - before[first]  # this sequence's steps before each step, within the chunk
+        eam[sq == carry_seq] += carry  # and before the chunk
+        yield s0, s1, eam
+        carry, carry_seq = eam[-1] + X[-1], sq[-1]
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:

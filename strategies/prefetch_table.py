@@ -9,6 +9,8 @@ never changes the predictions at or before it.
 
 Table layout: `table[pos, d - 1, j]` = the j-th most wanted expert of layer (layer + d) % L (of the next
 step when layer + d >= L) predicted at pos, -1 past the end of the ranking; d = 1 .. lookahead.
+A `flat` table ranks keys across layers instead: `table[pos, 0, j]` = (d - 1) * E + expert, the j-th most
+wanted key over all the layers ahead (d = 1, 2, ...), -1 past the end.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ CHUNK_STEPS = 4096  # steps per vectorised chunk: [4096, L, E] float32 arrays st
 
 
 class TablePrefetcher(Prefetcher):
-    """`build(ctx)` returns the table (int16 [S * L, lookahead, width]); `predict` reads it."""
+    """`build(ctx)` returns the table (int16 [S * L, lookahead, width], or [S * L, 1, width] where `flat`);
+    `predict` reads it."""
+
+    flat = False  # one ranking over all layers ahead (see the module docstring)
 
     def setup(self, ctx) -> None:
         self.L, self.E = ctx.trace.n_layers, ctx.spec.experts
@@ -42,6 +47,9 @@ class TablePrefetcher(Prefetcher):
             return []
         out: list[Key] = []
         keys, L = self.keys, self.L
+        if self.flat:
+            E = self.E
+            return [keys[(layer + 1 + x // E) % L][x % E] for x in self.table[pos, 0].tolist() if x >= 0]
         for d, row in enumerate(self.table[pos].tolist(), 1):
             km = keys[(layer + d) % L]
             out.extend([km[e] for e in row if e >= 0])

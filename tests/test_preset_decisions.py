@@ -96,7 +96,7 @@ def decisions(strategy: str, rows, slots: int, *overrides, predicted=None, step=
         called here directly where a max_inflight cap makes replay_parts take the Python driver (the cap reads
         the backend's copy queue, which is this same rtx-4090 sim's, the core's own clock)."""
         from moesim import core
-        from moesim.engine import play
+        from moesim.engine import play, scratch_slots
         from moesim.profiler import Profiler
 
         backend = Decisions()
@@ -104,7 +104,8 @@ def decisions(strategy: str, rows, slots: int, *overrides, predicted=None, step=
         off = build(st.offload, "offload") if st.get("offload") else None
         sim = core.simulate(tr, tr.spec, slots, scope, lambda: build(st.cache, "strategy.cache"), pre, off,
                             "rtx-4090", record=True)
-        backend.setup(tr.spec, slots + (off.scratch_slots(tr.spec) if off else 0), Profiler(tr.spec.layers))
+        backend.setup(tr.spec, slots + scratch_slots(tr.spec, build(st.cache, "strategy.cache"), off),
+                      Profiler(tr.spec.layers))
         play(tr, backend, sim.script)
         return backend.log
 
@@ -396,3 +397,27 @@ def test_llama_cpp_moe_expert_cache_hits_on_the_gpu_misses_on_the_cpu_two_upload
     assert computes(log) == [(0, [], [(0, 0), (0, 1)]), (1, [], [(1, 2), (1, 3)]),
                              (0, [(0, 0)], [(0, 2)]), (1, [(1, 2)], [(1, 0)]),
                              (0, [], [(0, 3), (0, 1)]), (1, [], [(1, 1), (1, 3)])]
+
+
+def test_moe_infinity_protects_later_layers_evicts_the_most_visited_and_streams_when_it_cannot():
+    """EfficientMoE/MoE-Infinity@5e096b4: at every layer l, the closest past sequence (the collection: the first 2
+    tokens, prefetch.calibrate_tokens=2, one sequence) ranks every expert of every later layer by its count + 1e-8
+    times 1 - (m - l) / (L + 1) (L = 3: 0.75 for l + 1, 0.5 for l + 2) and all are prefetched in that order (no
+    cap here: max_inflight=null); eviction never takes an expert of layer l or later, takes the most visited of the
+    earlier layers' (a load counts 1, a hit 1 more), and when none may go a demand miss is streamed and a prefetch
+    dropped. Collection counts: L1 {2: 2, 0: 1, 3: 1}, L2 {1: 2, 0: 1, 3: 1}, so at layer 0 the ranking is
+    (1,2) 1.5, (2,1) 1.0, (1,0), (1,3) 0.75, (2,0), (2,3) 0.5, ...; at layer 1 (2,1), (2,0), (2,3), (2,2).
+    3 slots in one pool. By hand, t0: L0 loads 0, 1, prefetches (1,2) into the last free slot; nothing else may
+    go (the request and the ranking are pinned). L1: (1,2) hits; (1,3) misses: of layer 0's (0,0), (0,1), both
+    visited once, the lower goes; the prefetch of (2,1) evicts (0,1); (2,0) finds nothing. L2: (2,1) hits; (2,0)
+    evicts the most visited earlier expert: (1,2) (2 visits) rather than (1,3) (1). t1 L0: nothing is of an
+    earlier layer: (0,0), (0,2) are streamed, prefetches dropped. L1: (1,2), (1,0) are streamed ((1,3) is of the
+    running layer); the prefetch of (2,3) may not evict (1,3). L2: (2,1) hits, (2,3) evicts (1,3)."""
+    rows = [[(0, 1), (2, 3), (0, 1)], [(0, 2), (2, 0), (1, 3)]]
+    log = decisions("moe_infinity", rows, 3, "strategy.prefetch.calibrate_tokens=2",
+                    "strategy.prefetch.max_inflight=null")
+    assert loads(log) == [((0, 0), False), ((0, 1), False), ((1, 2), True), ((1, 3), False), ((2, 1), True),
+                          ((2, 0), False),
+                          ((0, 0), False), ((0, 2), False), ((1, 2), False), ((1, 0), False), ((2, 3), False)]
+    assert computes(log) == [(0, [(0, 0), (0, 1)], []), (1, [(1, 2), (1, 3)], []), (2, [(2, 0), (2, 1)], []),
+                             (0, [(0, 0), (0, 2)], []), (1, [(1, 2), (1, 0)], []), (2, [(2, 1), (2, 3)], [])]

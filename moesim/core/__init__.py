@@ -58,6 +58,7 @@ from ..errors import MoesimError  # noqa: E402
 from ..profiler import Profiler  # noqa: E402
 from . import loop  # noqa: E402
 from .parts import CACHE, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
+from .policies import REFUSING  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
@@ -248,6 +249,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     max_count = int(counts.max()) if len(counts) else 1
     offl = offload_arrays(trace, offload, n_slots, scope, cost if cost is not None else Cost(hw, spec), max_count,
                           nbytes)
+    if prm.code == REFUSING:  # a refused miss streams (moesim.engine.scratch_slots)
+        offl[0][5] = max(offl[0][5], trace.spec.experts)
     device_ms = np.array([hw.expert_ms(n, spec, "device") for n in range(max_count + 1)])  # per token count
     host_ms = np.array([hw.expert_ms(n, spec, "host") for n in range(max_count + 1)]) if offload is not None \
         else np.zeros(max_count + 1)
@@ -274,7 +277,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(
             st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
-            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap, *offl, cnt,
+            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap,
+            bool(getattr(prefetcher, "flat", False)), *offl, cnt,
             served, ck, record, dense.attention, dense.cls, dense.head, dense.tail)
     t2 = time.perf_counter()
     if status < 0:

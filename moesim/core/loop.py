@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from .clock import LOADS, NOW, OWED, copy, device_part, host_part, inflight_bytes
-from .policies import evict_one, on_access, on_insert, on_request
+from .policies import REFUSING, evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
 
@@ -157,7 +157,9 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
                         slot = insert(I, F, seqs, prm, cnt, pos, mark, base + src[i],
                                       src_nxt[i] if prm.code == 4 else 0, False)
                         if slot < 0:
-                            return ALL_PINNED, pos
+                            if prm.code != REFUSING:
+                                return ALL_PINNED, pos
+                            cnt[STREAMS] += 1  # nothing may be evicted: streamed (VisitCount.refuses)
                     if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
                         return LFU_OVERFLOW, pos
                 if len(flags):
@@ -320,15 +322,16 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
-            act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, oi, odev, ohl, oshare, ofaster, oroom, opart,
-            oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
+            act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster, oroom,
+            opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
     [max tokens + 1]: one routed expert's time by its tokens; act_ms [max step tokens + 1]: the activations'
     round trip by tokens; own: the profile's replay costs in ms [per layer, per expert, per load, write-back per
     load]; serial: the profile's serial_copies; pf: int16 [S * L, lookahead, width] the prefetcher's table
-    (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none);
+    (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none;
+    pf_flat: one ranking over the layers ahead, strategies/prefetch_table.py);
     pf_cap, host_cap: bytes queued on the copy engine above which no prefetch / background load is issued
     (-1: no cap); the o* arrays: see offload_decision. dattn [S, 2], dcls [L], dhead [S], dtail [S]: the dense
     part's times (moesim.whole.DenseTimes: each layer's attention before its lookups, the head before the first
@@ -418,8 +421,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                         continue
                     slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:
-                        return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
-                                step_waves[:0])
+                        if prm.code != REFUSING:
+                            return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
+                                    step_waves[:0])
+                        slot = n_slots + n_stream % n_scratch  # nothing may be evicted: streamed
+                        n_stream += 1
+                        cnt[STREAMS] += 1
                     out[1, i - wa] = slot
                     copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
                                           src[i], nbytes)
@@ -429,26 +436,23 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 if D > 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
                     missing = False
                     for d in range(D):
-                        mbase = ((layer + d + 1) % L) * E
                         for j in range(pf.shape[2]):
-                            e = pf[pos, d, j]
-                            if e >= 0 and I[RES, mbase + e] == 0:
+                            kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                            if kid >= 0 and I[RES, kid] == 0:
                                 missing = True
                     if missing:
                         for d in range(D):  # pinned meanwhile: one prefetch never evicts another
-                            mbase = ((layer + d + 1) % L) * E
                             for j in range(pf.shape[2]):
-                                e = pf[pos, d, j]
-                                if e >= 0:
-                                    I[PIN, mbase + e] = mark
+                                kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                                if kid >= 0:
+                                    I[PIN, kid] = mark
                         full = False
                         for d in range(D):
-                            m = (layer + d + 1) % L
                             for j in range(pf.shape[2]):
-                                e = pf[pos, d, j]
-                                kid = m * E + e
-                                if e < 0 or I[RES, kid] == 1:
+                                kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                                if kid < 0 or I[RES, kid] == 1:
                                     continue
+                                m, e = kid // E, kid % E
                                 if pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap:
                                     full = True
                                     break
@@ -506,6 +510,17 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             step_waves[s] = n_wv
     return 0, 0, steps, copies[:n_cp].copy(), computes[:n_cm].copy(), waves[:n_wv].copy(), rows[:n_rows].copy(), \
         step_waves
+
+
+@njit(**HOT)
+def _pf_kid(pf, pos, d, j, layer, L, E, flat):
+    """The key the prefetch table names at pf[pos, d, j] (strategies/prefetch_table.py: its layout), -1 for none."""
+    x = pf[pos, d, j]
+    if x < 0:
+        return -1
+    if flat:  # (distance - 1) * E + expert
+        return ((layer + 1 + x // E) % L) * E + x % E
+    return ((layer + d + 1) % L) * E + x
 
 
 @njit(cache=True, nogil=True)

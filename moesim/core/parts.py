@@ -38,6 +38,7 @@ CACHE = {
     "strategies.static.Static": ("static", ("calibrate_tokens", "calibrate_fraction", "calibrate_trace", "lru_slots")),
     "strategies.class_lru.ClassLRU": ("class_lru", ("half_life", "classes")),
     "strategies.activation_aware.ActivationAware": ("activation_aware", ()),
+    "strategies.visit_count.VisitCount": ("visit_count", ()),
 }
 _TABLE = ("lookahead", "per_layer", "max_inflight")  # strategies.Prefetcher's knobs (the table and the cap)
 _CALIB = ("calibrate_tokens", "calibrate_fraction", "calibrate_trace")
@@ -47,6 +48,7 @@ PREFETCH = {
     "strategies.transition.Transition": ("transition", _TABLE + ("reuse_weight",) + _CALIB),
     "strategies.history.History": ("history", _TABLE + _CALIB),
     "strategies.whole_layer.WholeLayer": ("whole_layer", _TABLE),
+    "strategies.activation_match.ActivationMatch": ("activation_match", ("per_layer", "max_inflight") + _CALIB),
 }
 _HOST = ("device_set", "share", "fill_first", "load", "max_inflight", "loads_per_layer") + _CALIB
 OFFLOAD = {

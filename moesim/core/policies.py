@@ -22,7 +22,8 @@ from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, EAM, EPOCH0, EROWS, FH
                     sift_up)
 
 POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
-                "activation_aware": 7}
+                "activation_aware": 7, "visit_count": 8}
+REFUSING = 8  # the code of the one built-in policy whose victim may be none (strategies.CachePolicy.refuses)
 RESCALE_AT = 1e100  # strategies/lfu.py: RESCALE_AT
 AA_EPS = 1e-6  # strategies/activation_aware.py: EPS
 
@@ -273,6 +274,20 @@ def _aa_leave(I, prm, kid):
     I[AB, layer] = AB_STALE
 
 
+@njit(**HOT)
+def _visit_victim(I, prm, p, off, mark, pos):
+    """strategies/visit_count.py VisitCount.victim: among unpinned residents of layers before the running one,
+    the most visited (K2), ties to the lower key; -1 if none."""
+    layer = pos % prm.L
+    best = -1
+    for i in range(I[SIZE, p]):
+        x = I[MEMBERS, off + i]
+        if I[PIN, x] != mark and x // prm.E < layer and (
+                best < 0 or I[K2, x] > I[K2, best] or (I[K2, x] == I[K2, best] and x < best)):
+            best = x
+    return best
+
+
 # dispatch ---------------------------------------------------------------------------------------------------
 @njit(**HOT)
 def on_request(I, F, seqs, prm, p, pos):
@@ -312,6 +327,8 @@ def on_access(I, F, prm, p, pos, kid, next_use):
         _class_place(I, F, prm, p, pos, kid, 1.0, True)
     elif code == 7:
         _aa_use(I, prm, p, kid)
+    elif code == 8:
+        I[K2, kid] += 1
 
 
 @njit(**HOT)
@@ -340,6 +357,9 @@ def on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched):
             list_append(I, p, kid)
     elif code == 6:  # a prefetched load enters its class's list without counting as a use
         _class_place(I, F, prm, p, pos, kid, 0.0 if prefetched else 1.0, False)
+    elif code == 8:
+        I[K2, kid] = 1
+        member_add(I, p, p * prm.cm, kid)
     else:
         _aa_at(I, prm, seqs, p, pos)
         if prefetched:  # not a request: it ranks as unused so far
@@ -385,6 +405,11 @@ def evict_one(I, F, prm, p, mark, pos, prefetch):
         v = _aa_victim(I, F, prm, p, mark)
         if v >= 0:
             _aa_leave(I, prm, v)
+        return v
+    if code == 8:
+        v = _visit_victim(I, prm, p, off, mark, pos)
+        if v >= 0:
+            member_remove(I, p, off, v)
         return v
     v = I[HEAP, off] if I[HSIZE, p] > 0 else -1  # lfu, belady: the heap's root unless it is pinned
     if v >= 0 and I[PIN, v] == mark:

@@ -29,9 +29,10 @@ RES, PIN, SLOT, PREV, NEXT, HPOS, K2, SEEN, MIDX, STATIC, SCOUNT, PFU, CLS, EAM,
 # RES: resident (0/1); PIN: the pin mark of the request that pins it (a number used once per request);
 # SLOT: device slot; PREV/NEXT: linked list, oldest first (LRU, LFRU: by last use; FIFO: by insert; static:
 # its LRU area; class_lru: its class's list; -1 ends); HPOS: index in the partition's heap; K2: second rank
-# (LFU, LFRU, activation_aware: touch number; Belady: kid; class_lru: position of the last use); SEEN: LFRU,
+# (LFU, LFRU, activation_aware: touch number; Belady: kid; class_lru: position of the last use; visit_count:
+# visits since loaded); SEEN: LFRU,
 # class_lru: has a history since the last reset; MIDX: index in the partition's member list (static,
-# activation_aware); STATIC: never a victim while the LRU area has one; SCOUNT: calibration requests of a
+# activation_aware, visit_count); STATIC: never a victim while the LRU area has one; SCOUNT: calibration requests of a
 # static key; PFU: prefetched and not requested yet; CLS: class_lru's class; EAM, FREQ: activation_aware's
 # requests in the current sequence and since the start
 # rows of I, per partition p:
