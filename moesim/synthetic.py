@@ -40,7 +40,8 @@ co-activation by up to 34% (layer_corr reaches 1 at layers 10-13 and 22-23 and s
 tests/test_synthetic.py checks the 10%.
 
 Scheduling: sequences are served by continuous batching with `batch` slots. A sequence that takes a free
-slot first runs its prompt as one prefill step (phase 0; none when its prompt length is 0), then one
+slot first runs its prompt as one prefill step (phase 0; none when its prompt length is 0; with
+`prefill_chunk` N, as steps of at most N tokens: chunked prefill, llama.cpp's ubatch), then one
 token per decode step (phase 1) shared with the other active sequences, until its decode tokens are done;
 the next sequence then takes its slot. Prompt and decode lengths are drawn per sequence, uniformly in the
 given inclusive ranges. Routing is a property of the sequence, not of the schedule: prefill tokens are
@@ -76,6 +77,7 @@ class SyntheticConfig:
     decode_tokens: tuple[int, int] = (64, 512)  # decode tokens per sequence: uniform in [lo, hi]
     prompt_tokens: tuple[int, int] = (0, 0)  # prefill tokens per sequence: uniform in [lo, hi]; 0: none
     batch: int = 1  # sequences decoded together (continuous batching slots)
+    prefill_chunk: int = 0  # tokens per prefill step at most (0: a prompt is one step)
     skew: PerLayer = 0.5  # std of the experts' fixed popularity scores; 0 = no favourites
     skew_jitter: float = 0.0
     topic: PerLayer = 0.0  # std of each sequence's own tilt of the scores; 0 = all sequences alike
@@ -208,7 +210,7 @@ def generate(cfg: SyntheticConfig, spec: ModelSpec) -> Trace:
         _route(lo, first, seq, bias, W, reuse, corr, state_noise, private_noise, float(cfg.noise),
                float(cfg.gate_temperature), h, p, experts, weights)
 
-    order, step, phase = _schedule(prompt, decode, cfg.batch)  # trace order, as indices into sequence-major
+    order, step, phase = _schedule(prompt, decode, cfg.batch, cfg.prefill_chunk)  # trace order (sequence-major idx)
     source = {"generator": "moesim.synthetic", "model": spec.name,
               "config": {k: (list(x) if isinstance(x, tuple) else x) for k, x in dataclasses.asdict(cfg).items()}}
     return from_arrays(spec, experts[order], weights[order], step, seq[order], phase, source=source)
@@ -219,6 +221,8 @@ def _check(cfg: SyntheticConfig) -> None:
         raise MoesimError(f"synthetic: sequences must be >= 1, got {cfg.sequences}")
     if cfg.batch < 1:
         raise MoesimError(f"synthetic: batch must be >= 1, got {cfg.batch}")
+    if cfg.prefill_chunk < 0:
+        raise MoesimError(f"synthetic: prefill_chunk must be >= 0 (0: a prompt is one step), got {cfg.prefill_chunk}")
     for name in ("decode_tokens", "prompt_tokens"):
         lo, hi = getattr(cfg, name)
         if not (0 <= lo <= hi):
@@ -302,9 +306,11 @@ def _route(lo, first, seq, bias, W, reuse, corr, state_noise, private_noise, noi
                 weights[t, l, k] = top[k] / total
 
 
-def _schedule(prompt: np.ndarray, decode: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _schedule(prompt: np.ndarray, decode: np.ndarray, batch: int, chunk: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, step, phase): trace order as indices into the sequence-major token array, and each trace
-    token's step (int32) and phase (uint8), for continuous batching with `batch` slots."""
+    token's step (int32) and phase (uint8), for continuous batching with `batch` slots; prompts in steps of at
+    most `chunk` tokens (0: one step each)."""
     n = len(prompt)
     join = np.empty(n, np.int64)  # round at which each sequence takes a slot
     free = np.zeros(batch, np.int64)  # round at which each slot is free again
@@ -319,7 +325,9 @@ def _schedule(prompt: np.ndarray, decode: np.ndarray, batch: int) -> tuple[np.nd
     # a round: the prefill steps of the sequences joining in it (by sequence), then one decode step
     round_ = join[seq] + np.where(is_decode, pos - prompt[seq], 0)
     kind = is_decode.astype(np.int64)  # 0 prefill before 1 decode within a round
-    group = np.where(is_decode, 0, seq)  # one prefill step per sequence; one decode step per round
+    piece = pos // chunk if chunk else np.zeros_like(pos)  # which prefill step of its prompt a token is in
+    pieces = int(piece.max()) + 1 if len(piece) else 1
+    group = np.where(is_decode, 0, seq * pieces + piece)  # prefill steps per sequence; one decode step per round
     order = np.lexsort((pos, seq, group, kind, round_))
     key = np.stack([round_[order], kind[order], group[order]])
     new_step = np.concatenate([[True], (key[:, 1:] != key[:, :-1]).any(axis=0)])

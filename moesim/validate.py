@@ -48,7 +48,7 @@ GOAL_RATIO = 0.15  # ratio between a table's configurations within this of the p
 _FILE_KEYS = {"source", "title", "citation", "url", "system", "metric", "trace", "options", "rows", "tables",
               "notes"}
 _ROW_KEYS = {"id", "published", "machine", "options", "note", "metric", "trace", "citation"}
-_TRACE_KEYS = {"preset", "path", "prompt", "decode", "batch", "sequences", "seed", "top_k"}
+_TRACE_KEYS = {"preset", "path", "prompt", "decode", "batch", "sequences", "seed", "top_k", "prefill_chunk"}
 _GROUPS = ("strategy", "prefetch", "offload", "backend")  # Hydra config groups: their choice comes first
 
 
@@ -127,7 +127,7 @@ def _check_trace(t: dict, where: str) -> dict:
     _unknown(t, _TRACE_KEYS, where)
     if ("preset" in t) == ("path" in t):
         raise MoesimError(f"{where}: give exactly one of 'preset' (a synthetic preset) or 'path' (a trace file)")
-    for k in ("prompt", "decode", "batch", "sequences", "seed", "top_k"):
+    for k in ("prompt", "decode", "batch", "sequences", "seed", "top_k", "prefill_chunk"):
         v = t.get(k)
         least = 0 if k in ("prompt", "seed") else 1
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
@@ -247,7 +247,8 @@ def case_trace(shape: dict):
 
         cfg, model = PRESETS[shape["preset"]]
         changes = {"seed": shape.get("seed", cfg.seed), "sequences": shape.get("sequences", cfg.sequences),
-                   "batch": shape.get("batch", cfg.batch)}
+                   "batch": shape.get("batch", cfg.batch),
+                   "prefill_chunk": shape.get("prefill_chunk", cfg.prefill_chunk)}
         for k, knob in (("prompt", "prompt_tokens"), ("decode", "decode_tokens")):
             if k in shape:
                 changes[knob] = (shape[k], shape[k])

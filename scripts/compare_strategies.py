@@ -46,23 +46,29 @@ STRATEGIES = [
     ("fifo", ["strategy=fifo"], "demand loading, FIFO"),
     ("lfu", ["strategy=lfu"], "demand loading, LFU"),
     ("static", ["strategy=static", f"strategy.cache.calibrate_trace={CALIB}"],
-     "most-requested calibration experts pinned, LRU for the rest"),
-    ("class_lru", ["strategy=class_lru"], "llama.cpp's frequency-class LRU, demand loading"),
-    ("activation_aware", ["strategy=activation_aware"], "MoE-Infinity's cache priority, demand loading"),
+     "calibration's hottest experts pinned + LRU rest"),
+    ("class_lru", ["strategy=class_lru"], "moesim's frequency-class LRU, demand loading"),
+    ("activation_aware", ["strategy=activation_aware"], "after MoE-Infinity's (unused) priority score, demand loading"),
     ("lru + transition", ["strategy=lru", "prefetch=transition", f"prefetch.calibrate_trace={CALIB}"],
-     "LRU + learned layer-to-layer / token-to-token prefetch (next layer, top-4)"),
+     "LRU + learned transition prefetch (top-k of the next layer)"),
     ("lru + transition, idle link", ["strategy=lru", "prefetch=transition", f"prefetch.calibrate_trace={CALIB}",
                                      "prefetch.max_inflight=1 experts"],
-     "the same, prefetching only onto an idle copy engine"),
+     "the same, prefetching only while the link holds under one expert"),
     ("lru + history", ["strategy=lru", "prefetch=history", f"prefetch.calibrate_trace={CALIB}"],
-     "LRU + activation-matrix matching prefetch (next layer, top-4)"),
+     "LRU + activation-matrix history prefetch"),
     ("lru + cost", ["strategy=lru", "offload=cost"], "LRU + per-miss host-or-fetch by cost (host = identical here)"),
-    ("mixtral_offloading*", ["strategy=mixtral_offloading_paper", "prefetch=transition",
-                             f"prefetch.calibrate_trace={CALIB}"],
-     "preset; *the trace has no `predicted` guesses: transition stands in for recorded"),
-    ("moe_infinity", ["strategy=moe_infinity", f"strategy.prefetch.calibrate_trace={CALIB}"], "preset"),
-    ("fiddler", ["strategy=fiddler", f"strategy.offload.calibrate_trace={CALIB}"], "preset"),
-    ("llama_cpp_ncmoe", ["strategy=llama_cpp_ncmoe", "scope=global"], "preset (scope=global, see notes)"),
+    ("mixtral_offloading", ["strategy=mixtral_offloading"], "preset: the released code (LRU per layer)"),
+    ("mixtral_offloading_paper*", ["strategy=mixtral_offloading_paper", "prefetch=transition",
+                                   f"prefetch.calibrate_trace={CALIB}"],
+     "preset, transition standing in for the recorded guesses the trace lacks"),
+    ("moe_infinity", ["strategy=moe_infinity", f"strategy.prefetch.calibrate_trace={CALIB}"], "preset (its scope)"),
+    ("fiddler", ["strategy=fiddler", f"strategy.offload.calibrate_trace={CALIB}"], "preset (its scope)"),
+    ("llama_cpp_ncmoe", ["strategy=llama_cpp_ncmoe"], "preset (its scope)"),
+    ("llama_cpp_moe_cache", ["strategy=llama_cpp_moe_cache"], "preset: upstream --moe-cache-mib (its scope)"),
+    ("llama_cpp_fork_moe_cache", ["strategy=llama_cpp_fork_moe_cache"], "preset: a fork's cache (its scope)"),
+    ("llama_cpp_moe_expert_cache", ["strategy=llama_cpp_moe_expert_cache"], "preset: open PR #27861"),
+    ("ktransformers", ["strategy=ktransformers"], "preset: every routed expert on the CPU (its scope)"),
+    ("layer_offload", ["strategy=layer_offload"], "preset: whole layers moved (its scope)"),
     ("class_lru_host", ["strategy=class_lru_host"], "moesim's own (was named llama_cpp_moe_cache until 2026-12-06)"),
     ("class_lru_host, global", ["strategy=class_lru_host", "scope=global"], "the same in one pool"),
     ("vllm_lfru", ["strategy=vllm_lfru"], "preset"),
@@ -72,7 +78,7 @@ STRATEGIES = [
     ("belady + oracle", ["strategy=belady", "prefetch=oracle", "prefetch.lookahead=4"],
      "bound: Belady + perfect prefetch 4 layers ahead"),
     ("belady + cpu share", ["strategy=belady", "offload=host", "offload.share=auto", "offload.fill_first=true"],
-     "bound: Belady's cache with llama.cpp's CPU share (auto)"),
+     "bound: Belady's cache with moesim's CPU share (auto)"),
 ]
 
 
@@ -142,7 +148,7 @@ def run_one(job: dict) -> dict:
     keep = ("strategy", "bound", "hit_rate", "hits", "requests", "misses", "loads", "prefetch_loads",
             "host_computes", "tokens_per_s", "bytes_h2d", "stall_ms", "stall_free_rate", "prefetch_precision",
             "prefetch_recall", "late_prefetches", "wasted_prefetch_bytes", "tokens", "budget", "scope",
-            "fast_path")
+            "fast_path", "streams")
     out = {k: s.get(k) for k in keep}
     out["latency_p50_ms"] = s["latency_ms"]["p50"]
     out.update(label=job["label"], hardware=job["hardware"], budget_requested=job["budget"],
@@ -201,6 +207,8 @@ def tables(results: dict, facts: dict) -> str:
                     lines.append(f"| {lab} | error: {r['error']} | | | | | | |")
                     continue
                 name = f"{lab} (bound)" if r["bound"] else lab
+                if r.get("scope") == "global" and "global" not in lab:
+                    name += " [global]"
                 pf = (f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}"
                       if r.get("prefetch_precision") is not None else "–")
                 lines.append(f"| {name} | {r['tokens_per_s']:.1f} | "
@@ -226,7 +234,8 @@ def tables(results: dict, facts: dict) -> str:
     head = [f"Evaluation: {facts['evaluated_sequences']} of the {facts['evaluation_sequences']} evaluation sequences "
             f"({which}, {facts['evaluation_tokens']:,} decode tokens); calibration: the first "
             f"{facts['calibration_sequences']} sequences ({facts['calibration_tokens']:,} tokens). Scope per_layer "
-            f"unless noted. Produced by `python scripts/compare_strategies.py` ({facts['when']}).", ""]
+            f"unless marked [global] (a preset's own scope). Produced by `python scripts/compare_strategies.py` "
+            f"({facts['when']}).", ""]
     return "\n".join(head + ["### Summary", ""] + out + [""] + lines)
 
 

@@ -217,13 +217,18 @@ def test_the_torch_backend_executes_the_cores_decisions(tiny):
     torch backend's own queue, so such a run stays in the Python driver."""
     pytest.importorskip("torch")
     opts = dict(backend="torch", model={"scale": 1 / 64})
-    for strategy, extra in (("llama_cpp_moe_cache", {}), ("lru", {"prefetch": "oracle"})):
+    streaming = {"overrides": ["strategy.offload.min_batch=1"]}  # every step streams the host layers' experts
+    refusing = {"overrides": ["strategy.prefetch.max_inflight=null"]}  # visit_count streams what it may not evict
+    for strategy, extra in (("llama_cpp_moe_cache", {}), ("lru", {"prefetch": "oracle"}), ("fiddler", {}),
+                            ("llama_cpp_ncmoe", streaming), ("moe_infinity", refusing)):
         core_run = moesim.simulate(tiny[1], strategy, **opts, **extra).summary
         python = moesim.simulate(tiny[1], strategy, fast=False, **opts, **extra).summary
         assert core_run["fast_path"] and not python["fast_path"]
-        for k in ("hits", "misses", "loads", "prefetch_loads", "evictions", "host_computes", "prefetch_used"):
+        for k in ("hits", "misses", "loads", "prefetch_loads", "evictions", "host_computes", "prefetch_used",
+                  "streams"):
             assert core_run[k] == python[k], k
         assert core_run["backend"] == "torch" and core_run["tokens_per_s"] > 0
+        assert core_run["streams"] > 0 or extra is not streaming and extra is not refusing, strategy
     capped = moesim.simulate(tiny[1], "lru", prefetch="oracle", overrides=["prefetch.max_inflight=2 experts"],
                              **opts).summary
     assert not capped["fast_path"]

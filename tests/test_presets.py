@@ -105,8 +105,9 @@ def test_a_preset_that_needs_one_pool_sets_its_scope(tiny):
 
 
 def test_a_presets_parts_can_be_tuned_or_replaced(tiny):
-    cfg = compose("run", [f"trace={tiny[0]}", "strategy=moe_infinity", "strategy.prefetch.lookahead=3"])
-    assert cfg.strategy.prefetch.lookahead == 3 and cfg.strategy.prefetch._target_ == "strategies.history.History"
+    cfg = compose("run", [f"trace={tiny[0]}", "strategy=moe_infinity", "strategy.prefetch.per_layer=64"])
+    assert cfg.strategy.prefetch.per_layer == 64
+    assert cfg.strategy.prefetch._target_ == "strategies.activation_match.ActivationMatch"
     s = _run(tiny[1], "strategy=mixtral_offloading_paper", "prefetch=transition")
     assert s["strategy"] == "mixtral_offloading_paper+transition" and s["prefetch_loads"] > 0
     s = _run(tiny[0], "strategy=fiddler", "offload=fetch")

@@ -106,6 +106,29 @@ def test_prefill_only_sequences_and_per_layer_knobs():
     check_rows(tr)
 
 
+def test_prefill_chunk_splits_each_prompt_into_steps_of_at_most_that_many_tokens():
+    """prefill_chunk=32: a 100-token prompt is 4 steps (32, 32, 32, 4) of that sequence alone, in order, before its
+    decode tokens; the routing is the unchunked trace's (the schedule only regroups tokens)."""
+    spec = model_spec("mixtral-8x7b")
+    base = dict(seed=3, sequences=3, decode_tokens=(5, 5), prompt_tokens=(100, 100), batch=2)
+    tr = generate(SyntheticConfig(**base, prefill_chunk=32), spec)
+    whole = generate(SyntheticConfig(**base), spec)
+    seq, phase, starts = np.asarray(tr.seq), np.asarray(tr.phase), tr.step_starts
+    sizes = {}
+    for i in range(tr.n_steps):
+        lo, hi = starts[i], starts[i + 1]
+        if phase[lo] == PREFILL:
+            assert len(set(seq[lo:hi])) == 1
+            sizes.setdefault(int(seq[lo]), []).append(int(hi - lo))
+    assert sizes == {0: [32, 32, 32, 4], 1: [32, 32, 32, 4], 2: [32, 32, 32, 4]}
+    assert whole.n_steps == tr.n_steps - 3 * 3
+    for s in range(3):  # each sequence's tokens, in trace order, route the same either way
+        np.testing.assert_array_equal(np.asarray(tr.experts)[seq == s],
+                                      np.asarray(whole.experts)[np.asarray(whole.seq) == s])
+    with pytest.raises(MoesimError, match="prefill_chunk"):
+        generate(SyntheticConfig(**base, prefill_chunk=-1), spec)
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(sequences=0), "sequences"),
     (dict(batch=0), "batch"),

@@ -228,7 +228,7 @@ def test_timed_sim_every_strategy(benchmark, bench_trace, case, strategy, overri
     the same counters and per-step latencies."""
     from moesim.backends.sim import SimBackend
     from moesim.cache import Cache
-    from moesim.engine import replay
+    from moesim.engine import replay, scratch_slots
     from moesim.hardware import Cost, load_hardware
     from moesim.profiler import Profiler
 
@@ -247,8 +247,9 @@ def test_timed_sim_every_strategy(benchmark, bench_trace, case, strategy, overri
     def reference():
         cache = Cache(head.spec, SLOTS, scope, make_policy, head)
         backend, profiler = SimBackend("h200"), Profiler(head.n_layers)
-        backend.setup(head.spec, SLOTS, profiler)
-        c = replay(head, cache, backend, make_prefetcher(), make_offload(), Cost(load_hardware("h200"), head.spec))
+        offload = make_offload()
+        backend.setup(head.spec, SLOTS + scratch_slots(head.spec, cache.partitions[0].policy, offload), profiler)
+        c = replay(head, cache, backend, make_prefetcher(), offload, Cost(load_hardware("h200"), head.spec))
         return c.to_dict(), profiler
 
     ref_s, (ref_counters, ref_profiler) = best_time(reference, rounds=1)
