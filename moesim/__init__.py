@@ -6,9 +6,13 @@
 """
 __version__ = "0.1.0"
 
-# The submodule moesim/sweep.py (the sweep command) is imported first, so that the name `moesim.sweep` below
-# stays the library function: Python sets a package attribute only when it first imports the submodule.
+# The submodules moesim/sweep.py and moesim/plan.py (commands) are imported first, so that the names
+# `moesim.sweep` and `moesim.plan` below stay the library functions: Python sets a package attribute only when it
+# first imports the submodule.
 from . import sweep as _sweep_command  # noqa: F401,E402
 from .api import Result, load_trace, simulate, sweep  # noqa: E402
+from . import plan as _plan_command  # noqa: E402  (the submodule first, as sweep: `moesim.plan` is the function)
 
-__all__ = ["Result", "load_trace", "simulate", "sweep", "__version__"]
+plan = _plan_command.plan  # which strategy and how much VRAM for experts: moesim/plan.py
+
+__all__ = ["Result", "load_trace", "plan", "simulate", "sweep", "__version__"]

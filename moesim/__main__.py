@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("moesim.report:report_command", "HTML report of one run, or comparison of a sweep or of several runs"),
     "validate": ("moesim.validate:validate_command", "replay published measurements of real offloading systems and report moesim's errors"),
     "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
+    "plan": ("moesim.plan:plan_command", "which strategy and how much VRAM for experts: every strategy x cache size, ranked"),
 }
 
 

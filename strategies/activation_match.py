@@ -39,17 +39,19 @@ class ActivationMatch(History):
         tr = ctx.trace
         S, L, E = tr.n_steps, tr.n_layers, ctx.spec.experts
         C = self.matrices if len(self.matrices) else np.zeros((1, L, E))  # no collection: zero rows, as the code's
+        N = len(C)
         Cu = _unit_rows(C)  # [N, L, E]
         W = max(L - 1, 1) * E
-        table = np.full((S, L, W), -1, np.int16)
+        # the ranking depends only on (matched sequence, layer): one row each, and per position its row
+        ranking = np.full((N, L, W), -1, np.int16)
+        for layer in range(L - 1):
+            weight = 1.0 - np.arange(1, L - layer)[None, :, None] / (L + 1)
+            score = ((C[:, layer + 1:, :] + 1e-8) * weight).reshape(N, -1)
+            order = np.argsort(-score, axis=1, kind="stable")  # ties: nearer layer, then lower id
+            ranking[:, layer, : order.shape[1]] = order
+        rows = np.empty((S, L), np.int64)
         for s0, s1, eam in sequence_so_far(tr, MATCH_CHUNK):
             D = np.einsum("cle,nle->cnl", _unit_rows(eam), Cu)  # [c, N, L]: per-layer cosines
             after = np.cumsum(D[:, :, ::-1], axis=2)[:, :, ::-1] - D  # [c, N, L]: sum over layers m > l
-            best = np.argmax(after, axis=1)  # [c, L]
-            for layer in range(L - 1):
-                ahead = C[best[:, layer], layer + 1:, :]  # [c, L - 1 - layer, E]
-                weight = 1.0 - np.arange(1, L - layer)[None, :, None] / (L + 1)
-                score = ((ahead + 1e-8) * weight).reshape(s1 - s0, -1)
-                order = np.argsort(-score, axis=1, kind="stable")  # ties: nearer layer, then lower id
-                table[s0:s1, layer, : order.shape[1]] = order
-        return table.reshape(S * L, 1, W)
+            rows[s0:s1] = np.argmax(after, axis=1) * L + np.arange(L)  # [c, L]: the match's row of each layer
+        return ranking.reshape(N * L, 1, W), rows.reshape(S * L)

@@ -11,6 +11,8 @@ Table layout: `table[pos, d - 1, j]` = the j-th most wanted expert of layer (lay
 step when layer + d >= L) predicted at pos, -1 past the end of the ranking; d = 1 .. lookahead.
 A `flat` table ranks keys across layers instead: `table[pos, 0, j]` = (d - 1) * E + expert, the j-th most
 wanted key over all the layers ahead (d = 1, 2, ...), -1 past the end.
+`build` may also return (table, rows): then position pos reads table[rows[pos]] (-1: no prediction), for
+predictions that repeat (activation_match: one ranking per past sequence and layer, not per position).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ CHUNK_STEPS = 4096  # steps per vectorised chunk: [4096, L, E] float32 arrays st
 
 
 class TablePrefetcher(Prefetcher):
-    """`build(ctx)` returns the table (int16 [S * L, lookahead, width], or [S * L, 1, width] where `flat`);
-    `predict` reads it."""
+    """`build(ctx)` returns the table (int16 [S * L, lookahead, width], or [S * L, 1, width] where `flat`), or
+    (table, rows int64 [S * L]); `predict` reads it."""
 
     flat = False  # one ranking over all layers ahead (see the module docstring)
 
@@ -34,16 +36,22 @@ class TablePrefetcher(Prefetcher):
         # one BLAS thread: the products here are of [4096, E] blocks, too small to split, and OpenBLAS threads
         # that wait for a busy core made them 80x slower on a loaded 2-core machine (same results either way)
         with threadpool_limits(limits=1, user_api="blas"):
-            table = self.build(ctx)
+            built = self.build(ctx)
+        table, rows = built if isinstance(built, tuple) else (built, None)
         if self.per_layer is not None:
             table = table[:, :, : self.per_layer]
         self.table = np.ascontiguousarray(table, dtype=np.int16)
+        self.rows = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
 
     def build(self, ctx) -> np.ndarray:
         raise NotImplementedError
 
     def predict(self, pos: int, layer: int) -> list[Key]:
-        if pos >= len(self.table):
+        if self.rows is not None:
+            if pos >= len(self.rows) or self.rows[pos] < 0:
+                return []
+            pos = int(self.rows[pos])
+        elif pos >= len(self.table):
             return []
         out: list[Key] = []
         keys, L = self.keys, self.L
@@ -53,6 +61,15 @@ class TablePrefetcher(Prefetcher):
         for d, row in enumerate(self.table[pos].tolist(), 1):
             km = keys[(layer + d) % L]
             out.extend([km[e] for e in row if e >= 0])
+        return out
+
+
+    def per_position(self) -> np.ndarray:
+        """The table with one row per request position (`rows` applied; all -1 where there is none)."""
+        if self.rows is None:
+            return self.table
+        out = self.table[np.maximum(self.rows, 0)]
+        out[self.rows < 0] = -1
         return out
 
 

@@ -25,6 +25,7 @@ from moesim.hardware import Cost, HardwareProfile
 from moesim.profiler import Profiler
 from moesim.trace import ModelSpec, from_arrays, save_trace
 from strategies import Context, Prefetcher
+from strategies.activation_match import ActivationMatch
 from strategies.history import History
 from strategies.lru import LRU
 from strategies.oracle import Oracle
@@ -267,6 +268,7 @@ def test_a_prefix_calibration_learns_from_the_prefix_only(make):
 
 @pytest.mark.parametrize("make", [lambda c: Transition(lookahead=3, calibrate_trace=c),
                                   lambda c: History(lookahead=2, calibrate_trace=c),
+                                  lambda c: ActivationMatch(calibrate_trace=c),
                                   lambda c: Oracle(lookahead=1)])
 def test_predictions_never_depend_on_routing_after_them(make):
     """Causality of the precomputed tables: changing tokens from step k on leaves every prediction made
@@ -279,11 +281,12 @@ def test_predictions_never_depend_on_routing_after_them(make):
     a.setup(Context(ev, tr.spec, (0, 1, 2, 3), 16, "per_layer"))
     b.setup(Context(_mutated_after(ev, k, seed=5), tr.spec, (0, 1, 2, 3), 16, "per_layer"))
     before = slice(0, k * tr.n_layers)  # predictions made before step k (the last one is for its layer 0)
+    ta, tb = a.per_position(), b.per_position()
     if isinstance(a, Oracle):
-        assert not np.array_equal(a.table[before], b.table[before])
+        assert not np.array_equal(ta[before], tb[before])
     else:
-        np.testing.assert_array_equal(a.table[before], b.table[before])
-        assert not np.array_equal(a.table, b.table)
+        np.testing.assert_array_equal(ta[before], tb[before])
+        assert not np.array_equal(ta, tb)
 
 
 # ---------------------------------------------------------------------------------------------- history
@@ -314,3 +317,21 @@ def test_prefetch_metrics_are_in_summary_json(tmp_path):
         assert key in s, key
     assert s["strategy"] == "lru+oracle" and s["bound"] is True
     assert s["prefetch_precision"] == 1.0 and s["prefetch_loads"] == 20 * 3 - 1
+
+
+def test_activation_match_ranks_every_later_expert_by_the_matched_counts_nearer_layers_first():
+    """MoE-Infinity@5e096b4 expert_predictor.py: scores (count + 1e-8) x (1 - (m - l) / (L + 1)) over every expert of
+    every later layer, best first, as one flat ranking; matched on the layers after l only. By hand (L = 3, 4
+    experts, one past sequence: layer 1 {2: 3}, layer 2 {1: 3}): at layer 0, (1,2) scores 3 x 0.75 = 2.25, (2,1)
+    3 x 0.5 = 1.5, then the zero-count experts by nearer layer (0.75e-8 before 0.5e-8) and lower id; at layer 1
+    only layer 2, (2,1) first; at the last layer nothing. Position pos = step x L + layer."""
+    spec = ModelSpec("toy4", layers=3, experts=4, top_k=1, hidden=8, ffn=8)
+    calib = from_arrays(spec, np.array([[[0], [2], [1]], [[3], [2], [1]], [[0], [2], [1]]]), np.ones((3, 3, 1)))
+    tr = from_arrays(spec, np.array([[[1], [0], [0]]]), np.ones((1, 3, 1)))
+    p = ActivationMatch(calibrate_trace=calib)
+    p.setup(Context(tr, spec, (0, 1, 2), 12, "global"))
+    assert p.flat and p.predict(0, 0)[:2] == [(1, 2), (2, 1)]
+    assert p.predict(0, 0)[2:] == [(1, 0), (1, 1), (1, 3), (2, 0), (2, 2), (2, 3)]  # count 0: nearer layer, lower id
+    assert p.predict(1, 1) == [(2, 1), (2, 0), (2, 2), (2, 3)]
+    assert p.predict(2, 2) == []
+    assert p.table.shape[0] == 3  # one ranking per (past sequence, layer), not per position

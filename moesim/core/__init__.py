@@ -244,7 +244,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     req = encode(trace)
     nbytes = spec.bytes_per_expert
     st, prm = cache_state(trace, spec, n_slots, scope, make_policy, prefetcher is not None)
-    pf, pf_cap = prefetch_table(trace, prefetcher, n_slots, scope, nbytes)
+    pf, pf_rows, pf_cap = prefetch_table(trace, prefetcher, n_slots, scope, nbytes)
     counts = req.token_counts()
     max_count = int(counts.max()) if len(counts) else 1
     offl = offload_arrays(trace, offload, n_slots, scope, cost if cost is not None else Cost(hw, spec), max_count,
@@ -277,7 +277,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(
             st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
-            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_cap,
+            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
             bool(getattr(prefetcher, "flat", False)), *offl, cnt,
             served, ck, record, dense.attention, dense.cls, dense.head, dense.tail)
     t2 = time.perf_counter()

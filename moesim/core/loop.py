@@ -322,16 +322,16 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
-            act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster, oroom,
-            opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
+            act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_rows, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster,
+            oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
     [max tokens + 1]: one routed expert's time by its tokens; act_ms [max step tokens + 1]: the activations'
     round trip by tokens; own: the profile's replay costs in ms [per layer, per expert, per load, write-back per
     load]; serial: the profile's serial_copies; pf: int16 [S * L, lookahead, width] the prefetcher's table
-    (table[pos, d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; shape [0, 0, 0]: none;
-    pf_flat: one ranking over the layers ahead, strategies/prefetch_table.py);
+    (table[pf_rows[pos], d - 1] ranks layer (layer + d) % L's experts, -1 past the ranking; pf_rows[pos] -1: no
+    prediction; pf_flat: one ranking over the layers ahead, strategies/prefetch_table.py);
     pf_cap, host_cap: bytes queued on the copy engine above which no prefetch / background load is issued
     (-1: no cap); the o* arrays: see offload_decision. dattn [S, 2], dcls [L], dhead [S], dtail [S]: the dense
     part's times (moesim.whole.DenseTimes: each layer's attention before its lookups, the head before the first
@@ -433,23 +433,24 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
                     return (LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
                             step_waves[:0])
-                if D > 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
+                row = pf_rows[pos] if D > 0 else -1
+                if row >= 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
                     missing = False
                     for d in range(D):
                         for j in range(pf.shape[2]):
-                            kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                            kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
                             if kid >= 0 and I[RES, kid] == 0:
                                 missing = True
                     if missing:
                         for d in range(D):  # pinned meanwhile: one prefetch never evicts another
                             for j in range(pf.shape[2]):
-                                kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                                kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
                                 if kid >= 0:
                                     I[PIN, kid] = mark
                         full = False
                         for d in range(D):
                             for j in range(pf.shape[2]):
-                                kid = _pf_kid(pf, pos, d, j, layer, L, E, pf_flat)
+                                kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
                                 if kid < 0 or I[RES, kid] == 1:
                                     continue
                                 m, e = kid // E, kid % E
@@ -513,9 +514,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
 
 
 @njit(**HOT)
-def _pf_kid(pf, pos, d, j, layer, L, E, flat):
-    """The key the prefetch table names at pf[pos, d, j] (strategies/prefetch_table.py: its layout), -1 for none."""
-    x = pf[pos, d, j]
+def _pf_kid(pf, row, d, j, layer, L, E, flat):
+    """The key the prefetch table names at pf[row, d, j] (strategies/prefetch_table.py: its layout), -1 for none."""
+    x = pf[row, d, j]
     if x < 0:
         return -1
     if flat:  # (distance - 1) * E + expert

@@ -3,7 +3,7 @@ built-in policy's parameters become (state rows, constants, tables).
 
     uncovered(cache_policy, prefetcher, offload)   # None when every part is built in, else the reason
     cache_state(trace, spec, n_slots, scope, make_policy) -> (State, Params)
-    prefetch_table(trace, prefetcher, n_slots, scope, nbytes) -> (table, cap)
+    prefetch_table(trace, prefetcher, n_slots, scope, nbytes) -> (table, rows, cap)
     offload_arrays(trace, offload, n_slots, scope, cost, max_tokens) -> the o* arrays of loop.run_sim
 
 A part is compiled when its class is exactly a built-in class of strategies/ (a user's subclass may change
@@ -153,27 +153,30 @@ def _key_positions(req) -> tuple[np.ndarray, np.ndarray]:
     return pos[order], offsets
 
 
-def prefetch_table(trace, prefetcher, n_slots: int, scope: str, nbytes: int) -> tuple[np.ndarray, int]:
-    """(table int16 [S * L, lookahead, width], cap in bytes or -1) of a built-in prefetcher, set up as
-    moesim.engine.replay sets it up; no prefetcher: an empty table."""
+def prefetch_table(trace, prefetcher, n_slots: int, scope: str, nbytes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(table int16 [R, lookahead, width], rows int64 [S * L]: the table row of each request position, -1 for
+    none; cap in bytes or -1) of a built-in prefetcher, set up as moesim.engine.replay sets it up; no
+    prefetcher: an empty table."""
+    S_L = trace.n_steps * trace.n_layers
     if prefetcher is None:
-        return np.zeros((0, 0, 0), np.int16), -1
+        return np.zeros((0, 0, 0), np.int16), np.full(S_L, -1, np.int64), -1
     from ..units import parse_inflight
 
     check_params(type(prefetcher), PREFETCH, "prefetch")
     key, held = _table_key(trace, prefetcher)
-    table = _TABLES[key][1] if key in _TABLES else None
+    table, rows = _TABLES[key][1:] if key in _TABLES else (None, None)
     if table is None:  # a learned table takes seconds; runs that differ in budget or hardware share it
         prefetcher.setup(_context(trace, trace.spec, tuple(range(trace.n_layers)), n_slots, scope))
         table = np.ascontiguousarray(prefetcher.table, dtype=np.int16)
         table.flags.writeable = False
+        own = getattr(prefetcher, "rows", None)
+        rows = np.arange(len(table), dtype=np.int64) if own is None else np.asarray(own, np.int64)
         _TABLES.clear()  # one at a time: a table of the whole real trace is ~30 MB
-        _TABLES[key] = (held, table)  # `held` keeps the objects named by id alive, so no id is reused
-    if table.shape[0] < trace.n_steps * trace.n_layers:  # predict() is [] past the table's end
-        pad = np.full((trace.n_steps * trace.n_layers - table.shape[0],) + table.shape[1:], -1, np.int16)
-        table = np.concatenate([table, pad])
+        _TABLES[key] = (held, table, rows)  # `held` keeps the objects named by id alive, so no id is reused
+    if len(rows) < S_L:  # predict() is [] past the table's end
+        rows = np.concatenate([rows, np.full(S_L - len(rows), -1, np.int64)])
     cap = parse_inflight(prefetcher.max_inflight, nbytes, "prefetch.max_inflight")
-    return table, -1 if cap is None else cap
+    return table, rows[:S_L], -1 if cap is None else cap
 
 
 _TABLES: dict = {}  # the last prefetch table built: _table_key -> (objects it names by id, table)

@@ -1,0 +1,382 @@
+"""The planner: which strategy, and how much VRAM for experts, for this model on this machine. `python -m moesim plan`.
+
+    python -m moesim plan model=gpt-oss-20b hardware=rtx-4090 [host=i9-13900k] [vram=12] [context=4096]
+        [batch=1] [trace=...] [target=40] [strategies=[lru,fiddler,...]] [sizes=8] [out=DIR]
+    moesim.plan(model="gpt-oss-20b", hardware="rtx-4090", vram=12) -> Plan
+
+What it does, in order:
+  1. the machine: the GPU preset (or a calibrated profile) on `host`'s CPU and memory (hardware=<gpu>+<host>),
+     with `vram` GiB usable (default: the card's);
+  2. what fits: the whole model's VRAM plan (moesim/whole.py: non-expert weights, KV cache for `batch`
+     sequences of `context` tokens, workspace, runtime reserve) leaves room for so many experts; a model larger
+     than VRAM + `ram` is refused with the numbers;
+  3. the search: every strategy (default: every deployable preset and policy) x `sizes` expert-cache sizes
+     from top-k per layer up to all that fits (placements follow the size: llama_cpp_ncmoe's host layers are
+     L - slots // E), each replayed by the compiled core with the whole model timed, and the bound (Belady +
+     oracle prefetch, 4 layers ahead) at each size;
+  4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
+     reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
+     report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
+Trace: `trace=` (any trace moesim reads), else the synthetic preset fitted to the model (moesim/synthetic.py).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoesimError, NotApplicable
+
+GIB = 2**30
+BOUND = "belady + oracle"  # the bound the table compares with: Belady's eviction + perfect prefetch, 4 layers ahead
+NOT_DEPLOYABLE = ("belady",)  # reads the future
+NEEDS_RECORDED = ("mixtral_offloading_paper",)  # needs a trace with guesses: tried, reported not applicable
+
+
+@dataclass
+class Row:
+    """One replay of the plan: a strategy at an expert-cache size."""
+
+    strategy: str
+    size: int  # the plan's expert-cache size (slots) this row stands for
+    slots: int  # the slots it ran with: the size less its stream scratch, where it has one
+    vram_gib: float | None = None  # the whole run's VRAM plan
+    expert_gib: float | None = None  # the expert cache's part of it
+    tokens_per_s: float | None = None  # decode tokens/s (all tokens/s where the trace has no decode)
+    ttft_p50_ms: float | None = None
+    mib_per_token: float | None = None  # PCIe host->device traffic
+    stall_share: float | None = None  # of a step's time, waiting for copies
+    hit_rate: float | None = None
+    scope: str | None = None
+    bound: bool = False
+    status: str = "ok"  # or "not applicable: ..." or "error: ..."
+    seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    """What `plan` found: every row, the recommendation and the settings that reproduce it."""
+
+    model: str
+    hardware: str
+    trace: str
+    vram_gib: float  # usable
+    max_slots: int  # experts that fit beside the rest of the plan
+    sizes: list[int]
+    rows: list[Row]
+    recommendation: dict | None  # strategy, slots, tokens/s, VRAM, bound ratio, settings
+    target: float | None = None
+    least_for_target: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ranked(self, slots: int | None = None) -> list[Row]:
+        """The deployable rows at size `slots` (default: the largest), fastest first."""
+        slots = self.sizes[-1] if slots is None else slots
+        ok = [r for r in self.rows if r.size == slots and not r.bound and r.status == "ok"]
+        return sorted(ok, key=lambda r: -r.tokens_per_s)
+
+    def bound_at(self, slots: int) -> float | None:
+        return next((r.tokens_per_s for r in self.rows if r.bound and r.size == slots and r.status == "ok"), None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"] = "moesim-plan"
+        return d
+
+
+def default_strategies() -> list[str]:
+    """Every built-in strategy but the bounds."""
+    from .api import strategy_names
+
+    return [s for s in strategy_names() if s not in NOT_DEPLOYABLE]
+
+
+def default_trace(model: str) -> str:
+    """The synthetic preset fitted to `model` (the first one named for it, batch-1 first)."""
+    from .synthetic import PRESETS
+
+    names = [n for n, (_, m) in PRESETS.items() if m == model]
+    if not names:
+        known = sorted({m for _, m in PRESETS.values()})
+        raise MoesimError(f"plan: no trace of model {model!r} is known; give trace=PATH, or a model with a "
+                          f"synthetic preset: {', '.join(known)}")
+    return sorted(names, key=lambda n: ("batch" in n, n))[0]
+
+
+def sizes_between(lo: int, hi: int, n: int, step: int) -> list[int]:
+    """About `n` expert-cache sizes from `lo` to `hi` slots, spaced geometrically, multiples of `step`."""
+    if hi <= lo:
+        return [hi]
+    raw = np.geomspace(lo, hi, max(n, 2))
+    out = sorted({min(hi, max(lo, int(round(x / step)) * step)) for x in raw} | {lo, hi})
+    return out
+
+
+def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None = None, vram: float | None = None,
+         ram: float | None = None, context: int | None = None, batch: int | None = None, trace=None,
+         target: float | None = None, strategies=None, sizes: int = 8, overrides=(), progress: bool = False) -> Plan:
+    """Plan a model on a machine (see the module docstring). Returns a Plan; raises MoesimError for bad input."""
+    import dataclasses
+
+    from .api import build, compose_run, load_trace, resolve_strategy, run_model, simulate, trace_label
+    from .api import vram_plan as run_plan
+    from .engine import scratch_slots
+    from .hardware import load_hardware
+    from .whole import contexts, weight_bytes
+
+    t0 = time.perf_counter()
+    hw_name = f"{hardware}+{host}" if host else str(hardware)
+    hw = load_hardware(hw_name)
+    from .trace import Trace
+
+    tr = trace if isinstance(trace, Trace) else load_trace(trace if trace is not None else
+                                                            default_trace(_model_name(model)))
+    if model is not None and _model_name(model) != tr.spec.name:
+        raise MoesimError(f"plan: trace {trace_label(tr)} is of model {tr.spec.name}, not {model}")
+    card = hw.vram_bytes
+    usable = card if vram is None else _positive(vram, "vram") * GIB
+    if usable > card:
+        raise MoesimError(f"plan: vram={vram} GiB is more than {hw.name}'s {card / GIB:.1f} GiB")
+    extra = [*overrides] + ([f"vram.context={int(context)}"] if context else []) + (
+        [f"vram.batch={int(batch)}"] if batch else [])
+    label = trace_label(tr)
+
+    def config(name: str, scope: str | None = None):
+        return resolve_strategy(compose_run(label, name, "auto", hw_name, overrides=extra + (
+            [f"scope={scope}"] if scope else [])))
+
+    cfg = config("lru", "global")
+    real = run_model(cfg, tr.spec)  # the model as stored (formats applied)
+    total = sum(weight_bytes(real).values())
+    if ram is not None and total > usable + _positive(ram, "ram") * GIB:
+        raise MoesimError(f"plan: {real.name} takes {total / GIB:.1f} GiB as stored, more than VRAM + RAM = "
+                          f"{usable / GIB:.1f} + {ram:g} GiB: it does not fit this machine (try a smaller format: "
+                          f"model.experts_format=q4_k)")
+    small = dataclasses.replace(hw, vram_gib=usable / GIB)  # the plan of the usable VRAM
+    try:
+        rest, budget, _, _ = run_plan(cfg, real, small, contexts(tr, real.sliding_window))
+    except MoesimError as e:
+        raise MoesimError(f"plan: {e}") from None
+    L, K = real.layers, real.top_k
+    max_slots = budget.slots
+    notes = []
+    lo = K * L if max_slots >= K * L else K
+    if lo == K:
+        notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
+    grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
+    names = list(strategies) if strategies else default_strategies()
+    scratch = {}  # strategy -> its stream scratch slots, which come out of the same VRAM
+    for name in names:
+        st = config(name).strategy
+        offload = build(st.offload, "offload") if st.get("offload") else None
+        scratch[name] = scratch_slots(real, build(st.cache, "strategy.cache"), offload)
+    todo = [(name, size, False) for size in grid for name in names] + [(BOUND, size, True) for size in grid]
+    rows = []
+    for i, (name, size, is_bound) in enumerate(todo):
+        slots = min(size, max_slots - scratch.get(name, 0))
+        if slots < (K if lo == K else K * L):
+            rows.append(Row(name, size, slots, bound=is_bound, status="not applicable: its stream scratch "
+                            "leaves too few slots at this size"))
+        else:
+            rows.append(_one(tr, name, size, slots, hw_name, extra, is_bound, lo == K, simulate))
+        if progress:
+            r = rows[-1]
+            print(f"[{i + 1}/{len(todo)}] {name} at {size} slots: "
+                  + (f"{r.tokens_per_s:.1f} tokens/s" if r.status == "ok" else r.status), file=sys.stderr)
+    p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows, None, target,
+             None, notes)
+    best = p.ranked()
+    if best:
+        b = best[0]
+        bound = p.bound_at(b.size)
+        p.recommendation = {"strategy": b.strategy, "slots": b.slots, "tokens_per_s": b.tokens_per_s,
+                            "vram_gib": b.vram_gib, "x_bound": b.tokens_per_s / bound if bound else None,
+                            "settings": equivalent(b.strategy, b.slots, real)}
+    if target is not None:
+        reach = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= target]
+        if reach:
+            r = min(reach, key=lambda r: (r.vram_gib, -r.tokens_per_s))
+            p.least_for_target = {"strategy": r.strategy, "slots": r.slots, "vram_gib": r.vram_gib,
+                                  "tokens_per_s": r.tokens_per_s, "settings": equivalent(r.strategy, r.slots, real)}
+    p.seconds = time.perf_counter() - t0
+    return p
+
+
+def _one(tr, name: str, size: int, slots: int, hw: str, extra: list, is_bound: bool, one_pool: bool, simulate) -> Row:
+    """Replay one strategy at `slots`; the bound is Belady + oracle prefetch 4 layers ahead."""
+    t = time.perf_counter()
+    strategy = "belady" if is_bound else name
+    opts = ["prefetch=oracle", "prefetch.lookahead=4"] if is_bound else []
+    if one_pool:
+        opts.append("scope=global")
+    try:
+        s = simulate(tr, strategy=strategy, budget=str(slots), hardware=hw, overrides=[*opts, *extra]).summary
+    except NotApplicable as e:
+        return Row(name, size, slots, bound=is_bound, status=f"not applicable: {e}", seconds=time.perf_counter() - t)
+    except MoesimError as e:
+        return Row(name, size, slots, bound=is_bound, status=f"error: {e}", seconds=time.perf_counter() - t)
+    split = s.get("step_ms_split") or {}
+    step = sum(v for k, v in split.items() if k != "copies")  # copies are the stall's cause, not another part
+    tps = s.get("decode_tokens_per_s") or s.get("tokens_per_s")
+    plan_ = s.get("vram_plan") or {}
+    ttft = s.get("ttft_ms") or {}
+    return Row(name, size, slots, vram_gib=plan_.get("total", 0) / GIB, expert_gib=plan_.get("experts", 0) / GIB,
+               tokens_per_s=float(tps), ttft_p50_ms=ttft.get("p50"),
+               mib_per_token=s["bytes_h2d"] / max(s["tokens"], 1) / 2**20,
+               stall_share=split.get("stall", 0.0) / step if step else None, hit_rate=s.get("hit_rate"),
+               scope=s.get("scope"), bound=is_bound, seconds=time.perf_counter() - t)
+
+
+def equivalent(strategy: str, slots: int, spec) -> str | None:
+    """The real system's settings that reproduce `strategy` with `slots` expert slots, where one exists."""
+    L, E, mib = spec.layers, spec.experts, slots * spec.bytes_per_expert / 2**20
+    per_layer = slots // L
+    if strategy == "llama_cpp_ncmoe":
+        return f"llama-server -m MODEL.gguf -ngl 99 --n-cpu-moe {max(0, L - slots // E)}"
+    if strategy == "llama_cpp_moe_cache":
+        return f"llama-server -m MODEL.gguf -ngl 99 --cpu-moe --moe-cache-mib {int(mib)}  (experimental)"
+    if strategy == "llama_cpp_moe_expert_cache":
+        return (f"llama-server -m MODEL.gguf -ngl 99 --cpu-moe --moe-expert-cache {per_layer} "
+                f"--moe-expert-cache-inserts 2  (open PR #27861, not merged)")
+    if strategy == "llama_cpp_fork_moe_cache":
+        return f"llama-server (github.com/leloch/llama.cpp) -m MODEL.gguf -ngl 99 --cpu-moe --moe-cache {int(mib)}"
+    if strategy == "mixtral_offloading":
+        return f"mixtral-offloading OffloadConfig: offload_per_layer={max(0, E - per_layer)}"
+    if strategy == "ktransformers":
+        return "ktransformers --optimize_config_path optimize_rules/DeepSeek-V3-Chat.yaml (routed experts on the CPU)"
+    if strategy == "fiddler":
+        return "python src/fiddler/infer.py --cpu-offload 1  (places as many popular experts as the GPU holds)"
+    if strategy == "vllm_lfru":
+        return f"vllm serve MODEL --moe-expert-cache-size {per_layer}  (open PR #37190, not merged)"
+    return None  # moesim's own policies, and presets with no such knob
+
+
+def _model_name(model) -> str:
+    if model is None:
+        raise MoesimError("plan: give model=<name> (e.g. gpt-oss-20b) or trace=<file>")
+    from .models import MODEL_SPECS
+
+    if str(model) not in MODEL_SPECS:
+        raise MoesimError(f"plan: model={model!r}: expected one of {', '.join(sorted(MODEL_SPECS))}")
+    return str(model)
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise MoesimError(f"plan: {name}={v!r}: expected a number of GiB > 0")
+    return float(v)
+
+
+def _label(trace, tr) -> str:
+    from .api import trace_label
+
+    return trace_label(trace) if trace is not None else trace_label(tr)
+
+
+# ------------------------------------------------------------------------------------------- output
+def table_lines(p: Plan) -> list[str]:
+    """The ranked table at the largest size, as the terminal shows it."""
+    slots = p.sizes[-1]
+    bound = p.bound_at(slots)
+    head = f"{'strategy':<28} {'VRAM GiB':>8} {'tokens/s':>9} {'TTFT ms':>8} {'MiB/token':>9} {'stall':>6} {'x bound':>7}"
+    lines = [f"at {slots} expert slots (all that fits in {p.vram_gib:.1f} GiB):", head, "-" * len(head)]
+    for r in p.ranked(slots):
+        lines.append(f"{r.strategy:<28} {r.vram_gib:>8.2f} {r.tokens_per_s:>9.1f} "
+                     f"{_f(r.ttft_p50_ms, '.0f'):>8} {r.mib_per_token:>9.0f} {_f(r.stall_share, '.0%'):>6} "
+                     f"{_f(r.tokens_per_s / bound if bound else None, '.2f'):>7}")
+    if bound:
+        lines.append(f"{BOUND + ' (bound)':<28} {'':>8} {bound:>9.1f}")
+    for r in p.rows:
+        if r.size == slots and r.status != "ok":
+            lines.append(f"{r.strategy:<28} {r.status}")
+    return lines
+
+
+def answer_lines(p: Plan) -> list[str]:
+    out = []
+    rec = p.recommendation
+    if rec:
+        out.append(f"recommendation: {rec['strategy']} with {rec['slots']} expert slots: {rec['tokens_per_s']:.1f} "
+                   f"tokens/s, {rec['vram_gib']:.2f} GiB of VRAM" + (f", {rec['x_bound']:.2f} of the bound"
+                                                                      if rec.get("x_bound") else ""))
+        out.append(f"  as the real system: {rec['settings']}" if rec["settings"] else
+                   "  (moesim's own policy: no released system runs it)")
+    if p.target is not None:
+        t = p.least_for_target
+        out.append(f"least VRAM for {p.target:g} tokens/s: " + (
+            f"{t['vram_gib']:.2f} GiB with {t['strategy']} ({t['slots']} slots, {t['tokens_per_s']:.1f} tokens/s)"
+            + (f"\n  as the real system: {t['settings']}" if t["settings"] else "")
+            if t else f"not reached by any strategy at any size up to {p.vram_gib:.1f} GiB"))
+    return out + [f"note: {n}" for n in p.notes]
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def frontier_png(p: Plan) -> str:
+    """tokens/s against VRAM, one line per strategy, the bound dashed: a PNG data URI."""
+    from .report.plots import BOUND_COLOR, _figure, _png
+
+    with _figure(height=4.2, right=2.2) as fig:
+        ax = fig.add_subplot()
+        for name in dict.fromkeys(r.strategy for r in p.rows):
+            pts = sorted((r.vram_gib, r.tokens_per_s) for r in p.rows if r.strategy == name and r.status == "ok")
+            if not pts:
+                continue
+            x, y = zip(*pts)
+            bound = name == BOUND
+            ax.plot(x, y, "--" if bound else "-", marker="" if bound else ".", color=BOUND_COLOR if bound else None,
+                    label=f"{name} (bound)" if bound else name, linewidth=1.4 if bound else 1.0)
+        ax.set_xlabel("VRAM used (GiB)")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return _png(fig)
+
+
+def write(p: Plan, out: Path) -> Path:
+    """plan.json and report.html in `out` (written atomically); returns the report's path."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from .files import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "plan.json", json.dumps(p.to_dict(), indent=1, default=str) + "\n")
+    env = Environment(loader=PackageLoader("moesim", "report"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("plan.html.j2").render(
+        p=p, table=table_lines(p), answer=answer_lines(p), figure=frontier_png(p), title=f"moesim plan: {p.model} on {p.hardware}",
+        built={"version": _version()})
+    return atomic_write_text(out / "report.html", html)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def plan_command(cfg) -> int:
+    """`python -m moesim plan ...`: search, print the ranked table and the answer, write plan.json and report.html."""
+    from omegaconf import OmegaConf
+
+    strategies = OmegaConf.to_container(cfg.strategies) if OmegaConf.is_config(cfg.strategies) else cfg.strategies
+    if isinstance(strategies, str):
+        strategies = None if strategies == "all" else [s for s in strategies.split(",") if s]
+    p = plan(cfg.model, cfg.hardware, cfg.host, cfg.vram, cfg.ram, cfg.context, cfg.batch, cfg.trace, cfg.target,
+             strategies, int(cfg.sizes), progress=bool(cfg.progress))
+    print(f"plan: {p.model} on {p.hardware}, trace {p.trace}; {len(p.rows)} replays in {p.seconds:.1f} s; "
+          f"sizes {', '.join(map(str, p.sizes))} slots")
+    print("\n".join(table_lines(p)))
+    print("\n".join(answer_lines(p)))
+    out = Path(str(cfg.out)) if cfg.out else Path("reports") / "plans" / (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-{p.model}-{p.hardware}".replace("/", "_"))
+    print(f"report: {write(p, out)}")
+    return 0 if p.recommendation else 1
+
+
+__all__ = ["Plan", "Row", "plan", "equivalent"]

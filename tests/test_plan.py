@@ -1,0 +1,114 @@
+"""`python -m moesim plan` and moesim.plan: the search, its answer, its files, and its refusals.
+
+    python -m pytest tests/test_plan.py -q
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import moesim
+from moesim.errors import MoesimError
+from moesim.models import model_spec
+from moesim.plan import equivalent, sizes_between
+from moesim.synthetic import PRESETS, generate
+from moesim.trace import save_trace
+
+DEPLOYABLE = ["lru", "lfu", "class_lru", "fiddler", "llama_cpp_ncmoe", "llama_cpp_fork_moe_cache", "class_lru_host",
+              "moe_infinity", "mixtral_offloading_paper"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """gpt-oss-like routing, 4 sequences of 40-80 decode tokens, saved under a directory whose name needs
+    escaping in HTML."""
+    cfg, model = PRESETS["gpt-oss-like"]
+    tr = generate(dataclasses.replace(cfg, sequences=4, decode_tokens=(40, 80)), model_spec(model))
+    folder = tmp_path_factory.mktemp("plan") / "<b>&traces"
+    folder.mkdir()
+    return save_trace(tr, folder / "small.moetrace.safetensors")
+
+
+@pytest.fixture(scope="module")
+def planned(small):
+    return moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=3, strategies=DEPLOYABLE, target=20)
+
+
+def test_the_recommendation_is_what_separate_runs_give(small, planned):
+    """No deployable strategy run on its own at the recommended size gives more tokens/s than the recommendation,
+    and the recommendation's own run gives exactly its figure (the plan replays what `run` replays)."""
+    rec = planned.recommendation
+    assert rec is not None and rec["strategy"] in DEPLOYABLE
+    size = planned.sizes[-1]
+    runs = {}
+    for row in planned.rows:
+        if row.size != size or row.bound or row.status != "ok":
+            continue
+        s = moesim.simulate(str(small), strategy=row.strategy, budget=str(row.slots), hardware="rtx-4090").summary
+        runs[row.strategy] = s["decode_tokens_per_s"]
+        assert s["decode_tokens_per_s"] == pytest.approx(row.tokens_per_s, rel=1e-9), row.strategy
+    assert len(runs) >= 6
+    assert max(runs.values()) == pytest.approx(rec["tokens_per_s"], rel=1e-9)
+    assert runs[rec["strategy"]] == max(runs.values())
+
+
+def test_sizes_rows_bound_and_answers(planned):
+    p = planned
+    assert p.sizes == sorted(p.sizes) and len(p.sizes) == 3 and p.sizes[0] == 4 * 24  # top-k per layer first
+    assert p.sizes[-1] == p.max_slots  # all that fits in 8 GiB beside the rest of the plan
+    assert all(r.vram_gib is None or r.vram_gib <= 8.0 + 1e-9 for r in p.rows)  # within the usable VRAM
+    assert {r.size for r in p.rows if r.bound and r.status == "ok"} == set(p.sizes)
+    na = [r for r in p.rows if r.strategy == "mixtral_offloading_paper"]
+    assert na and all(r.status.startswith("not applicable") for r in na)  # no recorded guesses: reported, not fatal
+    for size in p.sizes:  # the bound is above every deployable row of its size
+        bound = p.bound_at(size)
+        assert all(r.tokens_per_s <= bound * 1.0001 for r in p.ranked(size) if r.strategy != "llama_cpp_fork_moe_cache"
+                   and "host" not in r.strategy and r.strategy not in ("fiddler", "llama_cpp_ncmoe"))
+    t = p.least_for_target
+    assert t is not None and t["tokens_per_s"] >= 20
+    cheaper = [r for r in p.rows if not r.bound and r.status == "ok" and r.vram_gib < t["vram_gib"]]
+    assert all(r.tokens_per_s < 20 for r in cheaper)
+
+
+def test_the_command_prints_the_answer_and_writes_plan_json(small, tmp_path, capsys):
+    from moesim.__main__ import main
+
+    plain = tmp_path / "small.moetrace.safetensors"  # Hydra's override grammar needs quotes for '<' and '&'
+    plain.write_bytes(small.read_bytes())
+    out = tmp_path / "plan"
+    code = main(["plan", f"trace={plain}", "hardware=rtx-4090", "vram=8", "sizes=2", "strategies=[lru,fiddler]",
+                 f"out={out}", "progress=false"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "recommendation:" in printed and "tokens/s" in printed
+    data = json.loads((out / "plan.json").read_text())
+    assert data["format"] == "moesim-plan" and data["recommendation"]["strategy"] in ("lru", "fiddler")
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_the_report_escapes_what_it_is_given(planned, tmp_path):
+    from moesim.plan import write
+
+    html = write(planned, tmp_path / "p").read_text()  # the trace's folder is named <b>&traces
+    assert "&lt;b&gt;&amp;traces" in html and "<b>&traces" not in html
+
+
+def test_bad_input_is_named():
+    with pytest.raises(MoesimError, match="model='nope'"):
+        moesim.plan(model="nope")
+    with pytest.raises(MoesimError, match="more than rtx-4090's 24.0 GiB"):
+        moesim.plan(model="gpt-oss-20b", vram=100)
+    with pytest.raises(MoesimError, match=r"VRAM \+ RAM = 8.0 \+ 2 GiB"):
+        moesim.plan(model="gpt-oss-20b", vram=8, ram=2)
+    with pytest.raises(MoesimError, match="vram=-1"):
+        moesim.plan(model="gpt-oss-20b", vram=-1)
+
+
+def test_settings_of_the_real_systems():
+    spec = model_spec("gpt-oss-20b")  # 24 layers x 32 experts
+    assert equivalent("llama_cpp_ncmoe", 20 * 32, spec).endswith("--n-cpu-moe 4")
+    assert "offload_per_layer=24" in equivalent("mixtral_offloading", 8 * 24, spec)
+    assert equivalent("lru", 100, spec) is None
+    assert sizes_between(96, 768, 8, 24) == sorted(set(sizes_between(96, 768, 8, 24)))
+    assert sizes_between(96, 768, 8, 24)[0] == 96 and sizes_between(96, 768, 8, 24)[-1] == 768
