@@ -112,3 +112,11 @@ def test_settings_of_the_real_systems():
     assert equivalent("lru", 100, spec) is None
     assert sizes_between(96, 768, 8, 24) == sorted(set(sizes_between(96, 768, 8, 24)))
     assert sizes_between(96, 768, 8, 24)[0] == 96 and sizes_between(96, 768, 8, 24)[-1] == 768
+
+
+def test_replays_in_several_processes_give_the_same_plan(small):
+    one = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=2, strategies=["lru", "fiddler"])
+    two = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=2, strategies=["lru", "fiddler"], jobs=2)
+    assert [(r.strategy, r.size, r.tokens_per_s) for r in one.rows] == [(r.strategy, r.size, r.tokens_per_s)
+                                                                        for r in two.rows]
+    assert one.recommendation == two.recommendation
