@@ -186,8 +186,8 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     if max_slots == L * real.experts:
         notes.append(f"every expert fits in {usable / GIB:.1f} GiB beside the rest of the model: no offloading is "
                      f"needed at the largest size (the strategies differ only below it)")
-    p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows, None, target,
-             None, notes)
+    p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows,
+             recommendation=None, target=target, notes=notes)
     best = p.ranked()
     if best:
         b = best[0]

@@ -120,3 +120,9 @@ def test_replays_in_several_processes_give_the_same_plan(small):
     assert [(r.strategy, r.size, r.tokens_per_s) for r in one.rows] == [(r.strategy, r.size, r.tokens_per_s)
                                                                         for r in two.rows]
     assert one.recommendation == two.recommendation
+
+
+def test_a_model_that_fits_whole_says_so(small):
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", sizes=2, strategies=["lru"])  # 24 GiB: all 768 fit
+    assert p.max_slots == 24 * 32 and any("no offloading is needed" in n for n in p.notes)
+    assert p.near_best is not None and p.near_best["vram_gib"] <= p.recommendation["vram_gib"]
