@@ -1,7 +1,8 @@
 """The planner: which strategy, and how much VRAM for experts, for this model on this machine. `python -m moesim plan`.
 
     python -m moesim plan model=gpt-oss-20b hardware=rtx-4090 [host=i9-13900k] [vram=12] [context=4096]
-        [batch=1] [trace=...] [target=40] [strategies=[lru,fiddler,...]] [sizes=8] [out=DIR]
+        [batch=1] [trace=...] [target=40] [strategies=[lru,fiddler,...]] [sizes=8] [jobs=2] [out=DIR]
+        [overrides=['model.experts_format=q4_k']]   # formats and any other run option, for every replay
     moesim.plan(model="gpt-oss-20b", hardware="rtx-4090", vram=12) -> Plan
 
 What it does, in order:
@@ -412,8 +413,10 @@ def plan_command(cfg) -> int:
     strategies = OmegaConf.to_container(cfg.strategies) if OmegaConf.is_config(cfg.strategies) else cfg.strategies
     if isinstance(strategies, str):
         strategies = None if strategies == "all" else [s for s in strategies.split(",") if s]
+    extra = OmegaConf.to_container(cfg.overrides) if OmegaConf.is_config(cfg.overrides) else list(cfg.overrides or [])
     p = plan(cfg.model, cfg.hardware, cfg.host, cfg.vram, cfg.ram, cfg.context, cfg.batch, cfg.trace, cfg.target,
-             strategies, int(cfg.sizes), progress=bool(cfg.progress), jobs=int(cfg.jobs))
+             strategies, int(cfg.sizes), overrides=[str(o) for o in extra], progress=bool(cfg.progress),
+             jobs=int(cfg.jobs))
     print(f"plan: {p.model} on {p.hardware}, trace {p.trace}; {len(p.rows)} replays in {p.seconds:.1f} s; "
           f"sizes {', '.join(map(str, p.sizes))} slots")
     print("\n".join(table_lines(p)))

@@ -79,11 +79,13 @@ def test_the_command_prints_the_answer_and_writes_plan_json(small, tmp_path, cap
     plain.write_bytes(small.read_bytes())
     out = tmp_path / "plan"
     code = main(["plan", f"trace={plain}", "hardware=rtx-4090", "vram=8", "sizes=2", "strategies=[lru,fiddler]",
-                 f"out={out}", "progress=false"])
+                 f"out={out}", "progress=false", "overrides=['model.experts_format=q8_0']"])
     printed = capsys.readouterr().out
     assert code == 0 and "recommendation:" in printed and "tokens/s" in printed
     data = json.loads((out / "plan.json").read_text())
     assert data["format"] == "moesim-plan" and data["recommendation"]["strategy"] in ("lru", "fiddler")
+    mxfp4 = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=2, strategies=["lru"])
+    assert data["max_slots"] < mxfp4.max_slots  # q8_0 experts take about twice mxfp4's bytes: fewer fit in 8 GiB
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
