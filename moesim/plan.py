@@ -370,14 +370,18 @@ def frontier_png(p: Plan) -> str:
     from .report.plots import BOUND_COLOR, _figure, _png
 
     with _figure(height=4.2, right=2.2) as fig:
+        import matplotlib
+
         ax = fig.add_subplot()
-        for name in dict.fromkeys(r.strategy for r in p.rows):
+        colors = matplotlib.colormaps["tab20"].colors  # 20 distinct colours; markers tell the 21st+ apart
+        for i, name in enumerate(dict.fromkeys(r.strategy for r in p.rows)):
             pts = sorted((r.vram_gib, r.tokens_per_s) for r in p.rows if r.strategy == name and r.status == "ok")
             if not pts:
                 continue
             x, y = zip(*pts)
             bound = name == BOUND
-            ax.plot(x, y, "--" if bound else "-", marker="" if bound else ".", color=BOUND_COLOR if bound else None,
+            ax.plot(x, y, "--" if bound else "-", marker="" if bound else ".o^sv"[i // 20 % 5],
+                    color=BOUND_COLOR if bound else colors[i % 20],
                     label=f"{name} (bound)" if bound else name, linewidth=1.4 if bound else 1.0)
         ax.set_xlabel("VRAM used (GiB)")
         ax.set_ylabel("tokens/s")
