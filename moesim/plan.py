@@ -210,17 +210,24 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     return p
 
 
-_WORK: dict = {}  # what the replay processes read (inherited on fork): the trace and the run's options
+_WORK: dict = {}  # what each replay process holds: the trace and the run's options (set by _init)
+
+
+def _init(work: dict) -> None:
+    _WORK.update(work)
 
 
 def _run_all(tr, todo, hw: str, extra: list, one_pool: bool, least: int, jobs: int, progress: bool) -> list:
-    """Every (name, size, slots, bound) of `todo` replayed, in order; `jobs` processes at once."""
-    _WORK.update(tr=tr, hw=hw, extra=extra, one_pool=one_pool, least=least)
+    """Every (name, size, slots, bound) of `todo` replayed, in order; `jobs` processes at once. The processes are
+    spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers') hold a lock can
+    hang (a plan of the real trace did)."""
+    work = dict(tr=tr, hw=hw, extra=extra, one_pool=one_pool, least=least)
+    _init(work)
     rows = []
     if jobs > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(jobs) as pool:
+        with mp.get_context("spawn").Pool(jobs, initializer=_init, initargs=(work,)) as pool:
             for r in pool.imap(_job, todo):
                 rows.append(r)
                 _said(r, len(rows), len(todo), progress)
