@@ -22,6 +22,7 @@ from __future__ import annotations
 from array import array
 
 import numpy as np
+from numba import njit
 
 # columns of the event buffers
 COPY_COLUMNS = ("layer", "expert", "nbytes", "start_ms", "end_ms", "prefetch")
@@ -202,18 +203,56 @@ def _event_steps(ends: np.ndarray) -> np.ndarray:
 
 def covered_ms(sets: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Length of time covered by every set at once, each set being possibly overlapping intervals
-    (starts, ends): one set -> the union's length; two sets -> the length of the intersection of unions."""
-    times, deltas = [], []
-    for i, (s, e) in enumerate(sets):
-        d = np.zeros((2 * len(s), len(sets)), dtype=np.int8)  # +1 opens, -1 closes an interval of set i
-        d[: len(s), i], d[len(s):, i] = 1, -1
-        times.append(np.concatenate([s, e]))
-        deltas.append(d)
-    t = np.concatenate(times)
-    if not len(t):
+    (starts, ends): one set -> the union's length; two sets -> the length of the intersection of unions.
+    Each set is merged into disjoint intervals by one sweep in start order (a replay's copies and layers come
+    in that order already: no sort then), and two unions are intersected by a two-pointer walk."""
+    if not sets:
         return 0.0
-    order = np.argsort(t, kind="stable")
-    t = t[order]
-    counts = np.cumsum(np.concatenate(deltas)[order], axis=0, dtype=np.int32)  # open intervals per set
-    inside = (counts[:-1] > 0).all(axis=1)
-    return float(np.diff(t)[inside].sum())
+    unions = [_union(np.ascontiguousarray(s, np.float64), np.ascontiguousarray(e, np.float64)) for s, e in sets]
+    us, ue = unions[0]
+    for vs, ve in unions[1:]:
+        us, ue = _intersect(us, ue, vs, ve)
+    return float((ue - us).sum())
+
+
+def _union(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the disjoint intervals, in order, that cover the union of the intervals (s, e)."""
+    if len(s) > 1 and not (s[1:] >= s[:-1]).all():
+        order = np.argsort(s, kind="stable")
+        s, e = s[order], e[order]
+    return _merge(s, e)
+
+
+@njit(cache=True, nogil=True)
+def _merge(s, e):
+    n = len(s)
+    os_, oe = np.empty(n), np.empty(n)
+    k = -1
+    for i in range(n):
+        if e[i] <= s[i]:  # empty: covers nothing
+            continue
+        if k >= 0 and s[i] <= oe[k]:
+            if e[i] > oe[k]:
+                oe[k] = e[i]
+        else:
+            k += 1
+            os_[k], oe[k] = s[i], e[i]
+    return os_[:k + 1], oe[:k + 1]
+
+
+@njit(cache=True, nogil=True)
+def _intersect(as_, ae, bs, be):
+    n = len(as_) + len(bs)
+    os_, oe = np.empty(n), np.empty(n)
+    i = j = k = 0
+    while i < len(as_) and j < len(bs):
+        lo = as_[i] if as_[i] > bs[j] else bs[j]
+        hi = ae[i] if ae[i] < be[j] else be[j]
+        if hi > lo:
+            os_[k], oe[k] = lo, hi
+            k += 1
+        if ae[i] < be[j]:
+            i += 1
+        else:
+            j += 1
+    return os_[:k], oe[:k]
