@@ -245,18 +245,18 @@ def _said(r, i: int, n: int, progress: bool) -> None:
 
 
 def _job(job) -> Row:
-    from .api import simulate
-
     name, size, slots, is_bound = job
     w = _WORK
     if slots < w["least"]:
         return Row(name, size, slots, bound=is_bound, status="not applicable: its stream scratch leaves too few "
                    "slots at this size")
-    return _one(w["tr"], name, size, slots, w["hw"], w["extra"], is_bound, w["one_pool"], simulate)
+    return _one(w["tr"], name, size, slots, w["hw"], w["extra"], is_bound, w["one_pool"])
 
 
-def _one(tr, name: str, size: int, slots: int, hw: str, extra: list, is_bound: bool, one_pool: bool, simulate) -> Row:
+def _one(tr, name: str, size: int, slots: int, hw: str, extra: list, is_bound: bool, one_pool: bool) -> Row:
     """Replay one strategy at `slots`; the bound is Belady + oracle prefetch 4 layers ahead."""
+    from .api import simulate
+
     t = time.perf_counter()
     strategy = "belady" if is_bound else name
     opts = ["prefetch=oracle", "prefetch.lookahead=4"] if is_bound else []
@@ -318,12 +318,6 @@ def _positive(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise MoesimError(f"plan: {name}={v!r}: expected a number of GiB > 0")
     return float(v)
-
-
-def _label(trace, tr) -> str:
-    from .api import trace_label
-
-    return trace_label(trace) if trace is not None else trace_label(tr)
 
 
 # ------------------------------------------------------------------------------------------- output

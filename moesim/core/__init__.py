@@ -58,7 +58,7 @@ from ..errors import MoesimError  # noqa: E402
 from ..profiler import Profiler  # noqa: E402
 from . import loop  # noqa: E402
 from .parts import CACHE, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
-from .policies import REFUSING  # noqa: E402
+from ..engine import scratch_slots  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
@@ -249,8 +249,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     max_count = int(counts.max()) if len(counts) else 1
     offl = offload_arrays(trace, offload, n_slots, scope, cost if cost is not None else Cost(hw, spec), max_count,
                           nbytes)
-    if prm.code == REFUSING:  # a refused miss streams (moesim.engine.scratch_slots)
-        offl[0][5] = max(offl[0][5], trace.spec.experts)
+    offl[0][5] = scratch_slots(trace.spec, make_policy(), offload)  # as the Python driver's
     device_ms = np.array([hw.expert_ms(n, spec, "device") for n in range(max_count + 1)])  # per token count
     host_ms = np.array([hw.expert_ms(n, spec, "host") for n in range(max_count + 1)]) if offload is not None \
         else np.zeros(max_count + 1)

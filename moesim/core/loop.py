@@ -401,15 +401,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                     nu = src_nxt[i] if prm.code == 4 else 0
                     decision = FETCH if oi[0] == OFF_NONE else offload_decision(
                         ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, src_cnt[i], n_tokens)
-                    if decision == STREAM:  # a scratch slot in turn; the cache never sees it
-                        slot = n_slots + n_stream % n_scratch
-                        n_stream += 1
-                        out[1, i - wa] = slot
-                        cnt[STREAMS] += 1
-                        copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
-                                              src[i], nbytes)
-                        continue
-                    if decision != FETCH:
+                    if decision != FETCH and decision != STREAM:
                         out[2, i - wa] = 1
                         n_host += 1
                         cnt[HOST_COMPUTES] += 1
@@ -419,12 +411,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                 copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial,
                                                       layer, src[i], nbytes)
                         continue
-                    slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
-                    if slot < 0:
-                        if prm.code != REFUSING:
+                    slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
+                    if slot < 0:  # streamed (the decision, or a policy that refuses to evict): the cache never sees it
+                        if decision != STREAM and prm.code != REFUSING:
                             return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
                                     step_waves[:0])
-                        slot = n_slots + n_stream % n_scratch  # nothing may be evicted: streamed
+                        slot = n_slots + n_stream % n_scratch  # a scratch slot in turn
                         n_stream += 1
                         cnt[STREAMS] += 1
                     out[1, i - wa] = slot

@@ -223,7 +223,7 @@ def offload_arrays(trace, offload, n_slots: int, scope: str, cost, max_tokens: i
     check_params(type(offload), OFFLOAD, "offload")
     offload.setup(_context(trace, trace.spec, tuple(range(L)), n_slots, scope))
     oi[0] = OFFLOAD_KIND[name]
-    oi[4], oi[5] = int(bool(offload.host_after_device)), offload.scratch_slots(trace.spec)
+    oi[4] = int(bool(offload.host_after_device))  # oi[5], the scratch slots: moesim.core.simulate sets it
     if name == "static_split":
         ohl[sorted(offload.host)] = 1
         oi[3] = offload.min_batch or 0
