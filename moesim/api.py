@@ -314,9 +314,11 @@ def _strategy_label(strategy) -> str:
 
 
 # ---------------------------------------------------------------------------------------- one replay
-def replay_config(cfg, trace: Trace | None = None) -> Result:
+def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Result:
     """Replay the run config `cfg` (composed from moesim/conf/run.yaml): `python -m moesim run`, `simulate`
-    and `sweep` all come here. `trace`: the already opened trace of cfg.trace, else it is opened here."""
+    and `sweep` all come here. `trace`: the already opened trace of cfg.trace, else it is opened here.
+    `events=False` (plan's replays): a compiled sim run keeps sums, not every event (moesim.core.simulate): the
+    same summary but for the busy-time unions and overlap (None), and no tables or timeline."""
     from omegaconf import OmegaConf
 
     from .hardware import load_hardware
@@ -342,7 +344,7 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
     dense = dense_times(spec, hardware, ctx) if whole else None
     ex = execute(trace, spec, budget.slots, scope, strat, cfg.backend, hardware,
                  reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"),
-                 dense=dense)
+                 dense=dense, events=events)
     counters, profiler, served, device_bytes, backend = ex.counters, ex.profiler, ex.served, ex.device_bytes, ex.backend
     metrics = profiler.metrics()
     steps_arr = profiler.arrays()
@@ -358,7 +360,7 @@ def replay_config(cfg, trace: Trace | None = None) -> Result:
         "whole_model": whole,  # the step times include attention, dense layers and the LM head
         "decode_tokens_per_s": decode_rate(trace, steps_arr[0]),
         "ttft_ms": percentiles(ttft) | {"sequences": len(ttft)} if len(ttft) else None,
-        "step_ms_split": step_split(steps_arr, dense),
+        "step_ms_split": step_split(steps_arr, dense, getattr(profiler, "totals", None)),
         "strategy": strat.name,
         "bound": ex.bound,  # an oracle took part: a bound, not a deployable result
         "budget": budget.to_dict() | {"bytes": budget.slots * spec.bytes_per_expert},
@@ -498,7 +500,7 @@ class Execution:
 
 
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
-            progress: bool = False, fast="auto", dense=None) -> Execution:
+            progress: bool = False, fast="auto", dense=None, events: bool = True) -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
     `backend_cfg` with `n_slots` slots in `scope` (see `replay_parts`). `spec` is the stored model (scale and
     dtype applied); `hardware` the run's profile."""
@@ -507,12 +509,12 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     offload = build(strat.offload, "offload") if strat.get("offload") else None
     backend = build(backend_cfg, "backend", hardware=hardware)
     return replay_parts(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend, hardware,
-                        reset_per_seq=reset_per_seq, progress=progress, fast=fast, dense=dense)
+                        reset_per_seq=reset_per_seq, progress=progress, fast=fast, dense=dense, events=events)
 
 
 def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher, offload, backend, hardware=None,
                  cost=None, reset_per_seq: bool = False, progress: bool = False, fast="auto",
-                 prefetch_max: int | None = None, dense=None) -> Execution:
+                 prefetch_max: int | None = None, dense=None, events: bool = True) -> Execution:
     """Replay `trace` through built parts (`make_policy` builds the cache policy of one partition) on `backend`
     (not set up yet). Where every part is built in, the compiled core (moesim/core/) decides: on the sim
     backend it runs the whole run; on another (torch) it records its decisions and the backend executes them
@@ -521,7 +523,7 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     policy is asked with (`cost`, default moesim.hardware.Cost(hardware, spec)); None: the h200 preset, for runs
     without an offload policy. `fast`: see `compiled_run`; `prefetch_max` (the Python driver's, for checks
     with a custom prefetcher) takes the Python driver. `dense`: the model's non-expert part per step
-    (moesim.whole.DenseTimes), timed by the sim backend only."""
+    (moesim.whole.DenseTimes), timed by the sim backend only. `events`: see replay_config."""
     from . import core
     from .hardware import Cost, load_hardware
     from .profiler import Profiler
@@ -533,7 +535,7 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     way = compiled_run(fast, backend, first, prefetcher, offload) if prefetch_max is None else None
     if way == "sim":  # tests/test_core.py: equal to the Python driver, event for event
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
-                            reset_per_seq, pinned=backend.pinned, cost=cost, dense=dense)
+                            reset_per_seq, pinned=backend.pinned, cost=cost, dense=dense, events=events)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
                          sim.device_bytes, backend, bound, True)
     if way == "play":  # the core decides; the backend executes (tests/test_core.py: the same calls)

@@ -11,10 +11,12 @@ What it does, in order:
   2. what fits: the whole model's VRAM plan (moesim/whole.py: non-expert weights, KV cache for `batch`
      sequences of `context` tokens, workspace, runtime reserve) leaves room for so many experts; a model larger
      than VRAM + `ram` is refused with the numbers;
-  3. the search: every strategy (default: every deployable preset and policy) x `sizes` expert-cache sizes
-     from top-k per layer up to all that fits (placements follow the size: llama_cpp_ncmoe's host layers are
-     L - slots // E), each replayed by the compiled core with the whole model timed, and the bound (Belady +
-     oracle prefetch, 4 layers ahead) at each size;
+  3. the search: every strategy (default: every deployable preset and policy but layer_offload, whose budget
+     is fixed by its definition) x `sizes` expert-cache sizes from top-k per layer up to all that fits
+     (placements follow the size: llama_cpp_ncmoe's host layers are L - slots // E), each replayed by the
+     compiled core with the whole model timed, keeping sums instead of events (core.simulate(events=False)),
+     and the bound (Belady + oracle prefetch, 4 layers ahead) at each size; presets whose configuration is
+     another's (lru and mixtral_offloading, lfru and vllm_lfru) replay once;
   4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
      reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
      report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
@@ -35,6 +37,9 @@ from .errors import MoesimError, NotApplicable
 GIB = 2**30
 BOUND = "belady + oracle"  # the bound the table compares with: Belady's eviction + perfect prefetch, 4 layers ahead
 NOT_DEPLOYABLE = ("belady",)  # reads the future
+# not searched by default: a baseline whose budget is part of its definition (two layers' experts, its yaml: "a
+# larger budget keeps experts and is no longer this system"); strategies=[layer_offload,...] still runs it
+FIXED_BUDGET = ("layer_offload",)
 NEAR = 0.95  # "near the best": the least VRAM that keeps 95% of the best tokens/s
 
 
@@ -92,10 +97,10 @@ class Plan:
 
 
 def default_strategies() -> list[str]:
-    """Every built-in strategy but the bounds."""
+    """Every built-in strategy but the bounds and the fixed-budget baselines."""
     from .api import strategy_names
 
-    return [s for s in strategy_names() if s not in NOT_DEPLOYABLE]
+    return [s for s in strategy_names() if s not in NOT_DEPLOYABLE + FIXED_BUDGET]
 
 
 def default_trace(model: str) -> str:
@@ -174,16 +179,27 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
     grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
     names = list(strategies) if strategies else default_strategies()
-    scratch = {}  # strategy -> its stream scratch slots, which come out of the same VRAM
-    for name in names:
-        st = config(name).strategy
+    one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
+    configs, scratch = {}, {}  # composed once per strategy (each size sets its budget); stream scratch slots,
+    for name in names:  # which come out of the same VRAM
+        configs[name] = config(name, "global" if one_pool else None)
+        st = configs[name].strategy
         offload = build(st.offload, "offload") if st.get("offload") else None
         scratch[name] = scratch_slots(real, build(st.cache, "strategy.cache"), offload)
+    configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
+        *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else [])]))
+    same = _same_runs(configs, names)  # presets that are another's configuration under a new name replay once
+    for name, twin in same.items():
+        if twin != name:
+            notes.append(f"{name} runs the same cache, prefetch, offload and scope as {twin}: replayed once")
     # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
-    todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid]
+    todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
+            if same[name] == name]
     todo += [(BOUND, size, size, True) for size in grid]
-    least = K if lo == K else K * L
-    rows = _run_all(tr, todo, hw_name, extra, lo == K, least, max(1, int(jobs)), progress)
+    least = K if one_pool else K * L
+    rows = _run_all(tr, todo, configs, least, max(1, int(jobs)), progress)
+    rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
+             for r in rows if r.strategy == twin and not r.bound]
     if max_slots == L * real.experts:
         notes.append(f"every expert fits in {usable / GIB:.1f} GiB beside the rest of the model: no offloading is "
                      f"needed at the largest size (the strategies differ only below it)")
@@ -210,32 +226,56 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     return p
 
 
-_WORK: dict = {}  # what each replay process holds: the trace and the run's options (set by _init)
+def _same_runs(configs: dict, names: list) -> dict:
+    """Each strategy -> the first of `names` whose run config is its own but for the strategy's name."""
+    from omegaconf import OmegaConf
+
+    first, same = {}, {}
+    for name in names:
+        d = OmegaConf.to_container(configs[name], resolve=True)
+        d["strategy"].pop("name", None)
+        same[name] = first.setdefault(json.dumps(d, sort_keys=True, default=str), name)
+    return same
+
+
+_WORK: dict = {}  # what each replay process holds: the trace and each strategy's run config (set by _init)
 
 
 def _init(work: dict) -> None:
     _WORK.update(work)
 
 
-def _run_all(tr, todo, hw: str, extra: list, one_pool: bool, least: int, jobs: int, progress: bool) -> list:
-    """Every (name, size, slots, bound) of `todo` replayed, in order; `jobs` processes at once. The processes are
-    spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers') hold a lock can
-    hang (a plan of the real trace did)."""
-    work = dict(tr=tr, hw=hw, extra=extra, one_pool=one_pool, least=least)
+def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> list:
+    """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order. `jobs` processes at once,
+    each taking all sizes of one strategy at a time (a learned prefetch table is then built once), those with
+    a prefetcher first (the longest: the last to start should be short). The processes are spawned, not forked:
+    a fork of a process whose thread pools (BLAS, numba, the importers') hold a lock can hang (a plan of the
+    real trace did)."""
+    work = dict(tr=tr, configs=configs, least=least)
     _init(work)
-    rows = []
+    groups: dict = {}
+    for i, job in enumerate(todo):
+        groups.setdefault(job[0], []).append((i, job))
+    order = sorted(groups.values(), key=lambda g: not configs[g[0][1][0]].strategy.get("prefetch"))
+    done: list = []
     if jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(jobs, initializer=_init, initargs=(work,)) as pool:
-            for r in pool.imap(_job, todo):
-                rows.append(r)
-                _said(r, len(rows), len(todo), progress)
+            for rows in pool.imap_unordered(_group, order):
+                for row in rows:
+                    done.append(row)
+                    _said(row[1], len(done), len(todo), progress)
     else:
-        for job in todo:
-            rows.append(_job(job))
-            _said(rows[-1], len(rows), len(todo), progress)
-    return rows
+        for g in order:
+            for i, job in g:
+                done.append((i, _job(job)))
+                _said(done[-1][1], len(done), len(todo), progress)
+    return [r for _, r in sorted(done, key=lambda x: x[0])]
+
+
+def _group(jobs: list) -> list:
+    return [(i, _job(job)) for i, job in jobs]
 
 
 def _said(r, i: int, n: int, progress: bool) -> None:
@@ -250,20 +290,21 @@ def _job(job) -> Row:
     if slots < w["least"]:
         return Row(name, size, slots, bound=is_bound, status="not applicable: its stream scratch leaves too few "
                    "slots at this size")
-    return _one(w["tr"], name, size, slots, w["hw"], w["extra"], is_bound, w["one_pool"])
+    return _one(w["tr"], w["configs"][name], name, size, slots, is_bound)
 
 
-def _one(tr, name: str, size: int, slots: int, hw: str, extra: list, is_bound: bool, one_pool: bool) -> Row:
-    """Replay one strategy at `slots`; the bound is Belady + oracle prefetch 4 layers ahead."""
-    from .api import simulate
+def _one(tr, cfg, name: str, size: int, slots: int, is_bound: bool) -> Row:
+    """Replay the run config `cfg` of strategy `name` at `slots`, keeping sums, not events (the bound's config is
+    Belady + oracle prefetch 4 layers ahead)."""
+    import copy
+
+    from .api import replay_config
 
     t = time.perf_counter()
-    strategy = "belady" if is_bound else name
-    opts = ["prefetch=oracle", "prefetch.lookahead=4"] if is_bound else []
-    if one_pool:
-        opts.append("scope=global")
+    cfg = copy.deepcopy(cfg)
+    cfg.budget = str(slots)
     try:
-        s = simulate(tr, strategy=strategy, budget=str(slots), hardware=hw, overrides=[*opts, *extra]).summary
+        s = replay_config(cfg, tr, events=False).summary
     except NotApplicable as e:
         return Row(name, size, slots, bound=is_bound, status=f"not applicable: {e}", seconds=time.perf_counter() - t)
     except MoesimError as e:

@@ -421,25 +421,30 @@ def ttft_ms(trace, step_start: np.ndarray, step_end: np.ndarray) -> np.ndarray:
     return np.asarray(step_end)[st[lasts]] - np.asarray(step_start)[st[firsts]]
 
 
-def step_split(profiler_arrays, dense: "DenseTimes | None") -> dict:
+def step_split(profiler_arrays, dense: "DenseTimes | None", totals: dict | None = None) -> dict:
     """A step's time, split (mean ms per step): `dense` (attention, dense layers, LM head), `expert_compute`
     (routed and shared experts on the device), `stall` (waiting for expert copies), `other` (the rest of the
     latency: host experts not hidden under the device's, the replay's own time); the four sum to the mean
     step latency. Besides: `host_compute` (the host's busy time) and `copies` (the copy engine's busy time),
-    which overlap the others."""
+    which overlap the others. `totals`: a replay's sums in place of its copies and computes (an ArrayProfiler's,
+    moesim.core.simulate(events=False))."""
     st, cp, cm = profiler_arrays
     S = max(len(st), 1)
     lat = float((st[:, 3] - st[:, 2]).sum())
-    dev = cm[:, 4] == 0
     dense_ms = float(dense.total_ms.sum()) if dense is not None else 0.0
-    expert = float((cm[dev, 2] - cm[dev, 1]).sum())
-    stall = float(cm[dev, 3].sum())
-    from .profiler import covered_ms
+    if totals is not None:  # copies queue one after another: their union is loads x one copy
+        expert, stall, host = totals["device_compute_ms"], totals["stall_ms"], totals["host_compute_ms"]
+        copies = totals["loads"] * totals["copy_ms"]
+    else:
+        from .profiler import covered_ms
 
+        dev = cm[:, 4] == 0
+        expert = float((cm[dev, 2] - cm[dev, 1]).sum())
+        stall = float(cm[dev, 3].sum())
+        host = float((cm[~dev, 2] - cm[~dev, 1]).sum())
+        copies = covered_ms([(cp[:, 3], cp[:, 4])])
     return {"dense": dense_ms / S, "expert_compute": expert / S, "stall": stall / S,
-            "other": max(0.0, lat - dense_ms - expert - stall) / S,
-            "host_compute": float((cm[~dev, 2] - cm[~dev, 1]).sum()) / S,
-            "copies": covered_ms([(cp[:, 3], cp[:, 4])]) / S}
+            "other": max(0.0, lat - dense_ms - expert - stall) / S, "host_compute": host / S, "copies": copies / S}
 
 
 def decode_rate(trace, steps: np.ndarray) -> float | None:

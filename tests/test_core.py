@@ -532,3 +532,41 @@ def test_whole_model_dense_times_equal_the_python_driver():
 def got_counters_equal(run, want) -> bool:
     """The dense part changes times, never decisions (without a clock-reading cap)."""
     return run.counters == want[0]
+
+
+SUMS_ONLY = ("compute_busy_ms", "overlap")  # need every interval: None without events
+
+
+def _same(a, b) -> bool:
+    """Equal, floats within rounding (sums in another order; the copy engine's busy time as loads x one copy)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return b == pytest.approx(a, rel=1e-9, abs=1e-9)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("strategy,budget", [("lru", "25%"), ("class_lru_host", "25%"), ("moe_infinity", "25%"),
+                                             ("fiddler", "25%"), ("llama_cpp_ncmoe", "50%"),
+                                             ("llama_cpp_fork_moe_cache", "12.5%")])
+def test_sums_instead_of_events_give_the_same_summary(strategy, budget):
+    """replay_config(events=False), the planner's replays: the loop keeps sums, not a row per copy and compute;
+    the summary is the full run's (steps, counters, stall, bytes, split), less what needs every interval."""
+    from moesim.api import compose_run, load_trace, replay_config
+
+    tr = load_trace("gpt-oss-like").slice_tokens(0, 600)
+    cfg = compose_run("gpt-oss-like", strategy, budget, "rtx-4090")
+    full = replay_config(cfg, tr).summary
+    light = replay_config(cfg, tr, events=False)
+    sums = light.summary
+    assert full["loads"] > 0 and full["stall_ms"] + full["host_compute_ms"] > 0  # something to compare
+    assert full.keys() == sums.keys()
+    for key, value in full.items():
+        if key in SUMS_ONLY:
+            assert sums[key] is None, key
+        else:
+            assert _same(value, sums[key]), (key, value, sums[key])
+    with pytest.raises(MoesimError, match="kept sums"):
+        light.steps  # noqa: B018  the per-step table needs the events

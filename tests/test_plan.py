@@ -128,3 +128,18 @@ def test_a_model_that_fits_whole_says_so(small):
     p = moesim.plan(trace=str(small), hardware="rtx-4090", sizes=2, strategies=["lru"])  # 24 GiB: all 768 fit
     assert p.max_slots == 24 * 32 and any("no offloading is needed" in n for n in p.notes)
     assert p.near_best is not None and p.near_best["vram_gib"] <= p.recommendation["vram_gib"]
+
+
+def test_a_preset_that_is_another_s_configuration_replays_once(small):
+    """mixtral_offloading is lru under its system's name (the same cache, no prefetch, no offload): one replay
+    per size serves both, with a note; layer_offload (a fixed-budget baseline) is searched only when named."""
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=2, strategies=["lru", "mixtral_offloading"])
+    by = {(r.strategy, r.size): r for r in p.rows if not r.bound}
+    assert len(by) == 4
+    for size in p.sizes:
+        a, b = by[("lru", size)], by[("mixtral_offloading", size)]
+        assert a.tokens_per_s == b.tokens_per_s and a.hit_rate == b.hit_rate and b.seconds == 0.0 < a.seconds
+    assert any("mixtral_offloading runs the same" in n and "as lru" in n for n in p.notes)
+    from moesim.plan import default_strategies
+
+    assert "layer_offload" not in default_strategies() and "mixtral_offloading" in default_strategies()

@@ -190,9 +190,42 @@ class ArrayProfiler(Profiler):
     """A moesim.profiler.Profiler whose events come as finished arrays (rows as `Profiler.arrays()` returns
     them), so its metrics, tables and timeline are computed by the Profiler's own code."""
 
-    def __init__(self, n_layers: int, steps: np.ndarray, copies: np.ndarray, computes: np.ndarray):
+    def __init__(self, n_layers: int, steps: np.ndarray, copies: np.ndarray, computes: np.ndarray,
+                 totals: dict | None = None):
         super().__init__(n_layers)
         self._event_arrays = (steps, copies, computes)
+        self.totals = totals  # a replay that kept sums, not events (simulate(events=False)): see metrics()
+
+    def metrics(self) -> dict:
+        """The Profiler's metrics; for a replay without events, those its sums give (the busy times' unions and
+        the overlap, which need every interval, are None; the copy engine's busy time is loads x one copy's,
+        as copies queue on it one after another)."""
+        if self.totals is None:
+            return super().metrics()
+        t = self.totals
+        m = super().metrics()  # of the steps alone: no copies or computes
+        busy = t["loads"] * t["copy_ms"]
+        return m | {"stall_ms": t["stall_ms"], "stall_ms_per_layer": list(t["stall_ms_per_layer"]),
+                    "loads": t["loads"], "prefetch_loads": t["prefetch_loads"], "bytes_h2d": t["bytes_h2d"],
+                    "prefetch_bytes_h2d": t["prefetch_loads"] * t["bytes_per_load"], "h2d_busy_ms": busy,
+                    "h2d_gbps": t["bytes_h2d"] / (busy * 1e6) if busy > 0 else None,
+                    "compute_busy_ms": None, "host_compute_ms": t["host_compute_ms"], "overlap": None}
+
+    def _no_events(self, what: str):
+        if self.totals is not None:
+            raise MoesimError(f"{what}: this replay kept sums, not events (core.simulate(events=False))")
+
+    def steps_table(self):
+        self._no_events("steps_table")
+        return super().steps_table()
+
+    def layers_table(self):
+        self._no_events("layers_table")
+        return super().layers_table()
+
+    def timeline(self, *args, **kwargs):
+        self._no_events("timeline")
+        return super().timeline(*args, **kwargs)
 
     def arrays(self):
         return self._event_arrays
@@ -226,7 +259,8 @@ class SimRun(NamedTuple):
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
-             reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None, dense=None) -> SimRun:
+             reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None, dense=None,
+             events: bool = True) -> SimRun:
     """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
     SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
     built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
@@ -234,7 +268,9 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     `cost`: what the offload policy is asked with (default moesim.hardware.Cost(hardware, spec)).
     `record`: also keep the decisions as a Script, to run them on another backend (moesim.engine.play); they
     are the Python driver's there too where none depends on that backend's clock (no max_inflight cap).
-    `dense`: the model's non-expert part per step (moesim.whole.DenseTimes), as SimBackend.dense; None: none."""
+    `dense`: the model's non-expert part per step (moesim.whole.DenseTimes), as SimBackend.dense; None: none.
+    `events=False`: keep sums instead of every copy and compute (the profiler's `totals`; its metrics, not its
+    tables or timeline): the same steps, counters and sums, faster and in less memory (plan's many replays)."""
     from ..backends.sim import SimBackend
     from ..hardware import Cost
 
@@ -271,6 +307,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     from .clock import new_clock
 
     ck = new_clock()
+    agg = np.zeros(0 if events else loop.AGG + trace.n_layers)
     t1 = time.perf_counter()
     with compile_notice(loop.run_sim):
         status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(
@@ -278,11 +315,18 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
             bool(getattr(prefetcher, "flat", False)), *offl, cnt,
-            served, ck, record, dense.attention, dense.cls, dense.head, dense.tail)
+            served, ck, record, dense.attention, dense.cls, dense.head, dense.tail, agg)
     t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
-    profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes)
+    totals = None
+    if not events:
+        n_loads = int(steps[-1, 4]) if len(steps) else 0
+        totals = {"loads": n_loads, "prefetch_loads": int(cnt[loop.PF_LOADS]), "bytes_per_load": nbytes,
+                  "bytes_h2d": n_loads * nbytes, "copy_ms": hw.copy_ms(nbytes, pinned),
+                  "stall_ms": float(agg[loop.AGG_STALL]), "device_compute_ms": float(agg[loop.AGG_DEVICE]),
+                  "host_compute_ms": float(agg[loop.AGG_HOST]), "stall_ms_per_layer": agg[loop.AGG:].tolist()}
+    profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes, totals)
     backend.dense = dense
     backend.setup(spec, n_slots + int(offl[0][5]), profiler)  # only for device_bytes(): the events are there
     script = None

@@ -27,6 +27,9 @@ REQUESTS, HITS, LOADS_N, PF_LOADS, EVICTIONS, HOST_COMPUTES, PF_USED, PF_WASTED,
 N_CNT = 10
 # offload kinds (moesim/core/parts.py): none or fetch; static_split (host by layer); host; cost; fiddler
 OFF_NONE, OFF_STATIC_SPLIT, OFF_HOST, OFF_COST, OFF_FIDDLER = range(5)
+# rows of run_sim's `agg` (sums kept instead of events), then AGG + layer: that layer's device stall (ms)
+AGG_STALL, AGG_DEVICE, AGG_HOST = range(3)
+AGG = 3
 # offload decisions (strategies.OffloadPolicy.on_miss): fetch, host, host_and_load, stream
 FETCH, HOST, HOST_AND_LOAD, STREAM = range(4)
 
@@ -323,7 +326,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 @njit(cache=True, nogil=True)
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_rows, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster,
-            oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail):
+            oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail, agg):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -337,6 +340,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     part's times (moesim.whole.DenseTimes: each layer's attention before its lookups, the head before the first
     layer, the tail after the last).
     record: also return the decisions as another backend executes them (`script` below; else empty arrays).
+    agg: float64 [AGG + L] to keep sums instead of events (copies and computes come back empty; steps still
+    count them): the devices' stall, device and host compute ms (AGG_* rows), then each layer's stall; empty:
+    keep every event.
     Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
     step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
     _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS), copies[:, 6] each copy's slot. The script: per computed
@@ -352,9 +358,10 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     tcnt = np.empty(w, counts.dtype)
     torder = np.empty(w, np.int64)
     steps = np.empty((S, 6))
-    computes = np.empty((S * L, 5))  # one per layer, more where a layer runs in waves or has host experts
+    keep = len(agg) == 0
+    computes = np.empty((S * L if keep else 1, 5))  # one per layer, more in waves or with host experts
     n_cm = 0
-    copies = np.empty((max(1024, len(ids) // 4), 7))
+    copies = np.empty((max(1024, len(ids) // 4) if keep else 1, 7))
     n_cp = 0
     waves = np.empty((S * L if record else 0, 3), np.int64)
     n_wv = 0
@@ -408,8 +415,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                         if decision == HOST_AND_LOAD and (host_cap < 0 or inflight_bytes(ck, copy_ms, nbytes) + nbytes <= host_cap):
                             slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)  # nobody waits for it
                             if slot >= 0:
-                                copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial,
-                                                      layer, src[i], nbytes)
+                                if keep:
+                                    copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms,
+                                                          serial, layer, src[i], nbytes)
+                                else:
+                                    copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
+                                    n_cp += 1
                         continue
                     slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:  # streamed (the decision, or a policy that refuses to evict): the cache never sees it
@@ -420,8 +431,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                         n_stream += 1
                         cnt[STREAMS] += 1
                     out[1, i - wa] = slot
-                    copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
-                                          src[i], nbytes)
+                    if keep:
+                        copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, False, copy_ms, serial, layer,
+                                              src[i], nbytes)
+                    else:  # sums only: no row, and none of _issue's reference counting per copy
+                        copy(ck, ready, pf_slot, slot, False, copy_ms, serial)
+                        n_cp += 1
                 if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
                     return (LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
                             step_waves[:0])
@@ -433,6 +448,11 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                             kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
                             if kid >= 0 and I[RES, kid] == 0:
                                 missing = True
+                                break
+                        if missing:
+                            break
+                    if missing and pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap:
+                        missing = False  # the queue is full: the first missing key would stop it, nothing is issued
                     if missing:
                         for d in range(D):  # pinned meanwhile: one prefetch never evicts another
                             for j in range(pf.shape[2]):
@@ -453,8 +473,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                 slot = insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, True)
                                 if slot < 0:  # its partition is all pinned: skipped
                                     continue
-                                copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, True, copy_ms,
-                                                      serial, m, e, nbytes)
+                                if keep:
+                                    copies, n_cp = _issue(copies, n_cp, ck, ready, pf_slot, slot, True, copy_ms, serial, m,
+                                                          e, nbytes)
+                                else:
+                                    copy(ck, ready, pf_slot, slot, True, copy_ms, serial)
+                                    n_cp += 1
                             if full:
                                 break
                         if prm.code == 2 and F[UNIT, I[PART, layer]] == math.inf:
@@ -479,15 +503,13 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 loads = ck[LOADS]
                 start, end, free, n_dev = device_part(ck, ready, pf_slot, served, out, src_cnt, wa, wb, device_ms,
                                                       shared, own[3])
-                if n_cm + 2 > len(computes):
+                if keep and n_cm + 2 > len(computes):
                     computes = _grow(computes, n_cm)
-                _compute_row(computes, n_cm, layer, start, end, start - free, 0.0)
-                n_cm += 1
+                n_cm = _computed(computes, n_cm, layer, start, end, start - free, 0.0, agg)
                 if n_host:  # serial (or the policy's order, oi[4]): after the device part
                     hs, he = host_part(ck, out, src_cnt, wa, wb, n_tokens, host_ms, act_ms,
                                        end if serial or oi[4] else free)
-                    _compute_row(computes, n_cm, layer, hs, he, 0.0, 1.0)
-                    n_cm += 1
+                    n_cm = _computed(computes, n_cm, layer, hs, he, 0.0, 1.0, agg)
                     end = max(end, he)
                 # the replay's own work for this layer, serial and after it (never overlapping a copy)
                 ck[NOW] = end + own[0] + own[1] * (n_dev + n_host) + own[2] * loads
@@ -501,6 +523,8 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
         steps[s, 5] = n_cm
         if record:
             step_waves[s] = n_wv
+    if not keep:
+        n_cp = n_cm = 0
     return 0, 0, steps, copies[:n_cp].copy(), computes[:n_cm].copy(), waves[:n_wv].copy(), rows[:n_rows].copy(), \
         step_waves
 
@@ -511,9 +535,12 @@ def _pf_kid(pf, row, d, j, layer, L, E, flat):
     x = pf[row, d, j]
     if x < 0:
         return -1
-    if flat:  # (distance - 1) * E + expert
-        return ((layer + 1 + x // E) % L) * E + x % E
-    return ((layer + d + 1) % L) * E + x
+    # flat: x = (distance - 1) * E + expert, so the key is (layer + 1) * E + x, wrapped past the last layer (no
+    # division: this runs for every entry of a ranking over all the layers ahead)
+    k = (layer + 1) * E + x if flat else (layer + d + 1) * E + x
+    while k >= L * E:  # a lookahead may run past the next step's last layer too
+        k -= L * E
+    return k
 
 
 @njit(cache=True, nogil=True)
@@ -534,9 +561,10 @@ def _grow_int(rows, n):
 def _issue(copies, n, ck, ready, pf_slot, slot, prefetch, copy_ms, serial, layer, expert, nbytes):
     """SimBackend.load with its profiler row: queue the copy of (layer, expert) into `slot`. Returns the rows
     (grown when full) and their count."""
+    start = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial)
     if n == len(copies):
         copies = _grow(copies, n)
-    copies[n, 3] = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial)
+    copies[n, 3] = start
     copies[n, 0] = layer
     copies[n, 1] = expert
     copies[n, 2] = nbytes
@@ -547,11 +575,22 @@ def _issue(copies, n, ck, ready, pf_slot, slot, prefetch, copy_ms, serial, layer
 
 
 @njit(**HOT)
-def _compute_row(computes, n, layer, start, end, stall, host):
+def _computed(computes, n, layer, start, end, stall, host, agg):
+    """The profiler's row of a computed layer part (room made by the caller), or with `agg` its sums (see
+    run_sim). Returns the parts so far."""
+    if len(agg):
+        if host:
+            agg[AGG_HOST] += end - start
+        else:
+            agg[AGG_STALL] += stall
+            agg[AGG_DEVICE] += end - start
+            agg[AGG + layer] += stall
+        return n + 1
     computes[n, 0] = layer
     computes[n, 1] = start
     computes[n, 2] = end
     computes[n, 3] = stall
     computes[n, 4] = host
+    return n + 1
 
 

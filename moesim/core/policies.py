@@ -278,11 +278,11 @@ def _aa_leave(I, prm, kid):
 def _visit_victim(I, prm, p, off, mark, pos):
     """strategies/visit_count.py VisitCount.victim: among unpinned residents of layers before the running one,
     the most visited (K2), ties to the lower key; -1 if none."""
-    layer = pos % prm.L
+    before = (pos % prm.L) * prm.E  # keys of earlier layers are below it (no division in the scan)
     best = -1
     for i in range(I[SIZE, p]):
         x = I[MEMBERS, off + i]
-        if I[PIN, x] != mark and x // prm.E < layer and (
+        if x < before and I[PIN, x] != mark and (
                 best < 0 or I[K2, x] > I[K2, best] or (I[K2, x] == I[K2, best] and x < best)):
             best = x
     return best
