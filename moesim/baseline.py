@@ -46,8 +46,8 @@ PROJECT_STRATEGIES = ["all"]
 PROJECT = {
     # the default synthetic trace (fitted to gpt-oss-20b): its first 2 sequences, 483 decode tokens
     "synthetic": {"trace": "gpt-oss-like", "sequences": 2, "strategies": PROJECT_STRATEGIES},
-    # the real gpt-oss-20b trace: its first 600 decode tokens, the first file (511) and 89 of the second
-    "gpt-oss-20b": {"trace": "../shared/traces/gpt-oss-20b", "tokens": 600, "strategies": PROJECT_STRATEGIES},
+    # the real gpt-oss-20b trace shipped in traces/: its first 600 decode tokens, the first file (511) and 89 of the second
+    "gpt-oss-20b": {"trace": "gpt-oss-20b", "tokens": 600, "strategies": PROJECT_STRATEGIES},
 }
 PROJECT_DIR = Path("tests") / "baseline"  # relative to the repository root (the working directory)
 _SUBSET_KEYS = ("tokens", "sequences")

@@ -2,7 +2,7 @@
 `compare_backends` replays one trace through the same strategy and budget on both backends and returns both
 runs' numbers with the sim's relative errors (the decisions, hits and bytes, must be identical).
 
-    python -m moesim calibrate check=../shared/traces/gpt-oss-20b check_tokens=150 scale=0.125   # from the CLI
+    python -m moesim calibrate check=gpt-oss-20b check_tokens=150 scale=0.125   # from the CLI
     pytest tests/test_fidelity.py -q                                  # a tolerant bound on a small trace
     pytest tests/bench/test_bench_fidelity.py --benchmark-enable -s  # the errors docs/fidelity.md reports
 

@@ -20,7 +20,8 @@ What it does, in order:
   4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
      reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
      report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
-Trace: `trace=` (any trace moesim reads), else the synthetic preset fitted to the model (moesim/synthetic.py).
+Trace: `trace=` (any trace moesim reads), else the real trace shipped for the model (trace=gpt-oss-20b,
+traces/README.md), else the synthetic preset fitted to it (moesim/synthetic.py).
 """
 from __future__ import annotations
 
@@ -104,8 +105,13 @@ def default_strategies() -> list[str]:
 
 
 def default_trace(model: str) -> str:
-    """The synthetic preset fitted to `model` (the first one named for it, batch-1 first)."""
+    """The real trace shipped for `model` (traces/, moesim.importers.SHIPPED), else the synthetic preset fitted to
+    it (the first one named for it, batch-1 first)."""
+    from .importers import SHIPPED, SHIPPED_DIR
     from .synthetic import PRESETS
+
+    if model in SHIPPED and (SHIPPED_DIR / SHIPPED[model][0]).is_file():
+        return model
 
     names = [n for n, (_, m) in PRESETS.items() if m == model]
     if not names:

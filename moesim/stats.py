@@ -1,7 +1,7 @@
 """Routing statistics of a trace: skew, entropy, token-to-token reuse, reuse distance, layer co-activation.
 
     python -m moesim stats trace=gpt-oss-like              # a table, one row per MoE layer
-    python -m moesim stats trace=../shared/traces/gpt-oss-20b json=true
+    python -m moesim stats trace=gpt-oss-20b json=true
 
 `trace` is anything `moesim.importers.open_trace` accepts: a `.moetrace.safetensors` file, a foreign
 trace (converted once and cached) or a synthetic preset name (moesim/synthetic.py).

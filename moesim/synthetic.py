@@ -89,7 +89,7 @@ class SyntheticConfig:
 
 
 # ------------------------------------------------------------------------------------------------ presets
-# gpt-oss-20b routing, fitted to the 532 real files of ../shared/traces/gpt-oss-20b (155,103 decode tokens)
+# gpt-oss-20b routing, fitted to the 532 real files of trace=gpt-oss-20b (traces/README.md; 155,103 decode tokens)
 # as `moesim stats` measures them, by a search run once (not kept). Stage 1 fitted one value per knob by
 # Nelder-Mead on the layer means (rank 3; rank 2 fitted as well, ranks 4, 6 and 8 worse); stage 2 fitted skew, topic, reuse and layer_corr per layer by damped
 # fixed-point updates on the per-layer hottest share, within-sequence-shuffled overlap (the sequence-level

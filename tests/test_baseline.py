@@ -5,7 +5,7 @@
 
 Every built-in strategy (moesim/conf/strategy/*.yaml, read now: a new one shows as a new cell) at 12.5%, 25%
 and 50% on the first 483 tokens of the synthetic gpt-oss-like trace and the first 600 tokens of the real
-gpt-oss-20b trace (skipped where ../shared/traces is absent). Counts must be equal, simulated times within a
+gpt-oss-20b trace shipped in traces/. Counts must be equal, simulated times within a
 relative 1e-9; a failure prints a table of every difference. The other tests hold the comparison and the
 `python -m moesim.baseline` command to what docs/ci.md promises.
 """

@@ -531,3 +531,49 @@ def test_import_command_errors_are_one_line(tmp_path, capsys, args, words):
     assert out == "" and err.startswith("moesim: error: ") and err.count("\n") == 1
     for w in words:
         assert w in err
+
+
+# ------------------------------------------------------------------------------------ the shipped trace
+def test_shipped_trace_names_its_origin_not_a_local_folder(real_trace):
+    """trace=gpt-oss-20b: the trace in traces/, unpacked once; its metadata cites the source repository."""
+    from moesim.importers import SHIPPED
+
+    assert real_trace.path.name.startswith("gpt-oss-20b-" + SHIPPED["gpt-oss-20b"][1][:16])
+    assert real_trace.source["root"].startswith("AmanPriyanshu/GPT-OSS-MoE-ExpertFingerprinting@72b368f6")
+    assert "shared" not in json.dumps(real_trace.source) and "/work" not in json.dumps(real_trace.source)
+    assert real_trace.n_tokens == 155_103 and real_trace.n_seqs == 532
+
+
+def test_compressed_traces_unpack_once_and_damage_is_one_clear_error(tmp_path, monkeypatch):
+    """A .moetrace.safetensors.xz is unpacked into the cache once; a truncated one, one that unpacks past the
+    cap, or a shipped one whose sha256 differs is refused with the file named, and nothing is left behind."""
+    import hashlib
+
+    from moesim.synthetic import preset_trace
+
+    tr = preset_trace("gpt-oss-like").slice_tokens(0, 50)
+    raw = save_trace(tr, tmp_path / "t.moetrace.safetensors").read_bytes()
+    packed = tmp_path / "t.moetrace.safetensors.xz"
+    packed.write_bytes(lzma.compress(raw))
+    cache = tmp_path / "cache"
+    got = open_trace(packed, cache_dir=cache)
+    np.testing.assert_array_equal(got.experts, tr.experts)
+    assert [p.name for p in cache.iterdir()] == [got.path.name]
+    assert open_trace(packed, cache_dir=cache).path == got.path  # opened, not unpacked again
+
+    cut = tmp_path / "cut.moetrace.safetensors.xz"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(MoesimError, match=r"cut\.moetrace\.safetensors\.xz: not a complete xz file"):
+        open_trace(cut, cache_dir=tmp_path / "c2")
+    monkeypatch.setattr(importers, "UNPACK_MAX", len(raw) // 2)
+    with pytest.raises(MoesimError, match="unpacks to more than"):
+        open_trace(packed, cache_dir=tmp_path / "c3")
+    monkeypatch.setattr(importers, "UNPACK_MAX", 2**30)
+    monkeypatch.setattr(importers, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(importers, "SHIPPED", {"tiny": (packed.name, "0" * 64)})
+    with pytest.raises(MoesimError, match="sha256 is .* not the shipped 0000"):
+        open_trace("tiny", cache_dir=tmp_path / "c4")
+    monkeypatch.setattr(importers, "SHIPPED", {"tiny": (packed.name, hashlib.sha256(raw).hexdigest())})
+    assert open_trace("tiny", cache_dir=tmp_path / "c5").n_tokens == 50
+    for folder in ("c2", "c3", "c4"):
+        assert not (tmp_path / folder).exists() or not any((tmp_path / folder).iterdir())

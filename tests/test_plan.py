@@ -143,3 +143,10 @@ def test_a_preset_that_is_another_s_configuration_replays_once(small):
     from moesim.plan import default_strategies
 
     assert "layer_offload" not in default_strategies() and "mixtral_offloading" in default_strategies()
+
+
+def test_the_default_trace_is_the_shipped_real_one_where_there_is_one():
+    from moesim.plan import default_trace
+
+    assert default_trace("gpt-oss-20b") == "gpt-oss-20b"  # traces/gpt-oss-20b.moetrace.safetensors.xz
+    assert default_trace("mixtral-8x7b") in PRESETS

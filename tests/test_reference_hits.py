@@ -157,9 +157,9 @@ def test_libcachesim_belady_is_a_relaxation_of_ours(real_trace, per_layer):
 if __name__ == "__main__":  # the numbers of docs/policies.md
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from moesim.importers import open_trace
-    from tests.conftest import TRACE_CACHE, require_shared_traces
+    from tests.conftest import TRACE_CACHE
 
-    trace = open_trace(require_shared_traces(), cache_dir=TRACE_CACHE)
+    trace = open_trace("gpt-oss-20b", cache_dir=TRACE_CACHE)
     print(trace.describe())
     print(f"{'slots/layer':>11} {'policy':>7} {'ours':>8} {'reference':>9} {'libCacheSim':>11}")
     for per_layer in sorted(REFERENCE):

@@ -170,7 +170,7 @@ def test_table_has_a_row_per_layer_and_a_mean_row():
 
 # ---------------------------------------------------------------------------------------- real trace
 def test_real_trace_agrees_with_the_readme(real_trace):
-    """../shared/traces/README.md: 155,103 tokens, 532 sequences; per layer the hottest expert takes 0.25-0.50
+    """traces/README.md (and the source folder's): 155,103 tokens, 532 sequences; per layer the hottest expert takes 0.25-0.50
     of tokens; consecutive tokens share 0.75-2.33 experts per layer, 1.72 on average (two decimals)."""
     s = trace_stats(real_trace)
     assert s["tokens"] == 155_103 and s["sequences"] == 532 and s["steps"] == 155_103

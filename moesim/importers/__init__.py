@@ -1,6 +1,6 @@
 """Foreign trace formats -> Trace, and what a `trace=` option accepts.
 
-    python -m moesim import src=../shared/traces/gpt-oss-20b out=traces/gpt-oss-20b.moetrace.safetensors
+    python -m moesim import src=DIR out=traces/mine.moetrace.safetensors     # e.g. a folder of gpt-oss-fingerprint JSON
     python -m moesim import src=routing.jsonl format=jsonl jsonl.model=mixtral-8x7b
 
 One module per format (gpt_oss.py, jsonl.py), each with `IMPORTER` (its name), `DEFAULTS` (options of read()),
@@ -26,6 +26,12 @@ from . import gpt_oss, jsonl
 FORMATS = {gpt_oss.IMPORTER: gpt_oss, jsonl.IMPORTER: jsonl}
 CACHE_ENV = "MOESIM_TRACE_CACHE"
 CACHE_VERSION = "1"  # bump when an importer's output changes, so stale cached conversions are not reused
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "traces"  # the repository's traces/ (a clone has it)
+# real traces shipped in the repository, by `trace=` name: (file under traces/, sha256 of the unpacked trace);
+# traces/README.md says where each comes from, scripts/ship_trace.py makes them
+SHIPPED = {"gpt-oss-20b": ("gpt-oss-20b" + SUFFIX + ".xz",
+                           "7b5c4f96e18d16ed2c981cdffa7e922b209a80253a585ecd6994f92d31d60274")}
+UNPACK_MAX = 4 * 2**30  # bytes a compressed trace may unpack to: more is refused, not written
 
 
 def detect_format(path: str | Path, **options) -> str:
@@ -103,7 +109,23 @@ def open_trace(value: str | os.PathLike, cache_dir: Path | None = None, fmt: str
     text = str(value)
     if text.endswith(SUFFIX):
         return load_trace(text)
+    cache = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    if text.endswith(SUFFIX + ".xz"):  # moesim's format, compressed: unpacked once into the cache
+        path = Path(text)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise MoesimError(f"trace={text}: {e.strerror}") from None
+        key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        return _unpacked(path, cache / f"{path.name[:-len(SUFFIX) - 3]}-{key}{SUFFIX}")
     path = Path(text)
+    if not path.exists() and text in SHIPPED:
+        name, digest = SHIPPED[text]
+        src = SHIPPED_DIR / name
+        if not src.is_file():
+            raise MoesimError(f"trace={text}: the shipped trace {src} is missing; it comes with a clone of the moesim "
+                              f"repository (git clone, not a package install); or give trace=PATH")
+        return _unpacked(src, cache / f"{text}-{digest[:16]}{SUFFIX}", digest)
     if path.exists():
         if fmt == "auto":
             fmt = detect_format(path, **options)
@@ -125,6 +147,41 @@ def open_trace(value: str | os.PathLike, cache_dir: Path | None = None, fmt: str
     known = ", ".join(presets) if presets else "none (moesim.synthetic is not available)"
     raise MoesimError(f"trace={text!r}: not found. trace= takes a {SUFFIX} file, a file or directory in a "
                       f"foreign format ({_formats_help()}), or a synthetic preset; presets: {known}")
+
+
+def _unpacked(src: Path, dst: Path, digest: str | None = None) -> Trace:
+    """The .moetrace.safetensors.xz `src` unpacked to `dst` (once: a later call opens `dst`), streamed in
+    bounded memory, at most UNPACK_MAX bytes, checked against `digest` (sha256) where given, written atomically."""
+    import lzma
+
+    if not dst.is_file():
+        print(f"moesim: unpacking {src} once; cached as {dst}", file=sys.stderr)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
+        h, n = hashlib.sha256(), 0
+        try:
+            with open(src, "rb") as f, open(tmp, "wb") as out:
+                d = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+                while not d.eof:
+                    chunk = d.decompress(b"", 2**22) if not d.needs_input else d.decompress(f.read(2**20), 2**22)
+                    if not chunk and d.needs_input and f.peek(1) == b"":
+                        raise EOFError("the compressed data ends early")
+                    n += len(chunk)
+                    if n > UNPACK_MAX:
+                        raise MoesimError(f"{src}: unpacks to more than {UNPACK_MAX / 2**30:.0f} GiB; refused")
+                    h.update(chunk)
+                    out.write(chunk)
+            if digest is not None and h.hexdigest() != digest:
+                raise MoesimError(f"{src}: unpacked, its sha256 is {h.hexdigest()}, not the shipped {digest}: the "
+                                  f"file is damaged or changed (git checkout -- {src.name} restores it)")
+            os.replace(tmp, dst)
+        except (lzma.LZMAError, EOFError) as e:
+            raise MoesimError(f"{src}: not a complete xz file ({e})") from None
+        except OSError as e:
+            raise MoesimError(f"{src}: cannot unpack to {dst} ({e.strerror})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return load_trace(dst)
 
 
 OPENED_MAX = 8  # traces open_trace_cached keeps (memory-mapped: little resident memory each)

@@ -1,6 +1,6 @@
 """Importer for the gpt-oss-20b routing files of AmanPriyanshu/GPT-OSS-MoE-ExpertFingerprinting.
 
-    python -m moesim import src=../shared/traces/gpt-oss-20b out=traces/gpt-oss-20b.moetrace.safetensors
+    python -m moesim import src=DIR out=traces/mine.moetrace.safetensors     # e.g. a folder of gpt-oss-fingerprint JSON
 
 One file (`.json`, `.json.xz` or `.json.gz`) is one JSON object for one prompt: `has_repetition` (bool) and
 `router_data`, a list in decode order of `{"token_<position>": {"layer_0": {...}, ..., "layer_23": {...}}}`,

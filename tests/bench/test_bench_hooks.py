@@ -7,7 +7,7 @@ cache-only through `moesim.engine.hit_counts`, against a plain OrderedDict LRU l
 `UserLRU` below is what a user writes against the CachePolicy protocol (cachetools style, as strategies/lru.py);
 `plain_lru` is an OrderedDict per layer with the same decisions inline and no driver at all (the test checks
 that both count the same hits). The traces: the whole real gpt-oss-20b trace (155,103 tokens x 24 layers,
-top-4; skipped where ../shared/traces is absent) and the synthetic gpt-oss-like preset (29,664 tokens), both at
+top-4; shipped in traces/) and the synthetic gpt-oss-like preset (29,664 tokens), both at
 25% (8 slots per layer). Issue 12's goal: the user policy's whole run at most 3x the plain loop's time.
 The ratio asserted is the reference's time / ours (higher is faster, as in the other files here), the best of
 ROUNDS interleaved rounds timed with time.perf_counter, so the floor holds in plain `pytest` too
@@ -90,7 +90,7 @@ def plain_lru(requests: list[list[int]], n_layers: int, slots: int) -> int:
 @pytest.fixture(scope="module", params=["gpt-oss-20b", "gpt-oss-like"])
 def trace(request):
     if request.param == "gpt-oss-20b":
-        return request.getfixturevalue("real_trace")  # skips where ../shared/traces is absent
+        return request.getfixturevalue("real_trace")  # the shipped trace (traces/)
     from moesim.importers import open_trace
 
     return open_trace("gpt-oss-like")

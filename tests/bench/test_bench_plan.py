@@ -8,11 +8,9 @@ machine), with the command's default of two replays at once (jobs=2). A minute-l
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "traces" / "gpt-oss-20b"
 GOAL_S = 60.0
 
 
@@ -22,14 +20,9 @@ def test_bench_plan_every_strategy_eight_sizes(benchmark, case):
         pytest.skip("a minutes-long benchmark: run with --benchmark-enable")
     import moesim
 
-    trace = None
-    if case == "real":
-        if not REAL.is_dir():
-            pytest.skip(f"{REAL} is absent")
-        trace = moesim.load_trace(REAL)
+    trace = moesim.load_trace("gpt-oss-20b" if case == "real" else "gpt-oss-like")  # real: plan's default
     t0 = time.perf_counter()
-    p = benchmark.pedantic(lambda: moesim.plan(model="gpt-oss-20b", hardware="rtx-4090", trace=trace, sizes=8,
-                                                                   jobs=2),
+    p = benchmark.pedantic(lambda: moesim.plan(model="gpt-oss-20b", hardware="rtx-4090", trace=trace, sizes=8, jobs=2),
                            rounds=1, iterations=1)
     seconds = time.perf_counter() - t0
     replays = len(p.rows)

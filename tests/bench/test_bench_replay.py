@@ -3,8 +3,8 @@ against the plain-Python loop, measured side by side in one run (ratios, not abs
 
     python -m pytest tests/bench --benchmark-enable            # add -s to see the rates printed
 
-The trace is the whole real gpt-oss-20b trace (all 532 files, 155k tokens x 24 layers x top-4) where
-../shared/traces is present, else a synthetic trace of the same shape (gpt-oss-like, 532 sequences). The
+The trace is the whole real gpt-oss-20b trace shipped in traces/ (all 532 files, 155k tokens x 24 layers x
+top-4). The
 budget is 25% of the experts: 8 slots per layer, per_layer scope. The slow Python reference replays a fixed
 prefix (REFERENCE_TOKENS); rates (requests or layer-steps per second) are compared.
 
@@ -34,16 +34,9 @@ TIMED_GOAL = 1e6  # layer-steps/s of the compiled loop on the whole trace, every
 
 
 @pytest.fixture(scope="session")
-def bench_trace(request):
-    """The real trace if present, else a synthetic one of the same shape; encoded once for the fast path."""
-    try:
-        trace = request.getfixturevalue("real_trace")
-    except pytest.skip.Exception:
-        from moesim.synthetic import GPT_OSS_FIT, SyntheticConfig, generate
-        from moesim.trace import model_spec
-
-        trace = generate(SyntheticConfig(seed=0, sequences=532, decode_tokens=(32, 512), **GPT_OSS_FIT),
-                         model_spec("gpt-oss-20b"))
+def bench_trace(real_trace):
+    """The shipped real trace, encoded once for the fast path."""
+    trace = real_trace
     t0 = time.perf_counter()
     core.encode(trace)
     trace._bench_encode_s = time.perf_counter() - t0
