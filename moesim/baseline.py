@@ -171,7 +171,7 @@ def make_baseline(trace_value: str, strategies="all", budgets=BUDGETS, overrides
                   sequences: int | None = None, trace=None, progress: bool = True) -> dict:
     """The baseline of a grid: `trace_value` as `trace=` takes it (or the Trace `trace`, already open), cut
     to `tokens` / `sequences`, every strategy x budget, `overrides` (run options) applied to every cell."""
-    from tqdm import tqdm
+    from .progress import progress as show
 
     from .importers import open_trace
     from .trace import save_trace
@@ -187,8 +187,7 @@ def make_baseline(trace_value: str, strategies="all", budgets=BUDGETS, overrides
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="moesim-baseline-") as tmp:
         path = str(save_trace(part, Path(tmp) / "subset.moetrace.safetensors"))  # what `run` opens
-        bar = tqdm(total=len(names) * len(budgets), desc="baseline", unit="cell", file=sys.stderr,
-                   disable=None if progress else True)
+        bar = show(total=len(names) * len(budgets), desc="baseline", unit="cell", enabled=progress)
         for entry in names:
             name, *options = entry.split()
             cfg = compose_strategy(name, path, overrides + options)

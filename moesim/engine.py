@@ -28,7 +28,6 @@ plain OrderedDict loop over the same requests (tests/bench/test_bench_hooks.py).
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import numpy as np
@@ -181,10 +180,9 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
     if getattr(route, "__func__", None) is Backend.route:  # the base's no-op (sim): no trace slices per step
         route = None
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as bar
 
-        steps = tqdm(steps, total=trace.n_steps, unit="step", desc="replay", file=sys.stderr,
-                     disable=None, mininterval=0.5)
+        steps = bar(steps, total=trace.n_steps, unit="step", desc="replay")
     caps = [cache.capacity_of(layer) for layer in range(L)]
     begin_layer = getattr(backend, "begin_layer", None)  # a backend written before it may lack it
     for s, start, n_tokens, keys_of, counts_of in steps:
@@ -426,10 +424,9 @@ def play(trace: Trace, backend, script, progress: bool = False) -> None:
     c = v = r = 0  # next copy, wave, served row
     step_ends = enumerate(script.step_waves.tolist())
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as bar
 
-        step_ends = tqdm(step_ends, total=trace.n_steps, unit="step", desc="replay", file=sys.stderr, disable=None,
-                         mininterval=0.5)
+        step_ends = bar(step_ends, total=trace.n_steps, unit="step", desc="replay")
     for s, end in step_ends:
         lo, hi = int(starts[s]), int(starts[s + 1])
         backend.begin_step(s, hi - lo)

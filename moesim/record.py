@@ -345,7 +345,7 @@ def record(model, prompts: list[list[int]], out: str | os.PathLike, *, name: str
     Generation stops at `model.generation_config.eos_token_id`. Finished batches go to `<out>.partial/`;
     a rerun with the same model, prompts, arguments and `fingerprint` resumes after them."""
     import transformers
-    from tqdm import tqdm
+    from .progress import progress as show
 
     if max_new_tokens < 1:
         raise MoesimError(f"max_new_tokens={max_new_tokens}: expected an integer >= 1")
@@ -376,8 +376,7 @@ def record(model, prompts: list[list[int]], out: str | os.PathLike, *, name: str
 
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     parts: list[dict] = []
-    bar = tqdm(total=len(prompts), unit="prompt", desc="record", file=sys.stderr,
-               disable=None if progress else True)
+    bar = show(total=len(prompts), unit="prompt", desc="record", enabled=progress)
     with bar, RouterHooks(model, adapter, predict) as hooks:
         for index, batch in enumerate(batches):
             path = partial_dir / f"batch-{index:06d}.safetensors"

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..errors import TraceError
 from ..models import MODEL_SPECS
+from ..progress import progress
 from ..trace import DECODE, Trace, validate_arrays
 
 IMPORTER = "gpt-oss-fingerprint"
@@ -236,7 +237,7 @@ def read(src: str | Path, exclude_repetition: bool = False) -> Trace:
     out = _Buffer()
     paths, reps, skipped = [], [], []
     n_read = n_rep = 0
-    for rel, path in tqdm(files, desc=IMPORTER, unit="file", file=sys.stderr, disable=None):
+    for rel, path in progress(files, desc=IMPORTER, unit="file"):
         try:
             raw = read_bytes(path)
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:

@@ -26,15 +26,13 @@ Any line that breaks these rules raises TraceError naming file:line and the fiel
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import orjson
-from tqdm import tqdm
-
 from ..errors import TraceError
 from ..models import MODEL_SPECS, ModelSpec, model_spec
+from ..progress import progress
 from ..trace import DECODE, PREFILL, Trace, validate_arrays
 from .gpt_oss import open_stream
 
@@ -83,7 +81,7 @@ def read(src: str | Path, model: str | dict | ModelSpec | None = None, seq: str 
     has_step = None  # decided by the first line
     max_layer, max_k, max_id = -1, 0, -1
     with open_stream(path) as f:
-        for lineno, line in enumerate(tqdm(f, desc=IMPORTER, unit=" lines", file=sys.stderr, disable=None), 1):
+        for lineno, line in enumerate(progress(f, desc=IMPORTER, unit=" lines"), 1):
             if not line.strip():
                 continue
             at = f"{path}:{lineno}"

@@ -34,7 +34,6 @@ decoded weight lies within about [-bound, bound] (finite: no NaN fp8 codes, no E
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -309,9 +308,9 @@ def fill_experts(pools: list, codec: ExpertCodec, seed: int, bound: float, desc:
     chunk = max(1, (256 * MiB) // max(1, codec.nbytes))
     bar = None
     if desc and total * codec.nbytes > GiB:
-        from tqdm import tqdm
+        from ...progress import progress
 
-        bar = tqdm(total=total, unit="expert", desc=desc, file=sys.stderr, disable=None, mininterval=0.5)
+        bar = progress(total=total, unit="expert", desc=desc)
     for pool in pools:
         if pool.shape[1] != codec.nbytes:
             raise MoesimError(f"internal: a pool of {pool.shape[1]}-byte rows for {codec.nbytes}-byte experts")
