@@ -1,4 +1,4 @@
-"""The reports in a real browser: headless Chromium opens a run report and a comparison report from disk;
+"""The reports in a real browser: headless Chromium opens a run, a comparison (sweep) and a plan report from disk;
 every figure must decode, the console must stay silent, the page must fit a 1280-px laptop screen without
 sideways scrolling, and the screenshot must not be blank.
 
@@ -35,6 +35,7 @@ PROBE = """<script>window.addEventListener("load", () => {
   b.images = imgs.length;
   b.imagesOk = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   b.scrollWidth = document.documentElement.scrollWidth;
+  b.innerScroll = Math.max(0, ...[...document.querySelectorAll(".scroll")].map(e => e.scrollWidth - e.clientWidth));
 });</script>"""
 _profiles = itertools.count()
 
@@ -58,15 +59,31 @@ def reports(tmp_path_factory):
     trace = tiny_trace(tmp / "tiny.moetrace.safetensors", source={"licence": "CC0-1.0"})
     a = do_run(trace, tmp / "lru", "strategy=lru").out_dir
     b = do_run(trace, tmp / "belady", "strategy=belady", "budget=12.5%").out_dir
-    return {"run": build_run_report(a), "comparison": build_comparison_report([a, b], tmp / "comparison.html")}
+    # a sweep of many strategies at one budget (as a user's first sweep): 12 series, one budget, a wide table
+    many = [do_run(trace, tmp / f"budget=25%,strategy={name}", f"strategy={name}").out_dir
+            for name in ("lru", "lfu", "fifo", "lfru", "class_lru", "static", "activation_aware", "visit_count",
+                         "belady", "llama_cpp_moe_cache", "vllm_lfru", "mixtral_offloading")]
+    import moesim
+    from moesim.plan import write as write_plan
+    from moesim.synthetic import preset_trace
+    from moesim.trace import save_trace
+
+    small = save_trace(preset_trace("gpt-oss-like").slice_tokens(0, 300), tmp / "plan.moetrace.safetensors")
+    planned = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=3, strategies=["lru", "fiddler"])
+    return {"run": build_run_report(a), "comparison": build_comparison_report([a, b], tmp / "comparison.html"),
+            "sweep": build_comparison_report(many, tmp / "sweep.html", root=tmp),
+            "plan": write_plan(planned, tmp / "plan")}
 
 
-@pytest.mark.parametrize("kind", ["run", "comparison"])
-def test_report_renders_in_chromium(reports, tmp_path, kind):
+@pytest.mark.parametrize("kind, figures, ink_share", [("run", 3, 0.05), ("comparison", 3, 0.05), ("sweep", 3, 0.05),
+                                                      ("plan", 1, 0.015)])  # plan: one figure, a shorter page
+def test_report_renders_in_chromium(reports, tmp_path, kind, figures, ink_share):
+    """The run, sweep (comparison) and plan reports: their figures decode, no console errors, no sideways
+    scrolling, a screenshot with content."""
     report = reports[kind]
     html = report.read_text()
     n_images = html.count("<img ")
-    assert n_images >= 3
+    assert n_images >= figures
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", PROBE + "\n</body>"))
     dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
@@ -74,6 +91,7 @@ def test_report_renders_in_chromium(reports, tmp_path, kind):
     facts = dict(re.findall(r'data-([a-z-]+)="(\d+)"', re.search(r"<body[^>]*>", dom.stdout).group(0)))
     assert facts["images"] == str(n_images) and facts["images-ok"] == str(n_images), facts
     assert int(facts["scroll-width"]) <= 1280, facts  # no sideways scrolling on a laptop screen
+    assert int(facts["inner-scroll"]) == 0, facts  # nor inside a table's box
     assert console_messages(dom.stderr) == []
 
     shot = tmp_path / "shot.png"
@@ -87,7 +105,7 @@ def test_report_renders_in_chromium(reports, tmp_path, kind):
     ink = (pixels < 0.9).any(axis=2).mean()  # share of pixels that are not (near) white
     rgb = (pixels * 255).astype(np.uint32).reshape(-1, 3)
     colours = len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
-    assert ink > 0.05 and colours > 100, (ink, colours)
+    assert ink > ink_share and colours > 100, (ink, colours)
 
 
 def test_console_errors_and_broken_images_are_caught(tmp_path):

@@ -239,7 +239,7 @@ def test_report_mistakes_name_the_directory(grid, tmp_path, capsys):
         build_report([tmp_path / "nope"])
     with pytest.raises(MoesimError, match="name at least one"):
         report_command([])
-    with pytest.raises(MoesimError, match="bad option"):
+    with pytest.raises(MoesimError, match="unknown option 'colour'"):
         report_command([str(grid), "colour=blue"])
     half = tmp_path / "root" / "budget=50%,strategy=lru"
     shutil.copytree(grid / "budget=25%,strategy=lru", half)
@@ -266,3 +266,34 @@ def test_version_info_names_this_checkout():
         assert info["commit"] == head.stdout.strip()
     else:
         assert info["commit"] == "unknown"
+
+
+def test_latency_bins_follow_the_quantum_and_styles_do_not_repeat():
+    """Step latencies come in quanta: every bin spans whole quanta, edges between values (no comb of bins that
+    catch one more value than their neighbours); continuous data gets even bins. Thirty series, thirty looks."""
+    from moesim.report.plots import _style, latency_bins
+
+    q = 0.7
+    lat = 3.0 + q * np.random.default_rng(0).integers(0, 400, 5000)
+    edges = latency_bins(lat)
+    widths = np.diff(edges)
+    assert len(edges) <= 61 and np.allclose(widths, widths[0]) and np.isclose(widths[0] / q, round(widths[0] / q))
+    counts, _ = np.histogram(lat, edges)
+    per_bin = np.histogram(np.unique(lat), edges)[0]
+    assert len(set(per_bin[:-1])) == 1 and per_bin[-1] <= per_bin[0]  # the same number of quanta in each (last: the rest)
+    assert counts.sum() == len(lat)
+    assert len(latency_bins(np.random.default_rng(1).normal(10, 1, 1000))) == 61
+    looks = {(tuple(_style(i)["color"]), _style(i)["marker"]) for i in range(30)}
+    assert len(looks) == 30 and len({tuple(_style(i)["color"]) for i in range(20)}) == 20
+
+
+def test_one_budget_comparison_ranks_hit_rates_instead_of_a_column_of_dots(monkeypatch):
+    from moesim.report import plots
+
+    table = pd.DataFrame({"label": ["lru", "lfu", "belady"], "other_settings": ["", "", ""], "bound": [False, False, True],
+                          "budget": ["25%"] * 3, "budget_slots": [192] * 3, "hit_rate": [0.6, 0.5, 0.8]})
+    seen = []
+    monkeypatch.setattr(plots, "_ranked_hit_rates", lambda data: seen.append(list(data["label"])) or "ranked")
+    assert plots.hit_rate_vs_budget(table) == "ranked" and seen == [["lru", "lfu", "belady"]]
+    two = pd.concat([table, table.assign(budget="50%", budget_slots=384)])
+    assert plots.hit_rate_vs_budget(two).startswith("data:image/png;base64,")

@@ -19,6 +19,16 @@ STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "
          "grid.alpha": 0.3, "text.parse_math": False, "legend.frameon": False, "svg.fonttype": "path"}
 BOUND_COLOR = "#222222"
 FRONT_COLOR = "#d62728"
+MARKERS = "osD^v<>ph"  # with tab20's 20 colours: 180 strategies before a colour and marker pair repeats
+
+
+def _style(i: int) -> dict:
+    """Colour and marker of the i-th series: every strategy of a comparison looks different (tab10 repeated its
+    colours after ten)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    return {"color": colours[(i * 2) % 20 if i < 10 else (i * 2 + 1) % 20], "marker": MARKERS[(i // 20 + i) % 9]}
 
 
 @contextmanager
@@ -53,7 +63,7 @@ def latency_distribution(steps: pd.DataFrame, latency: dict) -> str:
         lat = steps["latency_ms"].to_numpy(float)
         n_tok = steps["n_tokens"].to_numpy(float)
         if len(lat) and n_tok.sum() > 0:
-            ax.hist(lat, bins=min(60, max(10, len(lat) // 20)), weights=n_tok, color="#4c72b0")
+            ax.hist(lat, bins=latency_bins(lat), weights=n_tok, color="#4c72b0")
             for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
                 if latency.get(q) is not None:
                     ax.axvline(latency[q], color="#222222", linestyle=style, linewidth=1,
@@ -65,6 +75,23 @@ def latency_distribution(steps: pd.DataFrame, latency: dict) -> str:
             _empty(ax, "no steps")
         ax.set_title("per-token latency")
         return _png(fig)
+
+
+def latency_bins(lat: np.ndarray, most: int = 60) -> np.ndarray:
+    """Bin edges for step latencies, which come in quanta (a step's time is its compute plus whole copies): each
+    bin spans a whole number of the smallest gap between distinct latencies, with the edges half a gap off the
+    values, so that no bin catches one more quantum than its neighbour (the comb of evenly spaced edges); at most `most`
+    bins."""
+    u = np.unique(np.round(lat, 6))
+    if len(u) < 2:
+        return np.array([u[0] - 0.5, u[0] + 0.5]) if len(u) else np.array([0.0, 1.0])
+    span = u[-1] - u[0]
+    gaps = np.diff(u)
+    quantum = float(gaps.min())
+    if quantum < span / (100 * most):  # not quantised at this scale: even bins
+        return np.linspace(u[0], u[-1], most + 1)
+    width = quantum * max(1, int(np.ceil(span / (quantum * most))))
+    return np.arange(u[0] - quantum / 2, u[-1] + width, width)  # whole quanta in each bin from the first
 
 
 def layer_stall(layers: pd.DataFrame) -> str:
@@ -140,15 +167,19 @@ def _budget_ticks(ax, table: pd.DataFrame) -> None:
 
 
 def hit_rate_vs_budget(table: pd.DataFrame) -> str:
-    """Lines: hit rate against budget (slots), one per strategy; bounds (Belady) drawn dashed and dark."""
+    """Lines: hit rate against budget (slots), one per strategy; bounds (Belady) drawn dashed and dark. With one
+    budget, a line per strategy would be a column of dots: then the strategies ranked by hit rate, as bars."""
+    data = table[table["budget_slots"].notna() & table["hit_rate"].notna()]
+    if len(data) and data["budget_slots"].nunique() == 1:
+        return _ranked_hit_rates(data)
     with _figure(height=3.6, bottom=0.7) as fig:
         ax = fig.add_subplot()
-        data = table[table["budget_slots"].notna() & table["hit_rate"].notna()]
         if len(data):
-            for name, g in _series(data):
+            for i, (name, g) in enumerate(_series(data)):
                 bound = bool(g["bound"].iloc[0])
-                ax.plot(g["budget_slots"], g["hit_rate"], marker="o", markersize=4,
-                        linestyle="--" if bound else "-", color=BOUND_COLOR if bound else None,
+                style = _style(i)
+                ax.plot(g["budget_slots"], g["hit_rate"], marker=style["marker"], markersize=4,
+                        linestyle="--" if bound else "-", color=BOUND_COLOR if bound else style["color"],
                         linewidth=1.8 if bound else 1.4, label=f"{name} (bound)" if bound else name)
             _budget_ticks(ax, data)
             ax.set_xlabel("budget")
@@ -161,6 +192,27 @@ def hit_rate_vs_budget(table: pd.DataFrame) -> str:
         return _png(fig)
 
 
+def _ranked_hit_rates(data: pd.DataFrame) -> str:
+    """Horizontal bars: each run's hit rate at the one budget of the comparison, highest on top."""
+    rows = data.sort_values("hit_rate")
+    names = [f"{r.label}{' | ' + r.other_settings if r.other_settings else ''}{' (bound)' if r.bound else ''}"
+             for r in rows.itertuples()]
+    height = max(2.4, 0.7 + 0.24 * len(rows))
+    with _figure(height=height, bottom=0.45) as fig:
+        fig.subplots_adjust(left=min(0.45, (0.3 + 0.065 * max(map(len, names))) / WIDTH))
+        ax = fig.add_subplot()
+        colours = [BOUND_COLOR if b else "#4c72b0" for b in rows["bound"]]
+        ax.barh(range(len(rows)), rows["hit_rate"], color=colours, alpha=0.85)
+        for y, v in enumerate(rows["hit_rate"]):
+            ax.text(v + 0.01, y, f"{v:.3f}", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.set_xlim(0, 1.08)
+        ax.set_xlabel("hit rate")
+        b = rows.iloc[0]
+        ax.set_title(f"hit rate at {b['budget']} ({int(b['budget_slots'])} slots), ranked (dark: bound)")
+        return _png(fig)
+
+
 def speed_vs_memory(table: pd.DataFrame, front: np.ndarray) -> str:
     """Scatter: tokens/s against peak device memory; the Pareto front of deployable runs drawn as a line."""
     with _figure(height=3.8) as fig:
@@ -169,11 +221,14 @@ def speed_vs_memory(table: pd.DataFrame, front: np.ndarray) -> str:
         y = table["tokens_per_s"].to_numpy(float)
         ok = ~(np.isnan(x) | np.isnan(y))
         if ok.any():
-            for name, g in table[ok].groupby("label", sort=False):
+            for i, (name, g) in enumerate(table[ok].groupby("label", sort=False)):
                 bound = bool(g["bound"].iloc[0])
+                style = _style(i)
                 ax.scatter(g["peak_device_bytes"] / GIB, g["tokens_per_s"], s=28,
-                           label=name + (" (bound)" if bound else ""), facecolors="none" if bound else None,
-                           edgecolors=BOUND_COLOR if bound else None, marker="D" if bound else "o", zorder=3)
+                           label=name + (" (bound)" if bound else ""),
+                           facecolors="none" if bound else style["color"],
+                           edgecolors=BOUND_COLOR if bound else style["color"],
+                           marker="D" if bound else style["marker"], zorder=3)
             order = np.argsort(x[front])
             fx, fy = x[front][order], y[front][order]
             if len(fx):
@@ -202,7 +257,7 @@ def bytes_moved(table: pd.DataFrame) -> str:
                 pos = [groups.index(s) + (j - (len(series) - 1) / 2) * width for s in g["setting"]]
                 bound = bool(g["bound"].iloc[0])
                 ax.bar(pos, g["bytes_h2d"] / GIB, width=width * 0.95, label=name + (" (bound)" if bound else ""),
-                       color=BOUND_COLOR if bound else None, alpha=0.55 if bound else 1.0)
+                       color=BOUND_COLOR if bound else _style(j)["color"], alpha=0.55 if bound else 1.0)
             ax.set_xticks(range(len(groups)), [g or "all runs" for g in groups], fontsize=8,
                           rotation=20 if len(groups) > 4 else 0)
             ax.set_ylabel("host -> device (GiB)")
