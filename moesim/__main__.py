@@ -1,13 +1,15 @@
 """`python -m moesim <command> key=value ...`: the command line.
 
 The first word names the command; the rest are Hydra overrides of that command's config
-(`moesim/conf/<command>.yaml`). `python -m moesim`, `--help` or an unknown command lists the commands;
+(`moesim/conf/<command>.yaml`). `--help` lists the commands; `python -m moesim` alone or an unknown command
+lists them on stderr and exits with status 2;
 `python -m moesim <command> --help` shows that command's config. User mistakes print one line
 (`moesim: error: ...`) and exit with status 2; nothing is printed as a traceback.
 """
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 from .errors import MoesimError
@@ -25,6 +27,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
     "plan": ("moesim.plan:plan_command", "which strategy and how much VRAM for experts: every strategy x cache size, ranked"),
 }
+
+
+# optional dependencies -> how to install them (pyproject.toml's extras)
+EXTRAS = {
+    "torch": 'pip install -e ".[torch]" (with a GPU: your CUDA build of torch, https://pytorch.org)',
+    "transformers": 'pip install -e ".[record]"',
+    "hydra_plugins": 'pip install -e ".[sweep]"',
+}
+
+
+def install_hint(error: BaseException) -> str | None:
+    """How to install the optional module whose absence `error` (or its cause) reports, or None."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
+            return f"{error.name}, which is not installed: {EXTRAS[error.name.split('.')[0]]}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def usage() -> str:
@@ -50,7 +69,24 @@ def command_help(command: str) -> str:
         if f"{group}:" in text:
             names = sorted(f.name[:-5] for f in conf.joinpath(group).iterdir() if f.name.endswith(".yaml"))
             lines.append(f"{group}= one of: {', '.join(names)}")
+    lines += [f"{key}= {what}" for key, what in _value_presets().items()  # where the option is a plain value
+              if re.search(rf"^{key}:[ \t]*[^\s#]", text, re.M)]
     return "\n".join(lines)
+
+
+def _value_presets() -> dict:
+    """The named values of the options that are not config groups: hardware, host, trace, model."""
+    from .hardware import HOSTS, PRESETS
+    from .importers import SHIPPED
+    from .models import MODEL_SPECS
+    from .synthetic import PRESETS as TRACES
+
+    return {"hardware": f"a preset ({', '.join(PRESETS)}), <gpu>+<host> (hosts: {', '.join(HOSTS)}) or a profile "
+                        "written by `calibrate` (.yaml)",
+            "host": f"one of: {', '.join(HOSTS)}",
+            "trace": f"a .moetrace.safetensors file, a foreign trace file or folder, a shipped real trace "
+                     f"({', '.join(SHIPPED)}) or a synthetic preset ({', '.join(TRACES)})",
+            "model": f"a preset ({', '.join(MODEL_SPECS)}) or a Hugging Face config.json"}
 
 
 def compose(command: str, overrides: list[str]):
@@ -66,8 +102,54 @@ def compose(command: str, overrides: list[str]):
         OmegaConf.resolve(cfg)  # a bad ${...} is an option error now, not a traceback later
         return cfg
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: Hydra on `=1`
-        msg = " ".join(str(e).split())
-        raise MoesimError(f"{command}: bad option: {msg}") from None
+        raise MoesimError(_plain(command, " ".join(str(e).split()), overrides)) from None
+
+
+def _plain(command: str, msg: str, overrides: list[str]) -> str:
+    """Hydra's message about a bad override, in the user's words: a misspelt key gets the nearest known one (not
+    Hydra's "+key" append hint), an unknown choice the choices; Hydra's config search path is dropped."""
+    import difflib
+    import re
+
+    msg = msg.split(" Config search path:")[0]
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        parent, _, leaf = key.rpartition(".")
+        known = _keys(command, parent, [o for o in overrides if o.split("=")[0].lstrip("+~") != key])
+        near = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}=?" if near else ""
+        where = f" of {parent}" if parent else ""
+        listed = f"options{where}: {', '.join(sorted(k for k in known if not k.startswith('_')))}; " if known else ""
+        return f"{command}: unknown option {key!r}{hint} ({listed}python -m moesim {command} --help)"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+': (.*)$", msg)
+    if m:
+        group, name, options = m.group(1), m.group(2), m.group(3).split()
+        near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {group}={near[0]}?" if near else ""
+        return f"{command}: {group}={name}: unknown{hint} (one of: {', '.join(options)})"
+    return f"{command}: bad option: {msg}"
+
+
+def _keys(command: str, parent: str, overrides: list[str]) -> list[str]:
+    """The option names of `command`'s config (with the other `overrides`: they choose the groups) under the
+    dotted `parent` ('' for the top level)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from omegaconf import DictConfig
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a command's own Hydra context (sweep)
+            node = hydra_compose(config_name=command, overrides=overrides)
+        else:
+            with initialize_config_module(config_module="moesim.conf", version_base="1.3"):
+                node = hydra_compose(config_name=command, overrides=overrides)
+        for part in filter(None, parent.split(".")):
+            node = node.get(part)
+        return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    except Exception:  # noqa: BLE001  only a hint: without it the message still names the key
+        return []
 
 
 def call(command: str, cfg):
@@ -89,7 +171,10 @@ def raw_args(command: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command: the usage, as an error (a script that forgot the command must not pass)
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
@@ -103,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = call(command, rest if raw_args(command) else compose(command, rest))
     except MoesimError as e:
         print(f"moesim: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional extra not installed: how to install it, not a traceback
+        hint = install_hint(e)
+        if hint is None:
+            raise
+        print(f"moesim: error: {command} needs {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)

@@ -30,6 +30,7 @@ from .units import parse_budget
 # run.yaml keys given as simulate()'s own parameters, not as keyword options
 _OWN = ("trace", "strategy", "budget", "hardware", "backend")
 _CHOICES = ("prefetch", "offload")  # option groups whose default is no choice: None keeps the strategy's own
+TIMELINE_AUTO_STEPS = 5000  # timeline=auto writes timeline.json for runs of at most this many steps
 _PLAIN = re.compile(r"[A-Za-z0-9_./%+@-]+")  # a value Hydra reads unquoted exactly as the CLI would pass it
 
 
@@ -77,7 +78,7 @@ def sweep(trace, strategies=("lru",), budgets=("25%",), hardware=("rtx-4090",), 
     and DIR/report.html; the returned table is then that results.parquet. Every run is composed before the
     first one starts, so a bad option fails at once."""
     import pandas as pd
-    from tqdm import tqdm
+    from .progress import progress as bar
 
     from .report.tables import comparison_table
     from .sweep import cell_name, write_sweep_results
@@ -100,7 +101,7 @@ def sweep(trace, strategies=("lru",), budgets=("25%",), hardware=("rtx-4090",), 
         raise MoesimError(f"sweep: several runs would be named {', '.join(shared)}: give every strategy a "
                           "different name (a dict's or .yaml file's `name:`)")
     results = []
-    for name, cfg in tqdm(cells, desc="sweep", unit="run", file=sys.stderr, disable=None if progress else True):
+    for name, cfg in bar(cells, desc="sweep", unit="run", enabled=progress):
         result = replay_config(cfg, opened)
         if out is not None:
             result.write(Path(out) / name)
@@ -136,14 +137,22 @@ class Result:
         return self._profiler.layers_table()
 
     def write(self, out_dir) -> Path:
-        """Write the results directory (config.yaml, steps.parquet, layers.parquet, timeline.json,
-        experts.parquet, summary.json last; each file atomically: moesim.results.write_run); returns it."""
+        """Write the results directory (config.yaml, steps.parquet, layers.parquet, timeline.json where
+        `writes_timeline()`, experts.parquet, summary.json last; each file atomically: moesim.results.write_run);
+        returns it."""
         from .report.tables import expert_use
         from .results import write_run
 
         self.out_dir = write_run(out_dir, self.config, self.summary, self.steps, self.layers,
-                                 self._profiler.timeline(), experts=expert_use(self._trace))
+                                 self._profiler.timeline() if self.writes_timeline() else None,
+                                 experts=expert_use(self._trace))
         return self.out_dir
+
+    def writes_timeline(self) -> bool:
+        """The run option `timeline`: true, false, or auto (the default): for runs of at most TIMELINE_AUTO_STEPS
+        steps (a long run's timeline, cut at the profiler's 200,000 spans, is about 28 MB of JSON)."""
+        value = self.config.get("timeline", "auto")  # checked by replay_config
+        return value if value in (True, False) else self.summary["steps"] <= TIMELINE_AUTO_STEPS
 
     def report(self, out_dir=None) -> Path:
         """Write the HTML run report (report.html) into `out_dir`, writing the results directory there first
@@ -329,6 +338,12 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
     cfg = resolve_strategy(cfg)
     if trace is None:
         trace = load_trace(cfg.trace)
+    if cfg.get("timeline", "auto") not in (True, False, "auto"):  # before the replay, not after it
+        raise MoesimError(f"timeline={cfg.get('timeline')!r}: expected true, false or auto")
+    if cfg.get("tokens") is not None or cfg.get("seqs") is not None:  # a prefix: tokens=N, seqs=N
+        from .baseline import subset
+
+        trace = subset(trace, _whole(cfg.get("tokens"), "tokens"), _whole(cfg.get("seqs"), "seqs"))
     model = run_model(cfg, trace.spec)  # the real model in the run's formats
     hardware = load_hardware(str(cfg.hardware))
     ctx = contexts(trace, model.sliding_window)
@@ -363,6 +378,7 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
         "step_ms_split": step_split(steps_arr, dense, getattr(profiler, "totals", None)),
         "strategy": strat.name,
         "bound": ex.bound,  # an oracle took part: a bound, not a deployable result
+        "belady_hit_rate": _belady_hit_rate(trace, budget.slots, scope, bool(cfg.reset_per_seq)) if events else None,
         "budget": budget.to_dict() | {"bytes": budget.slots * spec.bytes_per_expert},
         "scope": scope,
         "notes": notes,
@@ -387,6 +403,58 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
             notes.append(note)
             print(note, file=sys.stderr)
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
+
+
+def check_run_config(cfg) -> None:
+    """The checks of a run config that need no trace (a sweep runs them on every swept value before its first
+    cell): the strategy's parts build; budget, scope, hardware, trace name, tokens, seqs and timeline are
+    values they take. Raises MoesimError naming the first bad one."""
+    from .hardware import load_hardware
+    from .importers import check_trace_name
+    from .units import budget_value
+
+    cfg = resolve_strategy(cfg)
+    st = cfg.strategy
+    build(st.cache, "strategy.cache")
+    for part in ("prefetch", "offload"):
+        if st.get(part):
+            build(st[part], part)
+    run_scope(cfg)
+    if str(cfg.budget) != "auto":
+        budget_value(cfg.budget)
+    load_hardware(str(cfg.hardware))
+    check_trace_name(cfg.trace)
+    _whole(cfg.get("tokens"), "tokens")
+    _whole(cfg.get("seqs"), "seqs")
+    if cfg.get("timeline", "auto") not in (True, False, "auto"):
+        raise MoesimError(f"timeline={cfg.get('timeline')!r}: expected true, false or auto")
+
+
+BELADY_MAX_REQUESTS = 50_000_000  # the summary's Belady hit rate is computed up to this many expert requests
+
+
+def _belady_hit_rate(trace, slots: int, scope: str, reset_per_seq: bool) -> float | None:
+    """The hit rate of Belady's eviction (the best any cache policy can do without prefetch) at the run's budget
+    and scope, cache-only and compiled (about a second for 15 M requests), or None where it cannot run there or
+    the trace is too large for it to be cheap: the run's distance to the bound."""
+    from . import core
+
+    if trace.n_tokens * trace.n_layers * trace.spec.top_k > BELADY_MAX_REQUESTS:
+        return None
+    try:
+        c = core.hit_counts(trace, "belady", {}, slots, scope, reset_per_seq)
+    except MoesimError:  # e.g. a budget too small for a layer's experts: the run itself said so
+        return None
+    return c["hits"] / c["requests"] if c["requests"] else None
+
+
+def _whole(value, name: str):
+    """A run option that takes a whole number >= 1 or null, as given (an int), or a MoesimError naming it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MoesimError(f"{name}={value!r}: expected a whole number >= 1 (or null: the whole trace)")
+    return value
 
 
 def run_model(cfg, spec):
@@ -566,7 +634,12 @@ def build(block, where: str, **kwargs):
     try:
         return instantiate(block, **kwargs)
     except InstantiationException as e:
+        from .__main__ import install_hint
+
         cause = e.__cause__ or e.__context__
+        hint = install_hint(e)
+        if hint:
+            raise MoesimError(f"{where}: {block.get('_target_', '?')} needs {hint}") from None
         why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
         raise MoesimError(f"{where}: cannot build {block.get('_target_', '?')}: {why}") from None
 
@@ -642,6 +715,25 @@ def request_metrics(counters: Counters, prefetch, served: dict | None, bytes_per
     }
 
 
+def machine_label(s: dict) -> str:
+    """What ran the run: the hardware profile and backend, and for a backend that ran on a real device (torch)
+    that device, not the profile's name (a CPU run is not an RTX 4090)."""
+    device = (s.get("backend_info") or {}).get("device_name")
+    if device:
+        return f"{s.get('backend')} on {device} (profile {s.get('hardware')}: the VRAM plan and offload costs)"
+    return f"{s.get('hardware')} / {s.get('backend')}"
+
+
+def ms_text(ms) -> str:
+    """A duration for people: ms below 10 s, then s, min or h (558019.9 ms -> 9.3 min)."""
+    if ms is None or ms != ms:
+        return "n/a"
+    for unit, size, above in (("h", 3.6e6, 3.6e6), ("min", 6e4, 6e5), ("s", 1e3, 1e4)):  # from 1 h, 10 min, 10 s
+        if abs(ms) >= above:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms:.1f} ms"
+
+
 def summary_table(s: dict) -> str:
     """A short terminal table of a run's summary."""
     lat = s.get("latency_ms", {})
@@ -649,14 +741,15 @@ def summary_table(s: dict) -> str:
         ("strategy", f"{s['strategy']}" + ("  (bound: not deployable)" if s.get("bound") else "")),
         ("trace", f"{s['trace']['name']}: {s['trace']['tokens']} tokens, {s['trace']['sequences']} sequences"),
         ("budget", f"{s['budget']['slots']} slots ({s['budget']['bytes'] / 2**30:.2f} GiB), scope {s['scope']}"),
-        ("hardware / backend", f"{s['hardware']} / {s['backend']}"),
-        ("hit rate", f"{s['hit_rate']:.4f}  ({s['hits']} of {s['requests']} expert requests)"),
+        ("hardware / backend", machine_label(s)),
+        ("hit rate", f"{s['hit_rate']:.4f}  ({s['hits']} of {s['requests']} expert requests)" + (
+            "" if s.get("belady_hit_rate") is None else f"; Belady's at this budget: {s['belady_hit_rate']:.4f}")),
         ("loads / evictions", f"{s['loads']} / {s['evictions']}"),
         ("bytes host->device", f"{s['bytes_h2d'] / 2**30:.2f} GiB"),
         ("tokens/s", f"{s['tokens_per_s']:.1f}"),
         ("latency ms p50/p90/p99", f"{lat.get('p50', float('nan')):.2f} / {lat.get('p90', float('nan')):.2f} / "
                                    f"{lat.get('p99', float('nan')):.2f}"),
-        ("stall", f"{s['stall_ms']:.1f} ms"),
+        ("stall", ms_text(s["stall_ms"])),
         ("stall-free requests", "n/a" if s.get("stall_free_rate") is None else f"{s['stall_free_rate']:.4f}"),
         ("peak device memory", f"{s['peak_device_bytes'] / 2**30:.2f} GiB (the expert slots and shared experts the "
                                f"backend held)"),

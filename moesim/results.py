@@ -4,7 +4,7 @@
         config.yaml      the resolved config of the run
         steps.parquet    one row per step (moesim.profiler.STEPS_TABLE_COLUMNS)
         layers.parquet   one row per layer (moesim.profiler.LAYERS_TABLE_COLUMNS)
-        timeline.json    Chrome trace format: open in https://ui.perfetto.dev
+        timeline.json    optional (run option timeline=): Chrome trace format, open in https://ui.perfetto.dev
         experts.parquet  optional: tokens that chose each (layer, expert) (moesim.report.expert_use)
         summary.json     metrics; written last, so its presence marks a complete run
 
@@ -29,8 +29,8 @@ from .profiler import LAYERS_TABLE_COLUMNS, STEPS_TABLE_COLUMNS
 
 CONFIG, SUMMARY, TIMELINE = "config.yaml", "summary.json", "timeline.json"
 STEPS, LAYERS = "steps.parquet", "layers.parquet"
-FILES = (CONFIG, STEPS, LAYERS, TIMELINE, SUMMARY)
-NOT_APPLICABLE = "not_applicable.json"  # a sweep cell whose strategy cannot run on its input: why, and its config  # in the order they are written: summary last
+FILES = (CONFIG, STEPS, LAYERS, SUMMARY)  # in the order they are written: summary last
+NOT_APPLICABLE = "not_applicable.json"  # a sweep cell whose strategy cannot run on its input: why, and its config
 EXPERTS = "experts.parquet"  # optional (runs written before it existed lack it), so not in FILES
 EXPERTS_TABLE_COLUMNS = ("layer", "expert", "requests")
 
@@ -60,9 +60,10 @@ def _config_yaml(config) -> str:
     return OmegaConf.to_yaml(config, resolve=True)
 
 
-def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict, experts=None) -> Path:
+def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict | None, experts=None) -> Path:
     """Write a run's results directory (created if needed); summary.json last. Returns the directory.
-    `experts`: optional DataFrame of EXPERTS_TABLE_COLUMNS (moesim.report.expert_use(trace))."""
+    `timeline`: the Chrome trace (None: none written); `experts`: optional DataFrame of EXPERTS_TABLE_COLUMNS
+    (moesim.report.expert_use(trace)). A rewritten directory keeps no optional file of another run."""
     import orjson
 
     out = Path(out_dir)
@@ -72,8 +73,11 @@ def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict, exp
     atomic_write_text(out / CONFIG, _config_yaml(config))
     atomic_write(out / STEPS, lambda tmp: steps.to_parquet(tmp, engine="pyarrow", index=False))
     atomic_write(out / LAYERS, lambda tmp: layers.to_parquet(tmp, engine="pyarrow", index=False))
-    atomic_write(out / TIMELINE, lambda tmp: Path(tmp).write_bytes(
-        orjson.dumps(timeline, option=orjson.OPT_SERIALIZE_NUMPY)))
+    if timeline is not None:
+        atomic_write(out / TIMELINE, lambda tmp: Path(tmp).write_bytes(
+            orjson.dumps(timeline, option=orjson.OPT_SERIALIZE_NUMPY)))
+    else:
+        (out / TIMELINE).unlink(missing_ok=True)
     if experts is not None:
         atomic_write(out / EXPERTS, lambda tmp: experts.to_parquet(tmp, engine="pyarrow", index=False))
     else:  # a rewritten directory must not keep another run's table
@@ -90,7 +94,7 @@ def is_complete(run_dir) -> bool:
 
 def read_run(run_dir) -> dict:
     """{"dir", "summary", "config", "steps", "layers", "experts", "timeline_path"} of a complete run ("experts"
-    is None where the run has no experts.parquet). Raises MoesimError naming the file when one is missing or
+    and "timeline_path" are None where the run has no experts.parquet or timeline.json). Raises MoesimError naming the file when one is missing or
     malformed. The timeline is not parsed (it can be large)."""
     d = Path(run_dir)
     if not d.is_dir():
@@ -121,7 +125,7 @@ def read_run(run_dir) -> dict:
             "steps": _read_table(d / STEPS, STEPS_TABLE_COLUMNS),
             "layers": _read_table(d / LAYERS, LAYERS_TABLE_COLUMNS),
             "experts": _read_table(d / EXPERTS, EXPERTS_TABLE_COLUMNS) if (d / EXPERTS).is_file() else None,
-            "timeline_path": d / TIMELINE}
+            "timeline_path": d / TIMELINE if (d / TIMELINE).is_file() else None}
 
 
 def _read_table(path: Path, columns: tuple[str, ...]):

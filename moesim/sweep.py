@@ -184,12 +184,18 @@ def sweep(overrides: list[str]) -> dict:
     from omegaconf.errors import OmegaConfBaseException
 
     def bad_option(e: Exception) -> MoesimError:
-        return MoesimError(f"sweep: bad option: {' '.join(str(e).split())}")
+        from .__main__ import _plain
+
+        return MoesimError(_plain("sweep", " ".join(str(e).split()), [a for a in overrides if "," not in a]))
 
     with initialize_config_module(config_module="moesim.conf", version_base="1.3", job_name="sweep"):
         try:
             keys, n_cells, out, rest = _plan(list(overrides))
         except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: Hydra on `=1`
+            raise bad_option(e) from None
+        try:
+            check_values(rest)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
             raise bad_option(e) from None
         root = (Path(out) if out is not None else default_root(rest, keys)).resolve()
         args = [*rest, f"out={_quote(str(root))}", f"sweep.keys=[{','.join(map(_quote, keys))}]",
@@ -202,20 +208,73 @@ def sweep(overrides: list[str]) -> dict:
     jobs = [job for batch in batches for job in batch]
     cells = [Path(job.return_value["dir"]) for job in jobs]
     failed = [(c.name, job.return_value["error"]) for c, job in zip(cells, jobs) if job.return_value["error"]]
-    if failed:
-        raise MoesimError(f"sweep: {len(failed)} of {len(cells)} cells failed (the others are kept; run the "
-                          "sweep again once fixed): " + "; ".join(f"cell {n}: {e}" for n, e in failed))
+    ok = [c for c, job in zip(cells, jobs) if not job.return_value["error"]]
     done = {"root": root, "cells": cells, "results": None, "report": None,
             "not_applicable": [(c.name, job.return_value.get("not_applicable")) for c, job in zip(cells, jobs)
                                if job.return_value.get("not_applicable")]}
-    if jobs and jobs[0].cfg.report:
-        done.update(write_sweep_results(root, cells))
+    if jobs and jobs[0].cfg.report and ok:  # failed cells too: the report lists them with their errors
+        done.update(write_sweep_results(root, ok, failed))
+    if failed:
+        raise MoesimError(f"sweep: {len(failed)} of {len(cells)} cells failed (the others are kept; run the "
+                          "sweep again once fixed): " + "; ".join(f"cell {n}: {e}" for n, e in failed)
+                          + (f"; the report of the others: {done['report']}" if done["report"] else ""))
     return done
 
 
-def write_sweep_results(root, cells) -> dict:
+def check_values(overrides: list[str]) -> None:
+    """Every value of every swept option checked before the first cell runs (moesim.api.check_run_config, with
+    the other options at their first value): `budget=25%,abc,50%` fails here, not after two cells."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .api import check_run_config
+
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
+    plain = [(text, o) for text, o in zip(overrides, parsed) if not o.is_hydra_override()]
+    choices = [[f"{text.split('=', 1)[0]}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [text] for text, o in plain]
+    base = [c[0] for c in choices]
+    seen, errors = set(), []
+    for i, values in enumerate(choices):
+        for value in values[1:] if i else values:  # the first values are checked once, with the base
+            variant = [*base[:i], value, *base[i + 1:]]
+            try:
+                plain = OmegaConf.to_container(compose(config_name="sweep", overrides=variant))
+                for key in SWEEP_ONLY:
+                    plain.pop(key, None)
+                check_run_config(OmegaConf.create(plain))
+            except MoesimError as e:
+                if str(e) not in seen:
+                    seen.add(str(e))
+                    errors.append(f"{value}: {e}")
+    if errors:
+        raise MoesimError("sweep: bad values, no cell was run: " + "; ".join(errors))
+
+
+def ranked_lines(table) -> list[str]:
+    """The sweep's results as a terminal table: one line per cell, fastest first, bounds marked."""
+    cols = [("tokens/s", "tokens_per_s", ".1f", 1), ("hit rate", "hit_rate", ".4f", 1),
+            ("stall s", "stall_ms", ".1f", 1e3), ("moved GiB", "bytes_h2d", ".2f", 2**30),
+            ("peak GiB", "peak_device_bytes", ".2f", 2**30)]
+    t = table.sort_values("tokens_per_s", ascending=False, na_position="last")
+    names = [f"{r.label}{' (bound)' if r.bound else ''}" + (f"  [{r.setting}]" if r.setting else "")
+             for r in t.itertuples()]
+    w = max([len(n) for n in names] + [4])
+    lines = [f"{'cell':<{w}}" + "".join(f"{h:>11}" for h, *_ in cols)]
+    for name, (_, r) in zip(names, t.iterrows()):
+        if r.get("not_applicable"):
+            lines.append(f"{name:<{w}}  not applicable: {r['not_applicable']}")
+            continue
+        lines.append(f"{name:<{w}}" + "".join(
+            f"{'-' if r[c] != r[c] else format(r[c] / scale, spec):>11}" for _, c, spec, scale in cols))
+    return lines
+
+
+def write_sweep_results(root, cells, failed=()) -> dict:
     """results.parquet (one row per cell) and report.html at the sweep's `root`, from the cells' results
-    directories. Returns {"results", "report"} paths."""
+    directories (`failed`: (cell, error) of cells that failed, listed in the report). Returns {"results",
+    "report", "table"}."""
     from .report import build_comparison_report
     from .report.tables import comparison_table
     from .results import read_result
@@ -224,8 +283,8 @@ def write_sweep_results(root, cells) -> dict:
     runs = [read_result(c) for c in cells]
     table = comparison_table(runs)
     atomic_write(root / RESULTS, lambda tmp: table.to_parquet(tmp, engine="pyarrow", index=False))
-    report = build_comparison_report(runs, root / REPORT, root=root)
-    return {"results": root / RESULTS, "report": report}
+    report = build_comparison_report(runs, root / REPORT, root=root, failed=failed)
+    return {"results": root / RESULTS, "report": report, "table": table}
 
 
 def sweep_command(args: list[str]) -> None:
@@ -233,6 +292,8 @@ def sweep_command(args: list[str]) -> None:
     start = time.perf_counter()
     done = sweep(args)
     print(f"{len(done['cells'])} cells in {done['root']} ({time.perf_counter() - start:.1f} s)")
+    if done.get("table") is not None:
+        print("\n".join(ranked_lines(done["table"])))
     for name, why in done["not_applicable"]:
         print(f"not applicable: cell {name}: {why}")
     if done["results"] is not None:

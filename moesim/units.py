@@ -31,6 +31,23 @@ class Budget:
                 "per_layer_slots": self.per_layer_slots}
 
 
+def budget_value(value) -> tuple[float, str]:
+    """(number, lower-case unit: "", "%" or a byte unit) of a budget as written, or a MoesimError naming what is
+    wrong with it: what can be checked before the trace (and so the model) is known."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)", text)
+    if not m:
+        raise MoesimError(f"budget={text!r}: expected a number of slots (192), a share (25%) or bytes (4GiB, 500MiB)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "" and num != int(num):
+        raise MoesimError(f"budget={text!r}: a number of slots must be whole")
+    if unit == "%" and not 0 < num <= 100:
+        raise MoesimError(f"budget={text!r}: a share must be in (0%, 100%]")
+    if unit not in ("", "%") and unit not in _UNITS:
+        raise MoesimError(f"budget={text!r}: unknown unit {m.group(2)!r}; use %, B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
+    return num, unit
+
+
 def parse_budget(value, spec: ModelSpec, scope: str) -> Budget:
     """`192` slots, `25%` of all routed experts, or bytes (`4GiB`, `500MiB`, `1.5GB`) -> Budget.
 
@@ -39,22 +56,13 @@ def parse_budget(value, spec: ModelSpec, scope: str) -> Budget:
         raise MoesimError(f"scope={scope!r}: expected one of {', '.join(SCOPES)}")
     text = str(value).strip()
     total = spec.total_experts
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)", text)
-    if not m:
-        raise MoesimError(f"budget={text!r}: expected a number of slots (192), a share (25%) or bytes (4GiB, 500MiB)")
-    num, unit = float(m.group(1)), m.group(2).lower()
+    num, unit = budget_value(text)
     if unit == "":
-        if num != int(num):
-            raise MoesimError(f"budget={text!r}: a number of slots must be whole")
         slots = int(num)
     elif unit == "%":
-        if not 0 < num <= 100:
-            raise MoesimError(f"budget={text!r}: a share must be in (0%, 100%]")
         slots = round(total * num / 100)
-    elif unit in _UNITS:
-        slots = int(num * _UNITS[unit] // spec.bytes_per_expert)
     else:
-        raise MoesimError(f"budget={text!r}: unknown unit {m.group(2)!r}; use %, B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
+        slots = int(num * _UNITS[unit] // spec.bytes_per_expert)
     slots = min(slots, total)  # more slots than experts holds everything; the extra would stay empty
     per_layer = None
     if scope == "per_layer":

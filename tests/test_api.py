@@ -235,3 +235,39 @@ def test_the_torch_backend_executes_the_cores_decisions(tiny):
     with pytest.raises(MoesimError, match="max_inflight"):
         moesim.simulate(tiny[1], "lru", prefetch="oracle", overrides=["prefetch.max_inflight=2 experts"], fast=True,
                         **opts)
+
+
+def test_tokens_and_seqs_replay_a_prefix(tiny):
+    """tokens=N / seqs=N: the run of the first N tokens / sequences, as the trace sliced by hand gives."""
+    path, trace = tiny
+    s = moesim.simulate(path, tokens=50).summary
+    assert s["trace"]["tokens"] == 50 and s["tokens"] == 50
+    assert _same(s["step_ms_split"], moesim.simulate(trace.slice_tokens(0, 50)).summary["step_ms_split"])
+    two = moesim.simulate(path, seqs=2).summary
+    assert two["trace"]["tokens"] == 80 and two["trace"]["sequences"] == 2
+    for bad in (0, -3, "x", 1.5):
+        with pytest.raises(MoesimError, match="expected a whole number"):
+            moesim.simulate(path, tokens=bad)
+
+
+@pytest.mark.parametrize("value, steps, written", [("auto", 120, True), (False, 120, False), (True, 120, True)])
+def test_timeline_is_optional(tiny, tmp_path, value, steps, written):
+    """timeline=false writes no timeline.json (and removes another run's); auto writes it for short runs."""
+    path, _ = tiny
+    out = tmp_path / "r"
+    moesim.simulate(path, timeline=True).write(out)
+    assert (out / "timeline.json").is_file()
+    r = moesim.simulate(path, timeline=value)
+    assert r.summary["steps"] == steps and r.writes_timeline() is written
+    r.write(out)
+    assert (out / "timeline.json").is_file() is written and is_complete(out)
+    assert (read_run(out)["timeline_path"] is not None) is written
+
+
+def test_timeline_auto_skips_long_runs(monkeypatch, tiny):
+    from moesim import api
+
+    monkeypatch.setattr(api, "TIMELINE_AUTO_STEPS", 100)
+    assert moesim.simulate(tiny[0]).writes_timeline() is False  # 120 steps
+    with pytest.raises(MoesimError, match="timeline='sometimes'"):
+        moesim.simulate(tiny[0], timeline="sometimes")

@@ -175,7 +175,7 @@ def test_command_refuses_bad_input_with_one_line(small_file, tmp_path, capsys):
         (["write", f"trace={small_file}"], "write needs out=FILE"),
         (["write", f"out={tmp_path / 'b.json'}", f"trace={small_file}", "tokens=x"], "tokens='x'"),
         (["write", f"out={tmp_path / 'b.json'}", f"trace={small_file}", "nosuchoption=1", "strategies=lru"],
-         "bad option"),
+         "unknown option 'nosuchoption'"),
         (["check", str(tmp_path / "absent.json")], "no such baseline file"),
         (["check"], "check takes one baseline file"),
         (["project", "nope"], "unknown baseline"),

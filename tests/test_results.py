@@ -27,7 +27,7 @@ def test_round_trip(tmp_path):
     summary, steps, layers, timeline = _run_parts()
     cfg = OmegaConf.create({"strategy": "lru", "budget": {"slots": 8}, "ref": "${strategy}"})
     out = write_run(tmp_path / "run", cfg, summary, steps, layers, timeline)
-    assert sorted(os.listdir(out)) == sorted(results.FILES)
+    assert sorted(os.listdir(out)) == sorted([*results.FILES, results.TIMELINE])  # a timeline was given
     assert is_complete(out)
     back = read_run(out)
     assert back["summary"]["device_bytes"] == 4096 and back["summary"]["nan"] is None

@@ -179,7 +179,8 @@ def test_failed_cells_are_named_and_the_others_finish(trace, tmp_path, capfd):
     assert "budget=2 ... failed: budget='2'" in capfd.readouterr().err
     assert is_complete(tmp_path / "s" / "budget=25%")
     assert not is_complete(tmp_path / "s" / "budget=2") and not is_complete(tmp_path / "s" / "budget=1")
-    assert not (tmp_path / "s" / "results.parquet").exists()
+    assert len(pd.read_parquet(tmp_path / "s" / "results.parquet")) == 1  # the cell that ran; the report lists all
+    assert "Cells that failed (2)" in (tmp_path / "s" / "report.html").read_text()
 
 
 def test_a_strategy_that_cannot_run_on_the_trace_is_not_applicable_not_a_failure(trace, tmp_path, capfd):
@@ -199,7 +200,8 @@ def test_a_strategy_that_cannot_run_on_the_trace_is_not_applicable_not_a_failure
 
 
 @pytest.mark.parametrize("bad, words", [
-    (["strategy=lru,nosuch"], ["bad option", "nosuch"]),
+    (["strategy=lru,nosuch"], ["strategy=nosuch: unknown", "one of: activation_aware"]),
+    (["stratgy=lru,lfu"], ["unknown option 'stratgy'; did you mean strategy=?"]),
     (["out=a,b"], ["cannot be swept"]),
     (["sweep.cells=3"], ["set by the sweep command"]),
     (["budget=[1"], ["bad option"]),
@@ -210,6 +212,33 @@ def test_sweep_mistakes_are_moesim_errors(trace, tmp_path, bad, words):
         sweep([*base, *bad])
     for w in words:
         assert w in str(e.value)
+
+
+def test_every_value_is_checked_before_the_first_cell(trace, tmp_path):
+    """budget=25%,abc,50% and a misspelt hardware fail at once, naming each bad value; no cell directory."""
+    root = tmp_path / "s"
+    with pytest.raises(MoesimError) as e:
+        sweep(args(trace, root, "strategy=lru,lfu", "budget=25%,abc,50%", "hardware=rtx-4090,rtx-9999"))
+    msg = str(e.value)
+    assert msg.startswith("sweep: bad values, no cell was run:")
+    assert "budget=abc: budget='abc': expected a number of slots" in msg and "hardware=rtx-9999" in msg
+    assert "budget=50%" not in msg and not root.exists()
+
+
+def test_a_failed_cell_is_reported_with_the_others(trace, tmp_path, capsys):
+    """A cell that fails at run time (here: a budget too small for the layer's top-2) is listed with its error in
+    report.html, beside the cells that ran; the command prints the ranked table of those and exits 2."""
+    root = tmp_path / "s"
+    assert main(["sweep", *args(trace, root, "strategy=lru,belady", "budget=1,25%")]) == 2
+    captured = capsys.readouterr()
+    assert "cells failed" in captured.err and f"the report of the others: {root / 'report.html'}" in captured.err
+    html = (root / "report.html").read_text()
+    assert "Cells that failed (2)" in html and "budget=1,strategy=lru" in html
+    assert len(pd.read_parquet(root / "results.parquet")) == 2
+    assert main(["sweep", *args(trace, root, "strategy=lru,belady", "budget=25%")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("cell"))
+    assert "tokens/s" in lines[head] and lines[head + 1].startswith("belady (bound)") and "lru" in lines[head + 2]
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -245,5 +274,5 @@ def test_cli_sweep_and_report(trace, tmp_path, capsys, monkeypatch):
     assert err == f"moesim: error: {tmp_path / 'nope'}: no such results directory\n"
     assert main(["sweep", *args(trace, root, "strategy=lru,nosuch")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("moesim: error: sweep: bad option") and len(err.strip().splitlines()) == 1
+    assert err.startswith("moesim: error: sweep: strategy=nosuch: unknown") and len(err.strip().splitlines()) == 1
     assert main(["sweep", "--help"]) == 0 and "strategy=lru,lfu,belady" in capsys.readouterr().out

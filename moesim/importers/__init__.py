@@ -144,9 +144,22 @@ def open_trace(value: str | os.PathLike, cache_dir: Path | None = None, fmt: str
         from ..synthetic import preset_trace
 
         return preset_trace(text)
+    raise _not_found(text, presets)
+
+
+def _not_found(text: str, presets) -> MoesimError:
     known = ", ".join(presets) if presets else "none (moesim.synthetic is not available)"
-    raise MoesimError(f"trace={text!r}: not found. trace= takes a {SUFFIX} file, a file or directory in a "
-                      f"foreign format ({_formats_help()}), or a synthetic preset; presets: {known}")
+    return MoesimError(f"trace={text!r}: not found. trace= takes a {SUFFIX} file, a file or directory in a "
+                       f"foreign format ({_formats_help()}), a shipped trace ({', '.join(SHIPPED)}), or a "
+                       f"synthetic preset; presets: {known}")
+
+
+def check_trace_name(value) -> None:
+    """Refuse, as open_trace would, a `trace=` value that names nothing (without reading anything)."""
+    text = str(value)
+    presets = _synthetic_presets()
+    if not (Path(text).exists() or text in SHIPPED or (presets is not None and text in presets)):
+        raise _not_found(text, presets)
 
 
 def _unpacked(src: Path, dst: Path, digest: str | None = None) -> Trace:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..api import machine_label, ms_text
 from ..errors import MoesimError
 from ..files import atomic_write_text
 from ..results import CONFIG, FILES, NOT_APPLICABLE, SUMMARY, is_complete, read_result, read_run
@@ -222,8 +223,10 @@ def build_run_report(run, out=None) -> Path:
                   f"{trace.get('sequences')} sequences"),
         ("budget", f"{budget.get('requested')}: {budget.get('slots')} slots "
                    f"({_fmt(budget.get('bytes'), '.2f', GIB, ' GiB')}), scope {s.get('scope')}"),
-        ("hardware / backend", f"{s.get('hardware')} / {s.get('backend')}"),
-        ("hit rate", f"{_fmt(s.get('hit_rate'), '.4f')} ({s.get('hits')} of {s.get('requests')} expert requests)"),
+        ("hardware / backend", machine_label(s)),
+        ("hit rate", f"{_fmt(s.get('hit_rate'), '.4f')} ({s.get('hits')} of {s.get('requests')} expert requests)"
+         + ("" if s.get("belady_hit_rate") is None
+            else f"; Belady's at this budget: {_fmt(s['belady_hit_rate'], '.4f')}")),
         ("loads / prefetch loads / evictions", f"{s.get('loads')} / {s.get('prefetch_loads')} / {s.get('evictions')}"),
         ("host computes", _value(s.get("host_computes"))),
         ("streamed (copied into scratch, computed, dropped)", _value(s.get("streams"))),
@@ -233,8 +236,8 @@ def build_run_report(run, out=None) -> Path:
         ("tokens/s", _fmt(s.get("tokens_per_s"), ".1f")),
         ("latency per token p50 / p90 / p99 / mean",
          " / ".join(_fmt(lat.get(q), ".2f") for q in ("p50", "p90", "p99", "mean")) + " ms"),
-        ("stall", _fmt(s.get("stall_ms"), ".1f", 1, " ms")),
-        ("wall time", _fmt(s.get("wall_ms"), ".1f", 1, " ms")),
+        ("stall", ms_text(s.get("stall_ms"))),
+        ("wall time", ms_text(s.get("wall_ms"))),
         ("peak device memory", _fmt(s.get("peak_device_bytes"), ".2f", GIB, " GiB") + " (expert slots and shared "
                                "experts)"),
     ]
@@ -287,8 +290,9 @@ TABLE_COLUMNS = (  # (heading, column, format, scale)
 )
 
 
-def build_comparison_report(runs: list, out, root=None, title: str | None = None) -> Path:
-    """Write the comparison report of `runs` (dicts from read_run, or their directories) to `out`."""
+def build_comparison_report(runs: list, out, root=None, title: str | None = None, failed=()) -> Path:
+    """Write the comparison report of `runs` (dicts from read_run, or their directories) to `out`; `failed`:
+    (cell, error) of a sweep's cells that failed, listed with their errors."""
     runs = [r if isinstance(r, dict) else read_run(r) for r in runs]
     table = comparison_table(runs)
     best = best_per_setting(table)
@@ -337,6 +341,7 @@ def build_comparison_report(runs: list, out, root=None, title: str | None = None
         + (["strategy"] if any(k.startswith("strategy.") for k in varied) else []),
         best=best_text, table_head=head, table_rows=rows, figures=figures,
         provenance_rows=provenance_rows, common_config="\n".join(f"{k}: {_value(v)}" for k, v in common.items()),
+        failed=list(failed),
         dirs=[str(Path(r["dir"]).resolve()) for r in runs])
 
 

@@ -215,8 +215,9 @@ def _parts(strategy: str, overrides: list[str]):
 @pytest.mark.parametrize("case,strategy,overrides", _strategy_cases(), ids=[c[0] for c in _strategy_cases()])
 def test_timed_sim_every_strategy(benchmark, bench_trace, case, strategy, overrides):
     """Layer-steps per second of the compiled timed replay (sim backend, hardware h200, 25% of the experts)
-    for every strategy and preset, prefetch and offload included, on the whole trace (goal TIMED_GOAL on one
-    core; the policies' setup, e.g. a prefetch table, is timed apart), against the Python driver
+    for every strategy and preset, prefetch and offload included, on the whole trace keeping sums, not events
+    (core.simulate(events=False), as plan's replays; goal TIMED_GOAL on one core; the policies' setup, e.g. a
+    prefetch table, is timed apart), against the Python driver
     (moesim.engine.replay + SimBackend + Profiler) on the first REFERENCE_TOKENS tokens, where both must give
     the same counters and per-step latencies."""
     from moesim.backends.sim import SimBackend
@@ -228,11 +229,12 @@ def test_timed_sim_every_strategy(benchmark, bench_trace, case, strategy, overri
     trace = bench_trace
     scope, make_policy, make_prefetcher, make_offload = _parts(strategy, overrides)
 
-    def compiled(tr):
-        return core.simulate(tr, tr.spec, SLOTS, scope, make_policy, make_prefetcher(), make_offload(), "h200")
+    def compiled(tr, events=False):  # the whole trace keeps sums: layer_offload's 100 M copy rows took 6 GB
+        return core.simulate(tr, tr.spec, SLOTS, scope, make_policy, make_prefetcher(), make_offload(), "h200",
+                             events=events)
 
     head = trace.slice_tokens(0, REFERENCE_TOKENS)
-    small = compiled(head)  # compiles or loads the kernels
+    small = compiled(head, events=True)  # compiles or loads the kernels
     run, _ = timed(benchmark, compiled, (trace,), rounds=1)
     layer_steps = trace.n_steps * trace.n_layers
     loop_rate = layer_steps / run.seconds["loop"]
