@@ -122,9 +122,13 @@ def _plain(command: str, msg: str, overrides: list[str]) -> str:
         where = f" of {parent}" if parent else ""
         listed = f"options{where}: {', '.join(sorted(k for k in known if not k.startswith('_')))}; " if known else ""
         return f"{command}: unknown option {key!r}{hint} ({listed}python -m moesim {command} --help)"
-    m = re.search(r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+': (.*)$", msg)
+    m = re.search(r"Could not find '([^']+)/([^'/]+)'.*?Available options in '[^']+': (.*)$", msg)
     if m:
         group, name, options = m.group(1), m.group(2), m.group(3).split()
+        if group == "hydra/launcher":  # joblib and submitit come with the sweep extra; others are Hydra plugins
+            how = EXTRAS["hydra_plugins"] if name == "joblib" or name.startswith("submitit") else \
+                f"a Hydra launcher plugin (pip install hydra-{name.split('_')[0]}-launcher, if there is one)"
+            return f"{command}: {group}={name}: not installed (installed: {', '.join(options)}): {how}"
         near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
         hint = f"; did you mean {group}={near[0]}?" if near else ""
         return f"{command}: {group}={name}: unknown{hint} (one of: {', '.join(options)})"

@@ -226,3 +226,13 @@ def test_help_lists_the_presets_of_plain_options(capsys):
     assert main(["plan", "--help"]) == 0
     model = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model= "))
     assert all(name in model for name in MODEL_SPECS)
+
+
+def test_a_launcher_that_is_not_installed_says_how():
+    from moesim.__main__ import _plain
+
+    hydra = ("In 'hydra/config': Could not find 'hydra/launcher/{}' Available options in 'hydra/launcher': "
+             "basic Config search path: provider=hydra, path=pkg://hydra.conf")
+    msg = _plain("sweep", hydra.format("joblib"), [])
+    assert msg == 'sweep: hydra/launcher=joblib: not installed (installed: basic): pip install -e ".[sweep]"'
+    assert "hydra-ray-launcher" in _plain("sweep", hydra.format("ray"), []) and "search path" not in msg

@@ -297,3 +297,17 @@ def test_one_budget_comparison_ranks_hit_rates_instead_of_a_column_of_dots(monke
     assert plots.hit_rate_vs_budget(table) == "ranked" and seen == [["lru", "lfu", "belady"]]
     two = pd.concat([table, table.assign(budget="50%", budget_slots=384)])
     assert plots.hit_rate_vs_budget(two).startswith("data:image/png;base64,")
+
+
+def test_merged_runs_are_not_split_by_how_they_were_run(tmp_path):
+    """`report A B` of runs that differ only in fast=, timeline=, progress= or a chosen prefetch/offload (which the
+    strategy label carries): one setting, one best, not one per internal field."""
+    from moesim.report.tables import best_per_setting, comparison_table
+
+    trace = tiny_trace(tmp_path / "t.moetrace.safetensors")
+    a = do_run(trace, tmp_path / "a", "strategy=lru", "fast=false", "timeline=true").out_dir
+    b = do_run(trace, tmp_path / "b", "strategy=lfu").out_dir
+    c = do_run(trace, tmp_path / "c", "strategy=lru", "prefetch=transition").out_dir
+    table = comparison_table([read_run(d) for d in (a, b, c)])
+    assert set(table["setting"]) == {""} and len(best_per_setting(table)) == 1
+    assert set(table["label"]) == {"lru", "lfu", "lru+transition"}

@@ -54,7 +54,11 @@ SUMMARY_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 TEXT_COLUMNS = ("strategy", "budget", "scope", "hardware", "backend", "trace", "model", "not_applicable")
 # config keys that say where or how a run was written, not what was run
-NOT_SETTINGS = ("out", "progress")
+# config keys (and their sub-keys) that never separate settings: where results went, how they were shown or
+# computed (the compiled and Python drivers give the same results), and the top-level prefetch/offload choices,
+# which the strategy's name and block already carry (lru+transition); merged runs of other days must not split
+# the best into settings keyed on them
+NOT_SETTINGS = ("out", "progress", "fast", "timeline", "prefetch", "offload")
 
 
 def _get(d, path: tuple[str, ...]):
@@ -82,7 +86,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def varied_keys(configs: list[dict]) -> list[str]:
     """Flattened config keys whose values differ between runs (a key missing in a run counts as a value)."""
     flat = [flatten(c) for c in configs]
-    keys = sorted({k for f in flat for k in f} - set(NOT_SETTINGS))
+    keys = sorted(k for k in {k for f in flat for k in f} if k.split(".")[0] not in NOT_SETTINGS)
     return [k for k in keys if len({_text(f.get(k)) for f in flat}) > 1]
 
 
