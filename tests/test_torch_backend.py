@@ -508,19 +508,36 @@ def test_compute_adds_device_and_host_experts_to_the_output():
     assert backend.device_bytes() == 4 * 3 * 16 * 24 * 4 + 2 * 3 * 16 * 24 * 4
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_each_expert_computes_its_own_tokens_weighted_by_the_trace_gates(batch):
+@pytest.mark.parametrize("batch, where", [(1, "device"), (2, "device"), (3, "host"), (3, "both"), (1, "host")])
+def test_each_expert_computes_its_own_tokens_weighted_by_the_trace_gates(batch, where):
     """One layer through the engine: every token's output is the sum over its routed experts of the gate
-    weight times the expert's FFN of that token's row (batch 1: the row; batch 2: gathered, scattered back)."""
+    weight times the expert's FFN of that token's row (batch 1: the row; more: gathered, scattered back), on
+    the device, on the host (every miss computed there: static_split of all layers), or both (experts 0 and 1
+    resident, the others on the host). Against a dense reference: each token, each of its experts."""
     from moesim.trace import from_arrays
+    from strategies.static_split import StaticSplit
 
     spec = ModelSpec("g", 1, 4, 2, 8, 12, dtype="fp32", bits_per_weight=32)
-    rows = [[[0, 1]], [[1, 2]]][:batch]  # token 0: experts 0, 1; token 1: experts 1, 2
-    gates = [[[0.75, 0.25]], [[0.625, 0.375]]][:batch]  # exact in fp16
+    rows = [[[0, 1]], [[1, 2]], [[3, 1]]][:batch]  # token 0: experts 0, 1; token 1: 1, 2; token 2: 3, 1
+    gates = [[[0.75, 0.25]], [[0.625, 0.375]], [[0.5, 0.5]]][:batch]  # exact in fp16
     trace = from_arrays(spec, rows, gates, step=[0] * batch)
     backend, profiler = TorchBackend(device="cpu", workspace_tokens=4), Profiler(1)
     backend.setup(spec, 4, profiler)
-    replay(trace, Cache(spec, 4, "per_layer", LRU, trace), backend)
+    if where == "both":  # by hand: experts 0 and 1 loaded and computed on the device, 2 and 3 on the host
+        backend.begin_step(0, batch)
+        backend.route(np.array(rows), np.array(gates))
+        backend.load((0, 0), 0, False)
+        backend.load((0, 1), 1, False)
+        backend.compute(0, [((0, 0), 0, 1), ((0, 1), 1, 3 if batch == 3 else 2)],
+                        [((0, 2), 1), ((0, 3), 1)][: batch - 1])
+        backend.end_step()
+        backend.finish()
+    else:
+        offload = StaticSplit(host_layers="all") if where == "host" else None
+        replay(trace, Cache(spec, 4, "per_layer", LRU, trace), backend, offload=offload)
+        _, _, cm = profiler.arrays()
+        assert set(cm[:, 4]) == ({0.0, 1.0} if where == "host" else {0.0})  # a host event beside the (empty)
+        #                                                                     device part / the device only
     x = backend._x[:batch]
     want = torch.zeros(batch, 8)
     for t in range(batch):

@@ -63,7 +63,7 @@ from ...models import DTYPE_BITS, ModelSpec, scale_spec, stored_spec, weights_dt
 from .copies import CopyWorker, memcpy
 from .device import TORCH_DTYPES, device_name, resolve_device, resolve_threads
 from .drift import DriftCheck
-from .ffn import expert_ffn, routed_ffn, swiglu
+from .ffn import expert_ffn, routed_ffn
 from .memory import (DEVICE_SHARE, HOST_SHARE, ChunkedPool, GiB, MemoryPlan, MiB, NvmlSampler,  # noqa: F401
                      check_memory, host_memory_available, host_memory_total, peak_rss_bytes, pinned_bytes,
                      pinned_chunks, plan_memory, shared_format)
@@ -334,21 +334,33 @@ class TorchBackend(Backend):
             else:
                 routed_ffn(block, x, out, H, Fd, r[0], r[1])
 
-    def _host_experts(self, host) -> None:
-        """Host experts from the host pool over the activations already in _host_x, summed into _host_y. The
-        activations of the layer's host tokens travel compacted: an expert reads the buffer's first n rows."""
-        H, Fd, w, E = self.spec.hidden, self.spec.ffn, self._weight, self._E
-        tokens = min(self._n_tokens, sum(n for _, n in host))
-        xs, ys = self._host_x[:tokens], self._host_y[:tokens]
-        ys.zero_()
-        routes = self._routes
+    def _host_rows(self, host):
+        """What the host experts read: the step's token rows they route (int64 [m], sorted, CPU) and per expert
+        (key, the positions of its tokens among those rows, its gate weights: a float or [n, 1]). Without
+        routing (driven without `route`), an expert of n tokens reads the first n rows, weight 1/top_k."""
+        routes, parts, plan = self._routes, [], []
         for key, n in host:
             r = routes.get(key)
-            block = self._codec.decode(self.host_pool[key[0] * E + key[1]], self._host_ws)
-            if r is None or len(r) == 2:
-                expert_ffn(block, xs[:n], ys[:n], H, Fd, w if r is None else r[1])
+            if r is None:
+                rows, gate = torch.arange(n), self._weight
+            elif len(r) == 2:  # one token: its row
+                rows, gate = torch.tensor([r[0]]), r[1]
             else:
-                ys[:n].add_(swiglu(block, xs[:n], H, Fd) * r[3][:n])
+                rows, gate = r[2], r[3]  # the host copies of its rows and gates
+            parts.append(rows)
+            plan.append((key, rows, gate))
+        rows = torch.unique(torch.cat(parts))  # sorted, each row once: the activations that make the trip
+        return rows, [(key, torch.searchsorted(rows, r), gate) for key, r, gate in plan]
+
+    def _host_experts(self, plan, m: int) -> None:
+        """Host experts from the host pool over the m compacted activation rows in _host_x, summed into
+        _host_y[:m] (each over its own rows, `plan` from _host_rows)."""
+        H, Fd, E = self.spec.hidden, self.spec.ffn, self._E
+        xs, ys = self._host_x[:m], self._host_y[:m]
+        ys.zero_()
+        for key, idx, gate in plan:
+            block = self._codec.decode(self.host_pool[key[0] * E + key[1]], self._host_ws)
+            routed_ffn(block, xs, ys, H, Fd, idx, gate)
 
     def _compute_cpu(self, layer: int, device, host) -> None:
         t_wait = self._now()
@@ -372,11 +384,12 @@ class TorchBackend(Backend):
         self._device_experts(layer, device)
         self._events.append(("compute", layer, start, self._now(), stall, "device"))
         if host:  # on the same CPU: after the device part
-            tokens = min(self._n_tokens, sum(n for _, n in host))
             h0 = self._now()
-            self._host_x[:tokens].copy_(self._x[:tokens])  # the round trip: activations down...
-            self._host_experts(host)
-            self._out[:tokens].add_(self._host_y[:tokens])  # ...and the result back
+            rows, plan = self._host_rows(host)
+            m = len(rows)
+            self._host_x[:m].copy_(self._x.index_select(0, rows))  # the round trip: the host tokens' rows down...
+            self._host_experts(plan, m)
+            self._out.index_add_(0, rows, self._host_y[:m])  # ...and their results back to those rows
             h1 = self._now()
             self._events.append(("compute", layer, h0, h1, 0.0, "host"))
 
@@ -384,11 +397,13 @@ class TorchBackend(Backend):
         cs = self._compute_stream
         input_ready = self._layer_done  # recorded after the previous layer: this layer's input exists then
         if host:  # start the activations' trip down before this layer's device work is queued behind it
-            tokens = min(self._n_tokens, sum(n for _, n in host))
+            rows, plan = self._host_rows(host)
+            m = len(rows)
             ds = self._d2h_stream
             ds.wait_event(input_ready)
-            with torch.cuda.stream(ds):
-                self._host_x[:tokens].copy_(self._x[:tokens], non_blocking=True)
+            with torch.cuda.stream(ds):  # the host tokens' rows, gathered on the device, then down
+                rows_dev = rows.to(self.device)
+                self._host_x[:m].copy_(self._x.index_select(0, rows_dev), non_blocking=True)
         e_wait, e_start, e_end = self._event(), self._event(), self._event()
         e_wait.record(cs)
         marks = []  # (slot, event after waiting for it): the expert waited if time passed since the last mark
@@ -407,10 +422,11 @@ class TorchBackend(Backend):
             if self.host_after_device:  # the policy's order: the host experts after the device experts
                 e_end.synchronize()
             h0 = self._now()
-            self._host_experts(host)
-            with torch.cuda.stream(cs):  # after the device experts, in stream order
-                self._up[:tokens].copy_(self._host_y[:tokens], non_blocking=True)
-                self._out[:tokens].add_(self._up[:tokens])
+            self._host_experts(plan, m)
+            with torch.cuda.stream(cs):  # after the device experts, in stream order; rows_dev was made on ds,
+                rows_dev.record_stream(cs)  # which finished above: cs may use it, and holds it until done
+                self._up[:m].copy_(self._host_y[:m], non_blocking=True)
+                self._out.index_add_(0, rows_dev, self._up[:m])
             h1 = self._now()
             self._events.append(("compute", layer, h0, h1, 0.0, "host"))
         self._layer_done.record(cs)
