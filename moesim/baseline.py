@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -81,13 +82,22 @@ def resolve_strategies(value) -> list[str]:
     return out
 
 
+# a baseline's run options are plain values of run options: a baseline file comes from others, and an override
+# of `_target_` (or a list, dict or ${...} interpolation) would make Hydra build or read what the file names
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")  # no _target_, _args_, +, ~, @
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.%+:/ -]*")  # no ${...}, [lists], {dicts}, quotes
+
+
 def _check_overrides(options: list[str], where: str) -> None:
     for o in options:
-        key, sep, _ = o.partition("=")
+        key, sep, value = o.partition("=")
         if not sep:
             raise MoesimError(f"{where}: {o!r} is not a run option (key=value)")
         if key.lstrip("+~") in ("strategy", "budget", "trace"):
             raise MoesimError(f"{where}: {o}: give strategies= and budgets= (lists) instead; the trace is trace=")
+        if not _PLAIN_KEY.fullmatch(key) or key.split(".")[0] == "hydra" or not _PLAIN_VALUE.fullmatch(value):
+            raise MoesimError(f"{where}: {o!r}: a baseline takes plain values of run options (key.sub=value of "
+                              "letters, digits and _ . % + : / -; no _target_, hydra, lists or ${...})")
 
 
 def subset(trace, tokens: int | None = None, sequences: int | None = None):
@@ -224,6 +234,15 @@ def read_baseline(path) -> dict:
     for key in ("trace", "strategies", "budgets", "overrides", "cells", "subset"):
         if key not in data:
             raise MoesimError(f"{path}: baseline lacks the field {key!r}")
+    lists = {}
+    for key in ("strategies", "budgets", "overrides"):  # as written: a list of strings, or one comma-separated
+        v = data[key]
+        lists[key] = v.split(",") if isinstance(v, str) else v
+        if not isinstance(lists[key], list) or not all(isinstance(x, str) for x in lists[key]):
+            raise MoesimError(f"{path}: {key} must be a list of strings")
+    _check_overrides(lists["overrides"], f"{path}: overrides")  # a received file must not build or read anything
+    for entry in lists["strategies"]:
+        _check_overrides(entry.split()[1:], f"{path}: strategies: {entry!r}")
     return data
 
 

@@ -214,3 +214,26 @@ def test_an_experts_only_trace_keeps_its_fingerprint():
     assert B.fingerprint(trace) == "sha256:" + h.hexdigest()
     whole = dataclasses.replace(spec, attention="gqa", heads=2, kv_heads=1, head_dim=4, vocab=10)
     assert B.fingerprint(from_arrays(whole, experts, np.ones((3, 2, 1), np.float16))) != B.fingerprint(trace)
+
+
+@pytest.mark.parametrize("override", ["strategy.cache._target_=builtins.open", "hydra.run.dir=/tmp/x",
+                                      "model.config=${oc.env:HOME}", "+x=1", "strategy.cache={_target_:os.system}",
+                                      "model.scale=[1,2]"])
+def test_a_received_baseline_cannot_build_or_read_anything(small_file, tmp_path, override):
+    """A baseline file's overrides and strategy options are plain values of run options: one naming a callable
+    (_target_), a Hydra setting, an interpolation or a structure is refused when the file is read, before any
+    run (issue 17: `strategy.cache._target_=builtins.open` had been instantiated)."""
+    out = tmp_path / "b.json"
+    B.write_baseline(B.make_baseline(str(small_file), ["lru"], ["25%"], [], 40, progress=False), out)
+    for where in ("overrides", "strategies"):
+        data = json.loads(out.read_text())
+        if where == "overrides":
+            data["overrides"] = [override]
+        else:
+            data["strategies"] = [f"lru {override}"]
+        bad = tmp_path / f"bad-{where}.json"
+        bad.write_text(json.dumps(data))
+        with pytest.raises(MoesimError, match="a baseline takes plain values of run options"):
+            B.check(bad)
+    with pytest.raises(MoesimError, match="plain values"):
+        B.make_baseline(str(small_file), ["lru"], ["25%"], [override], 40, progress=False)
