@@ -571,12 +571,12 @@ def load_hardware(value) -> HardwareProfile:
             raise MoesimError(f"hardware: no such file {text!r}")
         raise MoesimError(f"hardware: unknown preset {text!r}; presets: {', '.join(PRESETS)}; "
                           f"or give the path of a YAML profile")
-    import yaml
+    from .files import read_yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoesimError(f"{path}: not a YAML file ({' '.join(str(e).split())})") from None
+        data = read_yaml(path)
+    except ValueError as e:
+        raise MoesimError(f"{path}: not a YAML hardware profile: {e}") from None
     return profile_from_dict(data, str(path))
 
 

@@ -110,13 +110,13 @@ def read_run(run_dir) -> dict:
         raise MoesimError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(summary, dict):
         raise MoesimError(f"{path}: expected a JSON object, got {type(summary).__name__}")
-    import yaml
+    from .files import read_yaml
 
     path = d / CONFIG
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise MoesimError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        config = read_yaml(path)
+    except ValueError as e:
+        raise MoesimError(f"{path}: {e}") from None
     if config is None:
         config = {}
     if not isinstance(config, dict):

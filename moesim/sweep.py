@@ -80,11 +80,11 @@ def _comparable(config: dict) -> str:
 
 def _unchanged(cell_dir: Path, run_cfg) -> bool:
     """True when the cell's stored config.yaml is the config this sweep would run now."""
-    import yaml
+    from .files import read_yaml
 
     try:
-        stored = yaml.safe_load((cell_dir / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        stored = read_yaml(cell_dir / CONFIG)
+    except (OSError, ValueError):  # unreadable: the cell runs again
         return False
     return isinstance(stored, dict) and _comparable(stored) == _comparable(OmegaConf.to_container(run_cfg))
 

@@ -124,3 +124,21 @@ def test_default_run_dir_never_collides(tmp_path):
     assert a != b and a.is_dir() and b.is_dir() and a.parent == b.parent == tmp_path / "runs"
     assert a.name.endswith("-lru-+-belady-x") and "/" not in a.name
     assert not os.listdir(a)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b]\n",
+     "line 2: YAML aliases"),  # the head of an alias bomb (a few KB of these reach gigabytes)
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("a: [1, 2\n", "not valid YAML"),
+    ("a: " + "x" * (5 * 2**20) + "\n", "more than the 4,194,304 such a file may have"),
+])
+def test_a_strangers_config_yaml_is_refused_in_one_line(tmp_path, text, why):
+    """A results directory is meant to be shared: its config.yaml is read without aliases, with a size cap and a
+    nesting cap (issue 17: an alias bomb reached 2 GB in `report`)."""
+    summary, steps, layers, timeline = _run_parts()
+    out = write_run(tmp_path / "run", OmegaConf.create({"strategy": "lru"}), summary, steps, layers, None)
+    (out / "config.yaml").write_text(text)
+    with pytest.raises(MoesimError) as e:
+        read_run(out)
+    assert str(e.value).startswith(f"{out / 'config.yaml'}: ") and why in str(e.value)
