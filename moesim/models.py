@@ -121,15 +121,33 @@ class ModelSpec:
             v = getattr(spec, n)
             if not isinstance(v, str) or not known_format(v):
                 raise TraceError(f"{where}.{n}: expected a storage format ({', '.join(FORMATS)}), got {v!r}")
+        _check_limits(spec, where, [n for n in LIMITS if n != "bits_per_weight"])  # before anything is sized
         _check_whole(spec, where)
         b = spec.bits_per_weight
         if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
             raise TraceError(f"{where}.bits_per_weight: expected a positive number, got {b!r}")
+        _check_limits(spec, where, ("bits_per_weight",))
         return spec
 
 
 _COUNTS = ("shared_experts", "shared_ffn", "heads", "kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
            "rope_head_dim", "nope_head_dim", "dense_layers", "dense_ffn", "vocab", "sliding_window", "sliding_layers")
+# Upper bounds of what a file may claim, checked before anything is sized from them (a 4 KB trace claiming
+# experts=2**31 had grown a run to 3 GB): far above any published MoE (DeepSeek-V3: 61 layers, 256 experts,
+# top-8, hidden 7168, expert FFN 2048; the largest dense FFNs ~ 53,248; vocabularies ~ 262k).
+LIMITS = {"layers": 1024, "experts": 16384, "top_k": 1024, "hidden": 131072, "ffn": 1048576,
+          "shared_experts": 256, "shared_ffn": 1048576, "heads": 4096, "kv_heads": 4096, "head_dim": 4096,
+          "q_lora_rank": 131072, "kv_lora_rank": 131072, "rope_head_dim": 4096, "nope_head_dim": 4096,
+          "dense_layers": 1024, "dense_ffn": 1048576, "vocab": 16777216, "sliding_window": 2**31 - 1,
+          "sliding_layers": 1024, "bits_per_weight": 64, "layers x experts": 2**20}
+
+
+def _check_limits(spec: ModelSpec, where: str, names) -> None:
+    for n in names:
+        v = spec.layers * spec.experts if n == "layers x experts" else getattr(spec, n)
+        if v > LIMITS[n]:
+            raise TraceError(f"{where}.{n}: {v:,} is more than moesim accepts ({LIMITS[n]:,}; no published MoE "
+                             f"comes near): a damaged or hostile file?")
 
 
 def _check_whole(spec: ModelSpec, where: str) -> None:

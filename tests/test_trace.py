@@ -727,3 +727,32 @@ def test_fuzz_header_edits(tmp_path):
         h = json.dumps(header).encode()
         path.write_bytes(len(h).to_bytes(8, "little") + h + b[8 + n:])
         _check(path, f"case {case}: {edits}")
+
+
+def test_a_file_claiming_huge_sizes_is_refused_before_anything_is_sized(tmp_path):
+    """issue 17: experts=2**31 in a 4 KB trace grew a run to 3 GB; shared_experts=10**9 printed 91,552 GiB of
+    peak memory. Every size a model_spec may claim has an upper bound, checked as the file is opened."""
+    import json as _json
+    import struct
+
+    from moesim.models import LIMITS
+
+    from moesim.models import model_spec
+
+    tr = from_arrays(model_spec("gpt-oss-20b"), np.zeros((2, 24, 4), np.int16) + np.arange(4), np.ones((2, 24, 4)))
+    path = save_trace(tr, tmp_path / "ok.moetrace.safetensors")
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = _json.loads(raw[8:8 + n])
+    original = header["__metadata__"]["model_spec"]
+    for field, value in (("experts", 2**31), ("shared_experts", 10**9), ("hidden", 10**12), ("layers", 5000),
+                         ("bits_per_weight", 1e300)):
+        spec = _json.loads(original)
+        spec[field] = value
+        header["__metadata__"]["model_spec"] = _json.dumps(spec)
+        body = _json.dumps(header).encode()
+        bad = tmp_path / f"{field}.moetrace.safetensors"
+        bad.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+        with pytest.raises(TraceError, match=rf"model_spec\.{field}: .* is more than moesim accepts"):
+            load_trace(bad)
+    assert set(LIMITS) >= {"experts", "hidden", "ffn", "shared_experts", "shared_ffn", "bits_per_weight"}
