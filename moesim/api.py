@@ -542,14 +542,20 @@ def vram_plan(cfg, model, hardware, ctx):
     return plan, budget, scope, notes + ([warning] if warning else [])
 
 
-def run(cfg, write: bool = True) -> Result:
+def run(cfg, write: bool = True, report: bool = False) -> Result:
     """The `run` command's work on a composed config (moesim/conf/run.yaml): replay, then write the results
-    directory (cfg.out, else a new reports/runs/<time>-<strategy>) unless write=False. Result.out_dir says where."""
-    from .results import default_run_dir
+    directory (cfg.out, else a new reports/runs/<time>-<strategy>) unless write=False, and its report.html with
+    `report`; the directory is held for this run meanwhile (moesim.results.claimed). Result.out_dir says where."""
+    from .results import claimed, default_run_dir
 
-    result = replay_config(cfg)
-    if write:
-        result.write(default_run_dir(result.summary["strategy"]) if cfg.out is None else cfg.out)
+    if not write:
+        return replay_config(cfg)
+    name = str(resolve_strategy(cfg).strategy.get("name") or "run")  # as the summary will name it
+    with claimed(default_run_dir(name) if cfg.out is None else cfg.out) as out:
+        result = replay_config(cfg)  # out= is checked writable and locked before the replay, not after it
+        result.write(out)
+        if report:
+            result.report()
     return result
 
 
@@ -794,11 +800,11 @@ def plan_lines(plan: dict) -> list[str]:
 
 def run_command(cfg) -> None:
     """`python -m moesim run ...`: replay, print the summary, write the results directory and its report."""
-    result = run(cfg)
+    result = run(cfg, report=True)
     plan = result.summary.get("vram_plan")
     if plan:
         print(f"VRAM plan ({result.summary['hardware']}):")
         print("\n".join(plan_lines(plan)))
     print(summary_table(result.summary))
     print(f"results: {result.out_dir}")
-    print(f"report: {result.report()}")
+    print(f"report: {result.out_dir / 'report.html'}")

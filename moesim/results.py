@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,10 @@ def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict | No
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # rewriting a directory: it must not look complete while its other files are being replaced
+    # rewriting a directory: it must not look complete while its other files are being replaced, nor keep the
+    # report of the run it held (a run killed before its report was written left the old one beside new data)
     (out / SUMMARY).unlink(missing_ok=True)
+    (out / "report.html").unlink(missing_ok=True)
     atomic_write_text(out / CONFIG, _config_yaml(config))
     atomic_write(out / STEPS, lambda tmp: steps.to_parquet(tmp, engine="pyarrow", index=False))
     atomic_write(out / LAYERS, lambda tmp: layers.to_parquet(tmp, engine="pyarrow", index=False))
@@ -84,6 +87,60 @@ def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict | No
         (out / EXPERTS).unlink(missing_ok=True)
     atomic_write_text(out / SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
     return out
+
+
+LOCK = ".moesim-lock"  # in a results directory while a run writes it: the writer's pid
+
+
+@contextmanager
+def claimed(out_dir):
+    """Hold `out_dir` (created if needed) for one writer: checked writable and locked before a run starts, so
+    that a second run with the same out= is refused at once instead of one silently losing its results, and a
+    read-only or file-shaped out= fails before the simulation, not after it. A lock left by a killed run (its
+    pid gone) is taken over, with its `.tmp-*` leftovers."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MoesimError(f"out={out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _lock(out / LOCK)
+    except OSError as e:
+        raise MoesimError(f"out={out}: cannot write there ({e.strerror})") from None
+    try:
+        for stale in out.glob(".tmp-*"):  # a killed writer's half-written files
+            stale.unlink(missing_ok=True)
+        yield out
+    finally:
+        os.close(fd)
+        (out / LOCK).unlink(missing_ok=True)
+
+
+def _lock(path: Path) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise MoesimError(f"out={path.parent}: another moesim run (pid {pid}) is writing there; wait "
+                                  f"for it or give another out=") from None
+            path.unlink(missing_ok=True)  # its writer is gone: take it over
+    raise MoesimError(f"out={path.parent}: could not take {LOCK}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def is_complete(run_dir) -> bool:

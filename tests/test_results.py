@@ -142,3 +142,39 @@ def test_a_strangers_config_yaml_is_refused_in_one_line(tmp_path, text, why):
     with pytest.raises(MoesimError) as e:
         read_run(out)
     assert str(e.value).startswith(f"{out / 'config.yaml'}: ") and why in str(e.value)
+
+
+def test_a_results_directory_has_one_writer_and_bad_out_fails_before_the_run(tmp_path, monkeypatch):
+    """issue 17: two runs with the same out= both exited 0 and one's results were lost; out= on a read-only
+    directory failed after the whole simulation; out= naming a file raised FileExistsError. Now the second writer
+    is refused at once, a lock left by a killed run (its pid gone) is taken over with its .tmp-* files, and a bad
+    out= fails before anything is replayed."""
+    import moesim.api as api
+    from moesim.__main__ import compose
+    from moesim.results import LOCK, claimed
+
+    out = tmp_path / "r"
+    with claimed(out):
+        assert (out / LOCK).read_text() == str(os.getpid())
+        with pytest.raises(MoesimError, match=rf"another moesim run \(pid {os.getpid()}\) is writing there"):
+            with claimed(out):
+                pass
+    assert not (out / LOCK).exists()
+    (out / LOCK).write_text("999999999")  # a pid that is not running: a killed run's lock
+    (out / ".tmp-summary.json-x").write_text("half")
+    with claimed(out):
+        assert not (out / ".tmp-summary.json-x").exists()
+    replayed = []
+    monkeypatch.setattr(api, "replay_config", lambda cfg: replayed.append(cfg))
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    with pytest.raises(MoesimError, match="is a file, not a directory"):
+        api.run(compose("run", [f"out={afile}", "progress=false"]))
+    with pytest.raises(MoesimError, match="cannot write there"):  # under a file: mkdir fails, root or not
+        api.run(compose("run", [f"out={afile / 'sub'}", "progress=false"]))
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(MoesimError, match="cannot write there"):
+            api.run(compose("run", [f"out={ro / 'x'}", "progress=false"]))
+    assert replayed == []  # refused before the replay
