@@ -113,8 +113,13 @@ class ModelSpec:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise TraceError(f"{where}.{n}: expected an integer >= 0, got {v!r}")
         for n in ("name", "dtype", "attention"):
-            if not isinstance(getattr(spec, n), str):
-                raise TraceError(f"{where}.{n}: expected a string, got {getattr(spec, n)!r}")
+            v = getattr(spec, n)
+            if not isinstance(v, str):
+                raise TraceError(f"{where}.{n}: expected a string, got {v!r}")
+            try:
+                v.encode("utf-8")  # a lone surrogate passes JSON but breaks every file and page written later
+            except UnicodeEncodeError:
+                raise TraceError(f"{where}.{n}: {v!r} is not valid Unicode text (a lone surrogate)") from None
         if not isinstance(spec.tied_embeddings, bool):
             raise TraceError(f"{where}.tied_embeddings: expected true or false, got {spec.tied_embeddings!r}")
         for n in ("attention_format", "dense_format", "embed_format", "kv_format"):

@@ -231,6 +231,8 @@ def load_trace(path: str | os.PathLike, validate: bool = True) -> Trace:
         spec_d, source = json.loads(meta["model_spec"]), json.loads(meta["source"])
     except (TypeError, json.JSONDecodeError) as e:
         raise TraceError(f"{path}: metadata field 'model_spec' or 'source' is not JSON ({e})") from None
+    except RecursionError:
+        raise TraceError(f"{path}: metadata field 'model_spec' or 'source' is nested too deeply") from None
     if not isinstance(spec_d, dict) or not isinstance(source, dict):
         raise TraceError(f"{path}: metadata fields 'model_spec' and 'source' must be JSON objects")
     spec = ModelSpec.from_dict(spec_d, where=f"{path}: metadata model_spec")

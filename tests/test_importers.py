@@ -577,3 +577,38 @@ def test_compressed_traces_unpack_once_and_damage_is_one_clear_error(tmp_path, m
     assert open_trace("tiny", cache_dir=tmp_path / "c5").n_tokens == 50
     for folder in ("c2", "c3", "c4"):
         assert not (tmp_path / folder).exists() or not any((tmp_path / folder).iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.xz", ".jsonl.gz"])
+def test_a_cut_short_compressed_jsonl_is_one_error(tmp_path, suffix):
+    """issue 17: EOFError / LZMAError / BadGzipFile tracebacks; now one TraceError naming the file."""
+    lines = "".join(json.dumps({"seq": 0, "token": t, "layer": 0, "experts": [1, 2]}) + "\n" for t in range(3000))
+    pack = lzma.compress if suffix.endswith("xz") else gzip.compress
+    whole = pack(lines.encode())
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(TraceError, match=rf"cut{suffix.replace('.', chr(92) + '.')}: the compressed data is damaged"):
+        jsonl.read(cut, model=TINY)
+
+
+def test_one_endless_line_or_an_xz_bomb_is_refused_in_bounded_memory(tmp_path, monkeypatch):
+    """A .json.xz of a few hundred KB unpacking to GBs (issue 17: 1.5 GB in 6 s), one endless JSONL line:
+    refused at the caps, read in pieces of at most the cap."""
+    monkeypatch.setattr(gpt_oss, "FILE_MAX", 1 << 20)
+    monkeypatch.setattr(jsonl, "LINE_MAX", 1 << 16)
+    bomb = tmp_path / "bomb.json.xz"
+    bomb.write_bytes(lzma.compress(b'{"router_data": [' + b" " * (4 << 20) + b"]}"))
+    with pytest.raises(TraceError, match="holds more than 1 MiB"):
+        gpt_oss.read_bytes(bomb)
+    endless = tmp_path / "endless.jsonl.xz"
+    endless.write_bytes(lzma.compress(b'{"layer": 0, "experts": [1], "x": "' + b"a" * (1 << 20) + b'"}\n'))
+    assert not jsonl.looks_like(endless)
+    with pytest.raises(TraceError, match="a line longer than"):
+        jsonl.read(endless, model=TINY)
+
+
+def test_a_name_that_is_not_text_or_metadata_nested_too_deep_is_one_error():
+    from moesim.models import ModelSpec
+
+    with pytest.raises(TraceError, match="not valid Unicode text"):
+        ModelSpec.from_dict({"name": "bad\udc80", "layers": 1, "experts": 4, "top_k": 1, "hidden": 8, "ffn": 8})

@@ -756,3 +756,21 @@ def test_a_file_claiming_huge_sizes_is_refused_before_anything_is_sized(tmp_path
         with pytest.raises(TraceError, match=rf"model_spec\.{field}: .* is more than moesim accepts"):
             load_trace(bad)
     assert set(LIMITS) >= {"experts", "hidden", "ffn", "shared_experts", "shared_ffn", "bits_per_weight"}
+
+
+def test_metadata_nested_too_deep_is_one_error(tmp_path):
+    import json as _json
+    import struct
+
+    from moesim.models import model_spec
+
+    tr = from_arrays(model_spec("gpt-oss-20b"), np.zeros((1, 24, 4), np.int16) + np.arange(4), np.ones((1, 24, 4)))
+    raw = save_trace(tr, tmp_path / "ok.moetrace.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = _json.loads(raw[8:8 + n])
+    header["__metadata__"]["source"] = "[" * 100_000 + "]" * 100_000
+    body = _json.dumps(header).encode()
+    bad = tmp_path / "deep.moetrace.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    with pytest.raises(TraceError, match="nested too deeply"):
+        load_trace(bad)

@@ -50,13 +50,16 @@ def input_files(src: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
+FILE_MAX = 512 << 20  # bytes one file may hold, decompressed (the real ones: about 2 MB each)
+
+
 def read_bytes(path: Path) -> bytes:
-    """The file's content, decompressed when it starts with the xz or gzip magic bytes."""
-    raw = path.read_bytes()
-    if raw.startswith(XZ_MAGIC):
-        return lzma.decompress(raw)
-    if raw.startswith(GZIP_MAGIC):
-        return gzip.decompress(raw)
+    """The file's content, decompressed when it starts with the xz or gzip magic bytes, streamed and refused
+    past FILE_MAX bytes (a 342 KB .json.xz had unpacked to 1.5 GB)."""
+    with open_stream(path) as f:
+        raw = f.read(FILE_MAX + 1)
+    if len(raw) > FILE_MAX:
+        raise TraceError(f"{path}: holds more than {FILE_MAX >> 20} MiB (decompressed); refused")
     return raw
 
 
@@ -240,7 +243,7 @@ def read(src: str | Path, exclude_repetition: bool = False) -> Trace:
     for rel, path in progress(files, desc=IMPORTER, unit="file"):
         try:
             raw = read_bytes(path)
-        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        except (OSError, EOFError, lzma.LZMAError, zlib.error, TraceError) as e:
             _warn(f"{path}: unreadable ({e}), skipped")
             skipped.append(rel)
             continue

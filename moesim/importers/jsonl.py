@@ -25,11 +25,15 @@ Any line that breaks these rules raises TraceError naming file:line and the fiel
 """
 from __future__ import annotations
 
+import gzip
+import lzma
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import orjson
+
 from ..errors import TraceError
 from ..models import MODEL_SPECS, ModelSpec, model_spec
 from ..progress import progress
@@ -53,13 +57,38 @@ def looks_like(path: Path, layer: str = "layer", experts: str = "experts", **_) 
         return False
     try:
         with open_stream(path) as f:
-            for line in f:
+            for _ in range(1000):  # the first non-blank line, read at most LINE_MAX bytes at a time
+                line = f.readline(LINE_MAX + 1)
+                if not line or len(line) > LINE_MAX:
+                    return False
                 if line.strip():
                     obj = orjson.loads(line)
                     return isinstance(obj, dict) and layer in obj and experts in obj
     except (OSError, EOFError, ValueError):  # orjson.JSONDecodeError is a ValueError; so are lzma/gzip errors
         return False
     return False
+
+
+LINE_MAX = 1 << 20  # bytes of one line: one token's layer is a few hundred
+BYTES_MAX = 16 << 30  # bytes of a whole file, decompressed
+
+
+def _lines(f, path: Path):
+    """The lines of the stream `f`, each read at most LINE_MAX bytes at a time (a file of one endless line
+    must not be read whole), the file at most BYTES_MAX bytes; a damaged compressed file as a TraceError."""
+    total = 0
+    try:
+        while True:
+            line = f.readline(LINE_MAX + 1)
+            if not line:
+                return
+            total += len(line)
+            if len(line) > LINE_MAX or total > BYTES_MAX:
+                raise TraceError(f"{path}: a line longer than {LINE_MAX >> 20} MiB or more than {BYTES_MAX >> 30} "
+                                 f"GiB in all (decompressed): not routing records; refused")
+            yield line
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
+        raise TraceError(f"{path}: the compressed data is damaged or cut short ({e})") from None
 
 
 def _int(v) -> bool:
@@ -81,7 +110,7 @@ def read(src: str | Path, model: str | dict | ModelSpec | None = None, seq: str 
     has_step = None  # decided by the first line
     max_layer, max_k, max_id = -1, 0, -1
     with open_stream(path) as f:
-        for lineno, line in enumerate(progress(f, desc=IMPORTER, unit=" lines"), 1):
+        for lineno, line in enumerate(progress(_lines(f, path), desc=IMPORTER, unit=" lines"), 1):
             if not line.strip():
                 continue
             at = f"{path}:{lineno}"
