@@ -3,6 +3,7 @@ self-containment, escaping, the best-strategy sentence, the Pareto front, the ex
 import base64
 import dataclasses
 import re
+import json
 import shutil
 import subprocess
 from collections import Counter
@@ -96,7 +97,6 @@ def grid(trace, tmp_path_factory):
 # ------------------------------------------------------------------------------------------- run report
 def test_run_report_has_summary_figures_and_provenance(grid):
     d = grid / "budget=25%,strategy=lru"
-    (d / EXPERTS).unlink(missing_ok=True)  # as a run written before experts.parquet existed: from the trace
     path = write_run_report(d)
     assert path == d / "report.html"
     html = path.read_text()
@@ -106,7 +106,7 @@ def test_run_report_has_summary_figures_and_provenance(grid):
     for needle in ("Per-token latency", "waited for expert copies", "Host-to-device bytes", "Expert use", "Provenance",
                    "CC0-1.0", "tiny-moe", "rtx-4090", f"{s['hit_rate']:.4f}", f"{s['tokens_per_s']:.1f}",
                    f"{s['latency_ms']['p50']:.2f}", "Resolved config", version_info()["version"],
-                   version_info()["commit"], "counted from the trace file"):
+                   version_info()["commit"], "(experts.parquet)"):
         assert needle in text, needle
     assert "bound: not deployable" not in text
     assert "bound" in build_run_report(grid / "budget=25%,strategy=belady").read_text()
@@ -133,15 +133,37 @@ def test_experts_table_round_trip_and_counts(trace, tmp_path):
     assert not (d / EXPERTS).exists() and read_run(d)["experts"] is None
 
 
-def test_run_report_without_experts_or_trace_says_so(trace, tmp_path):
-    copy = tmp_path / "gone.moetrace.safetensors"
-    shutil.copy(trace, copy)
-    d = do_run(str(copy), tmp_path / "r").out_dir
+def test_a_report_never_opens_files_its_results_directory_names(trace, tmp_path):
+    """issue 17: rendering someone else's results directory read the local files it named (the trace's first 8
+    bytes shown as a header length; a local hardware YAML's keys). Without experts.parquet the report says the
+    experts were not recorded; a hardware profile file is named, not opened."""
+    d = do_run(trace, tmp_path / "r").out_dir
     (d / EXPERTS).unlink(missing_ok=True)  # as a run written before experts.parquet existed
-    copy.unlink()
-    html = build_run_report(d).read_text()
-    assert len(assert_self_contained(html)) == 3
-    assert "could not be read here" in html and str(copy) in html
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("name: mine\nsecret_key_name: 1\n")
+    summary = json.loads((d / "summary.json").read_text())
+    summary["trace"]["path"] = str(secret)
+    summary.pop("hardware_profile")
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("hardware: rtx-4090",
+                                                                         f"hardware: {secret}"))
+    opened = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    import builtins
+
+    builtins.open = spy
+    try:
+        html = build_run_report(d).read_text()
+    finally:
+        builtins.open = real_open
+    assert len(assert_self_contained(html)) == 3 and "Expert use was not recorded" in html
+    assert "secret_key_name" not in html and "does not open files it names" in html
+    assert not [f for f in opened if "secret" in f]
 
 
 def test_strings_from_traces_and_configs_are_escaped(tmp_path):

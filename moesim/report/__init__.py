@@ -153,38 +153,29 @@ def write_run_report(run_dir) -> Path:
 
 
 def _experts(run: dict) -> tuple[np.ndarray | None, str]:
-    """(matrix [layers, experts] or None, a sentence saying where it came from)."""
+    """(matrix [layers, experts] or None, a sentence saying where it came from). Only the directory's own
+    experts.parquet: a results directory comes from others, and a report never opens a file it names."""
     if run["experts"] is not None:
         return expert_matrix(run["experts"]), "Tokens that chose each expert, per layer (experts.parquet)."
-    path = _g(run["summary"], "trace", "path")
-    if not path:
-        return None, ("Expert use was not recorded: the results directory has no experts.parquet and the trace "
-                      "has no file.")
-    from ..trace import load_trace
-
-    try:
-        trace = load_trace(path)
-    except (MoesimError, OSError) as e:
-        return None, (f"Expert use was not recorded (no experts.parquet) and the trace file {path} could not be "
-                      f"read here: {' '.join(str(e).split())}")
-    return (expert_matrix(expert_use(trace)),
-            f"Tokens that chose each expert, per layer: counted from the trace file {path} (the results "
-            "directory has no experts.parquet).")
+    return None, "Expert use was not recorded: the results directory has no experts.parquet."
 
 
 def _hardware(run: dict) -> tuple[list, str]:
     recorded = run["summary"].get("hardware_profile")
     if isinstance(recorded, dict):
         return [(k, _value(v)) for k, v in recorded.items()], "As recorded with the run."
-    name = run["config"].get("hardware", run["summary"].get("hardware"))
-    from ..hardware import load_hardware
+    name = str(run["config"].get("hardware", run["summary"].get("hardware")))
+    from ..hardware import HOSTS, PRESETS, load_hardware
 
+    gpu, _, host = name.partition("+")
+    if gpu not in PRESETS or (host and host not in HOSTS):  # a profile file: a report opens none it is told of
+        return [], f"Profile {name}: the run did not record its numbers, and a report does not open files it names."
     try:
         profile = load_hardware(name)
     except (MoesimError, OSError) as e:
-        return [], f"Profile {name!s}: the run did not record its numbers, and it cannot be loaded here ({e})."
+        return [], f"Profile {name}: the run did not record its numbers, and it cannot be loaded here ({e})."
     return ([(k, _value(v)) for k, v in profile.to_dict().items()],
-            f"Profile {name!s} as loaded now (the run recorded its name, not its numbers).")
+            f"Profile {name} as loaded now (a preset; the run recorded its name, not its numbers).")
 
 
 def _plan_rows(s: dict) -> tuple[list, list]:
