@@ -89,6 +89,10 @@ def write_run(out_dir, config, summary: dict, steps, layers, timeline: dict | No
     return out
 
 
+# summary.json fields that are objects, and that are text, where present (what reports and tables read)
+SUMMARY_OBJECTS = ("trace", "budget", "model", "vram_plan", "step_ms_split", "latency_ms", "ttft_ms",
+                   "hardware_profile", "backend_info", "memory", "counters", "profile_check")
+SUMMARY_TEXT = ("strategy", "hardware", "backend", "scope", "not_applicable")
 LOCK = ".moesim-lock"  # in a results directory while a run writes it: the writer's pid
 
 
@@ -167,6 +171,12 @@ def read_run(run_dir) -> dict:
         raise MoesimError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(summary, dict):
         raise MoesimError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    for key in SUMMARY_OBJECTS:  # a stranger's summary.json: the shapes the reports read, or one clear error
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise MoesimError(f"{path}: field {key!r} must be a JSON object, got {type(summary[key]).__name__}")
+    for key, value in summary.items():
+        if key in SUMMARY_TEXT and value is not None and not isinstance(value, str):
+            raise MoesimError(f"{path}: field {key!r} must be text, got {type(value).__name__}")
     from .files import read_yaml
 
     path = d / CONFIG

