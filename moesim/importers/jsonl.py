@@ -64,7 +64,7 @@ def looks_like(path: Path, layer: str = "layer", experts: str = "experts", **_) 
                 if line.strip():
                     obj = orjson.loads(line)
                     return isinstance(obj, dict) and layer in obj and experts in obj
-    except (OSError, EOFError, ValueError):  # orjson.JSONDecodeError is a ValueError; so are lzma/gzip errors
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):  # orjson's errors are ValueErrors
         return False
     return False
 
