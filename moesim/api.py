@@ -344,6 +344,7 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
         from .baseline import subset
 
         trace = subset(trace, _whole(cfg.get("tokens"), "tokens"), _whole(cfg.get("seqs"), "seqs"))
+    _fits_in_memory(trace)
     model = run_model(cfg, trace.spec)  # the real model in the run's formats
     hardware = load_hardware(str(cfg.hardware))
     ctx = contexts(trace, model.sliding_window)
@@ -403,6 +404,32 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
             notes.append(note)
             print(note, file=sys.stderr)
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fits_in_memory(trace) -> None:
+    """Refuse, before anything is allocated, a replay whose arrays cannot fit in this machine's memory (a trace
+    claiming 2**28 tokens had grown a run to 4 GB before failing): the flat requests (ids, token counts, next
+    uses: ~20 bytes each) and the per-step and per-layer rows (~48 bytes each), against MemAvailable."""
+    requests = trace.n_tokens * trace.n_layers * trace.spec.top_k
+    need = requests * 20 + trace.n_steps * trace.n_layers * 48
+    have = available_memory()
+    if have is not None and need > have:
+        raise MoesimError(f"trace {trace_label(trace)}: {trace.n_tokens:,} tokens x {trace.n_layers} layers x top-"
+                          f"{trace.spec.top_k} = {requests:,} expert requests need about {need / 2**30:.1f} GiB to "
+                          f"replay, more than the {have / 2**30:.1f} GiB available here; replay a part of it "
+                          f"(tokens=N or seqs=N)")
 
 
 def check_run_config(cfg) -> None:
