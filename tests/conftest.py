@@ -42,3 +42,19 @@ def real_trace():
     from moesim.importers import open_trace
 
     return open_trace("gpt-oss-20b", cache_dir=TRACE_CACHE)
+
+
+def fill_malloc_with_nan() -> None:
+    """Leave freed malloc blocks of 16 B .. 2 KB full of NaN bytes, which malloc hands out again: compiled
+    code (numba's np.empty) that reads memory before writing it then sees NaN (issue 17)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    sizes = [n for n in range(16, 2048, 8) for _ in range(4)]
+    blocks = [libc.malloc(n) for n in sizes]
+    for b, n in zip(blocks, sizes):
+        ctypes.memset(b, 0xFF, n)  # every float64 a NaN, every int -1
+    for b in reversed(blocks):
+        libc.free(b)
