@@ -578,7 +578,7 @@ def run(cfg, write: bool = True, report: bool = False) -> Result:
     if not write:
         return replay_config(cfg)
     name = str(resolve_strategy(cfg).strategy.get("name") or "run")  # as the summary will name it
-    with claimed(default_run_dir(name) if cfg.out is None else cfg.out) as out:
+    with claimed(default_run_dir(name) if cfg.out is None else cfg.out, fresh=cfg.out is None) as out:
         result = replay_config(cfg)  # out= is checked writable and locked before the replay, not after it
         result.write(out)
         if report:

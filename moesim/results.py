@@ -97,14 +97,16 @@ LOCK = ".moesim-lock"  # in a results directory while a run writes it: the write
 
 
 @contextmanager
-def claimed(out_dir):
+def claimed(out_dir, fresh: bool = False):
     """Hold `out_dir` (created if needed) for one writer: checked writable and locked before a run starts, so
     that a second run with the same out= is refused at once instead of one silently losing its results, and a
     read-only or file-shaped out= fails before the simulation, not after it. A lock left by a killed run (its
-    pid gone) is taken over, with its `.tmp-*` leftovers."""
+    pid gone) is taken over, with its `.tmp-*` leftovers. A directory made for this run (or `fresh`) that is
+    still empty when the run ends, because it failed, is removed."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MoesimError(f"out={out}: is a file, not a directory")
+    created = fresh or not out.exists()  # fresh: the caller just made it (default_run_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = _lock(out / LOCK)
@@ -117,6 +119,11 @@ def claimed(out_dir):
     finally:
         os.close(fd)
         (out / LOCK).unlink(missing_ok=True)
+        if created:
+            try:  # a run that failed before writing anything leaves no empty directory of its own behind
+                out.rmdir()
+            except OSError:  # not empty: its results are in it
+                pass
 
 
 def _lock(path: Path) -> int:

@@ -154,12 +154,13 @@ def test_a_results_directory_has_one_writer_and_bad_out_fails_before_the_run(tmp
     from moesim.results import LOCK, claimed
 
     out = tmp_path / "r"
+    out.mkdir()  # the user's own (empty) directory: kept, unlike one a failed run made
     with claimed(out):
         assert (out / LOCK).read_text() == str(os.getpid())
         with pytest.raises(MoesimError, match=rf"another moesim run \(pid {os.getpid()}\) is writing there"):
             with claimed(out):
                 pass
-    assert not (out / LOCK).exists()
+    assert not (out / LOCK).exists() and out.is_dir()
     (out / LOCK).write_text("999999999")  # a pid that is not running: a killed run's lock
     (out / ".tmp-summary.json-x").write_text("half")
     with claimed(out):
@@ -191,3 +192,17 @@ def test_a_summary_of_the_wrong_shape_is_one_error(tmp_path, field, value):
     (out / "summary.json").write_text(json.dumps(data))
     with pytest.raises(MoesimError, match=rf"summary.json: field '{field}' must be"):
         read_run(out)
+
+
+def test_a_run_that_fails_leaves_no_empty_results_directory(tmp_path, monkeypatch):
+    import moesim.api as api
+    from moesim.__main__ import compose
+
+    def fail(cfg):
+        raise MoesimError("the replay failed")
+
+    monkeypatch.setattr(api, "replay_config", fail)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoesimError, match="the replay failed"):
+        api.run(compose("run", ["progress=false"]))  # default out: reports/runs/<time>-lru
+    assert list((tmp_path / "reports" / "runs").iterdir()) == []
