@@ -1,6 +1,8 @@
 """Fidelity: the sim backend with a profile `calibrate` measured here predicts the torch backend on the same
-trace, strategy and budget. Same decisions exactly (hits, bytes); latency within a tolerant bound (the
-measured error, on a larger trace, is reported by tests/bench/test_bench_fidelity.py and docs/fidelity.md).
+trace, strategy and budget. Same decisions exactly (hits, bytes); the median latency error of three
+calibrate-and-compare runs within 10% for fp32 experts larger than the CPU's cache (35% for packed mxfp4 ones
+that fit in it; the measured error on a larger trace is reported by tests/bench/test_bench_fidelity.py and
+docs/fidelity.md).
 
     pytest tests/test_fidelity.py -q
 """
@@ -19,11 +21,14 @@ from strategies.lru import LRU
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
-# tolerant: this runs on 2 cores shared with other work; the goal (10% here, 5% ideally) is the benchmark's
-LATENCY_BOUND = 0.35
-ATTEMPTS = 3
+ATTEMPTS = 3  # calibrate-and-compare runs; their median error is held to the bound
 # 4 layers x 16 experts, top-2, fp32 (fast CPU matmuls): 1.5 MiB per expert, copies and FFNs both count
 SPEC = ModelSpec("fidelity", layers=4, experts=16, top_k=2, hidden=256, ffn=512, dtype="fp32", bits_per_weight=32)
+# the same shape with 24 MiB experts: all 64 (1.5 GiB) are more than this machine's 480 MiB L3, as a real model's
+# are. With SPEC (96 MiB in all) the replay runs from cache while calibrate measures memory-bound copies and
+# FFNs: the sim came out 23-28% slow on an idle machine, run after run; with BIG, +1, -8 and -6% (2026-12-06)
+BIG = ModelSpec("fidelity-big", layers=4, experts=16, top_k=2, hidden=1024, ffn=2048, dtype="fp32",
+                bits_per_weight=32)
 
 
 def _locality_trace(spec, steps, batch=1):
@@ -40,17 +45,23 @@ def _profile(device: str, model, scale: float, experts_format=None):
     return to_profile(m)
 
 
-@pytest.mark.parametrize("fmt", [None, "mxfp4"])
-def test_sim_predicts_torch_on_cpu(fmt):
-    """Calibrate, then replay on both backends; up to ATTEMPTS times, since other processes' load on a shared
-    2-core machine changes within seconds (five runs here: p50 errors -35%, -19%, +3%, +2%, +19%). A broken
-    model (bytes, copies or FFNs mispriced) misses by a factor, every time. fmt: the experts as stored (None:
-    fp32, the spec's own; mxfp4: packed, each expert decoded before its FFN in both the calibration and the
-    torch run; a profile without the decode predicted a tenth of the torch run's time)."""
-    trace = _locality_trace(SPEC, steps=100)
+@pytest.mark.parametrize("fmt, spec, steps, bound", [
+    (None, BIG, 60, 0.10),  # issue 17's bound, in plain pytest
+    ("mxfp4", SPEC, 100, 0.35),  # packed experts that fit in cache: the cache bias above, so a looser bound
+])
+def test_sim_predicts_torch_on_cpu(fmt, spec, steps, bound):
+    """Calibrate, then replay on both backends, ATTEMPTS times; the median of their p50 latency errors within
+    `bound` (one run on a shared 2-core machine can be off by 30% when other work starts mid-run; the median of
+    three is not). Decisions and bytes must be equal every time. A broken model (bytes, copies or FFNs mispriced)
+    misses by a factor. fmt: the experts as stored (None: fp32, the spec's own; mxfp4: packed, each expert
+    decoded before its FFN in both the calibration and the torch run; a profile without the decode predicted a
+    tenth of the torch run's time)."""
+    import statistics
+
+    trace = _locality_trace(spec, steps=steps)
     errors = []
     for _ in range(ATTEMPTS):
-        r = compare_backends(trace, _profile("cpu", SPEC.to_dict(), 1.0, fmt), LRU, "25%", "per_layer", 1.0,
+        r = compare_backends(trace, _profile("cpu", spec.to_dict(), 1.0, fmt), LRU, "25%", "per_layer", 1.0,
                              {"device": "cpu"}, experts_format=fmt)
         assert r["same_decisions"], r
         assert r["real"]["info"]["weights_format"] == (fmt or "fp32")
@@ -58,9 +69,7 @@ def test_sim_predicts_torch_on_cpu(fmt):
         assert r["real"]["loads"] == r["sim"]["loads"] > 0
         assert r["real"]["own_ms_per_step"] > 0 and r["sim"]["own_ms_per_step"] > 0  # the replay's own time, both
         errors.append(r["error"]["latency_p50_ms"])
-        if abs(errors[-1]) < LATENCY_BOUND:
-            break
-    assert abs(errors[-1]) < LATENCY_BOUND, errors
+    assert abs(statistics.median(errors)) < bound, errors
 
 
 def test_decisions_do_not_depend_on_scale():
