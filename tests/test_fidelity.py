@@ -22,6 +22,7 @@ from strategies.lru import LRU
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 ATTEMPTS = 3  # calibrate-and-compare runs; their median error is held to the bound
+CUDA_BOUND = 0.35  # the GPU check's tolerance, one run (scripts/gpu_check.py reports the measured error)
 # 4 layers x 16 experts, top-2, fp32 (fast CPU matmuls): 1.5 MiB per expert, copies and FFNs both count
 SPEC = ModelSpec("fidelity", layers=4, experts=16, top_k=2, hidden=256, ffn=512, dtype="fp32", bits_per_weight=32)
 # the same shape with 24 MiB experts: all 64 (1.5 GiB) are more than this machine's 480 MiB L3, as a real model's
@@ -108,7 +109,7 @@ def test_sim_predicts_torch_on_cuda():
     profile = _profile("cuda", "gpt-oss-20b", 0.5, ["mxfp4", "bf16"])
     r = compare_backends(trace, profile, LRU, "25%", "per_layer", 0.5, {"device": "cuda", "dtype": "bf16"})
     assert r["same_decisions"], r
-    assert abs(r["error"]["latency_p50_ms"]) < LATENCY_BOUND, r
+    assert abs(r["error"]["latency_p50_ms"]) < CUDA_BOUND, r
     packed = compare_backends(trace, profile, LRU, "25%", "per_layer", 0.5, {"device": "cuda"})  # mxfp4
     assert packed["same_decisions"] and packed["real"]["bytes_h2d"] == packed["real"]["loads"] * 3 * 1440 * 45 * 17
-    assert abs(packed["error"]["latency_p50_ms"]) < LATENCY_BOUND, packed
+    assert abs(packed["error"]["latency_p50_ms"]) < CUDA_BOUND, packed
