@@ -224,8 +224,8 @@ def read_baseline(path) -> dict:
     except FileNotFoundError:
         raise MoesimError(f"{path}: no such baseline file (write one: python -m moesim.baseline write out={path} "
                           f"trace=...)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoesimError(f"{path}: not a readable baseline JSON file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MoesimError(f"{path}: not a readable baseline JSON file ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise MoesimError(f"{path}: not a moesim baseline (expected \"format\": \"{FORMAT}\")")
     if data.get("format_version") != FORMAT_VERSION:

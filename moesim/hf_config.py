@@ -59,8 +59,8 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
             cfg = json.loads(path.read_text())
         except FileNotFoundError:
             raise MoesimError(f"{where}: no such file (expected a Hugging Face config.json)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MoesimError(f"{where}: not a readable JSON file ({e})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise MoesimError(f"{where}: not a readable JSON file ({type(e).__name__}: {e})") from None
         if not isinstance(cfg, dict):
             raise MoesimError(f"{where}: expected a JSON object (a Hugging Face config.json), got {type(cfg).__name__}")
         default_name = path.parent.name or path.stem

@@ -176,6 +176,8 @@ def read_run(run_dir) -> dict:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoesimError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # a stranger's file nested thousands deep
+        raise MoesimError(f"{path}: JSON nested too deeply") from None
     if not isinstance(summary, dict):
         raise MoesimError(f"{path}: expected a JSON object, got {type(summary).__name__}")
     for key in SUMMARY_OBJECTS:  # a stranger's summary.json: the shapes the reports read, or one clear error
@@ -247,8 +249,8 @@ def read_not_applicable(run_dir) -> dict:
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
         config, strategy, reason = body["config"], str(body["strategy"]), str(body["not_applicable"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MoesimError(f"{path}: not a not-applicable record ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise MoesimError(f"{path}: not a not-applicable record ({type(e).__name__}: {e})") from None
     summary = {"strategy": strategy, "not_applicable": reason, "budget": {"requested": str(config.get("budget"))},
                "scope": config.get("scope"), "hardware": config.get("hardware"), "backend": None,
                "trace": {"name": config.get("trace")}, "bound": False}

@@ -206,3 +206,22 @@ def test_a_run_that_fails_leaves_no_empty_results_directory(tmp_path, monkeypatc
     with pytest.raises(MoesimError, match="the replay failed"):
         api.run(compose("run", ["progress=false"]))  # default out: reports/runs/<time>-lru
     assert list((tmp_path / "reports" / "runs").iterdir()) == []
+
+
+def test_json_nested_too_deep_is_one_error(tmp_path):
+    """A stranger's summary.json (or baseline, or config.json) nested 100,000 deep: one line, no RecursionError."""
+    from moesim import baseline
+    from moesim.hf_config import spec_from_hf_config
+
+    summary, steps, layers, _ = _run_parts()
+    out = write_run(tmp_path / "run", OmegaConf.create({"strategy": "lru"}), summary, steps, layers, None)
+    deep = "[" * 100_000 + "]" * 100_000
+    (out / "summary.json").write_text(deep)
+    with pytest.raises(MoesimError, match="nested too deeply"):
+        read_run(out)
+    (tmp_path / "b.json").write_text(deep)
+    with pytest.raises(MoesimError, match="RecursionError"):
+        baseline.read_baseline(tmp_path / "b.json")
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(MoesimError, match="RecursionError"):
+        spec_from_hf_config(str(tmp_path / "config.json"))
