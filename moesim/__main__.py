@@ -12,7 +12,7 @@ import importlib
 import re
 import sys
 
-from .errors import MoesimError
+from .errors import EXTRAS, MoesimError, install_hint
 
 # command -> (module:function taking the composed config, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,23 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
     "plan": ("moesim.plan:plan_command", "which strategy and how much VRAM for experts: every strategy x cache size, ranked"),
 }
-
-
-# optional dependencies -> how to install them (pyproject.toml's extras)
-EXTRAS = {
-    "torch": 'pip install -e ".[torch]" (with a GPU: your CUDA build of torch, https://pytorch.org)',
-    "transformers": 'pip install -e ".[record]"',
-    "hydra_plugins": 'pip install -e ".[sweep]"',
-}
-
-
-def install_hint(error: BaseException) -> str | None:
-    """How to install the optional module whose absence `error` (or its cause) reports, or None."""
-    while error is not None:
-        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
-            return f"{error.name}, which is not installed: {EXTRAS[error.name.split('.')[0]]}"
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def usage() -> str:

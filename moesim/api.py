@@ -338,12 +338,11 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
     cfg = resolve_strategy(cfg)
     if trace is None:
         trace = load_trace(cfg.trace)
-    if cfg.get("timeline", "auto") not in (True, False, "auto"):  # before the replay, not after it
-        raise MoesimError(f"timeline={cfg.get('timeline')!r}: expected true, false or auto")
-    if cfg.get("tokens") is not None or cfg.get("seqs") is not None:  # a prefix: tokens=N, seqs=N
+    tokens, seqs = _run_values(cfg)  # checked before the replay, not after it
+    if tokens is not None or seqs is not None:  # a prefix: tokens=N, seqs=N
         from .baseline import subset
 
-        trace = subset(trace, _whole(cfg.get("tokens"), "tokens"), _whole(cfg.get("seqs"), "seqs"))
+        trace = subset(trace, tokens, seqs)
     _fits_in_memory(trace)
     model = run_model(cfg, trace.spec)  # the real model in the run's formats
     hardware = load_hardware(str(cfg.hardware))
@@ -406,25 +405,15 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None where it is not known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _fits_in_memory(trace) -> None:
     """Refuse, before anything is allocated, a replay whose arrays cannot fit in this machine's memory (a trace
     claiming 2**28 tokens had grown a run to 4 GB before failing): the flat requests (ids, token counts, next
     uses: ~20 bytes each) and the per-step and per-layer rows (~48 bytes each), against MemAvailable."""
     requests = trace.n_tokens * trace.n_layers * trace.spec.top_k
     need = requests * 20 + trace.n_steps * trace.n_layers * 48
-    have = available_memory()
+    from . import hardware
+
+    have = hardware.host_memory_available()
     if have is not None and need > have:
         raise MoesimError(f"trace {trace_label(trace)}: {trace.n_tokens:,} tokens x {trace.n_layers} layers x top-"
                           f"{trace.spec.top_k} = {requests:,} expert requests need about {need / 2**30:.1f} GiB to "
@@ -451,10 +440,7 @@ def check_run_config(cfg) -> None:
         budget_value(cfg.budget)
     load_hardware(str(cfg.hardware))
     check_trace_name(cfg.trace)
-    _whole(cfg.get("tokens"), "tokens")
-    _whole(cfg.get("seqs"), "seqs")
-    if cfg.get("timeline", "auto") not in (True, False, "auto"):
-        raise MoesimError(f"timeline={cfg.get('timeline')!r}: expected true, false or auto")
+    _run_values(cfg)
 
 
 BELADY_MAX_REQUESTS = 50_000_000  # the summary's Belady hit rate is computed up to this many expert requests
@@ -468,11 +454,23 @@ def _belady_hit_rate(trace, slots: int, scope: str, reset_per_seq: bool) -> floa
 
     if trace.n_tokens * trace.n_layers * trace.spec.top_k > BELADY_MAX_REQUESTS:
         return None
-    try:
-        c = core.hit_counts(trace, "belady", {}, slots, scope, reset_per_seq)
-    except MoesimError:  # e.g. a budget too small for a layer's experts: the run itself said so
-        return None
-    return c["hits"] / c["requests"] if c["requests"] else None
+    known = trace.__dict__.setdefault("_belady_hit_rates", {})  # the runs of a sweep at one budget share it
+    key = (slots, scope, reset_per_seq)
+    if key not in known:
+        try:
+            c = core.hit_counts(trace, "belady", {}, slots, scope, reset_per_seq)
+            known[key] = c["hits"] / c["requests"] if c["requests"] else None
+        except MoesimError:  # e.g. a budget too small for a layer's experts: the run itself said so
+            known[key] = None
+    return known[key]
+
+
+def _run_values(cfg) -> tuple[int | None, int | None]:
+    """(tokens, seqs) of a run config, each a whole number >= 1 or None; timeline true, false or auto. Raises
+    MoesimError naming the bad one."""
+    if cfg.get("timeline", "auto") not in (True, False, "auto"):
+        raise MoesimError(f"timeline={cfg.get('timeline')!r}: expected true, false or auto")
+    return _whole(cfg.get("tokens"), "tokens"), _whole(cfg.get("seqs"), "seqs")
 
 
 def _whole(value, name: str):
@@ -667,7 +665,7 @@ def build(block, where: str, **kwargs):
     try:
         return instantiate(block, **kwargs)
     except InstantiationException as e:
-        from .__main__ import install_hint
+        from .errors import install_hint
 
         cause = e.__cause__ or e.__context__
         hint = install_hint(e)

@@ -553,6 +553,18 @@ def _points(d: dict, name: str, fields: dict, where: str) -> list[dict]:
     return points
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory available to a new allocation (MemAvailable of /proc/meminfo), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB (KiB)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def load_hardware(value) -> HardwareProfile:
     """A preset name (h200, h100-pcie, ...), `gpu+host` (a preset's GPU on a host of HOSTS), a path to a YAML
     profile, a mapping of fields, or a profile."""

@@ -138,8 +138,9 @@ class ModelSpec:
 _COUNTS = ("shared_experts", "shared_ffn", "heads", "kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
            "rope_head_dim", "nope_head_dim", "dense_layers", "dense_ffn", "vocab", "sliding_window", "sliding_layers")
 # Upper bounds of what a file may claim, checked before anything is sized from them (a 4 KB trace claiming
-# experts=2**31 had grown a run to 3 GB): far above any published MoE (DeepSeek-V3: 61 layers, 256 experts,
-# top-8, hidden 7168, expert FFN 2048; the largest dense FFNs ~ 53,248; vocabularies ~ 262k).
+# experts=2**31 had grown a run to 3 GB): far above every model of moesim's own catalogue (MODEL_SPECS, whose
+# largest are 94 layers, 256 experts, top-8, hidden 7168, expert FFN 16384, dense FFN 18432, vocabulary 201088);
+# the values are moesim's choice, not from a source.
 LIMITS = {"layers": 1024, "experts": 16384, "top_k": 1024, "hidden": 131072, "ffn": 1048576,
           "shared_experts": 256, "shared_ffn": 1048576, "heads": 4096, "kv_heads": 4096, "head_dim": 4096,
           "q_lora_rank": 131072, "kv_lora_rank": 131072, "rope_head_dim": 4096, "nope_head_dim": 4096,
@@ -151,8 +152,8 @@ def _check_limits(spec: ModelSpec, where: str, names) -> None:
     for n in names:
         v = spec.layers * spec.experts if n == "layers x experts" else getattr(spec, n)
         if v > LIMITS[n]:
-            raise TraceError(f"{where}.{n}: {v:,} is more than moesim accepts ({LIMITS[n]:,}; no published MoE "
-                             f"comes near): a damaged or hostile file?")
+            raise TraceError(f"{where}.{n}: {v:,} is more than moesim accepts ({LIMITS[n]:,}, far above every "
+                             f"model of its catalogue): a damaged or hostile file?")
 
 
 def _check_whole(spec: ModelSpec, where: str) -> None:

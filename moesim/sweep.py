@@ -112,8 +112,6 @@ def run_cell(cfg) -> dict:
     if is_complete(cell_dir) and _unchanged(cell_dir, run_cfg):
         print(f"{label} ... complete, skipped", file=sys.stderr, flush=True)
         return {"dir": str(cell_dir), "skipped": True, "seconds": 0.0, "error": None}
-    for stale in cell_dir.glob(".tmp-*"):  # left by a kill in the middle of an atomic write
-        stale.unlink(missing_ok=True)
     start = time.perf_counter()
     (cell_dir / NOT_APPLICABLE).unlink(missing_ok=True)  # an earlier verdict on this cell's old config
     try:

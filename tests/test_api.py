@@ -276,9 +276,9 @@ def test_timeline_auto_skips_long_runs(monkeypatch, tiny):
 def test_a_replay_larger_than_memory_is_refused_before_it_starts(tiny, monkeypatch):
     """issue 17: a trace claiming 2**28 tokens grew a run to 4 GB before failing. The replay's arrays are sized
     from the trace and refused, with the numbers and the way out (tokens=N), before anything is allocated."""
-    from moesim import api
+    from moesim import hardware
 
-    monkeypatch.setattr(api, "available_memory", lambda: 100_000)  # 100 kB: the 120-token trace needs ~300 kB
+    monkeypatch.setattr(hardware, "host_memory_available", lambda: 100_000)  # 100 kB: the 120-token trace needs ~300 kB
     with pytest.raises(MoesimError, match=r"120 tokens x 24 layers x top-4 = 11,520 expert requests need about "
                                           r"0\.0 GiB to replay, more than the 0\.0 GiB available here; replay a part"):
         moesim.simulate(tiny[0])

@@ -19,24 +19,13 @@ import torch
 
 from ...errors import MoesimError
 from ...formats import get_format
+from ...hardware import host_memory_available  # tests patch it here
 from ...models import DTYPE_BITS, ModelSpec
 from .device import device_name
 
 HOST_SHARE = 0.9  # of MemAvailable a run may take: the rest stays for Python, the trace and the system
 DEVICE_SHARE = 0.95  # of free VRAM a run may take: the CUDA context and cuBLAS need some
 GiB, MiB = 2**30, 2**20
-
-
-def host_memory_available() -> int | None:
-    """Bytes of host memory available to a new allocation (MemAvailable of /proc/meminfo), None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB (KiB)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def host_memory_total() -> int:
