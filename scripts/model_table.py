@@ -53,7 +53,11 @@ PUBLISHED = {
                    "ZHUI/paddlenlp_model_readme@40a7101e:deepseek-ai/DeepSeek-V3/index.md (copy of the Hub README); "
                    "deepseek-ai/DeepSeek-V3@9b4e9788e4a3a731f7567338ed15d3ec549ce03b:README_WEIGHTS.md"),
         "files": None,  # PaddleNLP's DeepSeek-V3 copy is 8 GB shards, a bf16 conversion, not the fp8 release
-        "gguf": None,
+        # llama-bench prints the file's size in GiB: 376.65 x 2^30 = 404.42e9 bytes. moesim's recipe is 6.5% under
+        # it: llama.cpp's Q4_K_M stores ffn_down of the use_more_bits layers in q6_k (moesim/formats.py: RECIPES)
+        "gguf": ("Q4_K_M: 376.65 GiB = 404.42 GB (llama-bench)",
+                 "ggml-org/llama.cpp issue #10981, RodriMora's comment of 2025-01-03 (llama-bench: \"deepseek2 671B "
+                 "Q4_K - Medium | 376.65 GiB | 671.03 B\")"),
     },
     "deepseek-v2-lite": {
         "params": ("15.7B total, 2.4B active (16B in the table)",
