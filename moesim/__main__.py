@@ -58,7 +58,8 @@ def command_help(command: str) -> str:
 
 
 def _value_presets() -> dict:
-    """The named values of the options that are not config groups: hardware, host, trace, model."""
+    """The named values of the options that are not config groups: hardware, host, trace, model, disk."""
+    from .disk import STORAGE
     from .hardware import HOSTS, PRESETS
     from .importers import SHIPPED
     from .models import MODEL_SPECS
@@ -69,7 +70,8 @@ def _value_presets() -> dict:
             "host": f"one of: {', '.join(HOSTS)}",
             "trace": f"a .moetrace.safetensors file, a foreign trace file or folder, a shipped real trace "
                      f"({', '.join(SHIPPED)}) or a synthetic preset ({', '.join(TRACES)})",
-            "model": f"a preset ({', '.join(MODEL_SPECS)}) or a Hugging Face config.json"}
+            "model": f"a preset ({', '.join(MODEL_SPECS)}) or a Hugging Face config.json",
+            "disk": f"a storage preset ({', '.join(STORAGE)}; moesim/disk.py)"}
 
 
 def compose(command: str, overrides: list[str]):

@@ -357,9 +357,10 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
     sim = str(cfg.backend.get("_target_", "")).endswith("SimBackend")  # the torch backend runs no attention
     whole = bool(cfg.get("whole_model", True)) and spec.whole and sim
     dense = dense_times(spec, hardware, ctx) if whole else None
+    disk = disk_tier(cfg, trace, spec)
     ex = execute(trace, spec, budget.slots, scope, strat, cfg.backend, hardware,
                  reset_per_seq=bool(cfg.reset_per_seq), progress=bool(cfg.progress), fast=cfg.get("fast", "auto"),
-                 dense=dense, events=events)
+                 dense=dense, events=events, disk=disk)
     counters, profiler, served, device_bytes, backend = ex.counters, ex.profiler, ex.served, ex.device_bytes, ex.backend
     metrics = profiler.metrics()
     steps_arr = profiler.arrays()
@@ -393,6 +394,9 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
         "backend": backend.name,
         "fast_path": ex.compiled,
     }
+    if disk is not None:
+        counts = ex.disk if ex.disk is not None else disk.counts(backend.disk_busy_ms)
+        summary["disk"] = disk.summary(spec, trace.n_tokens, counts, metrics.get("wall_ms") or 0.0)
     for extra in ("memory", "info"):  # what only some backends can tell (torch: peak RSS, VRAM, device name)
         if hasattr(backend, extra):
             summary[f"backend_{extra}" if extra == "info" else extra] = getattr(backend, extra)()
@@ -403,6 +407,35 @@ def replay_config(cfg, trace: Trace | None = None, events: bool = True) -> Resul
             notes.append(note)
             print(note, file=sys.stderr)
     return Result(summary, OmegaConf.to_container(cfg, resolve=True), profiler, trace)
+
+
+def disk_tier(cfg, trace, spec):
+    """The run's disk tier (moesim/disk.py) from its `disk` block, or None where `disk.storage` is null: a host
+    cache of `disk.ram` expert slots (one pool) with the cache policy named by `disk.policy`."""
+    from .disk import DiskTier, load_storage
+    from .units import parse_budget
+
+    block = cfg.get("disk")
+    if block is None or block.get("storage") is None:
+        return None
+    storage = load_storage(block.storage)
+    if not str(cfg.backend.get("_target_", "")).endswith("SimBackend"):
+        raise MoesimError("disk.storage: only backend=sim has a disk tier so far (the torch backend holds every "
+                          "expert in host memory); use backend=sim or disk.storage=null")
+    try:
+        ram = parse_budget(block.get("ram", "50%"), spec, "global")
+    except MoesimError as e:
+        raise MoesimError(f"disk.ram: {e}") from None
+    from .core import reference_class
+
+    name = str(block.get("policy", "lru"))
+    try:
+        cls = reference_class(name)
+    except MoesimError:
+        from .core.parts import CACHE
+
+        raise MoesimError(f"disk.policy={name!r}: expected one of {', '.join(n for n, _ in CACHE.values())}") from None
+    return DiskTier(spec, ram.slots, cls, storage, trace)
 
 
 def _fits_in_memory(trace) -> None:
@@ -596,10 +629,11 @@ class Execution:
     backend: object  # the backend instance (name; memory() and info() where it has them)
     bound: bool  # an oracle took part
     compiled: bool  # the compiled loop ran it
+    disk: dict | None = None  # the compiled core's disk tier counts (moesim.core.SimRun.disk); None: see the DiskTier
 
 
 def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware, reset_per_seq: bool = False,
-            progress: bool = False, fast="auto", dense=None, events: bool = True) -> Execution:
+            progress: bool = False, fast="auto", dense=None, events: bool = True, disk=None) -> Execution:
     """Replay `trace` through the strategy config `strat` (cache/prefetch/offload blocks) on the backend of
     `backend_cfg` with `n_slots` slots in `scope` (see `replay_parts`). `spec` is the stored model (scale and
     dtype applied); `hardware` the run's profile."""
@@ -608,12 +642,13 @@ def execute(trace, spec, n_slots: int, scope: str, strat, backend_cfg, hardware,
     offload = build(strat.offload, "offload") if strat.get("offload") else None
     backend = build(backend_cfg, "backend", hardware=hardware)
     return replay_parts(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend, hardware,
-                        reset_per_seq=reset_per_seq, progress=progress, fast=fast, dense=dense, events=events)
+                        reset_per_seq=reset_per_seq, progress=progress, fast=fast, dense=dense, events=events,
+                        disk=disk)
 
 
 def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher, offload, backend, hardware=None,
                  cost=None, reset_per_seq: bool = False, progress: bool = False, fast="auto",
-                 prefetch_max: int | None = None, dense=None, events: bool = True) -> Execution:
+                 prefetch_max: int | None = None, dense=None, events: bool = True, disk=None) -> Execution:
     """Replay `trace` through built parts (`make_policy` builds the cache policy of one partition) on `backend`
     (not set up yet). Where every part is built in, the compiled core (moesim/core/) decides: on the sim
     backend it runs the whole run; on another (torch) it records its decisions and the backend executes them
@@ -622,7 +657,8 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     policy is asked with (`cost`, default moesim.hardware.Cost(hardware, spec)); None: the h200 preset, for runs
     without an offload policy. `fast`: see `compiled_run`; `prefetch_max` (the Python driver's, for checks
     with a custom prefetcher) takes the Python driver. `dense`: the model's non-expert part per step
-    (moesim.whole.DenseTimes), timed by the sim backend only. `events`: see replay_config."""
+    (moesim.whole.DenseTimes), timed by the sim backend only. `events`: see replay_config. `disk`: the disk tier
+    (moesim.disk.DiskTier): its host cache, in either driver."""
     from . import core
     from .hardware import Cost, load_hardware
     from .profiler import Profiler
@@ -634,9 +670,9 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     way = compiled_run(fast, backend, first, prefetcher, offload) if prefetch_max is None else None
     if way == "sim":  # tests/test_core.py: equal to the Python driver, event for event
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, backend.hardware,
-                            reset_per_seq, pinned=backend.pinned, cost=cost, dense=dense, events=events)
+                            reset_per_seq, pinned=backend.pinned, cost=cost, dense=dense, events=events, disk=disk)
         return Execution(Counters(**sim.counters), sim.prefetch, sim.profiler, sim.request_stats,
-                         sim.device_bytes, backend, bound, True)
+                         sim.device_bytes, backend, bound, True, sim.disk)
     if way == "play":  # the core decides; the backend executes (tests/test_core.py: the same calls)
         sim = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, hardware, reset_per_seq,
                             cost=cost, record=True)
@@ -651,7 +687,8 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     if dense is not None and hasattr(backend, "dense"):
         backend.dense = dense
     cache, profiler, counters = drive(trace, spec, n_slots, scope, make_policy, backend, prefetcher, offload, cost,
-                                     reset_per_seq=reset_per_seq, prefetch_max=prefetch_max, progress=progress)
+                                     reset_per_seq=reset_per_seq, prefetch_max=prefetch_max, progress=progress,
+                                     disk=disk)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
 
@@ -765,6 +802,22 @@ def ms_text(ms) -> str:
     return f"{ms:.1f} ms"
 
 
+def disk_rows(d) -> list[tuple[str, str]]:
+    """The disk tier's lines of a summary (its `disk` section; none without one)."""
+    if not isinstance(d, dict):
+        return []
+    st = d.get("storage") or {}
+    rate = d.get("host_hit_rate")
+    share = d.get("disk_busy_share")
+    return [("disk / host cache", f"{st.get('name')} ({st.get('read_gbps')} GB/s, {d.get('read_ms', 0):.2f} ms per "
+                                  f"expert) / {d.get('host_slots')} slots ({d.get('host_gib', 0):.2f} GiB)"),
+            ("host hit rate", "n/a" if rate is None else f"{rate:.4f}  ({d.get('host_hits')} of "
+                                                         f"{d.get('host_requests')} device misses)"),
+            ("bytes disk->host", f"{d.get('bytes_disk', 0) / 2**30:.2f} GiB, {d.get('disk_mib_per_token', 0):.1f} "
+                                 f"MiB per token; disk busy "
+                                 + ("n/a" if share is None else f"{share:.0%} of the run"))]
+
+
 def summary_table(s: dict) -> str:
     """A short terminal table of a run's summary."""
     lat = s.get("latency_ms", {})
@@ -810,6 +863,7 @@ def summary_table(s: dict) -> str:
         rows.insert(7, ("streamed", f"{s['streams']} (copied into scratch slots, computed, dropped; in loads)"))
     if s.get("host_computes"):
         rows.insert(7, ("host computes", f"{s['host_computes']}"))
+    rows += disk_rows(s.get("disk"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

@@ -149,14 +149,16 @@ def reset_steps(trace: Trace) -> set[int]:
 
 def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | None = None,
            offload: OffloadPolicy | None = None, cost=None, reset_per_seq: bool = False,
-           prefetch_max: int | None = None, progress: bool = False) -> Counters:
+           prefetch_max: int | None = None, progress: bool = False, disk=None) -> Counters:
     """Replay `trace` through `cache` (and `backend`, if given). Returns the cache's counters; what became
     of prefetches is in `cache.prefetch`, the backend's served-request counts in `backend.request_stats()`.
 
     `prefetch_max`: at most this many keys of each `predict` are loaded (None: all it returns; 0: the
-    prefetcher observes but is not asked)."""
+    prefetcher observes but is not asked). `disk`: the disk tier (moesim.disk.DiskTier): each device miss
+    needs its expert in host memory, read from disk where the host cache misses it (backend.read)."""
     policy = cache.partitions[0].policy
-    if (backend is None and prefetcher is None and offload is None and not progress and not cache.prefetch.unused
+    if (backend is None and prefetcher is None and offload is None and disk is None and not progress
+            and not cache.prefetch.unused
             and not cache.pinned and min(p.capacity for p in cache.partitions) >= trace.experts.shape[2]
             and not getattr(policy, "refuses", False)):
         _replay_cache_only(trace, cache, reset_per_seq)
@@ -206,9 +208,10 @@ def replay(trace: Trace, cache: Cache, backend=None, prefetcher: Prefetcher | No
                         ahead = ahead[:prefetch_max]
             ns = counts_of[layer] if counts_of is not None else None
             if len(keys) <= caps[layer]:
-                _serve(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch)
+                _serve(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch, disk)
             else:
-                _serve_waves(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch)
+                _serve_waves(cache, backend, offload, cost, pos, layer, keys, ns, ahead, pf_cap, host_cap, scratch,
+                             disk)
             pos += 1
         if backend is not None:
             backend.end_step()
@@ -262,7 +265,7 @@ def _replay_cache_only(trace: Trace, cache: Cache, reset_per_seq: bool) -> None:
 
 def _serve_waves(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: list[Key], ns: list[int] | None,
                  ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None,
-                 scratch: tuple[int, int] | None = None) -> None:
+                 scratch: tuple[int, int] | None = None, disk=None) -> None:
     """A layer that needs more distinct keys than its slots (prefill, big batches): `_serve` in waves of at
     most that many keys, hits first, each wave pinned while it computes; `ahead` with the first."""
     cap = cache.capacity_of(layer)
@@ -271,20 +274,23 @@ def _serve_waves(cache: Cache, backend, offload, cost, pos: int, layer: int, key
     for w in range(0, len(order), cap):
         wave = order[w:w + cap]
         _serve(cache, backend, offload, cost, pos, layer, [keys[i] for i in wave], [ns[i] for i in wave],
-               ahead if w == 0 else None, pf_cap, host_cap, scratch)
+               ahead if w == 0 else None, pf_cap, host_cap, scratch, disk)
 
 
 def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: list[Key], ns: list[int] | None,
            ahead: list[Key] | None = None, pf_cap: int | None = None, host_cap: int | None = None,
-           scratch: tuple[int, int] | None = None) -> None:
+           scratch: tuple[int, int] | None = None, disk=None) -> None:
     """One layer's keys `keys` (chosen by `ns` tokens each; None: one each): look up (pinning them), fetch,
-    host-compute or stream each miss, prefetch `ahead`, compute, unpin. `scratch`: (first scratch slot, count)."""
+    host-compute or stream each miss, prefetch `ahead`, compute, unpin. `scratch`: (first scratch slot, count).
+    `disk`: each miss is first read from disk where the host cache misses it (moesim/disk.py)."""
     misses = cache.lookup(pos, layer, keys)
     if ns is None and (offload is not None or backend is not None):
         ns = [1] * len(keys)
     host: list[tuple[Key, int]] = []
     streamed: dict[Key, int] = {}  # key -> scratch slot
     for key in misses:
+        if disk is not None:  # its copy, or its host compute, reads it from host memory
+            _read(disk, backend, pos, key)
         if offload is not None:
             n = ns[keys.index(key)]
             decision = offload.on_miss(key, n, cost)
@@ -314,7 +320,7 @@ def _serve(cache: Cache, backend, offload, cost, pos: int, layer: int, keys: lis
         if backend is not None:
             backend.load(key, got[0], False)
     if ahead:
-        _prefetch(cache, backend, ahead, pos, pf_cap)
+        _prefetch(cache, backend, ahead, pos, pf_cap, disk)
     if backend is not None:
         slot = cache.partitions[cache.part_of_layer[layer]].resident  # key -> slot (Cache.slot_of, once per layer)
         if streamed:
@@ -344,7 +350,13 @@ def scratch_slots(spec, policy, offload) -> int:
     return max(n, spec.experts) if getattr(policy, "refuses", False) else n
 
 
-def _prefetch(cache: Cache, backend, keys: list[Key], pos: int, cap: int | None = None) -> None:
+def _read(disk, backend, pos: int, key: Key) -> None:
+    """The disk tier: `key` read from disk into host memory where the host cache misses it."""
+    if disk.need(pos, key) and backend is not None:
+        backend.read(key)
+
+
+def _prefetch(cache: Cache, backend, keys: list[Key], pos: int, cap: int | None = None, disk=None) -> None:
     """Load the keys of `keys` that are not resident, in order, marked prefetched, while the copy engine
     holds less than `cap` bytes. The predicted keys are pinned meanwhile (with the running layer's), so a
     prefetch never evicts a key the same prediction wants; a key whose partition is all pinned is skipped."""
@@ -363,8 +375,11 @@ def _prefetch(cache: Cache, backend, keys: list[Key], pos: int, cap: int | None 
             if not _room(backend, cap, nbytes):
                 break
             got = cache.insert(pos, key, prefetched=True)
-            if got is not None and backend is not None:
-                backend.load(key, got[0], True)
+            if got is not None:
+                if disk is not None:
+                    _read(disk, backend, pos, key)
+                if backend is not None:
+                    backend.load(key, got[0], True)
     finally:
         cache.unpin(added)
 
@@ -393,7 +408,7 @@ def hit_counts(trace: Trace, make_policy: Callable[[], CachePolicy], budget, sco
 
 def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[], CachePolicy], backend,
           prefetcher: Prefetcher | None = None, offload: OffloadPolicy | None = None, cost=None,
-          reset_per_seq: bool = False, prefetch_max: int | None = None, progress: bool = False):
+          reset_per_seq: bool = False, prefetch_max: int | None = None, progress: bool = False, disk=None):
     """A timed replay on `backend` (set up here with `spec` and `n_slots`): (cache, profiler, counters). What
     moesim.api.execute does for the Python driver, and what the fidelity check and calibrate do per backend."""
     from .profiler import Profiler
@@ -401,8 +416,13 @@ def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[]
     cache = Cache(spec, n_slots, scope, make_policy, trace)
     profiler = Profiler(spec.layers)
     backend.setup(spec, n_slots + scratch_slots(spec, cache.partitions[0].policy, offload), profiler)
+    if disk is not None:
+        if not hasattr(backend, "read"):
+            raise MoesimError(f"disk.storage: backend {getattr(backend, 'name', type(backend).__name__)} does not "
+                              f"read experts from disk; use backend=sim")
+        backend.setup_disk(disk.storage)
     counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
-                      prefetch_max=prefetch_max, progress=progress)
+                      prefetch_max=prefetch_max, progress=progress, disk=disk)
     return cache, profiler, counters
 
 

@@ -2,6 +2,7 @@
 
     python -m moesim plan model=gpt-oss-20b hardware=rtx-4090 [host=i9-13900k] [vram=12] [context=4096]
         [batch=1] [trace=...] [target=40] [strategies=[lru,fiddler,...]] [sizes=8] [jobs=2] [out=DIR]
+        [ram=64 disk=nvme-pcie4 [disk_policy=lru]]   # a model larger than VRAM + RAM, read from disk
         [overrides=['model.experts_format=q4_k']]   # formats and any other run option, for every replay
     moesim.plan(model="gpt-oss-20b", hardware="rtx-4090", vram=12) -> Plan
 
@@ -10,7 +11,8 @@ What it does, in order:
      with `vram` GiB usable (default: the card's);
   2. what fits: the whole model's VRAM plan (moesim/whole.py: non-expert weights, KV cache for `batch`
      sequences of `context` tokens, workspace, runtime reserve) leaves room for so many experts; a model larger
-     than VRAM + `ram` is refused with the numbers;
+     than VRAM + `ram` is refused with the numbers, unless `disk` names a storage preset: then the experts
+     live on disk and `ram` GiB of them in a host cache (`disk_policy`, moesim/disk.py) in every replay;
   3. the search: every strategy (default: every deployable preset and policy but layer_offload, whose budget
      is fixed by its definition) x `sizes` expert-cache sizes from top-k per layer up to all that fits
      (placements follow the size: llama_cpp_ncmoe's host layers are L - slots // E), each replayed by the
@@ -56,6 +58,8 @@ class Row:
     tokens_per_s: float | None = None  # decode tokens/s (all tokens/s where the trace has no decode)
     ttft_p50_ms: float | None = None
     mib_per_token: float | None = None  # PCIe host->device traffic
+    host_hit_rate: float | None = None  # with a disk tier: device misses found in host memory
+    disk_mib_per_token: float | None = None  # with a disk tier: bytes read from disk
     stall_share: float | None = None  # of a step's time, waiting for copies
     hit_rate: float | None = None
     scope: str | None = None
@@ -81,6 +85,7 @@ class Plan:
     near_best: dict | None = None  # the least VRAM within NEAR of the best tokens/s
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    disk: dict | None = None  # with a disk tier: storage, host cache GiB, slots and policy
 
     def ranked(self, slots: int | None = None) -> list[Row]:
         """The deployable rows at size `slots` (default: the largest), fastest first."""
@@ -133,9 +138,10 @@ def sizes_between(lo: int, hi: int, n: int, step: int) -> list[int]:
 def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None = None, vram: float | None = None,
          ram: float | None = None, context: int | None = None, batch: int | None = None, trace=None,
          target: float | None = None, strategies=None, sizes: int = 8, overrides=(), progress: bool = False,
-         jobs: int = 1) -> Plan:
+         jobs: int = 1, disk: str | None = None, disk_policy: str = "lru") -> Plan:
     """Plan a model on a machine (see the module docstring). Returns a Plan; raises MoesimError for bad input.
-    `jobs`: replays run at once (processes; each replay is single-threaded)."""
+    `jobs`: replays run at once (processes; each replay is single-threaded). `disk`: a storage preset
+    (moesim.disk.STORAGE) the model is read from when it is larger than VRAM + `ram` (then `ram` is needed)."""
     import dataclasses
 
     from .api import build, compose_run, load_trace, resolve_strategy, run_model, trace_label
@@ -168,7 +174,18 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     cfg = config("lru", "global")
     real = run_model(cfg, tr.spec)  # the model as stored (formats applied)
     total = sum(weight_bytes(real).values())
-    if ram is not None and total > usable + _positive(ram, "ram") * GIB:
+    tier = None
+    if disk is not None:
+        from .disk import load_storage
+
+        storage = load_storage(disk)
+        if ram is None:
+            raise MoesimError(f"plan: disk={disk} needs ram=<GiB of host memory for experts>")
+        if total > usable + _positive(ram, "ram") * GIB:  # the experts live on disk, `ram` GiB of them in RAM
+            tier = {"storage": storage.name, "ram_gib": float(ram), "policy": str(disk_policy),
+                    "host_slots": int(float(ram) * GIB // real.bytes_per_expert)}
+            extra += [f"disk.storage={storage.name}", f"disk.ram={float(ram)}GiB", f"disk.policy={disk_policy}"]
+    if ram is not None and tier is None and total > usable + _positive(ram, "ram") * GIB:
         raise MoesimError(f"plan: {real.name} takes {total / GIB:.1f} GiB as stored, more than VRAM + RAM = "
                           f"{usable / GIB:.1f} + {ram:g} GiB: it does not fit this machine (try a smaller format: "
                           f"model.experts_format=q4_k)")
@@ -180,6 +197,12 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     L, K = real.layers, real.top_k
     max_slots = budget.slots
     notes = []
+    if tier is not None:
+        notes.append(f"{real.name} takes {total / GIB:.1f} GiB, more than VRAM + RAM = {usable / GIB:.1f} + "
+                     f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} of "
+                     f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: belady)")
+    elif disk is not None:
+        notes.append(f"{real.name} fits in VRAM + RAM: nothing is read from disk={disk}")
     lo = K * L if max_slots >= K * L else K
     if lo == K:
         notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
@@ -193,7 +216,8 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         offload = build(st.offload, "offload") if st.get("offload") else None
         scratch[name] = scratch_slots(real, build(st.cache, "strategy.cache"), offload)
     configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
-        *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else [])]))
+        *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else []),
+        *(["disk.policy=belady"] if tier else [])]))
     same = _same_runs(configs, names)  # presets that are another's configuration under a new name replay once
     for name, twin in same.items():
         if twin != name:
@@ -210,14 +234,15 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         notes.append(f"every expert fits in {usable / GIB:.1f} GiB beside the rest of the model: no offloading is "
                      f"needed at the largest size (the strategies differ only below it)")
     p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows,
-             recommendation=None, target=target, notes=notes)
+             recommendation=None, target=target, notes=notes, disk=tier)
     best = p.ranked()
     if best:
         b = best[0]
         bound = p.bound_at(b.size)
         p.recommendation = {"strategy": b.strategy, "slots": b.slots, "tokens_per_s": b.tokens_per_s,
                             "vram_gib": b.vram_gib, "x_bound": b.tokens_per_s / bound if bound else None,
-                            "settings": equivalent(b.strategy, b.slots, real)}
+                            "settings": equivalent(b.strategy, b.slots, real), "host_hit_rate": b.host_hit_rate,
+                            "disk_mib_per_token": b.disk_mib_per_token}
         near = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= NEAR * b.tokens_per_s]
         n = min(near, key=lambda r: (r.vram_gib, -r.tokens_per_s))
         p.near_best = {"strategy": n.strategy, "slots": n.slots, "tokens_per_s": n.tokens_per_s,
@@ -320,7 +345,9 @@ def _one(tr, cfg, name: str, size: int, slots: int, is_bound: bool) -> Row:
     tps = s.get("decode_tokens_per_s") or s.get("tokens_per_s")
     plan_ = s.get("vram_plan") or {}
     ttft = s.get("ttft_ms") or {}
+    d = s.get("disk") or {}
     return Row(name, size, slots, vram_gib=plan_.get("total", 0) / GIB, expert_gib=plan_.get("experts", 0) / GIB,
+               host_hit_rate=d.get("host_hit_rate"), disk_mib_per_token=d.get("disk_mib_per_token"),
                tokens_per_s=float(tps), ttft_p50_ms=ttft.get("p50"),
                mib_per_token=s["bytes_h2d"] / max(s["tokens"], 1) / 2**20,
                stall_share=split.get("stall", 0.0) / step if step else None, hit_rate=s.get("hit_rate"),
@@ -373,11 +400,14 @@ def table_lines(p: Plan) -> list[str]:
     slots = p.sizes[-1]
     bound = p.bound_at(slots)
     head = f"{'strategy':<28} {'VRAM GiB':>8} {'tokens/s':>9} {'TTFT ms':>8} {'MiB/token':>9} {'stall':>6} {'x bound':>7}"
+    if p.disk:  # the disk tier: host hits and disk traffic per replay
+        head += f" {'host hit':>8} {'disk MiB/tok':>12}"
     lines = [f"at {slots} expert slots (all that fits in {p.vram_gib:.1f} GiB):", head, "-" * len(head)]
     for r in p.ranked(slots):
         lines.append(f"{r.strategy:<28} {r.vram_gib:>8.2f} {r.tokens_per_s:>9.1f} "
                      f"{_f(r.ttft_p50_ms, '.0f'):>8} {r.mib_per_token:>9.0f} {_f(r.stall_share, '.0%'):>6} "
-                     f"{_f(r.tokens_per_s / bound if bound else None, '.2f'):>7}")
+                     f"{_f(r.tokens_per_s / bound if bound else None, '.2f'):>7}"
+                     + (f" {_f(r.host_hit_rate, '.3f'):>8} {_f(r.disk_mib_per_token, '.0f'):>12}" if p.disk else ""))
     if bound:
         lines.append(f"{BOUND + ' (bound)':<28} {'':>8} {bound:>9.1f}")
     for r in p.rows:
@@ -395,6 +425,11 @@ def answer_lines(p: Plan) -> list[str]:
                                                                       if rec.get("x_bound") else ""))
         out.append(f"  as the real system: {rec['settings']}" if rec["settings"] else
                    "  (moesim's own policy: no released system runs it)")
+        if p.disk:
+            d = p.disk
+            out.append(f"  where the experts are: {rec['slots']} in VRAM, {d['host_slots']} in RAM ({d['ram_gib']:g} GiB, "
+                       f"{d['policy']}: {_f(rec.get('host_hit_rate'), '.1%')} of the GPU's misses found there), all on "
+                       f"{d['storage']} ({_f(rec.get('disk_mib_per_token'), '.0f')} MiB read per token)")
         n = p.near_best
         if n and n["vram_gib"] < rec["vram_gib"] - 1e-9:
             out.append(f"least VRAM within {1 - NEAR:.0%} of that: {n['vram_gib']:.2f} GiB with {n['strategy']} "
@@ -468,7 +503,7 @@ def plan_command(cfg) -> int:
     extra = OmegaConf.to_container(cfg.overrides) if OmegaConf.is_config(cfg.overrides) else list(cfg.overrides or [])
     p = plan(cfg.model, cfg.hardware, cfg.host, cfg.vram, cfg.ram, cfg.context, cfg.batch, cfg.trace, cfg.target,
              strategies, int(cfg.sizes), overrides=[str(o) for o in extra], progress=bool(cfg.progress),
-             jobs=int(cfg.jobs))
+             jobs=int(cfg.jobs), disk=cfg.get("disk"), disk_policy=str(cfg.get("disk_policy", "lru")))
     print(f"plan: {p.model} on {p.hardware}, trace {p.trace}; {len(p.rows)} replays in {p.seconds:.1f} s; "
           f"sizes {', '.join(map(str, p.sizes))} slots")
     print("\n".join(table_lines(p)))

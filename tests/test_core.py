@@ -586,3 +586,51 @@ def test_the_compiled_loop_reads_no_uninitialised_memory(strategy):
     dirty = replay_config(cfg, load_trace("gpt-oss-like").slice_tokens(0, 300))  # encoded again, after the fill
     assert dirty.summary["hits"] == clean.summary["hits"] and dirty.summary["loads"] == clean.summary["loads"]
     np.testing.assert_array_equal(dirty.steps["latency_ms"], clean.steps["latency_ms"])
+
+
+@pytest.mark.parametrize("host_policy", sorted(POLICY_PARAMS))
+def test_the_disk_tier_equals_the_python_driver(host_policy):
+    """The disk tier (moesim/disk.py) in the compiled core: every cache policy as the host cache's, under device
+    caches with a prefetcher, a host-computing and a streaming offload policy: the same host cache decisions,
+    disk reads and events (copies waiting for reads, host computes waiting for reads) as the Python driver."""
+    from moesim.backends.sim import SimBackend
+    from moesim.cache import Cache
+    from moesim.disk import DiskTier, Storage
+    from moesim.engine import replay
+    from moesim.hardware import Cost
+    from moesim.profiler import Profiler
+
+    prefetchers, offloads = _parts()
+    storage = Storage("toy", read_gbps=0.002, latency_us=30.0)  # a read takes several copies' time
+    host_params = POLICY_PARAMS[host_policy][-1]
+    hcls = core.reference_class(host_policy)
+    make_host = lambda: hcls(**host_params)  # noqa: E731
+    reads = 0
+    for seed, scope, reset in ((0, "per_layer", False), (1, "global", True)):
+        trace = random_trace(seed, max_batch=1 + 2 * seed, predicted=True)
+        need = max_request(trace)
+        slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        host_slots = max(2 * need + 1, trace.spec.total_experts // 2)
+        for device, pf, off, hw in (("lru", None, None, "rtx-4090"), ("lfu", "oracle", None, "h200"),
+                                    ("lru", "transition", "host-auto-fill-load", _host_profile()),
+                                    ("class_lru", None, "fiddler", CPU_PROFILE), ("belady", "history", None, "h200")):
+            cls = core.reference_class(device)
+            make = lambda: cls(**POLICY_PARAMS[device][-1])  # noqa: E731
+            disk = DiskTier(trace.spec, host_slots, make_host, storage, trace)
+            cache = Cache(trace.spec, slots, scope, make, trace)
+            offload = offloads[off]() if off else None
+            backend, profiler = SimBackend(hw), Profiler(trace.n_layers)
+            backend.setup(trace.spec, slots + scratch_slots(trace.spec, cache.partitions[0].policy, offload), profiler)
+            backend.setup_disk(storage)
+            counters = replay(trace, cache, backend, prefetchers[pf]() if pf else None, offload,
+                              Cost(backend.hardware, trace.spec), reset_per_seq=reset, disk=disk)
+            want = (counters.to_dict(), profiler, backend.device_bytes(), backend.request_stats(),
+                    (cache.prefetch.used, cache.prefetch.wasted, len(cache.prefetch.unused)))
+            got = core.simulate(trace, trace.spec, slots, scope, make, prefetchers[pf]() if pf else None,
+                                offloads[off]() if off else None, hw, reset,
+                                disk=DiskTier(trace.spec, host_slots, make_host, storage, trace))
+            _assert_same(got, want)
+            assert got.disk == disk.counts(backend.disk_busy_ms), (device, pf, off)
+            reads += got.disk["reads"]
+            assert 0 < got.disk["hits"] < got.disk["requests"], (device, pf, off)
+    assert reads > 0

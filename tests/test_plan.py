@@ -150,3 +150,29 @@ def test_the_default_trace_is_the_shipped_real_one_where_there_is_one():
 
     assert default_trace("gpt-oss-20b") == "gpt-oss-20b"  # traces/gpt-oss-20b.moetrace.safetensors.xz
     assert default_trace("mixtral-8x7b") in PRESETS
+
+
+def test_a_model_larger_than_vram_and_ram_is_read_from_disk(small, capsys):
+    """gpt-oss-20b (12.8 GiB as stored) with 8 GiB of VRAM and 2 GiB of RAM: refused without a disk; with one,
+    every replay has the disk tier: 2 GiB of experts in RAM, the rest read from nvme-pcie4; the bound's host
+    cache is Belady's. The terminal names where the experts are."""
+    from moesim.plan import answer_lines, table_lines
+
+    with pytest.raises(MoesimError, match="disk=nvme-pcie4 needs ram="):
+        moesim.plan(trace=str(small), vram=8, disk="nvme-pcie4")
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, ram=2, disk="nvme-pcie4", sizes=2,
+                    strategies=["lru", "llama_cpp_ncmoe"])
+    assert p.disk == {"storage": "nvme-pcie4", "ram_gib": 2.0, "policy": "lru",
+                      "host_slots": int(2 * 2**30 // model_spec("gpt-oss-20b").bytes_per_expert)}
+    ok = [r for r in p.rows if r.status == "ok"]
+    assert ok and all(r.host_hit_rate is not None and r.disk_mib_per_token > 0 for r in ok)
+    bound = [r for r in ok if r.bound]
+    lru = [r for r in ok if r.strategy == "lru" and r.size == bound[0].size]
+    assert bound[0].host_hit_rate >= lru[0].host_hit_rate  # Belady on both tiers keeps more in RAM than LRU
+    text = "\n".join(table_lines(p) + answer_lines(p))
+    assert "host hit" in text and "where the experts are:" in text and "all on nvme-pcie4" in text
+    # a model that fits in VRAM + RAM reads nothing from disk
+    fits = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, ram=64, disk="nvme-pcie4", sizes=2,
+                       strategies=["lru"])
+    assert fits.disk is None and any("nothing is read from disk" in n for n in fits.notes)
+    assert all(r.host_hit_rate is None for r in fits.rows)

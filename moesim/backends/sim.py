@@ -1,6 +1,6 @@
 """The `sim` backend: a cost-model clock for `python -m moesim run backend=sim hardware=h200 ...`.
 
-Three timelines, as a GPU server has them (times in ms from the start of the replay):
+Three timelines (four with a disk tier), as a GPU server has them (times in ms from the start of the replay):
   - copy engine: one host->device copy at a time, in issue order; a copy starts at
     max(issue time, copy engine free) and takes hardware.copy_ms(bytes_per_expert) (latency + bytes/bw).
   - compute (device): layers one after another. A layer starts at max(previous layer's end, ready time of
@@ -14,6 +14,9 @@ Three timelines, as a GPU server has them (times in ms from the start of the rep
     copies on the copy engine) plus expert_ms(where="host") of each host expert. The layer ends at the
     later of its device and host parts. With `host_after_device` (an offload policy whose system runs them in
     sequence: Fiddler) the host experts start when the device experts end.
+  - disk (with the disk tier, moesim/disk.py): one read from disk at a time, in issue order, each taking
+    storage.read_ms(bytes per expert); a read is issued when the engine finds the host cache missing an expert
+    it needs, and that expert's copy (or host compute) starts no earlier than the read's end.
 Issue time: a copy is issued at the compute timeline's current time: a demand miss is found when its layer
 is about to run (the previous layer's end); a prefetch the engine issues once layer l is routed is issued at
 that same time, queued behind l's own misses, so its copy overlaps l's compute.
@@ -76,6 +79,26 @@ class SimBackend(Backend):
         self._load_ms = hw.load_overhead_us * 1e-3  # ms per load
         self._writeback_ms = hw.writeback_ms(spec.bytes_per_expert)  # ms of compute per copy before a layer
         self._loads = 0  # loads since the last computed layer
+        self._storage = None  # the disk tier's storage (setup_disk), None: every expert in host memory
+        self._host_ready: dict = {}  # key -> ms when its last read from disk completes (setup_disk)
+        self._disk_free = 0.0  # ms: when the disk finishes its queue
+        self.disk_busy_ms = 0.0  # ms the disk spent reading
+        self.disk_reads = 0
+
+    def setup_disk(self, storage) -> None:
+        """Experts live on `storage` (moesim.disk.Storage): the engine calls read(key) before a copy or host
+        compute of an expert the host cache does not hold."""
+        self._storage = storage
+        self._read_ms = storage.read_ms(self.spec.bytes_per_expert)
+
+    def read(self, key) -> None:
+        """Read `key`'s weights from disk into host memory: the disk's timeline, one read at a time in issue
+        order, issued now; its copy or host compute waits for it."""
+        start = self._now if self._now > self._disk_free else self._disk_free
+        end = self._disk_free = start + self._read_ms
+        self._host_ready[key] = end
+        self.disk_busy_ms += self._read_ms
+        self.disk_reads += 1
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         self._step, self._n_tokens, self._step_start = step, n_tokens, self._now
@@ -95,6 +118,10 @@ class SimBackend(Backend):
     def load(self, key, slot: int, prefetch: bool) -> None:
         self._loads += 1
         start = self._now if self._now > self._copy_free else self._copy_free
+        if self._storage is not None:  # the expert's read from disk, where it had one, comes first
+            r = self._host_ready.get(key, 0.0)
+            if r > start:
+                start = r
         end = start + self._copy_ms
         self._copy_free = end
         if self._serial:  # the copy holds the thread that computes: nothing else runs meanwhile
@@ -163,6 +190,11 @@ class SimBackend(Backend):
                 d = host_ms[n] = hw.expert_ms(n, self.spec, "host")
             duration += d
         start = input_ready if input_ready > self._host_free else self._host_free
+        if self._storage is not None:  # every host expert read from disk first where it had to be
+            for key, _n in host:
+                r = self._host_ready.get(key, 0.0)
+                if r > start:
+                    start = r
         end = self._host_free = start + duration
         self._add_compute(layer, start, end, 0.0, "host")
         return end

@@ -259,11 +259,13 @@ class SimRun(NamedTuple):
     request_stats: dict  # SimBackend.request_stats()
     seconds: dict  # wall time of "setup" (policies' setup, tables, state) and of the compiled "loop"
     script: Script | None = None  # with record=True: the decisions, for another backend (moesim.engine.play)
+    disk: dict | None = None  # with a disk tier: its host cache's requests and hits, disk reads, reads not kept,
+    #                           the disk's busy ms (moesim.disk.DiskTier.counts)
 
 
 def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None, offload=None, hardware="h200",
              reset_per_seq: bool = False, pinned: bool = True, record: bool = False, cost=None, dense=None,
-             events: bool = True) -> SimRun:
+             events: bool = True, disk=None) -> SimRun:
     """The timed replay, compiled: moesim.engine.replay(trace, Cache(spec, n_slots, scope, make_policy),
     SimBackend(hardware, pinned) set up with `spec`, prefetcher, offload, Cost(hardware, spec)) with every part
     built in (see `uncovered`). `spec` is the stored model (a scaled or re-typed spec changes times and bytes,
@@ -273,7 +275,9 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     are the Python driver's there too where none depends on that backend's clock (no max_inflight cap).
     `dense`: the model's non-expert part per step (moesim.whole.DenseTimes), as SimBackend.dense; None: none.
     `events=False`: keep sums instead of every copy and compute (the profiler's `totals`; its metrics, not its
-    tables or timeline): the same steps, counters and sums, faster and in less memory (plan's many replays)."""
+    tables or timeline): the same steps, counters and sums, faster and in less memory (plan's many replays).
+    `disk`: the disk tier (moesim.disk.DiskTier: its host cache's policy and slots, its storage), as the Python
+    driver runs it."""
     from ..backends.sim import SimBackend
     from ..hardware import Cost
 
@@ -311,12 +315,20 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
 
     ck = new_clock()
     agg = np.zeros(0 if events else loop.AGG + trace.n_layers)
+    if disk is not None:  # the host cache as moesim.disk.DiskTier builds it: one pool; Belady reads key positions
+        dst, dprm = cache_state(trace, spec, disk.n_slots, "global", disk.make_policy, True)
+        loop.reset(dst.I, dst.F, dprm)
+        hready = np.zeros(trace.n_layers * trace.spec.experts)
+        read_ms = disk.storage.read_ms(nbytes)
+    else:
+        dst, dprm, hready, read_ms = st, prm, np.zeros(0), -1.0  # not read: read_ms < 0
+    dcnt = np.zeros(loop.N_CNT, np.int64)
     t1 = time.perf_counter()
     args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
             bool(getattr(prefetcher, "flat", False)), *offl, cnt, served, ck, record, dense.attention, dense.cls,
-            dense.head, dense.tail, agg]
+            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, read_ms]
     # the notice times a call of no steps (resets[:0]): compiling or loading the kernel, not a long replay
     # (a 2.4 s replay of the real trace had said "compiling" on every first call of a process)
     with compile_notice(loop.run_sim):
@@ -340,7 +352,14 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         script = Script(copies[:, [0, 1, 6, 5]].astype(np.int64), waves, served_rows, step_waves)
     from .loop import PF_UNUSED, PF_USED, PF_WASTED
 
+    disk_counts = None
+    if disk is not None:
+        from .clock import DISK_BUSY
+
+        req, hits = int(dcnt[loop.REQUESTS]), int(dcnt[loop.HITS])
+        disk_counts = {"requests": req, "hits": hits, "reads": req - hits, "unkept": int(dcnt[loop.STREAMS]),
+                       "busy_ms": float(ck[DISK_BUSY])}
     return SimRun(counters(cnt), PrefetchOutcome(int(cnt[PF_USED]), int(cnt[PF_WASTED]), int(cnt[PF_UNUSED])),
                   profiler, backend.device_bytes(),
                   {"stall_free_requests": int(served[0]), "late_prefetches": int(served[1])},
-                  {"setup": t1 - t0, "loop": t2 - t1}, script)
+                  {"setup": t1 - t0, "loop": t2 - t1}, script, disk_counts)

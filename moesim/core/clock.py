@@ -3,8 +3,9 @@ moesim/backends/sim.py keeps them (its module docstring is the model; the same f
 in the same order, and tests/test_core.py holds the two to identical events).
 
     ck = new_clock()                          # float64 [N_CK]: the timelines' state
-    start = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial)
+    start = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial, after)
     start, end, free, n_device = device_part(...); end = host_part(...)
+    end = disk_read(ck, read_ms)              # the disk tier: one read from disk, issued now
 
 Times are ms from the start of the replay. `ready` (float64 [slots]) holds when the last copy into each slot
 completes, `pf_slot` (uint8 [slots]) whether that copy was a prefetch not used yet.
@@ -21,9 +22,10 @@ from .state import HOT
 # rows of the clock state ck (float64): NOW: end of the last computed layer = issue time of the next copies;
 # COPY_FREE: when the copy engine finishes its queue; HOST_FREE: when the CPU finishes its queue; PHASE: with
 # serial copies, when the copies since the last layer began (-1: none); LOADS: copies since the last layer;
-# OWED: the offload policy's host share owed (strategies/host.py Host.owed)
-NOW, COPY_FREE, HOST_FREE, PHASE, LOADS, OWED = range(6)
-N_CK = 6
+# OWED: the offload policy's host share owed (strategies/host.py Host.owed); with a disk tier (moesim/disk.py):
+# DISK_FREE, when the disk finishes its queue; DISK_BUSY, the ms it spent reading
+NOW, COPY_FREE, HOST_FREE, PHASE, LOADS, OWED, DISK_FREE, DISK_BUSY = range(8)
+N_CK = 8
 # rows of the request counters cnt (int64), besides moesim.cache.Counters' fields (see moesim/core/loop.py)
 STALL_FREE, LATE = 0, 1
 
@@ -35,11 +37,14 @@ def new_clock() -> np.ndarray:
 
 
 @njit(**HOT)
-def copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial):
-    """SimBackend.load: queue one expert copy into `slot`; returns its start (its end is ready[slot])."""
+def copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial, after):
+    """SimBackend.load: queue one expert copy into `slot`, starting no earlier than `after` (ms: its read from
+    disk ends, 0 without one); returns its start (its end is ready[slot])."""
     ck[LOADS] += 1.0
     now, free = ck[NOW], ck[COPY_FREE]
     start = now if now > free else free
+    if after > start:
+        start = after
     end = start + copy_ms
     ck[COPY_FREE] = end
     if serial:  # the copy holds the thread that computes: nothing else runs meanwhile
@@ -91,9 +96,20 @@ def device_part(ck, ready, pf_slot, served, out, counts, wa, wb, device_ms, shar
 
 
 @njit(**HOT)
-def host_part(ck, out, counts, wa, wb, n_tokens, host_ms, act_ms, input_ready):
+def disk_read(ck, read_ms):
+    """SimBackend.read: one read from disk issued now, after the disk's queue; returns when it ends."""
+    now, free = ck[NOW], ck[DISK_FREE]
+    end = (now if now > free else free) + read_ms
+    ck[DISK_FREE] = end
+    ck[DISK_BUSY] += read_ms
+    return end
+
+
+@njit(**HOT)
+def host_part(ck, out, counts, wa, wb, n_tokens, host_ms, act_ms, input_ready, hready, ids, base):
     """SimBackend._compute_host for the wave's host experts (out[2] == 1): the activations' round trip, then
-    each expert on the CPU timeline. Returns (start, end)."""
+    each expert on the CPU timeline, starting no earlier than each one's read from disk ends (hready[key], where
+    the run has a disk tier: len(hready) > 0; the wave's keys are base + ids[i]). Returns (start, end)."""
     tokens = 0
     for i in range(wa, wb):
         if out[2, i - wa]:
@@ -104,6 +120,12 @@ def host_part(ck, out, counts, wa, wb, n_tokens, host_ms, act_ms, input_ready):
             duration += host_ms[counts[i]]
     hf = ck[HOST_FREE]
     start = input_ready if input_ready > hf else hf
+    if len(hready):
+        for i in range(wa, wb):
+            if out[2, i - wa]:
+                r = hready[base + ids[i]]
+                if r > start:
+                    start = r
     end = start + duration
     ck[HOST_FREE] = end
     return start, end

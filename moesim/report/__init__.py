@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import machine_label, ms_text
+from ..api import disk_rows, machine_label, ms_text
 from ..errors import MoesimError
 from ..files import atomic_write_text
 from ..results import CONFIG, FILES, NOT_APPLICABLE, SUMMARY, is_complete, read_result, read_run
@@ -240,6 +240,7 @@ def build_run_report(run, out=None) -> Path:
         summary_rows.insert(10, ("time to first token p50 / p90", " / ".join(_fmt(ttft.get(q), ".1f") for q in
                                                                             ("p50", "p90"))
                                  + f" ms over {ttft.get('sequences')} prompts"))
+    summary_rows += disk_rows(s.get("disk"))
     for note in s.get("notes") or []:  # budget=auto's scope, a forced plan over the card
         summary_rows.append(("note", str(note)))
     matrix, experts_note = _experts(run)

@@ -51,6 +51,8 @@ SUMMARY_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vram_plan_bytes", ("vram_plan", "total")),  # the whole plan: weights, KV, workspace, reserve, experts
     ("whole_model", ("whole_model",)),
     ("not_applicable", ("not_applicable",)),  # why the strategy could not run on this input (a sweep's cell)
+    ("host_hit_rate", ("disk", "host_hit_rate")),  # the disk tier's host cache (moesim/disk.py); empty without one
+    ("bytes_disk", ("disk", "bytes_disk")),  # bytes read from disk
 )
 TEXT_COLUMNS = ("strategy", "budget", "scope", "hardware", "backend", "trace", "model", "not_applicable")
 # config keys that say where or how a run was written, not what was run

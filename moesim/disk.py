@@ -1,0 +1,139 @@
+"""The disk tier: experts that live on storage and a host cache above it, for models larger than host memory.
+
+    python -m moesim run trace=... disk.storage=nvme-pcie4 disk.ram=25% [disk.policy=lru] [backend=sim]
+
+With `disk.storage` set, the run has three tiers: every expert on disk, `disk.ram` of them in host memory (a
+cache with its own policy: any cache policy of strategies/, belady included) and the device cache as without
+it. A device miss (a copy, a streamed copy, a background load or a host compute) needs the expert in host
+memory: a host hit costs nothing more; a host miss reads it from disk first (the engine asks the host cache,
+the backend reads; the compiled core runs the same host cache, moesim.core.simulate). The sim backend gives the disk its own timeline: one read at a time in issue order, each
+taking Storage.read_ms(bytes per expert), starting when issued or when the disk is free; the expert's copy
+(or its host compute) starts no earlier than its read ends. summary.json gets a `disk` section: host
+requests, hits and hit rate, disk reads, bytes and time per tier.
+
+Storage presets: achieved sequential read = 80% of the drive's stated rate (moesim's rule, as for PCIe copies
+in moesim/hardware.py; an expert of several MiB is one sequential read), plus a fixed latency per read. The
+stated rates and where they were read are beside each preset; `calibrate` does not measure disks yet.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import MoesimError
+
+READ_EFFICIENCY = 0.8  # achieved / stated sequential read (moesim's rule, as LINK_EFFICIENCY for PCIe copies)
+# one read's fixed cost: 1e6 / 19,000 us, the QD1 4 KiB random read rate Samsung states for the 970 EVO Plus
+# 1 TB (digit.in's copy of its spec table, below); the other pages opened state no QD1 rate: the same assumed
+QD1_LATENCY_US = round(1e6 / 19_000, 1)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A disk as the sim sees it: achieved sequential read rate and a fixed latency per read."""
+
+    name: str
+    read_gbps: float  # achieved sequential read, GB/s (1e9 bytes/s)
+    latency_us: float  # fixed cost of one read
+    source: str = ""
+
+    def read_ms(self, nbytes: int) -> float:
+        """One read of `nbytes` (one expert's weights), ms."""
+        return self.latency_us * 1e-3 + nbytes / (self.read_gbps * 1e9) * 1e3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _drive(name: str, stated_mbps: float, source: str) -> Storage:
+    return Storage(name, round(stated_mbps / 1e3 * READ_EFFICIENCY, 2), QD1_LATENCY_US,
+                   f"{source}; read = {READ_EFFICIENCY:.0%} of the stated rate, latency assumed (moesim/disk.py)")
+
+
+STORAGE: dict[str, Storage] = {s.name: s for s in [
+    # Samsung 870 EVO (SATA 6 Gb/s): up to 560 MB/s sequential read, every capacity (Samsung's announcement as
+    # tomshardware.com/uk/news/samsung-announces-870-evo tabulates it)
+    _drive("sata-ssd", 560, "Samsung 870 EVO, 560 MB/s stated (tomshardware.com, samsung-announces-870-evo)"),
+    # Samsung 970 EVO Plus 1 TB (PCIe 3.0 x4): 3,500 MB/s sequential read, 19k IOPS 4 KiB random read at QD1
+    # (digit.in review 177943, Samsung's spec table)
+    _drive("nvme-pcie3", 3500, "Samsung 970 EVO Plus 1 TB, 3,500 MB/s stated (digit.in review 177943)"),
+    # Samsung 990 PRO (PCIe 4.0 x4): up to 7,450 MB/s sequential read (slashcam.com news 17407, Samsung's
+    # announcement; digitec.ch lists the same for the 2 TB MZ-V9P2T0BW)
+    _drive("nvme-pcie4", 7450, "Samsung 990 PRO, 7,450 MB/s stated (slashcam.com news 17407)"),
+    # Crucial T700 2 TB (PCIe 5.0 x4): up to 12,400 MB/s sequential read (hothardware.com, "crucial-t700-pcie-
+    # gen-5-ssd-specs", from Crucial's product page)
+    _drive("nvme-pcie5", 12400, "Crucial T700 2 TB, 12,400 MB/s stated (hothardware.com, Crucial's product page)"),
+]}
+
+
+def load_storage(value) -> Storage:
+    """A preset name of STORAGE, or a mapping {name, read_gbps, latency_us[, source]}."""
+    if isinstance(value, Storage):
+        return value
+    if hasattr(value, "items") and not isinstance(value, str):
+        from .hardware import _plain
+
+        d = _plain(value)
+        unknown = set(d) - {"name", "read_gbps", "latency_us", "source"}
+        if unknown:
+            raise MoesimError(f"disk.storage: unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected "
+                              f"name, read_gbps, latency_us, source")
+        for k in ("read_gbps", "latency_us"):
+            v = d.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                    k == "read_gbps" and v == 0):
+                raise MoesimError(f"disk.storage.{k}={v!r}: expected a number " + (
+                    "> 0 (GB/s)" if k == "read_gbps" else ">= 0 (us)"))
+        return Storage(str(d.get("name", "custom")), float(d["read_gbps"]), float(d["latency_us"]),
+                       str(d.get("source", "given in the run's config")))
+    text = str(value)
+    if text not in STORAGE:
+        raise MoesimError(f"disk.storage={text!r}: unknown; presets: {', '.join(STORAGE)}, or a mapping with "
+                          f"read_gbps and latency_us")
+    return STORAGE[text]
+
+
+class DiskTier:
+    """The host cache above the disk, as the Python driver asks it (moesim.engine): `need(pos, key)` says
+    whether `key` must be read from disk before its copy or host compute, and keeps the host cache's decisions.
+    The compiled core runs the same host cache from `make_policy` and `n_slots` (moesim.core.simulate).
+
+    n_slots: experts the host memory holds (one pool); make_policy: builds its cache policy."""
+
+    def __init__(self, spec, n_slots: int, make_policy, storage: Storage, trace):
+        from .cache import Cache
+
+        self.n_slots, self.make_policy, self.storage = n_slots, make_policy, storage
+        self.host = Cache(spec, n_slots, "global", make_policy, trace)
+        self.reads = 0  # disk reads (host misses)
+        self.unkept = 0  # reads the host cache could not keep (every slot pinned): read for this use only
+
+    def need(self, pos: int, key) -> bool:
+        """Whether `key` misses in host memory (and is read now); the host cache counts the request."""
+        host = self.host
+        if not host.lookup(pos, key[0], [key]):
+            host.release()
+            return False
+        if host.insert(pos, key) is None:
+            self.unkept += 1
+        host.release()
+        self.reads += 1
+        return True
+
+    def counts(self, disk_ms: float) -> dict:
+        """What the Python driver's replay left: the `counts` summary() takes."""
+        c = self.host.counters
+        return {"requests": c.requests, "hits": c.hits, "reads": self.reads, "unkept": self.unkept,
+                "busy_ms": disk_ms}
+
+    def summary(self, spec, n_tokens: int, counts: dict, run_ms: float) -> dict:
+        """The `disk` section of summary.json from a replay's `counts` (requests and hits of the host cache, disk
+        reads, reads not kept, the disk's busy ms; the Python driver's `counts()` or moesim.core.SimRun.disk)."""
+        nbytes = spec.bytes_per_expert
+        req, hits, reads, busy = counts["requests"], counts["hits"], counts["reads"], counts["busy_ms"]
+        return {"storage": self.storage.to_dict(), "host_slots": self.n_slots, "host_gib": self.n_slots * nbytes / 2**30,
+                "host_policy": type(self.make_policy()).__name__, "host_requests": req, "host_hits": hits,
+                "host_hit_rate": hits / req if req else None, "disk_reads": reads, "bytes_disk": reads * nbytes,
+                "disk_mib_per_token": reads * nbytes / 2**20 / max(n_tokens, 1),
+                "read_ms": self.storage.read_ms(nbytes), "disk_busy_ms": busy,
+                "disk_busy_share": busy / run_ms if run_ms else None, "unkept_reads": counts["unkept"]}
