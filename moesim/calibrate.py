@@ -6,6 +6,7 @@
     python -m moesim calibrate model=gpt-oss-20b scale=0.25 experts_format=[mxfp4,q4_k]   # both, one profile
     python -m moesim calibrate backend.device=cpu backend.copy_worker=false
     python -m moesim run backend=sim hardware=mine.yaml ...       # the sim, predicting the torch backend
+    python -m moesim calibrate disk=/mnt/nvme out=nvme.yaml       # a disk, for run's disk.storage=nvme.yaml
 
 Everything is measured through the torch backend's own code (moesim/backends/torch/: its copies, its packed
 experts and their decode, `expert_ffn`, its threads), with the backend config composed as for `run`
@@ -827,6 +828,16 @@ def calibrate_command(cfg) -> None:
     and print the errors."""
     from hydra.utils import instantiate
 
+    if cfg.get("disk"):  # the disk, not the GPU: a storage profile for disk.storage=FILE (moesim/disk.py)
+        from .disk import measure_storage, save_storage
+
+        storage, points = measure_storage(str(cfg.disk), log=lambda s: print(s, file=sys.stderr))
+        out = Path(cfg.out) if cfg.out else Path("reports/hardware") / "disk.yaml"
+        save_storage(storage, out)
+        print(f"disk {cfg.disk}: {storage.read_gbps} GB/s, {storage.latency_us} us per read "
+              f"({', '.join(f'{b:,} B: {ms:.3f} ms' for b, ms in points)})")
+        print(f"storage profile: {out}  (use: python -m moesim run disk.storage={out} disk.ram=... ...)")
+        return
     b = cfg.backend
     dims = None if cfg.dims in (None, "auto") else list(cfg.dims)
     model, trace = cfg.model, None

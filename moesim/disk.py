@@ -13,7 +13,8 @@ requests, hits and hit rate, disk reads, bytes and time per tier.
 
 Storage presets: achieved sequential read = 80% of the drive's stated rate (moesim's rule, as for PCIe copies
 in moesim/hardware.py; an expert of several MiB is one sequential read), plus a fixed latency per read. The
-stated rates and where they were read are beside each preset; `calibrate` does not measure disks yet.
+stated rates and where they were read are beside each preset. `python -m moesim calibrate disk=/mnt/nvme` measures
+a disk instead (measure_storage) and writes a storage profile for disk.storage=FILE.
 """
 from __future__ import annotations
 
@@ -66,10 +67,108 @@ STORAGE: dict[str, Storage] = {s.name: s for s in [
 ]}
 
 
+def measure_storage(folder, sizes=(4 << 10, 64 << 10, 1 << 20, 16 << 20), total: int = 1 << 30,
+                    repeats: int = 16, seed: int = 0, log=None) -> tuple[Storage, list[tuple[int, float]]]:
+    """Measure the disk under `folder` as the disk tier reads it: a file of `total` bytes written there (then
+    dropped from the page cache and deleted at the end), read back in blocks of each of `sizes` bytes at random
+    aligned offsets, `repeats` reads per size, one at a time, with O_DIRECT where the file system takes it
+    (else buffered, the block's pages dropped first). The median time per size, fitted to ms = latency +
+    bytes / rate (relative errors, moesim.calibrate.fit_latency_rate), gives the Storage. Returns it and the
+    (bytes, median ms) points."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from .calibrate import fit_latency_rate
+
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise MoesimError(f"calibrate disk={folder!r}: not a folder")
+    big = max(sizes)
+    total = max(total, 4 * big)
+    if shutil.disk_usage(folder).free < 2 * total:
+        raise MoesimError(f"calibrate disk={folder!r}: needs {total / 2**30:.1f} GiB free for its test file")
+    align = 4096
+    raw = np.empty(big + align, np.uint8)
+    skip = (-raw.ctypes.data) % align
+    buf = raw[skip:skip + big]
+    fd, path = tempfile.mkstemp(prefix="moesim-disk-", suffix=".bin", dir=folder)
+    try:
+        rng = np.random.default_rng(seed)
+        block = rng.integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()  # incompressible, for drives that compress
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for _ in range(-(-total // len(block))):
+                f.write(block)
+            os.fsync(f.fileno())
+        total = os.path.getsize(path)
+        io = "O_DIRECT"
+        try:
+            rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            os.preadv(rfd, [buf[:align]], 0)
+        except OSError:
+            rfd = os.open(path, os.O_RDONLY)
+            io = "buffered, pages dropped before each read"
+        os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+        points = []
+        try:
+            for size in sizes:
+                times = []
+                for off in rng.integers(0, (total - size) // align, repeats) * align:
+                    if io != "O_DIRECT":
+                        os.posix_fadvise(rfd, int(off), size, os.POSIX_FADV_DONTNEED)
+                    t0 = time.perf_counter()
+                    got = os.preadv(rfd, [buf[:size]], int(off))
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    if got != size:
+                        raise MoesimError(f"calibrate disk: read {got} of {size} bytes from {path}")
+                points.append((size, float(np.median(times))))
+                if log:
+                    log(f"disk: {size:>10,} B reads: median {points[-1][1]:.3f} ms ({io})")
+        finally:
+            os.close(rfd)
+    finally:
+        os.unlink(path)
+    latency_ms, bytes_per_ms = fit_latency_rate(points)
+    return Storage(f"measured:{folder}", round(bytes_per_ms / 1e6, 3), round(latency_ms * 1e3, 1),
+                   f"calibrate disk={folder} ({io}, {repeats} reads per size, medians fitted)"), points
+
+
+def save_storage(storage: Storage, path) -> object:
+    """Write `storage` as YAML (what disk.storage=FILE reads), atomically."""
+    from pathlib import Path
+
+    import yaml
+
+    from .files import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, "# moesim storage profile: python -m moesim run disk.storage=" + str(path)
+                             + "\n" + yaml.safe_dump(storage.to_dict(), sort_keys=False))
+
+
 def load_storage(value) -> Storage:
-    """A preset name of STORAGE, or a mapping {name, read_gbps, latency_us[, source]}."""
+    """A preset name of STORAGE, a YAML file `calibrate disk=` wrote (or one like it), or a mapping {name,
+    read_gbps, latency_us[, source]}."""
     if isinstance(value, Storage):
         return value
+    from pathlib import Path
+
+    if isinstance(value, (str, Path)) and str(value) not in STORAGE and str(value).endswith((".yaml", ".yml")):
+        from .files import read_yaml
+
+        if not Path(value).is_file():
+            raise MoesimError(f"disk.storage: no such file {str(value)!r}")
+        try:
+            data = read_yaml(Path(value))
+        except ValueError as e:
+            raise MoesimError(f"disk.storage: {value}: not a YAML storage profile: {e}") from None
+        if not isinstance(data, dict):
+            raise MoesimError(f"disk.storage: {value}: expected a mapping with read_gbps and latency_us")
+        return load_storage(data)
     if hasattr(value, "items") and not isinstance(value, str):
         from .hardware import _plain
 
@@ -108,17 +207,20 @@ class DiskTier:
         self.reads = 0  # disk reads (host misses)
         self.unkept = 0  # reads the host cache could not keep (every slot pinned): read for this use only
 
-    def need(self, pos: int, key) -> bool:
-        """Whether `key` misses in host memory (and is read now); the host cache counts the request."""
+    def need(self, pos: int, key) -> tuple[bool, int]:
+        """(whether `key` misses in host memory and is read now, the host slot it is read into: the host
+        cache's, or slot n_slots, a scratch slot, where the cache cannot keep it); the host cache counts the
+        request."""
         host = self.host
         if not host.lookup(pos, key[0], [key]):
             host.release()
-            return False
-        if host.insert(pos, key) is None:
+            return False, -1
+        got = host.insert(pos, key)
+        if got is None:
             self.unkept += 1
         host.release()
         self.reads += 1
-        return True
+        return True, self.n_slots if got is None else got[0]
 
     def counts(self, disk_ms: float) -> dict:
         """What the Python driver's replay left: the `counts` summary() takes."""
@@ -131,9 +233,11 @@ class DiskTier:
         reads, reads not kept, the disk's busy ms; the Python driver's `counts()` or moesim.core.SimRun.disk)."""
         nbytes = spec.bytes_per_expert
         req, hits, reads, busy = counts["requests"], counts["hits"], counts["reads"], counts["busy_ms"]
+        # busy: the sim's disk timeline; None on a backend that measures (torch: its reads, in `measured`)
         return {"storage": self.storage.to_dict(), "host_slots": self.n_slots, "host_gib": self.n_slots * nbytes / 2**30,
                 "host_policy": type(self.make_policy()).__name__, "host_requests": req, "host_hits": hits,
                 "host_hit_rate": hits / req if req else None, "disk_reads": reads, "bytes_disk": reads * nbytes,
                 "disk_mib_per_token": reads * nbytes / 2**20 / max(n_tokens, 1),
                 "read_ms": self.storage.read_ms(nbytes), "disk_busy_ms": busy,
-                "disk_busy_share": busy / run_ms if run_ms else None, "unkept_reads": counts["unkept"]}
+                "disk_busy_share": busy / run_ms if run_ms and busy is not None else None,
+                "unkept_reads": counts["unkept"]}

@@ -352,8 +352,9 @@ def scratch_slots(spec, policy, offload) -> int:
 
 def _read(disk, backend, pos: int, key: Key) -> None:
     """The disk tier: `key` read from disk into host memory where the host cache misses it."""
-    if disk.need(pos, key) and backend is not None:
-        backend.read(key)
+    miss, slot = disk.need(pos, key)
+    if miss and backend is not None:
+        backend.read(key, slot)
 
 
 def _prefetch(cache: Cache, backend, keys: list[Key], pos: int, cap: int | None = None, disk=None) -> None:
@@ -415,12 +416,12 @@ def drive(trace: Trace, spec, n_slots: int, scope: str, make_policy: Callable[[]
 
     cache = Cache(spec, n_slots, scope, make_policy, trace)
     profiler = Profiler(spec.layers)
-    backend.setup(spec, n_slots + scratch_slots(spec, cache.partitions[0].policy, offload), profiler)
-    if disk is not None:
+    if disk is not None:  # before setup: the backend's host memory is then the host cache's slots
         if not hasattr(backend, "read"):
             raise MoesimError(f"disk.storage: backend {getattr(backend, 'name', type(backend).__name__)} does not "
-                              f"read experts from disk; use backend=sim")
-        backend.setup_disk(disk.storage)
+                              f"read experts from disk; use backend=sim or backend=torch")
+        backend.setup_disk(disk.storage, disk.n_slots)
+    backend.setup(spec, n_slots + scratch_slots(spec, cache.partitions[0].policy, offload), profiler)
     counters = replay(trace, cache, backend, prefetcher, offload, cost, reset_per_seq=reset_per_seq,
                       prefetch_max=prefetch_max, progress=progress, disk=disk)
     return cache, profiler, counters

@@ -134,12 +134,14 @@ def test_belady_on_both_tiers_beats_lru_on_a_model_four_times_the_host(tmp_path)
     ("disk.storage=nvme9", "disk.storage='nvme9': unknown; presets: sata-ssd"),
     ("disk.ram=1", "disk.ram: budget='1' gives 1 slots, but one layer needs top-k = 4"),
     ("disk.policy=lruu", "disk.policy='lruu': expected one of"),
-    ("backend=torch", "disk.storage: only backend=sim has a disk tier so far"),
+    ("backend=torch backend.disk_dir=/nonexistent/dir", "backend.disk_dir='/nonexistent/dir': cannot write the "
+                                                         "experts' file there"),
 ])
 def test_mistakes_are_one_clear_line(capsys, tmp_path, override, words):
     from moesim.__main__ import main
 
-    args = ["run", "trace=gpt-oss-like", "tokens=200", "disk.storage=nvme-pcie4", override, f"out={tmp_path / 'r'}"]
+    args = ["run", "trace=gpt-oss-like", "tokens=200", "disk.storage=nvme-pcie4", *override.split(),
+            f"out={tmp_path / 'r'}"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
@@ -158,3 +160,47 @@ def test_run_prints_and_reports_the_disk_tier(capsys, tmp_path):
     assert s["disk"]["storage"]["name"] == "sata-ssd" and s["disk"]["disk_reads"] > 0
     html = (out / "report.html").read_text()
     assert "host hit rate" in html and "bytes disk-&gt;host" in html
+
+
+def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path):
+    """The torch backend writes the experts to a file and reads each host miss from it (O_DIRECT where the file
+    system takes it): for the same decisions its reads and bytes equal the sim's, and the file is gone after."""
+    pytest.importorskip("torch")
+    from moesim.api import compose_run, load_trace, replay_config
+
+    tr = load_trace("gpt-oss-like")
+    got = {}
+    for backend in ("sim", "torch"):
+        cfg = compose_run("gpt-oss-like", "lru", "15%", "rtx-4090", backend=backend, overrides=[
+            "tokens=12", "model.scale=0.05", "disk.storage=nvme-pcie4", "disk.ram=20%", "disk.policy=lru",
+            *([f"backend.disk_dir={tmp_path}", "backend.device=cpu"] if backend == "torch" else [])])
+        got[backend] = replay_config(cfg, tr).summary["disk"]
+    sim, real = got["sim"], got["torch"]
+    for k in ("host_requests", "host_hits", "disk_reads", "bytes_disk", "unkept_reads"):
+        assert sim[k] == real[k], k
+    m = real["measured"]
+    assert m["reads"] == real["disk_reads"] > 0 and m["bytes"] == real["bytes_disk"] and m["gbps"] > 0
+    assert m["io"] == "O_DIRECT" or m["io"].startswith("buffered")
+    assert list(tmp_path.iterdir()) == []  # the experts' file was deleted
+
+
+def test_calibrate_measures_a_disk_into_a_profile_runs_read(tmp_path, capsys):
+    """`calibrate disk=FOLDER` reads a test file there as the disk tier reads (O_DIRECT where it runs), fits
+    latency + bytes / rate, and writes a storage profile that disk.storage=FILE takes; the test file is gone."""
+    from moesim.__main__ import main
+    from moesim.disk import measure_storage, save_storage
+
+    s, points = measure_storage(tmp_path, sizes=(4096, 1 << 20), total=32 << 20, repeats=4)
+    assert s.read_gbps > 0 and s.latency_us >= 0 and [b for b, _ in points] == [4096, 1 << 20]
+    assert all(ms > 0 for _, ms in points) and list(tmp_path.iterdir()) == []
+    path = save_storage(s, tmp_path / "mine.yaml")
+    assert load_storage(str(path)) == s
+    out = tmp_path / "r"
+    assert main(["run", "trace=gpt-oss-like", "tokens=100", "budget=15%", f"disk.storage={path}",
+                 f"out={out}"]) == 0
+    assert json.loads((out / "summary.json").read_text())["disk"]["storage"]["read_gbps"] == s.read_gbps
+    capsys.readouterr()
+    assert main(["run", "trace=gpt-oss-like", "tokens=100", f"disk.storage={tmp_path / 'none.yaml'}"]) == 2
+    assert "disk.storage: no such file" in capsys.readouterr().err
+    with pytest.raises(MoesimError, match="not a folder"):
+        measure_storage(tmp_path / "nope")

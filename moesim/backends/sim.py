@@ -54,6 +54,7 @@ class SimBackend(Backend):
         self.pinned = pinned
         self.spec = None
         self.dense = None  # moesim.whole.DenseTimes: the model's non-expert part per step (None: not modelled)
+        self._storage = None  # the disk tier's storage (setup_disk), None: every expert in host memory
 
     def setup(self, spec, n_slots: int, profiler) -> None:
         self.spec, self.n_slots, self.profiler = spec, n_slots, profiler
@@ -79,19 +80,21 @@ class SimBackend(Backend):
         self._load_ms = hw.load_overhead_us * 1e-3  # ms per load
         self._writeback_ms = hw.writeback_ms(spec.bytes_per_expert)  # ms of compute per copy before a layer
         self._loads = 0  # loads since the last computed layer
-        self._storage = None  # the disk tier's storage (setup_disk), None: every expert in host memory
         self._host_ready: dict = {}  # key -> ms when its last read from disk completes (setup_disk)
         self._disk_free = 0.0  # ms: when the disk finishes its queue
         self.disk_busy_ms = 0.0  # ms the disk spent reading
         self.disk_reads = 0
+        if self._storage is not None:
+            self._read_ms = self._storage.read_ms(spec.bytes_per_expert)
 
-    def setup_disk(self, storage) -> None:
-        """Experts live on `storage` (moesim.disk.Storage): the engine calls read(key) before a copy or host
-        compute of an expert the host cache does not hold."""
+    def setup_disk(self, storage, host_slots: int | None = None) -> None:
+        """Experts live on `storage` (moesim.disk.Storage), before or after `setup`: the engine calls read(key,
+        slot) before a copy or host compute of an expert the host cache does not hold (the sim needs no slots)."""
         self._storage = storage
-        self._read_ms = storage.read_ms(self.spec.bytes_per_expert)
+        if self.spec is not None:
+            self._read_ms = storage.read_ms(self.spec.bytes_per_expert)
 
-    def read(self, key) -> None:
+    def read(self, key, slot: int | None = None) -> None:
         """Read `key`'s weights from disk into host memory: the disk's timeline, one read at a time in issue
         order, issued now; its copy or host compute waits for it."""
         start = self._now if self._now > self._disk_free else self._disk_free

@@ -80,7 +80,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, hardware=None, device: str = "auto", dtype: str = "auto", pinned: bool = True,
-                 copy_worker: bool = False, threads=1, seed: int = 0, workspace_tokens: int = 512):
+                 copy_worker: bool = False, threads=1, seed: int = 0, workspace_tokens: int = 512,
+                 disk_dir: str | None = None):
         # options are checked in `setup` (as `resolve`), so that a refusal reaches the user as a MoesimError
         # and not wrapped in Hydra's instantiation error
         self.hardware = hardware  # not used for timing (this backend measures): its times are compared (drift.py)
@@ -95,6 +96,9 @@ class TorchBackend(Backend):
         self._worker = None
         self._nvml = None
         self._threads_before = None
+        self.disk_dir = disk_dir  # the disk tier's experts file goes here (None: the system's temporary directory)
+        self._disk = None  # (storage, host slots) of the disk tier (setup_disk), None: every expert in host memory
+        self._file = None  # the experts' file (diskfile.ExpertFile) with a disk tier
 
     # -------------------------------------------------------------------------------------- setup
     def resolve(self) -> None:
@@ -120,7 +124,8 @@ class TorchBackend(Backend):
         self.dtype_name, self.dtype = dtype, TORCH_DTYPES[dtype]
         self.n_slots, self.profiler = n_slots, profiler
         dev, on_cpu = self.device, self.device.type == "cpu"
-        self.plan = plan = plan_memory(spec, n_slots, dtype, self.workspace_tokens, on_cpu, self.pinned)
+        host_rows = None if self._disk is None else self._disk[1] + 1  # the host cache's slots and a scratch one
+        self.plan = plan = plan_memory(spec, n_slots, dtype, self.workspace_tokens, on_cpu, self.pinned, host_rows)
         check_memory(plan, spec, n_slots, dtype, dev)  # before any allocation
         if self.threads is not None:
             self._threads_before = torch.get_num_threads()
@@ -139,13 +144,24 @@ class TorchBackend(Backend):
             self._nvml = NvmlSampler(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         # never pin without CUDA: pin_memory needs a CUDA driver
-        if dev.type == "cuda" and self.pinned:  # chunks: one pinned block would round up to a power of two
+        if self._disk is not None:  # the disk tier: experts in a file, read into the host cache's slots
+            from .diskfile import ExpertFile, aligned_rows
+
+            gen = torch.Generator().manual_seed(self.seed)
+            bound = 1.0 / math.sqrt(max(H, Fd))
+            self._file = ExpertFile.create(L * E, self._nbytes, lambda k: self._codec.random(k, gen, bound, "cpu"),
+                                           self.disk_dir)
+            self._host_rows = aligned_rows(host_rows, self._file.stride, dev.type == "cuda" and self.pinned)
+            self.host_pool = self._host_rows[:, :self._nbytes]
+            self._host_slot: dict = {}  # key -> the host slot it was last read into
+        elif dev.type == "cuda" and self.pinned:  # chunks: one pinned block would round up to a power of two
             self.host_pool = ChunkedPool(pinned_chunks(L * E, self._nbytes), self._nbytes)
             pools = self.host_pool.chunks
         else:
             self.host_pool = torch.empty((L * E, self._nbytes), dtype=torch.uint8)
             pools = [self.host_pool]
-        fill_experts(pools, self._codec, self.seed, 1.0 / math.sqrt(max(H, Fd)), desc="host pool", via=dev)
+        if self._disk is None:
+            fill_experts(pools, self._codec, self.seed, 1.0 / math.sqrt(max(H, Fd)), desc="host pool", via=dev)
         self.device_pool = torch.empty((n_slots, self._nbytes), dtype=torch.uint8, device=dev)
         if on_cpu:
             self.device_pool.zero_()  # touch every page now, not during the first copies
@@ -263,7 +279,7 @@ class TorchBackend(Backend):
     def load(self, key, slot: int, prefetch: bool) -> None:
         if self._drift is not None:
             self._drift.load()
-        src = self.host_pool[key[0] * self._E + key[1]]
+        src = self._host_src(key)
         dst = self.device_pool[slot]
         mode = self.mode
         if prefetch:
@@ -292,6 +308,27 @@ class TorchBackend(Backend):
             self._pending_copies.append(t1 - t0)
             self._fresh.add(slot)
             self._events.append(("copy", key, prefetch, (t0 - self._t0) * 1e3, (t1 - self._t0) * 1e3))
+
+    def setup_disk(self, storage, host_slots: int) -> None:
+        """The disk tier (moesim/disk.py), before `setup`: every expert goes to a file in `disk_dir`, host memory
+        holds `host_slots` of them (and a scratch slot), and the engine calls read(key, slot) on a host miss."""
+        self._disk = (storage, int(host_slots))
+
+    def read(self, key, slot: int) -> None:
+        """Read `key`'s bytes from the experts' file into host slot `slot` (a real read: O_DIRECT where it runs,
+        diskfile.py), on the calling thread; its copy or host compute then reads that slot."""
+        self._file.read(key[0] * self._E + key[1], self._host_rows[slot])
+        self._host_slot[key] = slot
+
+    def disk_stats(self) -> dict | None:
+        """The disk tier's measured reads (diskfile.ExpertFile.stats), None without one."""
+        return None if self._file is None else self._file.stats()
+
+    def _host_src(self, key):
+        """The host bytes of expert `key`: its row of the host pool, or with a disk tier its host slot's."""
+        if self._file is not None:
+            return self.host_pool[self._host_slot[key]]
+        return self.host_pool[key[0] * self._E + key[1]]
 
     def _first_use(self, slot: int) -> bool:
         """Whether this use of `slot` is the first of a prefetched copy (then it is no longer unused)."""
@@ -355,11 +392,11 @@ class TorchBackend(Backend):
     def _host_experts(self, plan, m: int) -> None:
         """Host experts from the host pool over the m compacted activation rows in _host_x, summed into
         _host_y[:m] (each over its own rows, `plan` from _host_rows)."""
-        H, Fd, E = self.spec.hidden, self.spec.ffn, self._E
+        H, Fd = self.spec.hidden, self.spec.ffn
         xs, ys = self._host_x[:m], self._host_y[:m]
         ys.zero_()
         for key, idx, gate in plan:
-            block = self._codec.decode(self.host_pool[key[0] * E + key[1]], self._host_ws)
+            block = self._codec.decode(self._host_src(key), self._host_ws)
             routed_ffn(block, xs, ys, H, Fd, idx, gate)
 
     def _compute_cpu(self, layer: int, device, host) -> None:
@@ -453,6 +490,8 @@ class TorchBackend(Backend):
             if self._threads_before is not None:
                 torch.set_num_threads(self._threads_before)
                 self._threads_before = None
+            if self._file is not None:  # the experts' file is deleted; its stats stay
+                self._file.close()
 
     # ------------------------------------------------------------------------------------- report
     def _flush(self, wait: bool) -> None:
@@ -572,6 +611,9 @@ class TorchBackend(Backend):
         """Routed expert `index` (layer * experts + expert) of the host pool, or with `shared` shared expert
         `index` (layer * shared_experts + s), as compute weights on the host: a new tensor [3 * hidden * ffn]
         (gate rows, up rows, down), decoded from its bytes as compute decodes a slot."""
+        if self._file is not None and not shared:
+            raise MoesimError("expert_weights: with a disk tier the host pool holds the host cache's slots, not "
+                              "every expert")
         codec, pool = (self._shared_codec, self.shared_pool) if shared else (self._codec, self.host_pool)
         return codec.decode(pool[index].cpu(), torch.empty(codec.width, dtype=self.dtype)).clone()
 

@@ -123,10 +123,11 @@ class MemoryPlan:
 
 
 def plan_memory(spec: ModelSpec, n_slots: int, dtype: str, tokens: int, on_cpu: bool,
-                pinned: bool = False) -> MemoryPlan:
+                pinned: bool = False, host_rows: int | None = None) -> MemoryPlan:
     """What `setup` allocates for `spec` (as stored: see stored_spec; experts packed in their format,
     spec.bytes_per_expert each) with `n_slots` slots, computing in `dtype`; `pinned`: a pinned host pool
-    (CUDA)."""
+    (CUDA); `host_rows`: with a disk tier, the host pool's slots (each padded to diskfile.ALIGN), not every
+    expert."""
     item = DTYPE_BITS[dtype] // 8
     per_expert = spec.bytes_per_expert
     shared_ffn = spec.shared_ffn or spec.ffn
@@ -140,6 +141,14 @@ def plan_memory(spec: ModelSpec, n_slots: int, dtype: str, tokens: int, on_cpu: 
     decode = 3 * spec.hidden * max(spec.ffn if routed_decoded else 0, shared_ffn if shared_decoded else 0) * item
     n = spec.layers * spec.experts
     pin = pinned and not on_cpu
+    if host_rows is not None:  # the disk tier's host cache: one pinned block of aligned rows
+        from .diskfile import stride_of
+
+        host = host_rows * stride_of(per_expert)
+        return MemoryPlan(host_pool=host, device_pool=n_slots * per_expert,
+                          shared=spec.layers * spec.shared_experts * per_shared, workspace=workspace + decode,
+                          on_cpu=on_cpu, pinned=pin, host_pool_pinned=host if pin else 0,
+                          host_decode=3 * spec.hidden * spec.ffn * item if routed_decoded and not on_cpu else 0)
     return MemoryPlan(host_pool=n * per_expert, device_pool=n_slots * per_expert,
                       shared=spec.layers * spec.shared_experts * per_shared, workspace=workspace + decode,
                       on_cpu=on_cpu, pinned=pin,
