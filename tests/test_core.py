@@ -29,6 +29,7 @@ POLICY_PARAMS = {  # each policy with its defaults and with parameters that chan
     "class_lru": [{}, {"half_life": 3.0, "classes": 3}],
     "activation_aware": [{}],
     "visit_count": [{}],  # refuses to evict its layer's and later layers' experts: those misses are streamed
+    "page_cache": [{}],  # its ratio is 1 on these small models; tests/test_disk.py has a larger one
 }
 
 

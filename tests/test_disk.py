@@ -204,3 +204,53 @@ def test_calibrate_measures_a_disk_into_a_profile_runs_read(tmp_path, capsys):
     assert "disk.storage: no such file" in capsys.readouterr().err
     with pytest.raises(MoesimError, match="not a folder"):
         measure_storage(tmp_path / "nope")
+
+
+def test_page_cache_follows_the_kernels_two_lists():
+    """strategies/page_cache.py by hand (ratio 1): faults enter the inactive list, a second access promotes,
+    reclaim takes the oldest inactive after demoting while inactive * ratio < active, and a refault within the
+    active list's size is activated at once."""
+    from types import SimpleNamespace
+
+    from strategies.page_cache import PageCache, inactive_ratio
+
+    assert inactive_ratio(8, 2**29) == 6 and inactive_ratio(1, 2**29) == 1  # 4 GiB: int_sqrt(40); under 1 GiB
+    assert inactive_ratio(100, 2**30) == 31  # mm/vmscan.c's table: 100GB -> 31
+    a, b, c, d, e = ((0, i) for i in range(5))
+    pc = PageCache()
+    pc.setup(SimpleNamespace(capacity=4, spec=SPEC))
+    for k in (a, b, c, d):
+        pc.on_insert(0, k, False)
+    pc.on_access(1, [a, b])  # second accesses: promoted, each an activation
+    assert list(pc.inactive) == [c, d] and list(pc.active) == [a, b] and pc.age == 2
+    everyone = {a, b, c, d, e}
+    assert pc.victim(everyone) == c  # 2 * 1 < 2 is false: no demotion
+    pc.on_evict(c)
+    assert pc.shadow[c] == 2 and pc.age == 3
+    pc.on_insert(2, e, False)
+    assert pc.victim(everyone) == d
+    pc.on_evict(d)
+    pc.on_insert(3, c, False)  # refault distance 4 - 2 = 2 <= 2 active: activated
+    assert list(pc.active) == [a, b, c] and list(pc.inactive) == [e] and pc.age == 5
+    assert pc.victim(everyone) == e and list(pc.inactive) == [e, a]  # 1 * 1 < 3: a demoted first
+    pc.on_evict(e)
+    assert pc.victim({b, c}) == b and list(pc.inactive) == [a, b]  # 1 < 2: b demoted; a is pinned
+
+
+def test_page_cache_compiled_equals_the_reference_with_a_large_ratio():
+    """At 8 slots of 384 MiB experts (3 GiB: ratio int_sqrt(30) = 5) the compiled page_cache makes the reference's
+    decisions, as the host cache of the disk tier and as a device cache."""
+    from moesim import core
+    from moesim.engine import hit_counts
+
+    rng = np.random.default_rng(7)
+    spec = dataclasses.replace(SPEC, experts=16, hidden=8192, ffn=8192)
+    rows = np.stack([np.stack([rng.choice(16, 2, replace=False, p=np.r_[np.full(4, 0.15), np.full(12, 0.4 / 12)])
+                               for _ in range(2)]) for _ in range(400)])
+    tr = from_arrays(spec, rows, np.full(rows.shape, 0.5), seq=np.zeros(len(rows), dtype=np.int64))
+    from strategies.page_cache import PageCache, inactive_ratio
+
+    assert inactive_ratio(8, spec.bytes_per_expert) == 5
+    want = hit_counts(tr, PageCache, 8, "global").to_dict()
+    assert core.hit_counts(tr, "page_cache", None, 8, "global") == want
+    assert 0 < want["hits"] < want["requests"] and want["evictions"] > 0

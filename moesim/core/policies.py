@@ -22,7 +22,7 @@ from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, EAM, EPOCH0, EROWS, FH
                     sift_up)
 
 POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
-                "activation_aware": 7, "visit_count": 8}
+                "activation_aware": 7, "visit_count": 8, "page_cache": 9}
 REFUSING = 8  # the code of the one built-in policy whose victim may be none (strategies.CachePolicy.refuses)
 RESCALE_AT = 1e100  # strategies/lfu.py: RESCALE_AT
 AA_EPS = 1e-6  # strategies/activation_aware.py: EPS
@@ -288,6 +288,42 @@ def _visit_victim(I, prm, p, off, mark, pos):
     return best
 
 
+# page_cache: the inactive (0) and active (1) lists as class lists (CHEAD/CTAIL at p * 2 + list, PREV/NEXT), each
+# key's list in CLS; per partition HSIZE: active keys, NTOUCH: the nonresident age; per key K2: the age at its
+# last eviction (its shadow entry) where SEEN --------------------------------------------------------------
+@njit(**HOT)
+def _pc_move(I, p, kid, to):
+    """Move resident `kid` from its list to the young end of list `to`."""
+    link_between(I, p * 2 + I[CLS, kid], I[PREV, kid], I[NEXT, kid], CHEAD, CTAIL, PREV, NEXT)
+    I[CLS, kid] = to
+    link_append(I, p * 2 + to, kid, CHEAD, CTAIL, PREV, NEXT)
+
+
+@njit(**HOT)
+def _pc_victim(I, prm, p, mark):
+    """PageCache.victim: demote the active list's oldest while inactive * ratio < active, then the oldest
+    unpinned key of the inactive list, else of the active list; removed from its list, its shadow left."""
+    while I[HSIZE, p] > 0 and (I[SIZE, p] - I[HSIZE, p]) * prm.ratio < I[HSIZE, p]:
+        _pc_move(I, p, I[CHEAD, p * 2 + 1], 0)
+        I[HSIZE, p] -= 1
+    v = -1
+    for lst in range(2):
+        x = I[CHEAD, p * 2 + lst]
+        while x >= 0 and I[PIN, x] == mark:
+            x = I[NEXT, x]
+        if x >= 0:
+            v = x
+            break
+    if v >= 0:
+        link_between(I, p * 2 + I[CLS, v], I[PREV, v], I[NEXT, v], CHEAD, CTAIL, PREV, NEXT)
+        if I[CLS, v] == 1:
+            I[HSIZE, p] -= 1
+        I[K2, v] = I[NTOUCH, p]  # workingset_eviction: the shadow holds the age, then the age grows
+        I[SEEN, v] = 1
+        I[NTOUCH, p] += 1
+    return v
+
+
 # dispatch ---------------------------------------------------------------------------------------------------
 @njit(**HOT)
 def on_request(I, F, seqs, prm, p, pos):
@@ -329,6 +365,11 @@ def on_access(I, F, prm, p, pos, kid, next_use):
         _aa_use(I, prm, p, kid)
     elif code == 8:
         I[K2, kid] += 1
+    elif code == 9:  # page_cache: inactive -> active (a promotion ages the node), active -> its young end
+        if I[CLS, kid] == 0:
+            I[HSIZE, p] += 1
+            I[NTOUCH, p] += 1
+        _pc_move(I, p, kid, 1)
 
 
 @njit(**HOT)
@@ -360,6 +401,14 @@ def on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched):
     elif code == 8:
         I[K2, kid] = 1
         member_add(I, p, p * prm.cm, kid)
+    elif code == 9:  # a refault within the active list's size is activated at once
+        to = 1 if I[SEEN, kid] == 1 and I[NTOUCH, p] - I[K2, kid] <= I[HSIZE, p] else 0
+        I[SEEN, kid] = 0
+        if to == 1:
+            I[HSIZE, p] += 1
+            I[NTOUCH, p] += 1
+        I[CLS, kid] = to
+        link_append(I, p * 2 + to, kid, CHEAD, CTAIL, PREV, NEXT)
     else:
         _aa_at(I, prm, seqs, p, pos)
         if prefetched:  # not a request: it ranks as unused so far
@@ -406,6 +455,8 @@ def evict_one(I, F, prm, p, mark, pos, prefetch):
         if v >= 0:
             _aa_leave(I, prm, v)
         return v
+    if code == 9:
+        return _pc_victim(I, prm, p, mark)
     if code == 8:
         v = _visit_victim(I, prm, p, off, mark, pos)
         if v >= 0:

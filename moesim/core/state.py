@@ -86,6 +86,7 @@ class Params(NamedTuple):
     alpha: float  # LFRU
     classes: int  # class_lru: class lists
     decay_per_pos: float  # class_lru: ln of the decayed use count's factor per request position
+    ratio: int = 1  # page_cache: inactive_is_low's inactive_ratio
 
 
 def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.ndarray]:
