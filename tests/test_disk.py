@@ -162,9 +162,11 @@ def test_run_prints_and_reports_the_disk_tier(capsys, tmp_path):
     assert "host hit rate" in html and "bytes disk-&gt;host" in html
 
 
-def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path):
+@pytest.mark.parametrize("worker", ["false", "true"])
+def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path, worker):
     """The torch backend writes the experts to a file and reads each host miss from it (O_DIRECT where the file
-    system takes it): for the same decisions its reads and bytes equal the sim's, and the file is gone after."""
+    system takes it): for the same decisions its reads and bytes equal the sim's, and the file is gone after.
+    With the copy worker a read into a host slot first waits for the copy still reading it."""
     pytest.importorskip("torch")
     from moesim.api import compose_run, load_trace, replay_config
 
@@ -173,7 +175,8 @@ def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path):
     for backend in ("sim", "torch"):
         cfg = compose_run("gpt-oss-like", "lru", "15%", "rtx-4090", backend=backend, overrides=[
             "tokens=12", "model.scale=0.05", "disk.storage=nvme-pcie4", "disk.ram=20%", "disk.policy=lru",
-            *([f"backend.disk_dir={tmp_path}", "backend.device=cpu"] if backend == "torch" else [])])
+            *([f"backend.disk_dir={tmp_path}", "backend.device=cpu", f"backend.copy_worker={worker}"]
+              if backend == "torch" else [])])
         got[backend] = replay_config(cfg, tr).summary["disk"]
     sim, real = got["sim"], got["torch"]
     for k in ("host_requests", "host_hits", "disk_reads", "bytes_disk", "unkept_reads"):

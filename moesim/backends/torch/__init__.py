@@ -154,6 +154,7 @@ class TorchBackend(Backend):
             self._host_rows = aligned_rows(host_rows, self._file.stride, dev.type == "cuda" and self.pinned)
             self.host_pool = self._host_rows[:, :self._nbytes]
             self._host_slot: dict = {}  # key -> the host slot it was last read into
+            self._host_done: dict = {}  # host slot -> the last asynchronous copy out of it (event or ticket)
         elif dev.type == "cuda" and self.pinned:  # chunks: one pinned block would round up to a power of two
             self.host_pool = ChunkedPool(pinned_chunks(L * E, self._nbytes), self._nbytes)
             pools = self.host_pool.chunks
@@ -297,10 +298,14 @@ class TorchBackend(Backend):
             self._slot_ready[slot].record(cs)
             self._inflight.append(e1)
             self._events.append(("copy", key, prefetch, e0, e1))
+            if self._file is not None:  # the host slot is read again only after this copy (read())
+                self._host_done[self._host_slot[key]] = e1
         elif mode == "worker":
             ticket = self._worker.submit(dst, src)
             self._slot_ticket[slot] = ticket
             self._events.append(("copy", key, prefetch, ticket, None))
+            if self._file is not None:
+                self._host_done[self._host_slot[key]] = ticket
         else:
             t0 = time.perf_counter()
             memcpy(dst, src)
@@ -317,6 +322,11 @@ class TorchBackend(Backend):
     def read(self, key, slot: int) -> None:
         """Read `key`'s bytes from the experts' file into host slot `slot` (a real read: O_DIRECT where it runs,
         diskfile.py), on the calling thread; its copy or host compute then reads that slot."""
+        done = self._host_done.pop(slot, None)  # a copy still reading this host slot finishes first
+        if done is not None and self.mode == "stream":
+            done.synchronize()
+        elif done is not None:
+            self._worker.wait(done)
         self._file.read(key[0] * self._E + key[1], self._host_rows[slot])
         self._host_slot[key] = slot
 
