@@ -140,8 +140,39 @@ def _formats(spec) -> str:
                                                   (("attention", "attention"), ("dense", "dense"), ("embed", "embed")))
 
 
+# DeepSeek-V3 as people run it (issue 19): GGUF file types, (moesim's formats per tensor class, the published size,
+# where it was read). bartowski's sizes are of DeepSeek-V3-0324, the same architecture; unsloth's 1.58-bit file is of
+# DeepSeek-R1 (the same architecture), its routed experts in IQ1_S and "attention and other layers in 4 or 6bit"
+_BARTOWSKI = ("bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF model card, its file table (read in a copy at "
+              "voozh.deno.dev/url/https://huggingface.co/bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF)")
+DEEPSEEK_GGUF = [
+    ("Q8_0", recipe("q8_0"), "713.29 GB", _BARTOWSKI),
+    ("Q6_K", recipe("q6_k"), "550.80 GB", _BARTOWSKI),
+    ("Q5_K_M", recipe("q5_k_m"), "475.40 GB", _BARTOWSKI),
+    ("Q4_K_M", recipe("q4_k_m"), "404.43 GB", _BARTOWSKI),
+    ("Q2_K", recipe("q2_k"), "not found", None),
+    ("1.58-bit dynamic (UD-IQ1_S)", {"experts": "iq1_s", "attention": "q4_k", "dense": "q4_k", "embed": "q6_k"},
+     "131 GB (DeepSeek-R1)", "unsloth's r/LocalLLaMA post \"1.58bit DeepSeek R1 - 131GB Dynamic GGUF\" (read in a copy at "
+     "monstersandmenfilm.com/p/LocalLLaMA/comments/1ibbloy)"),
+]
+
+
+def deepseek_rows() -> tuple[list[str], list[str]]:
+    """Markdown rows of the DeepSeek-V3 GGUF table and its sources."""
+    spec = MODEL_SPECS["deepseek-v3"]
+    out, by_source = [], {}
+    for name, formats, published, source in DEEPSEEK_GGUF:
+        total = sum(weight_bytes(with_formats(spec, **formats)).values())
+        mix = ", ".join(f"{k} {v}" for k, v in formats.items())
+        out.append(f"| {name} | {mix} | {_gb(total)} | {published} |")
+        if source:
+            by_source.setdefault(source, []).append(name)
+    return out, [f"- **{', '.join(names)}**: {source}" for source, names in by_source.items()]
+
+
 def block() -> str:
     sizes, params, sources = rows()
+    ds_rows, ds_sources = deepseek_rows()
     return "\n".join([
         BEGIN,
         "### Bytes",
@@ -159,6 +190,18 @@ def block() -> str:
         "### Sources",
         "",
         *sources,
+        "",
+        "### DeepSeek-V3 at the GGUF file types people run it in",
+        "",
+        "For the disk tier (`docs/disk.md`). The formats are per tensor class, as `model.recipe` or "
+        "`model.experts_format=...` give them. moesim leaves out llama.cpp's per-layer bumps (for example, Q4_K_M's "
+        "q6_k `ffn_down` in some layers) and any per-tensor mix a quantizer chose beyond these four classes.",
+        "",
+        "| file type | moesim's formats | moesim GB | published |",
+        "| --- | --- | ---: | --- |",
+        *ds_rows,
+        "",
+        *ds_sources,
         END,
     ])
 
