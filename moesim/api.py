@@ -434,7 +434,9 @@ def disk_tier(cfg, trace, spec):
         from .core.parts import CACHE
 
         raise MoesimError(f"disk.policy={name!r}: expected one of {', '.join(n for n, _ in CACHE.values())}") from None
-    return DiskTier(spec, ram.slots, cls, storage, trace)
+    tier = DiskTier(spec, ram.slots, cls, storage, trace)
+    tier.wants_bound = name == "belady"  # the host's own Belady: bound to the host's requests before the replay
+    return tier
 
 
 def _fits_in_memory(trace) -> None:
@@ -666,6 +668,9 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
     cost = cost if cost is not None else Cost(hardware, spec)
     first = make_policy()
     bound = any(getattr(x, "bound", False) for x in (first, prefetcher, offload) if x is not None)
+    if disk is not None and getattr(disk, "wants_bound", False):
+        _bind_host_bound(disk, trace, spec, n_slots, scope, make_policy, first, prefetcher, offload, hardware,
+                         reset_per_seq, cost)
     way = compiled_run(fast, backend, first, prefetcher, offload) if prefetch_max is None else None
     if way == "play" and disk is not None:  # a recorded script has no disk reads: the Python driver tells them
         if str(fast).lower() in ("true", "on", "yes"):
@@ -695,6 +700,27 @@ def replay_parts(trace, spec, n_slots: int, scope: str, make_policy, prefetcher,
                                      disk=disk)
     served = backend.request_stats() if hasattr(backend, "request_stats") else None
     return Execution(counters, cache.prefetch, profiler, served, backend.device_bytes(), backend, bound, False)
+
+
+def _bind_host_bound(disk, trace, spec, n_slots, scope, make_policy, first, prefetcher, offload, hardware,
+                     reset_per_seq, cost) -> None:
+    """disk.policy=belady: replay once without the disk tier, recording the decisions (the compiled core), and
+    make the host cache Belady over the host requests they imply (moesim.disk.host_requests). Exact where the
+    device's decisions do not depend on the disk's timing (no max_inflight cap)."""
+    import numpy as np
+
+    from . import core
+    from .disk import host_requests
+
+    why = core.uncovered(first, prefetcher, offload)
+    if why:
+        raise MoesimError(f"disk.policy=belady: the host's bound replays the device's decisions first in the "
+                          f"compiled core, which cannot run this: {why}")
+    rec = core.simulate(trace, spec, n_slots, scope, make_policy, prefetcher, offload, hardware, reset_per_seq,
+                        cost=cost, record=True).script  # a script needs the events (the copies in order)
+    ends = np.asarray(rec.step_waves, np.int64)
+    step_of_wave = np.repeat(np.arange(len(ends), dtype=np.int64), np.diff(np.concatenate([[0], ends])))
+    disk.bind(*host_requests(rec, trace.n_layers, trace.spec.experts, step_of_wave))
 
 
 def build(block, where: str, **kwargs):

@@ -192,6 +192,32 @@ def load_storage(value) -> Storage:
     return STORAGE[text]
 
 
+def host_requests(script, n_layers: int, n_experts: int, step_of_wave) -> tuple:
+    """(positions, offsets) of each key's requests to the host cache in a replay recorded without a disk tier
+    (moesim.core.Script): every copy (demand, streamed, background or prefetch) and every host compute asks it,
+    once per key and position (a host compute that also loads asks once). The position of wave v is
+    step_of_wave[v] * L + its layer."""
+    import numpy as np
+
+    waves, copies, served = script.waves, script.copies, script.served
+    pos_of_wave = step_of_wave * n_layers + waves[:, 0]
+    first_copy = np.concatenate([[0], waves[:-1, 1]]) if len(waves) else np.zeros(0, np.int64)
+    n_copies = waves[:, 1] - first_copy  # copies issued before each wave computes, since the last
+    copy_pos = np.repeat(pos_of_wave, n_copies)
+    copy_key = copies[:len(copy_pos), 0] * n_experts + copies[:len(copy_pos), 1]
+    first_row = np.concatenate([[0], waves[:-1, 2]]) if len(waves) else np.zeros(0, np.int64)
+    row_pos = np.repeat(pos_of_wave, waves[:, 2] - first_row)
+    host = served[:, 3] == 1
+    keys = np.concatenate([copy_key, served[host, 0]])
+    pos = np.concatenate([copy_pos, row_pos[host]])
+    code = np.unique(keys * (int(pos.max()) + 1 if len(pos) else 1) + pos)  # by key, then position; each once
+    span = int(pos.max()) + 1 if len(pos) else 1
+    key = code // span
+    positions = (code - key * span).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=n_layers * n_experts))]).astype(np.int64)
+    return positions, offsets
+
+
 class DiskTier:
     """The host cache above the disk, as the Python driver asks it (moesim.engine): `need(pos, key)` says
     whether `key` must be read from disk before its copy or host compute, and keeps the host cache's decisions.
@@ -203,9 +229,23 @@ class DiskTier:
         from .cache import Cache
 
         self.n_slots, self.make_policy, self.storage = n_slots, make_policy, storage
+        self.spec, self.trace = spec, trace
         self.host = Cache(spec, n_slots, "global", make_policy, trace)
+        self.host_bound = False  # disk.policy=belady: the host's own Belady, set by `bind` before the replay
         self.reads = 0  # disk reads (host misses)
         self.unkept = 0  # reads the host cache could not keep (every slot pinned): read for this use only
+
+    def bind(self, positions, offsets) -> None:
+        """The host cache becomes Belady over the host's own requests (host_requests): the key whose next request
+        to the host comes last. strategies.belady.Belady reads the next request in the trace, which the device may
+        serve: not the host's bound. This one is, for the device's decisions."""
+        from .cache import Cache
+
+        from strategies.belady import GivenBelady
+
+        self.make_policy = lambda: GivenBelady(positions, offsets)
+        self.host = Cache(self.spec, self.n_slots, "global", self.make_policy, self.trace)
+        self.host_bound = True
 
     def need(self, pos: int, key) -> tuple[bool, int]:
         """(whether `key` misses in host memory and is read now, the host slot it is read into: the host
@@ -235,7 +275,8 @@ class DiskTier:
         req, hits, reads, busy = counts["requests"], counts["hits"], counts["reads"], counts["busy_ms"]
         # busy: the sim's disk timeline; None on a backend that measures (torch: its reads, in `measured`)
         return {"storage": self.storage.to_dict(), "host_slots": self.n_slots, "host_gib": self.n_slots * nbytes / 2**30,
-                "host_policy": type(self.make_policy()).__name__, "host_requests": req, "host_hits": hits,
+                "host_policy": "Belady over host requests" if self.host_bound else type(self.make_policy()).__name__,
+                "host_requests": req, "host_hits": hits,
                 "host_hit_rate": hits / req if req else None, "disk_reads": reads, "bytes_disk": reads * nbytes,
                 "disk_mib_per_token": reads * nbytes / 2**20 / max(n_tokens, 1),
                 "read_ms": self.storage.read_ms(nbytes), "disk_busy_ms": busy,

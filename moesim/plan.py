@@ -200,8 +200,7 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     if tier is not None:
         notes.append(f"{real.name} takes {total / GIB:.1f} GiB, more than VRAM + RAM = {usable / GIB:.1f} + "
                      f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} of "
-                     f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: belady, not the host's own bound: "
-                     f"docs/disk.md)")
+                     f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: Belady over the host's own requests)")
     elif disk is not None:
         notes.append(f"{real.name} fits in VRAM + RAM: nothing is read from disk={disk}")
     lo = K * L if max_slots >= K * L else K

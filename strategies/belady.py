@@ -29,13 +29,17 @@ class Belady(CachePolicy):
 
     def setup(self, ctx) -> None:
         self.E = ctx.spec.experts
-        positions, offsets = request_positions(ctx.trace, ctx.layers)
+        positions, offsets = self.request_positions(ctx)
         self.positions = array("q", positions.tobytes())  # per key id, its request positions, ascending
         self.offsets = offsets.tolist()  # key id -> start of its run in `positions`; [n_keys + 1]
         self.ptr = self.offsets[:-1]  # key id -> first entry not yet passed
         self.index = {layer: i for i, layer in enumerate(ctx.layers)}  # layer -> row of the key id
         self.next_use: dict[Key, int] = {}  # resident key -> position of its next request
         self.heap: list[tuple[int, Key]] = []  # (-next use, key); stale entries skipped
+
+    def request_positions(self, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """The future it reads: each key's request positions (request_positions below)."""
+        return request_positions(ctx.trace, ctx.layers)
 
     def _next_after(self, pos: int, key: Key) -> int:
         kid = self.index[key[0]] * self.E + key[1]
@@ -76,6 +80,18 @@ class Belady(CachePolicy):
             for entry in skipped:
                 heapq.heappush(heap, entry)
         raise ValueError(f"Belady.victim: none of the candidates {sorted(candidates)} is resident")
+
+
+class GivenBelady(Belady):
+    """Belady over given request positions instead of the trace's: the disk tier's host cache, whose requests
+    are the device's misses (moesim.disk.host_requests). positions, offsets: as request_positions lays them out,
+    for keys layer * E + expert of every layer."""
+
+    def __init__(self, positions, offsets):
+        self.given = (np.asarray(positions, np.int64), np.asarray(offsets, np.int64))
+
+    def request_positions(self, ctx) -> tuple[np.ndarray, np.ndarray]:
+        return self.given
 
 
 def request_positions(trace, layers) -> tuple[np.ndarray, np.ndarray]:

@@ -257,3 +257,29 @@ def test_page_cache_compiled_equals_the_reference_with_a_large_ratio():
     want = hit_counts(tr, PageCache, 8, "global").to_dict()
     assert core.hit_counts(tr, "page_cache", None, 8, "global") == want
     assert 0 < want["hits"] < want["requests"] and want["evictions"] > 0
+
+
+def test_the_hosts_belady_is_a_bound_over_the_hosts_own_requests():
+    """disk.policy=belady ranks keys by their next request *to the host* (the device's misses, recorded by a first
+    replay: moesim.disk.host_requests), not by their next request in the trace, which the device may serve. Then no
+    host policy keeps more in host memory, for the same device decisions; the Python driver makes the same
+    decisions as the compiled core."""
+    from moesim.api import compose_run, load_trace, replay_config
+
+    tr = load_trace("gpt-oss-like")
+    hits = {}
+    for policy in ("lru", "lfu", "page_cache", "belady"):
+        for fast in ("auto", "false") if policy == "belady" else ("auto",):
+            cfg = compose_run("gpt-oss-like", "lfru", "15%", "rtx-4090", overrides=[
+                "tokens=1500", "scope=global", "disk.storage=nvme-pcie4", "disk.ram=20%", f"disk.policy={policy}",
+                f"fast={fast}"])
+            s = replay_config(cfg, tr).summary
+            hits[policy, fast] = (s["disk"]["host_hits"], s["disk"]["host_requests"], s["tokens_per_s"])
+    assert hits["belady", "auto"] == hits["belady", "false"]  # both drivers, the same host decisions and times
+    bound, requests, _ = hits["belady", "auto"]
+    for policy in ("lru", "lfu", "page_cache"):
+        assert hits[policy, "auto"][1] == requests  # the same device decisions: the same requests to the host
+        assert bound > hits[policy, "auto"][0], policy
+    summary = replay_config(compose_run("gpt-oss-like", "lfru", "15%", "rtx-4090", overrides=[
+        "tokens=300", "disk.storage=nvme-pcie4", "disk.ram=20%", "disk.policy=belady"]), tr).summary
+    assert summary["disk"]["host_policy"] == "Belady over host requests"

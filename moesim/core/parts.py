@@ -35,6 +35,7 @@ CACHE = {
     "strategies.lfu.LFU": ("lfu", ("decay", "decay_every")),
     "strategies.lfru.LFRU": ("lfru", ("decay", "alpha")),
     "strategies.belady.Belady": ("belady", ()),
+    "strategies.belady.GivenBelady": ("belady", ("positions", "offsets")),  # its positions replace the trace's
     "strategies.static.Static": ("static", ("calibrate_tokens", "calibrate_fraction", "calibrate_trace", "lru_slots")),
     "strategies.class_lru.ClassLRU": ("class_lru", ("half_life", "classes")),
     "strategies.activation_aware.ActivationAware": ("activation_aware", ()),
@@ -119,10 +120,12 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
         obj.setup(_context(trace, spec, everything if scope == "global" else (0,),
                            n_slots if scope == "global" else n_slots // L, scope))
     kpos = koff = None
-    if name == "belady" and with_prefetch:  # next uses of prefetched keys (demand ones come with the requests)
+    if name == "belady" and hasattr(obj, "given"):  # GivenBelady: every next use from its own positions
+        kpos, koff = obj.given
+    elif name == "belady" and with_prefetch:  # next uses of prefetched keys (demand ones come with the requests)
         kpos, koff = _key_positions(trace)
     classes = int(getattr(obj, "classes", 1)) if name == "class_lru" else 2 if name == "page_cache" else 1
-    st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" else None,
+    st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
                        trace.step_seq().astype(np.int64) if name == "activation_aware" else None, kpos, koff)
     P = L if scope == "per_layer" else 1
     if name == "static":  # the reference policy picks the static keys of each partition
