@@ -2,17 +2,20 @@
 cache of the disk tier, moesim/disk.py), or `strategy=page_cache` for any cache.
 
 Followed from mm/workingset.c ("Double CLOCK lists", CachyOS/linux@df0c750533294b26b079c99476cbbe376f8a5caa)
-and inactive_is_low() of mm/vmscan.c (the same kernel tree), without multi-gen LRU:
+and inactive_is_low() and shrink_active_list() of mm/vmscan.c (CachyOS/linux@04a07002f646f55dd7eab762ff7f659231ffc212),
+without multi-gen LRU:
   - a faulted page (an inserted expert) enters the inactive list; reclaim takes the inactive list's oldest;
-  - a page accessed again while inactive is promoted to the active list; an active page accessed again goes to
-    the active list's young end (CLOCK's second chance, kept as LRU order);
+  - a page accessed again while inactive is promoted to the active list; an access to an active page does not
+    move it (shrink_active_list gives referenced pages another trip only where they are executable, VM_EXEC:
+    a mapped model file's are deactivated in list order);
   - before reclaim, active pages are demoted, oldest first, to the inactive list while it is low:
     inactive * ratio < active, ratio = int_sqrt(10 * GiB of the cache) (1 under 1 GiB);
   - refaults: each eviction leaves a shadow entry holding the node's nonresident age (evictions + activations
     so far), then ages it; a page faulting back in with (age now - its shadow) <= the active list's size is
     activated at once (the refault distance fits in the memory the active pages hold).
 Approximated: experts, not 4 KiB pages (readahead within an expert is its one read); one node, no cgroups;
-the kernel's CLOCK scans as LRU order; shadow entries are never reclaimed. Pinned keys (the running request)
+promotion at the second access rather than at the reclaim scan that finds it referenced twice; shadow entries
+are never reclaimed. Pinned keys (the running request)
 are skipped by reclaim; if every inactive key is pinned, the active list's oldest unpinned goes.
 """
 from __future__ import annotations
@@ -40,12 +43,10 @@ class PageCache(CachePolicy):
 
     def on_access(self, pos: int, keys: Iterable[Key]) -> None:
         for key in keys:
-            if key in self.inactive:  # the second access: promoted
+            if key in self.inactive:  # the second access: promoted (an active key stays where it is)
                 del self.inactive[key]
                 self.active[key] = None
                 self.age += 1
-            else:
-                self.active.move_to_end(key)
 
     def on_insert(self, pos: int, key: Key, prefetched: bool) -> None:
         evicted_at = self.shadow.pop(key, None)

@@ -302,7 +302,18 @@ def _pc_move(I, p, kid, to):
 @njit(**HOT)
 def _pc_victim(I, prm, p, mark):
     """PageCache.victim: demote the active list's oldest while inactive * ratio < active, then the oldest
-    unpinned key of the inactive list, else of the active list; removed from its list, its shadow left."""
+    unpinned key of the inactive list, else of the active list; removed from its list, its shadow left. Where
+    every resident is pinned, -1 and nothing demoted (moesim.cache.Cache.insert then asks no victim)."""
+    free = False
+    for lst in range(2):
+        x = I[CHEAD, p * 2 + lst]
+        while x >= 0 and I[PIN, x] == mark:
+            x = I[NEXT, x]
+        if x >= 0:
+            free = True
+            break
+    if not free:
+        return -1
     while I[HSIZE, p] > 0 and (I[SIZE, p] - I[HSIZE, p]) * prm.ratio < I[HSIZE, p]:
         _pc_move(I, p, I[CHEAD, p * 2 + 1], 0)
         I[HSIZE, p] -= 1
@@ -365,10 +376,9 @@ def on_access(I, F, prm, p, pos, kid, next_use):
         _aa_use(I, prm, p, kid)
     elif code == 8:
         I[K2, kid] += 1
-    elif code == 9:  # page_cache: inactive -> active (a promotion ages the node), active -> its young end
-        if I[CLS, kid] == 0:
-            I[HSIZE, p] += 1
-            I[NTOUCH, p] += 1
+    elif code == 9 and I[CLS, kid] == 0:  # page_cache: inactive -> active (ages the node); an active key stays
+        I[HSIZE, p] += 1
+        I[NTOUCH, p] += 1
         _pc_move(I, p, kid, 1)
 
 
