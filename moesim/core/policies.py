@@ -300,38 +300,34 @@ def _pc_move(I, p, kid, to):
 
 
 @njit(**HOT)
+def _pc_oldest_unpinned(I, p, mark):
+    """The inactive list's oldest key not pinned with `mark`, else the active list's; -1 if none."""
+    for lst in range(2):
+        x = I[CHEAD, p * 2 + lst]
+        while x >= 0 and I[PIN, x] == mark:
+            x = I[NEXT, x]
+        if x >= 0:
+            return x
+    return -1
+
+
+@njit(**HOT)
 def _pc_victim(I, prm, p, mark):
     """PageCache.victim: demote the active list's oldest while inactive * ratio < active, then the oldest
     unpinned key of the inactive list, else of the active list; removed from its list, its shadow left. Where
     every resident is pinned, -1 and nothing demoted (moesim.cache.Cache.insert then asks no victim)."""
-    free = False
-    for lst in range(2):
-        x = I[CHEAD, p * 2 + lst]
-        while x >= 0 and I[PIN, x] == mark:
-            x = I[NEXT, x]
-        if x >= 0:
-            free = True
-            break
-    if not free:
+    if _pc_oldest_unpinned(I, p, mark) < 0:
         return -1
     while I[HSIZE, p] > 0 and (I[SIZE, p] - I[HSIZE, p]) * prm.ratio < I[HSIZE, p]:
         _pc_move(I, p, I[CHEAD, p * 2 + 1], 0)
         I[HSIZE, p] -= 1
-    v = -1
-    for lst in range(2):
-        x = I[CHEAD, p * 2 + lst]
-        while x >= 0 and I[PIN, x] == mark:
-            x = I[NEXT, x]
-        if x >= 0:
-            v = x
-            break
-    if v >= 0:
-        link_between(I, p * 2 + I[CLS, v], I[PREV, v], I[NEXT, v], CHEAD, CTAIL, PREV, NEXT)
-        if I[CLS, v] == 1:
-            I[HSIZE, p] -= 1
-        I[K2, v] = I[NTOUCH, p]  # workingset_eviction: the shadow holds the age, then the age grows
-        I[SEEN, v] = 1
-        I[NTOUCH, p] += 1
+    v = _pc_oldest_unpinned(I, p, mark)
+    link_between(I, p * 2 + I[CLS, v], I[PREV, v], I[NEXT, v], CHEAD, CTAIL, PREV, NEXT)
+    if I[CLS, v] == 1:
+        I[HSIZE, p] -= 1
+    I[K2, v] = I[NTOUCH, p]  # workingset_eviction: the shadow holds the age, then the age grows
+    I[SEEN, v] = 1
+    I[NTOUCH, p] += 1
     return v
 
 
