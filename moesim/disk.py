@@ -67,6 +67,36 @@ STORAGE: dict[str, Storage] = {s.name: s for s in [
 ]}
 
 
+ALIGN = 4096  # bytes: O_DIRECT's alignment of offsets, lengths and buffers (the logical block size of most disks)
+BUFFERED = "buffered, pages dropped before each read"  # how reads run where O_DIRECT is refused
+
+
+def aligned(nbytes: int):
+    """uint8 numpy buffer of `nbytes` starting on an ALIGN boundary (what an O_DIRECT read may fill)."""
+    import numpy as np
+
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = (-raw.ctypes.data) % ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def open_for_reads(path) -> tuple[int, str]:
+    """(fd, how reads run) for `path`: O_DIRECT, so that the page cache cannot hide the disk, where the file system
+    takes it (some refuse it only at the first read, so one aligned block is read to find out); else buffered,
+    the caller dropping a block's pages (posix_fadvise DONTNEED) before reading it."""
+    import os
+
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        os.preadv(fd, [aligned(ALIGN)], 0)
+        return fd, "O_DIRECT"
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        return os.open(path, os.O_RDONLY), BUFFERED
+
+
 def measure_storage(folder, sizes=(4 << 10, 64 << 10, 1 << 20, 16 << 20), total: int = 1 << 30,
                     repeats: int = 16, seed: int = 0, log=None) -> tuple[Storage, list[tuple[int, float]]]:
     """Measure the disk under `folder` as the disk tier reads it: a file of `total` bytes written there (then
@@ -91,10 +121,7 @@ def measure_storage(folder, sizes=(4 << 10, 64 << 10, 1 << 20, 16 << 20), total:
     total = max(total, 4 * big)
     if shutil.disk_usage(folder).free < 2 * total:
         raise MoesimError(f"calibrate disk={folder!r}: needs {total / 2**30:.1f} GiB free for its test file")
-    align = 4096
-    raw = np.empty(big + align, np.uint8)
-    skip = (-raw.ctypes.data) % align
-    buf = raw[skip:skip + big]
+    buf = aligned(big)
     fd, path = tempfile.mkstemp(prefix="moesim-disk-", suffix=".bin", dir=folder)
     try:
         rng = np.random.default_rng(seed)
@@ -104,19 +131,13 @@ def measure_storage(folder, sizes=(4 << 10, 64 << 10, 1 << 20, 16 << 20), total:
                 f.write(block)
             os.fsync(f.fileno())
         total = os.path.getsize(path)
-        io = "O_DIRECT"
-        try:
-            rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            os.preadv(rfd, [buf[:align]], 0)
-        except OSError:
-            rfd = os.open(path, os.O_RDONLY)
-            io = "buffered, pages dropped before each read"
+        rfd, io = open_for_reads(path)
         os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
         points = []
         try:
             for size in sizes:
                 times = []
-                for off in rng.integers(0, (total - size) // align, repeats) * align:
+                for off in rng.integers(0, (total - size) // ALIGN, repeats) * ALIGN:
                     if io != "O_DIRECT":
                         os.posix_fadvise(rfd, int(off), size, os.POSIX_FADV_DONTNEED)
                     t0 = time.perf_counter()

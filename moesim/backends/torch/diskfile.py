@@ -16,12 +16,11 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
+from ...disk import ALIGN, aligned, open_for_reads
 from ...errors import MoesimError
 
-ALIGN = 4096  # bytes: O_DIRECT's alignment of offsets, lengths and buffers (the logical block size of most disks)
 
 
 def stride_of(nbytes: int) -> int:
@@ -36,9 +35,7 @@ def aligned_rows(rows: int, stride: int, pinned: bool) -> torch.Tensor:
         t = torch.empty((rows, stride), dtype=torch.uint8, pin_memory=True)
         if t.data_ptr() % ALIGN == 0:
             return t
-    raw = np.empty(rows * stride + ALIGN, dtype=np.uint8)
-    skip = (-raw.ctypes.data) % ALIGN
-    return torch.from_numpy(raw[skip:skip + rows * stride].reshape(rows, stride))
+    return torch.from_numpy(aligned(rows * stride).reshape(rows, stride))
 
 
 class ExpertFile:
@@ -46,17 +43,7 @@ class ExpertFile:
 
     def __init__(self, path: str, n: int, nbytes: int):
         self.path, self.n, self.nbytes, self.stride = path, n, nbytes, stride_of(nbytes)
-        self.io, self.fd = "O_DIRECT", None
-        flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
-        try:
-            self.fd = os.open(path, flags)
-            probe = aligned_rows(1, self.stride, False)
-            os.preadv(self.fd, [probe.numpy()], 0)  # the file system may refuse O_DIRECT only at the first read
-        except OSError:
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = os.open(path, os.O_RDONLY)
-            self.io = "buffered, each expert's pages dropped before its read"
+        self.fd, self.io = open_for_reads(path)
         self.reads = 0
         self.bytes = 0  # expert bytes read (the padding not counted)
         self.seconds = 0.0
