@@ -3,13 +3,15 @@
     python -m moesim run trace=... disk.storage=nvme-pcie4 disk.ram=25% [disk.policy=lru] [backend=sim]
 
 With `disk.storage` set, the run has three tiers: every expert on disk, `disk.ram` of them in host memory (a
-cache with its own policy: any cache policy of strategies/, belady included) and the device cache as without
-it. A device miss (a copy, a streamed copy, a background load or a host compute) needs the expert in host
-memory: a host hit costs nothing more; a host miss reads it from disk first (the engine asks the host cache,
-the backend reads; the compiled core runs the same host cache, moesim.core.simulate). The sim backend gives the disk its own timeline: one read at a time in issue order, each
-taking Storage.read_ms(bytes per expert), starting when issued or when the disk is free; the expert's copy
-(or its host compute) starts no earlier than its read ends. summary.json gets a `disk` section: host
-requests, hits and hit rate, disk reads, bytes and time per tier.
+cache with its own policy: any compiled cache policy, page_cache among them; `belady` is Belady over the host's
+own requests, recorded by a first replay: host_requests) and the device cache as without it. A device miss (a
+copy, a streamed copy, a background load, a prefetch or a host compute) needs the expert in host memory: a host
+hit costs nothing more; a host miss reads it from disk first (the engine asks the host cache, the backend
+reads; the compiled core runs the same host cache, moesim.core.simulate). The sim backend gives the disk its
+own timeline: one read at a time in issue order, each taking Storage.read_ms(bytes per expert), starting when
+issued or when the disk is free; the expert's copy (or its host compute) starts no earlier than its read ends.
+The torch backend reads real bytes from a file (moesim/backends/torch/diskfile.py). summary.json gets a `disk`
+section: host requests, hits and hit rate, disk reads, bytes and time per tier.
 
 Storage presets: achieved sequential read = 80% of the drive's stated rate (moesim's rule, as for PCIe copies
 in moesim/hardware.py; an expert of several MiB is one sequential read), plus a fixed latency per read. The
