@@ -398,6 +398,7 @@ def check_command(args: list[str]) -> int:
 
 def project_command(args: list[str]) -> int:
     """Regenerate the project's baselines in tests/baseline/ (from the repository root)."""
+    from .importers import SHIPPED, SHIPPED_DIR
     from .synthetic import PRESETS
 
     names = args or list(PROJECT)
@@ -408,7 +409,8 @@ def project_command(args: list[str]) -> int:
         raise MoesimError(f"project: no tests/ folder under {Path.cwd()}: run from the repository root")
     for name in names:
         opts = dict(PROJECT[name])
-        if opts["trace"] not in PRESETS and not Path(opts["trace"]).exists():
+        shipped = opts["trace"] in SHIPPED and (SHIPPED_DIR / SHIPPED[opts["trace"]][0]).is_file()
+        if opts["trace"] not in PRESETS and not shipped and not Path(opts["trace"]).exists():
             print(f"moesim: warning: {opts['trace']} not present: {PROJECT_DIR / name}.json left as it is",
                   file=sys.stderr)
             continue
