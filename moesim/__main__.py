@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("moesim.validate:validate_command", "replay published measurements of real offloading systems and report moesim's errors"),
     "baseline": ("moesim.baseline:baseline_command", "pin strategy results on a trace and check them in CI (write, check, project)"),
     "plan": ("moesim.plan:plan_command", "which strategy and how much VRAM for experts: every strategy x cache size, ranked"),
+    "train-policy": ("moesim.train:train_policy_command", "train a learned eviction policy (strategy=learned) on part of a trace"),
 }
 
 

@@ -434,6 +434,9 @@ def disk_tier(cfg, trace, spec):
         from .core.parts import CACHE
 
         raise MoesimError(f"disk.policy={name!r}: expected one of {', '.join(n for n, _ in CACHE.values())}") from None
+    if name == "learned":  # its features are a layer's whole requests; the host cache sees single loads
+        raise MoesimError("disk.policy=learned: the learned policy ranks a layer's residents from its requests and "
+                          "is trained for the device cache; give the host cache another policy (lru, page_cache, ...)")
     tier = DiskTier(spec, ram.slots, cls, storage, trace)
     tier.wants_bound = name == "belady"  # the host's own Belady: bound to the host's requests before the replay
     return tier

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from .clock import LOADS, NOW, OWED, copy, device_part, disk_read, host_part, inflight_bytes
-from .policies import REFUSING, evict_one, on_access, on_insert, on_request
+from .policies import LEARNED, REFUSING, learned_request, evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
 
@@ -162,6 +162,8 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
             a, b = ptr[pos], ptr[pos + 1]
             cap = I[CAP, I[PART, layer]]
             request_rows(I, prm, layer, ids, nxt, no_counts, a, b, cap, tids, tnxt, no_counts, torder)
+            if prm.code == LEARNED:  # the whole request (all its waves) moves every key's history on
+                learned_request(I, F, seqs, prm, I[PART, layer], pos, layer, ids, a, b)
             lo, hi = 0, b - a
             for wa in range(lo, max(hi, lo + 1), cap):  # waves (one, mostly; an empty request is one too)
                 wb = min(wa + cap, hi)
@@ -436,6 +438,8 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             cap = I[CAP, I[PART, layer]]
             # waves of at most `cap` experts, hits first
             request_rows(I, prm, layer, ids, nxt, counts, a, b, cap, tids, tnxt, tcnt, torder)
+            if prm.code == LEARNED:  # the whole request (all its waves) moves every key's history on
+                learned_request(I, F, seqs, prm, I[PART, layer], pos, layer, ids, a, b)
             lo, hi = 0, b - a
             base = layer * E
             for wa in range(lo, max(hi, lo + 1), cap):  # an empty request still computes (shared experts)

@@ -41,6 +41,7 @@ CACHE = {
     "strategies.activation_aware.ActivationAware": ("activation_aware", ()),
     "strategies.visit_count.VisitCount": ("visit_count", ()),
     "strategies.page_cache.PageCache": ("page_cache", ()),
+    "strategies.learned.Learned": ("learned", ("model",)),
 }
 _TABLE = ("lookahead", "per_layer", "max_inflight")  # strategies.Prefetcher's knobs (the table and the cap)
 _CALIB = ("calibrate_tokens", "calibrate_fraction", "calibrate_trace")
@@ -116,7 +117,7 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     check_params(type(obj), CACHE, "strategy.cache")
     L, E = trace.n_layers, trace.spec.experts
     everything = tuple(range(L))
-    if name in ("lfu", "lfru", "class_lru", "activation_aware", "page_cache"):  # constants they derive in setup
+    if name in ("lfu", "lfru", "class_lru", "activation_aware", "page_cache", "learned"):  # derived in setup
         obj.setup(_context(trace, spec, everything if scope == "global" else (0,),
                            n_slots if scope == "global" else n_slots // L, scope))
     kpos = koff = None
@@ -125,8 +126,14 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     elif name == "belady" and with_prefetch:  # next uses of prefetched keys (demand ones come with the requests)
         kpos, koff = _key_positions(trace)
     classes = int(getattr(obj, "classes", 1)) if name == "class_lru" else 2 if name == "page_cache" else 1
+    learned = ()
+    if name == "learned":  # its network's width and the model, flat
+        from strategies.learned import N_FEATURES, flat_model
+
+        learned = (len(obj.t["b1"]), flat_model(obj.t))
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
-                       trace.step_seq().astype(np.int64) if name == "activation_aware" else None, kpos, koff)
+                       trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
+                       koff, max(learned[0] + N_FEATURES, 2 * E) if learned else 0)
     P = L if scope == "per_layer" else 1
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):
@@ -141,7 +148,8 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     decay = float(getattr(obj, "decay", 1.0))
     prm = Params(POLICY_CODES[name], L, E, P, cm, decay, math.log(decay), decay == 1.0,
                  int(getattr(obj, "period", 1)), float(getattr(obj, "alpha", 0.0)), classes,
-                 float(getattr(obj, "decay_per_pos", 0.0)), int(getattr(obj, "ratio", 1)))
+                 float(getattr(obj, "decay_per_pos", 0.0)), int(getattr(obj, "ratio", 1)),
+                 *learned)
     return st, prm
 
 

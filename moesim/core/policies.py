@@ -15,14 +15,16 @@ import math
 
 from numba import njit
 
-from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT,
-                    FROWS, FTAIL, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LW, MEMBERS, NEXT, NOW, NTOUCH, PART,
-                    PIN, PREV, PSEQ, SCOUNT, SEEN, SIZE, STATIC, UNIT, heap_min_unpinned, heap_push, heap_remove,
+from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, DC, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT,
+                    FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LPH, LUSE, LW, MEMBERS, NEXT,
+                    NOW, NTOUCH, PART, PIN, PREV, PSEQ, Q, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC, TS, TS2, UNIT,
+                    heap_min_unpinned, heap_push, heap_remove,
                     link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
                     sift_up)
 
 POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
-                "activation_aware": 7, "visit_count": 8, "page_cache": 9}
+                "activation_aware": 7, "visit_count": 8, "page_cache": 9, "learned": 10}
+LEARNED = 10
 REFUSING = 8  # the code of the one built-in policy whose victim may be none (strategies.CachePolicy.refuses)
 RESCALE_AT = 1e100  # strategies/lfu.py: RESCALE_AT
 AA_EPS = 1e-6  # strategies/activation_aware.py: EPS
@@ -331,6 +333,144 @@ def _pc_victim(I, prm, p, mark):
     return v
 
 
+# learned (strategies/learned.py): the request updates every key's history (learned_request, from Cache.lookup); a
+# victim is the unpinned member with the largest output of the network (_lp_out), ties to the older last
+# request, then the lower key. The model is prm.model (strategies/learned.py flat_model), hidden prm.hidden.
+LP_NF = 12  # strategies/learned.py N_FEATURES
+LP_NO_GAP = 1e5  # NO_GAP
+LP_LN2 = math.log(2.0)
+LP_HL = (4.0, 32.0, 256.0)  # HALF_LIVES
+
+
+@njit(**HOT)
+def _lp_tables(prm):
+    """Offsets into prm.model of pop, P and P2."""
+    H, nf = prm.hidden, LP_NF
+    pop = 2 * nf + H * nf + H + H * H + H + H + 1
+    P = pop + prm.L * prm.E
+    return pop, P, P + prm.L * prm.E * prm.E
+
+
+@njit(**HOT)
+def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
+    """Learned._request: the request of `layer` at `pos` is the expert ids ids[a:b] (all its waves)."""
+    E, m = prm.E, prm.model
+    t = pos // prm.L
+    seq = seqs[t]
+    if seq != I[PSEQ, p]:  # a new sequence: its counts and the previous request's scores start empty
+        I[PSEQ, p] = seq
+        I[SSTART, p] = t
+        for lay in range(prm.L):
+            if I[PART, lay] == p:
+                for e in range(E):
+                    I[SCNT, lay * E + e] = 0
+                    F[Q, lay * E + e] = 0.0
+    for e in range(E):  # the request as flags in the scratch row, then its ids ascending after them
+        F[LPH, e] = 0.0
+    for i in range(a, b):
+        F[LPH, ids[i]] = 1.0
+    n = 0
+    for x in range(E):
+        if F[LPH, x] != 0.0:
+            F[LPH, E + n] = x
+            n += 1
+    _, oP, oP2 = _lp_tables(prm)
+    base = layer * E
+    rowP, rowP2 = oP + layer * E * E, oP2 + layer * E * E
+    for e in range(E):
+        kid = base + e
+        F[TS2, kid] = F[Q, kid]
+        s = 0.0
+        s2 = 0.0
+        for j in range(n):  # in expert order, as the reference sums them
+            x = int(F[LPH, E + j])
+            s += m[rowP + x * E + e]
+            s2 += m[rowP2 + x * E + e]
+        F[TS, kid] = s
+        F[Q, kid] = s2
+    for x in range(E):
+        kid = base + x
+        if F[LPH, x] != 0.0:
+            last = I[LUSE, kid]
+            if last >= 0:
+                I[G2, kid] = I[G1, kid]
+                I[G1, kid] = t - last
+                for h in range(3):
+                    F[DC + h, kid] = F[DC + h, kid] * math.exp(-(t - last) * LP_LN2 / LP_HL[h]) + 1.0
+            else:
+                for h in range(3):
+                    F[DC + h, kid] = 1.0
+            I[LUSE, kid] = t
+            I[SCNT, kid] += 1
+
+
+@njit(**HOT)
+def learned_features(I, F, prm, p, pos, kid):
+    """Learned.features of `kid` at `pos`, into the scratch row F[LPH, 0:12]."""
+    t = pos // prm.L
+    last = I[LUSE, kid]
+    g1, g2 = I[G1, kid], I[G2, kid]
+    n = t - I[SSTART, p] + 1
+    c = I[SCNT, kid]
+    oPop, _, _ = _lp_tables(prm)
+    F[LPH, 0] = math.log1p(t - last) if last >= 0 else math.log1p(LP_NO_GAP)
+    F[LPH, 1] = math.log1p(g1) if g1 >= 0 else math.log1p(LP_NO_GAP)
+    F[LPH, 2] = math.log1p(g2) if g2 >= 0 else math.log1p(LP_NO_GAP)
+    for h in range(3):
+        F[LPH, 3 + h] = F[DC + h, kid] * math.exp(-(t - last) * LP_LN2 / LP_HL[h]) if last >= 0 else 0.0
+    F[LPH, 6] = c / n
+    F[LPH, 7] = math.log1p(n)
+    F[LPH, 8] = F[TS, kid]
+    F[LPH, 9] = prm.model[oPop + kid]
+    F[LPH, 10] = F[TS2, kid]
+    F[LPH, 11] = 1.0 if c > 0 else 0.0
+
+
+@njit(**HOT)
+def _lp_out(I, F, prm, p, pos, kid):
+    """The network's output for `kid` at `pos` (strategies/learned.py mlp of Learned.features)."""
+    m, H, nf = prm.model, prm.hidden, LP_NF
+    ow1 = 2 * nf
+    ob1 = ow1 + H * nf
+    ow2 = ob1 + H
+    ob2 = ow2 + H * H
+    ow3 = ob2 + H
+    ob3 = ow3 + H
+    learned_features(I, F, prm, p, pos, kid)
+    for j in range(nf):  # standardised in place
+        F[LPH, j] = (F[LPH, j] - m[j]) / m[nf + j]
+    for i in range(H):  # first hidden layer: columns [nf, nf + H)
+        s = m[ob1 + i]
+        for j in range(nf):
+            s += m[ow1 + i * nf + j] * F[LPH, j]
+        F[LPH, nf + i] = s if s > 0 else 0.0
+    out = m[ob3]
+    for i in range(H):  # second hidden layer, each unit into the output at once
+        s = m[ob2 + i]
+        for j in range(H):
+            s += m[ow2 + i * H + j] * F[LPH, nf + j]
+        out += m[ow3 + i] * (s if s > 0 else 0.0)
+    return out
+
+
+@njit(**HOT)
+def _lp_victim(I, F, prm, p, off, mark, pos):
+    """Learned.victim: the unpinned member with the largest output; ties to the older last request, then
+    the lower key; -1 if none."""
+    best = -1
+    bo = 0.0
+    for i in range(I[SIZE, p]):
+        x = I[MEMBERS, off + i]
+        if I[PIN, x] == mark:
+            continue
+        o = _lp_out(I, F, prm, p, pos, x)
+        if best < 0 or o > bo or (o == bo and (I[LUSE, x] < I[LUSE, best]
+                                               or (I[LUSE, x] == I[LUSE, best] and x < best))):
+            best = x
+            bo = o
+    return best
+
+
 # dispatch ---------------------------------------------------------------------------------------------------
 @njit(**HOT)
 def on_request(I, F, seqs, prm, p, pos):
@@ -407,6 +547,8 @@ def on_insert(I, F, seqs, prm, p, pos, kid, next_use, prefetched):
     elif code == 8:
         I[K2, kid] = 1
         member_add(I, p, p * prm.cm, kid)
+    elif code == LEARNED:
+        member_add(I, p, p * prm.cm, kid)
     elif code == 9:  # a refault within the active list's size is activated at once
         to = 1 if I[SEEN, kid] == 1 and I[NTOUCH, p] - I[K2, kid] <= I[HSIZE, p] else 0
         I[SEEN, kid] = 0
@@ -463,8 +605,8 @@ def evict_one(I, F, prm, p, mark, pos, prefetch):
         return v
     if code == 9:
         return _pc_victim(I, prm, p, mark)
-    if code == 8:
-        v = _visit_victim(I, prm, p, off, mark, pos)
+    if code == 8 or code == LEARNED:
+        v = _visit_victim(I, prm, p, off, mark, pos) if code == 8 else _lp_victim(I, F, prm, p, off, mark, pos)
         if v >= 0:
             member_remove(I, p, off, v)
         return v

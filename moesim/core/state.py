@@ -50,12 +50,19 @@ FRONT, FPREV, FNEXT, FHEAD, FTAIL = range(32, 37)
 CHEAD, CTAIL = range(37, 39)  # class_lru: per partition p and class c, at column p * classes + c
 KPTR = 39  # per key: Belady's pointer into its request positions (next_after)
 AB = 40  # per layer: activation_aware's least key of the layer (AB_STALE: to be found again; -1: none)
-N_IROWS = 41
+# learned (strategies/learned.py), per key: step of its last request (-1: none), the two gaps before it (-1:
+# none), its requests in the current sequence; per partition: the step its current sequence started at
+LUSE, G1, G2, SCNT, SSTART = range(41, 46)
+N_IROWS = 46
 # rows of F: per key, K1: first rank (LFU: stored count; Belady: -next use; LFRU: log f; class_lru: its
 # decayed use count), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
 # LFRU time of the latest use; per layer, LW: activation_aware's layer weight
 K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
-N_FROWS = 6
+# learned, per key: its decayed request counts (one row per half-life, at its last request), its transition
+# scores from the latest request of its layer (TS) and from the one before (TS2), and the latter-to-be (Q)
+DC, TS, TS2, Q = 6, 9, 10, 11  # DC: rows 6, 7, 8
+LPH = 12  # learned: scratch of its network (features, then the first hidden layer)
+N_FROWS = 13
 AB_STALE = -2
 NO_SEQ = -(1 << 62)  # PSEQ before any request: no trace has this sequence id
 
@@ -87,6 +94,8 @@ class Params(NamedTuple):
     classes: int  # class_lru: class lists
     decay_per_pos: float  # class_lru: ln of the decayed use count's factor per request position
     ratio: int = 1  # page_cache: inactive_is_low's inactive_ratio
+    hidden: int = 0  # learned: units per hidden layer of its network
+    model: np.ndarray = np.zeros(0)  # learned: its tables and network, flat (strategies/learned.py: flat_model)
 
 
 def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,15 +109,15 @@ def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.
 
 def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: np.ndarray | None = None,
               seqs: np.ndarray | None = None, kpos: np.ndarray | None = None,
-              koff: np.ndarray | None = None) -> tuple[State, int]:
+              koff: np.ndarray | None = None, width: int = 0) -> tuple[State, int]:
     """(empty cache state for `n_slots` slots in `scope`, capmax). Policy data (static keys, layer weights) is
-    the caller's to fill in before the first `reset`."""
+    the caller's to fill in before the first `reset`. `width`: at least this many columns (learned's scratch)."""
     if n_slots < 1:
         raise MoesimError(f"n_slots={n_slots}: expected at least one slot")
     part_of_layer, cap = partitions(L, n_slots, scope)
     P, nk = len(cap), L * E
     cm = max(int(cap.max()), 1)
-    I = np.zeros((N_IROWS, max(nk, P * cm, L, P * classes)), np.int64)
+    I = np.zeros((N_IROWS, max(nk, P * cm, L, P * classes, width)), np.int64)
     I[CAP, :P] = cap
     I[BASE, :P] = np.concatenate([[0], np.cumsum(cap)[:-1]])
     I[PART, :L] = part_of_layer
@@ -136,6 +145,12 @@ def reset(I, F, prm):
     I[CHEAD] = -1
     I[CTAIL] = -1
     I[AB] = AB_STALE
+    I[LUSE] = -1
+    I[G1] = -1
+    I[G2] = -1
+    I[SCNT] = 0
+    F[DC:DC + 3] = 0.0
+    F[TS:Q + 1] = 0.0
     cm = prm.cm
     for p in range(prm.P):
         c = I[CAP, p]
@@ -151,6 +166,7 @@ def reset(I, F, prm):
         I[EPOCH0, p] = 0
         I[NTOUCH, p] = 0
         I[PSEQ, p] = NO_SEQ
+        I[SSTART, p] = 0
         F[UNIT, p] = 1.0
         F[NOW, p] = 0.0
 
