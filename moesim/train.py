@@ -22,55 +22,62 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .core.loop import N_CNT, insert, lookup
+from .core.loop import HITS, N_CNT, REQUESTS, insert, lookup, request_rows
 from .core.policies import learned_features, learned_request
-from .core.state import KPTR, LPH, MEMBERS, NFREE, PART, PIN, SIZE, next_after, reset
+from .core.requests import width
+from .core.state import CAP, KPTR, LPH, MEMBERS, NFREE, PART, PIN, SIZE, next_after, reset
 from .errors import MoesimError
 
 
 @njit(cache=True, nogil=True)
 def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, rows, labels):
-    """Replay `ptr`'s steps (per_layer scope, no prefetch) with the learned policy of `prm`, writing the
-    features and label of every candidate at a `sample` share of evictions into rows/labels, up to their
-    length. Returns (rows written, hits, requests). A miss that finds every resident pinned (a request wider
-    than `slots`) is not cached."""
+    """Replay `ptr`'s steps (per_layer scope, no prefetch) with the learned policy of `prm` as
+    moesim.core.loop.run_hits does (waves of at most a partition's slots, hits first), writing the features and
+    label of every candidate at a `sample` share of evictions into rows/labels, up to their length. Returns
+    (rows written, hits, requests)."""
     np.random.seed(seed)
     L, E = prm.L, prm.E
+    w = width(ptr)
     cnt = np.zeros(N_CNT, np.int64)
-    out = np.zeros((3, E), np.int64)
+    out = np.zeros((3, w), np.int64)
+    tids = np.empty(w, ids.dtype)
+    torder = np.empty(w, np.int64)
+    none = np.empty(0, np.int64)
+    none32 = np.empty(0, np.int32)
     reset(I, F, prm)
     nr = 0
     mark = 0
-    hits = 0
-    reqs = 0
-    for s in range(len(ptr) // L):
+    n_steps = (len(ptr) - 1) // L
+    for s in range(n_steps):
         for layer in range(L):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
             p = I[PART, layer]
+            cap = I[CAP, p]
+            request_rows(I, prm, layer, ids, none, none32, a, b, cap, tids, none, none32, torder)
             learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b)
-            mark += 1
-            h = lookup(I, F, seqs, ids, prm, cnt, pos, mark, layer, ids, a, b, out)
-            hits += h
-            reqs += b - a
-            for i in range(a, b):
-                if out[0, i - a] == -2:
-                    continue
-                if I[NFREE, p] == 0 and np.random.random() < sample and nr + I[SIZE, p] <= len(labels):
-                    off = p * prm.cm
-                    for j in range(I[SIZE, p]):
-                        x = I[MEMBERS, off + j]
-                        if I[PIN, x] == mark:
-                            continue
-                        learned_features(I, F, prm, p, pos, x)
-                        for f in range(rows.shape[1]):
-                            rows[nr, f] = F[LPH, f]
-                        nu = next_after(I, kpos, koff, x, pos)
-                        d = nu // L - s if nu < len(ptr) else label_cap
-                        labels[nr] = math.log1p(min(d, label_cap))
-                        nr += 1
-                insert(I, F, seqs, prm, cnt, pos, mark, layer * E + ids[i], 0, False)
-    return nr, hits, reqs
+            for wa in range(0, b - a, cap):
+                wb = min(wa + cap, b - a)
+                mark += 1
+                lookup(I, F, seqs, none, prm, cnt, pos, mark, layer, tids, wa, wb, out)
+                for i in range(wa, wb):
+                    if out[0, i - wa] == -2:
+                        continue
+                    if I[NFREE, p] == 0 and np.random.random() < sample and nr + I[SIZE, p] <= len(labels):
+                        off = p * prm.cm
+                        for j in range(I[SIZE, p]):
+                            x = I[MEMBERS, off + j]
+                            if I[PIN, x] == mark:
+                                continue
+                            learned_features(I, F, prm, p, pos, x)
+                            for f in range(rows.shape[1]):
+                                rows[nr, f] = F[LPH, f]
+                            nu = next_after(I, kpos, koff, x, pos)
+                            d = nu // L - s if nu < n_steps * L else label_cap
+                            labels[nr] = math.log1p(min(d, label_cap))
+                            nr += 1
+                    insert(I, F, seqs, prm, cnt, pos, mark, layer * E + tids[i], 0, False)
+    return nr, cnt[HITS], cnt[REQUESTS]
 
 
 def _tables(trace, L: int, E: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,17 +133,19 @@ def _fit(rows: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed: i
 
 
 def split_by_sequence(trace, share: float) -> tuple[int, int]:
-    """(token index where the held-out part starts, sequences in the training part): the first `share` of
-    the trace's sequences, cut at a step boundary."""
-    seq = trace.step_seq()
+    """(token index where the held-out part starts, sequences in the training part): the first `share` of the
+    trace's sequences (in the order they start) train; the cut is the first step that holds a token of a later
+    one. In a batched trace a training sequence may still run past the cut: its later tokens are held out."""
+    seq = np.asarray(trace.seq)
+    _, first = np.unique(seq, return_index=True)
+    order = np.sort(first)  # token index where each sequence starts, in order
+    n = int(round(len(order) * share))
+    if not 1 <= n < len(order):
+        raise MoesimError(f"train={share}: leaves {n} of the trace's {len(order)} sequences for training; "
+                          f"expected at least 1 and at most {len(order) - 1}")
     starts = trace.step_starts
-    new = np.concatenate([[True], seq[1:] != seq[:-1]])  # steps that start a sequence
-    first = np.flatnonzero(new)
-    n = int(round(len(first) * share))
-    if not 1 <= n < len(first):
-        raise MoesimError(f"train={share}: leaves {n} of the trace's {len(first)} sequences for training; "
-                          f"expected at least 1 and at most {len(first) - 1}")
-    return int(starts[first[n]]), n
+    step = int(np.searchsorted(starts, order[n], side="right")) - 1  # the step holding that first token
+    return int(starts[step]), n
 
 
 def train_policy(trace, out, train: float = 0.5, slots: int = 8, hidden: int = 16, rounds: int = 2,
@@ -182,6 +191,9 @@ def train_policy(trace, out, train: float = 0.5, slots: int = 8, hidden: int = 1
             t1 = time.perf_counter()
             n, h, q = _collect(I, st.F, st.seqs, prm, req.ids, req.ptr, kpos, koff, sample, seed + r, LABEL_CAP,
                                rows, labels)
+            if n == 0:
+                raise MoesimError(f"slots={slots}: the training replay evicted nothing (the cache holds what the "
+                                  f"training part asks of it); give fewer slots per layer")
             data_x.append(rows[:n].copy())
             data_y.append(labels[:n].copy())
             rates.append(h / max(q, 1))
