@@ -10,6 +10,7 @@ stored in moesim/data/models/, so a user's config.json and the catalogue share o
 
 How keys map (each model type's transformers configuration class names them):
   - MoE layers: deepseek_v2/v3 layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0;
+    deepseek_v4 has MoE in every layer (its first hash-routed layers hold routed experts too);
     qwen2_moe/qwen3_moe when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; mixtral,
     gpt_oss and olmoe have MoE in every layer. The other layers are dense FFNs of intermediate_size.
   - Sliding window: layer_types (count of "sliding_attention") where the config has it; else qwen's
@@ -20,6 +21,12 @@ How keys map (each model type's transformers configuration class names them):
     DeepSeek-V3's inference code loads them); mxfp4 puts the routed experts in mxfp4 and every class named
     in modules_to_not_convert (self_attn, router/gate, embed_tokens, lm_head) in torch_dtype. The KV cache
     is taken to be torch_dtype.
+  - deepseek_v4's attention (transformers' DeepseekV4Config: shared-KV MQA with a low-rank query, a grouped
+    low-rank output projection, compressed-KV branches, a lightning indexer, hyper-connections) is read as gqa
+    with num_key_value_heads, head_dim and q_lora_rank: the query is exact; o is counted as one full
+    [hidden, heads*head_dim] projection (the grouped one has about half its weights), k and v as two
+    projections (V4 shares one), and the compressors, indexer and hyper-connections are not counted; the KV cache
+    is counted uncompressed. Its routed experts are moe_intermediate_size wide, and so is its shared expert.
 Keys with a documented default in transformers (tie_word_embeddings false, head_dim = hidden / heads,
 num_key_value_heads = heads for olmoe) are filled with it when absent; any other missing key is an error
 naming the file and the key.
@@ -34,7 +41,7 @@ from .errors import MoesimError
 from .formats import ALIASES, get_format, known_format
 from .models import ModelSpec
 
-MODEL_TYPES = ("mixtral", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe")
+MODEL_TYPES = ("mixtral", "deepseek_v2", "deepseek_v3", "deepseek_v4", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe")
 
 # Bits per weight of the quantised formats, used only until moesim/formats.py defines them (then its own
 # definition counts): MXFP4 = 32 4-bit values + one 8-bit scale per block (OCP MX spec) = 4.25;
@@ -121,6 +128,13 @@ class _Reader:
                 raise MoesimError(f"{self.where}: missing key 'q_lora_rank' (null where the query is projected "
                                   f"directly, as in DeepSeek-V2-Lite)")
             f["q_lora_rank"] = 0 if c["q_lora_rank"] is None else self.int("q_lora_rank")
+        elif mt == "deepseek_v4":
+            f["experts"] = self.int("n_routed_experts")
+            f["ffn"] = self.int("moe_intermediate_size")
+            f["shared_experts"] = self.int("n_shared_experts", default=0, minimum=0)
+            moe = [True] * n
+            f.update(attention="gqa", kv_heads=self.int("num_key_value_heads"), head_dim=self.int("head_dim"),
+                     q_lora_rank=self.int("q_lora_rank"))
         else:
             f["experts"] = self.first("num_local_experts", "num_experts")
             ffn_key = "moe_intermediate_size" if mt in ("qwen2_moe", "qwen3_moe") else "intermediate_size"

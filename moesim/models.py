@@ -40,7 +40,7 @@ class ModelSpec:
     heads: int = 0  # query heads
     kv_heads: int = 0  # gqa: key/value heads
     head_dim: int = 0  # gqa: q, k and v head width; mla: the v head width (v_head_dim)
-    q_lora_rank: int = 0  # mla: the query's down-projection rank (0: one direct query projection)
+    q_lora_rank: int = 0  # mla, gqa: the query's down-projection rank (0: one direct query projection)
     kv_lora_rank: int = 0  # mla: the compressed key/value width (cached per token)
     rope_head_dim: int = 0  # mla: the rotary part of a query/key head (its key part is cached, one per token)
     nope_head_dim: int = 0  # mla: the non-rotary part of a query/key head

@@ -13,7 +13,9 @@ What is counted, and moesim's own simplifications (no source states them):
   - weights: every linear layer in its class's format (moesim/formats.py), norms (one hidden-wide vector
     per norm, bf16) and routers (hidden x experts, bf16: small, and kept unquantized by the checkpoints we
     catalogue); biases and attention sinks are left out (under 0.01% of any catalogued model).
-  - attention: gqa q [heads*head_dim, hidden], k and v [kv_heads*head_dim, hidden], o [hidden, heads*head_dim];
+  - attention: gqa q [heads*head_dim, hidden] (with q_lora_rank, DeepSeek-V4's low-rank query: q_a
+    [q_lora_rank, hidden] + q_b [heads*head_dim, q_lora_rank]), k and v [kv_heads*head_dim, hidden], o [hidden,
+    heads*head_dim];
     mla (DeepSeek) q_a [q_lora_rank, hidden] + q_b [heads*(nope+rope), q_lora_rank] (or q directly),
     kv_a [kv_lora_rank+rope, hidden], kv_b [heads*(nope+head_dim), kv_lora_rank], o [hidden, heads*head_dim].
   - KV cache per token and layer: gqa 2 * kv_heads * head_dim values; mla kv_lora_rank + rope_head_dim values
@@ -61,8 +63,11 @@ def tensors(spec: ModelSpec) -> list[tuple[str, str, int, int, int, str]]:
     af = spec.attention_format
     if spec.attention == "gqa":
         q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-        out += [("attention", "q", q, h, n, af), ("attention", "k, v", 2 * kv, h, n, af),
-                ("attention", "o", h, q, n, af)]
+        if spec.q_lora_rank:
+            out += [("attention", "q_a", spec.q_lora_rank, h, n, af), ("attention", "q_b", q, spec.q_lora_rank, n, af)]
+        else:
+            out.append(("attention", "q", q, h, n, af))
+        out += [("attention", "k, v", 2 * kv, h, n, af), ("attention", "o", h, q, n, af)]
     else:  # mla
         qk = spec.heads * (spec.nope_head_dim + spec.rope_head_dim)
         if spec.q_lora_rank:
@@ -73,7 +78,7 @@ def tensors(spec: ModelSpec) -> list[tuple[str, str, int, int, int, str]]:
         out += [("attention", "kv_a", spec.kv_lora_rank + spec.rope_head_dim, h, n, af),
                 ("attention", "kv_b", spec.heads * (spec.nope_head_dim + spec.head_dim), spec.kv_lora_rank, n, af),
                 ("attention", "o", h, spec.heads * spec.head_dim, n, af)]
-    norm_width = 2 * h + (spec.q_lora_rank + spec.kv_lora_rank if spec.attention == "mla" else 0)
+    norm_width = 2 * h + spec.q_lora_rank + (spec.kv_lora_rank if spec.attention == "mla" else 0)
     out.append(("norms", "norms", 1, norm_width, n, "bf16"))
     out.append(("norms", "final norm", 1, h, 1, "bf16"))
     out.append(("embed", "token embeddings", spec.vocab, h, 1, spec.embed_format))

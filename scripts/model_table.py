@@ -65,6 +65,13 @@ PUBLISHED = {
         "files": ("bf16 safetensors: 3 x 8.0 + 5.2 = 29.2 GiB = 31.4 GB", _PADDLE.format("deepseek-ai/DeepSeek-V2-Lite")),
         "gguf": None,
     },
+    "deepseek-v4-flash": {
+        "params": ("284B total, 13B activated", "the model card as quoted at https://bittide.aicompass.dev/article/"
+                   "70e3d187-644e-40e8-b180-5d65d3c733e3 (not read on huggingface.co)"),
+        # the MXFP4 GGUF the SGLang blog runs is 155.10 GB (validation/cases/sglang-ssd-expert-pack.yaml): neither
+        # the release's own format nor Q4_K_M, so not a row here
+        "files": None, "gguf": None,
+    },
     "qwen3-30b-a3b": {
         "params": ("30.5B total, 3.3B activated", "the model card as quoted in https://docs.vllm.ai/projects/ascend/en/"
                    "releases-v0.22.1rc/tutorials/models/Qwen3-30B-A3B.html (not read on huggingface.co)"),

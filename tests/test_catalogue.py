@@ -22,6 +22,7 @@ ROUTING = {
     "mixtral-8x22b": (56, 8, 2, 6144, 16384, 0, 0, 0, 0),
     "deepseek-v3": (58, 256, 8, 7168, 2048, 1, 0, 3, 18432),
     "deepseek-v2-lite": (26, 64, 6, 2048, 1408, 2, 0, 1, 10944),
+    "deepseek-v4-flash": (43, 256, 6, 4096, 2048, 1, 0, 0, 0),
     "qwen3-30b-a3b": (48, 128, 8, 2048, 768, 0, 0, 0, 0),
     "qwen3-235b-a22b": (94, 128, 8, 4096, 1536, 0, 0, 0, 0),
     "qwen1.5-moe-a2.7b": (24, 60, 4, 2048, 1408, 1, 5632, 0, 0),
@@ -35,6 +36,7 @@ ATTENTION = {
     "mixtral-8x22b": ("gqa", 48, 8, 128, 32000, 0, 0),
     "deepseek-v3": ("mla", 128, 128, 128, 129280, 0, 0),
     "deepseek-v2-lite": ("mla", 16, 16, 128, 102400, 0, 0),
+    "deepseek-v4-flash": ("gqa", 64, 1, 512, 129280, 0, 0),  # its attention as moesim approximates it (hf_config)
     "qwen3-30b-a3b": ("gqa", 32, 4, 128, 151936, 0, 0),
     "qwen3-235b-a22b": ("gqa", 64, 4, 128, 151936, 0, 0),
     "qwen1.5-moe-a2.7b": ("gqa", 16, 16, 128, 151936, 0, 0),
@@ -91,6 +93,15 @@ def test_expert_bytes_of_the_quantised_models():
     assert abs(MODEL_SPECS["deepseek-v3"].bytes_per_expert - 3 * 7168 * 2048 * (1 + 4 / 128**2)) < 3 * 7168 * 2048 / 64
 
 
+def test_deepseek_v4_flash_routed_experts_in_mxfp4_match_the_published_expert_pack():
+    """The SGLang blog (validation/cases/sglang-ssd-expert-pack.yaml) repacks DeepSeek-V4-Flash's MXFP4 routed experts
+    into a 147.18 GB Expert Pack; moesim's bytes for 43 x 256 experts of 3 x 4096 x 2048 at 4.25 bits agree."""
+    import dataclasses
+
+    s = dataclasses.replace(MODEL_SPECS["deepseek-v4-flash"], dtype="mxfp4", bits_per_weight=4.25)
+    assert abs(s.layers * s.experts * s.bytes_per_expert / 147.18e9 - 1) < 0.001
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED_TOTAL))
 def test_parameter_count_near_the_publishers(name):
     weight_params = pytest.importorskip("moesim.whole").weight_params
@@ -101,7 +112,7 @@ def test_parameter_count_near_the_publishers(name):
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_data_files_cite_their_source(name):
     src = model_source(name)
-    assert src["source"] and src["read_on"] == "2026-12-06" and "/" in src["hf_repo"]
+    assert src["source"] and src["read_on"] in ("2026-12-06", "2026-12-07") and "/" in src["hf_repo"]
     assert ENTRIES[name]["config"]["model_type"] in MODEL_TYPES
 
 
