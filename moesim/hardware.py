@@ -391,6 +391,13 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     # NVIDIA Ada GPU architecture whitepaper, RTX 4090: 24 GB GDDR6X, 1,008 GB/s, peak BF16 tensor with FP32
     # accumulate 165.2 TFLOPS dense; PCIe Gen4 x16.
     _preset("rtx-4090", 4, 1008, 165.2, 24, DESKTOP_I9_13900K_HOST, "NVIDIA Ada whitepaper (RTX 4090), PCIe Gen4 x16"),
+    # RTX 5090 (spheron.network/blog/nvidia-rtx-5090-specs, its datasheet table): 32 GB GDDR7, 1,792 GB/s, "FP16
+    # Tensor Performance (sparse) 838.4 TFLOPS", PCIe Gen 5 x16; Tom's Hardware's review (as reprinted in Linux
+    # Format, May 2025) gives the same 1,792 GB/s and 838 FP16. Dense = 419.2; with FP32 accumulate GeForce cards
+    # run at half the FP16-accumulate rate (the Ada whitepaper's RTX 4090: 165.2 of 330.3), so 209.6: moesim's
+    # assumption that Blackwell GeForce keeps that ratio (no page opened states it). Host: the 4090's desktop.
+    _preset("rtx-5090", 5, 1792, 209.6, 32, DESKTOP_I9_13900K_HOST,
+            "RTX 5090 spec (spheron.network datasheet), FP32-accumulate rate assumed half of FP16, PCIe Gen5 x16"),
     # RTX 3060 12GB: 360 GB/s GDDR6 (192-bit, 15 Gbps; NVIDIA spec page). BF16 with FP32 accumulate derived:
     # 112 tensor cores x 1.777 GHz boost x 128 flop/clock (the GA10x GeForce rate with FP32 accumulate that
     # gives the GA102 whitepaper's 71 TFLOPS for the RTX 3090) = 25.5 TFLOPS dense; PCIe Gen4 x16.

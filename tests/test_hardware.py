@@ -20,7 +20,8 @@ HW = HardwareProfile("toy", h2d_pinned_gbps=3, h2d_pageable_gbps=1.5, copy_laten
 
 def test_presets_load_and_are_sane():
     assert set(PRESETS) == {"h200", "h100-pcie", "a100-pcie", "rtx-4090", "rtx-3060-12gb", "t4", "rtx-4090d", "rtx-3090",
-                            "a100-sxm-80gb", "rtx-3080-mobile", "rtx-3060-12gb-pcie3", "rtx-6000-ada", "l4", "rtx-a6000"}
+                            "a100-sxm-80gb", "rtx-3080-mobile", "rtx-3060-12gb-pcie3", "rtx-6000-ada", "l4", "rtx-a6000",
+                            "rtx-5090"}
     for name in PRESETS:
         hw = load_hardware(name)
         assert hw.name == name
