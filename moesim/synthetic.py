@@ -154,6 +154,15 @@ PRESETS: dict[str, tuple[SyntheticConfig, str]] = {
 }
 
 
+def resampled(cfg: SyntheticConfig, layers: int) -> SyntheticConfig:
+    """`cfg` for a model of `layers` layers: its per-layer knobs stretched by relative depth (scalars kept)."""
+    import dataclasses
+
+    knobs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in _resampled(knobs, layers).items() if isinstance(v, tuple)
+                                       and k in ("skew", "topic", "reuse", "layer_corr")})
+
+
 def preset_trace(name: str) -> Trace:
     """The trace of preset `name` (see PRESETS)."""
     if name not in PRESETS:

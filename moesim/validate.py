@@ -48,7 +48,7 @@ GOAL_RATIO = 0.15  # ratio between a table's configurations within this of the p
 _FILE_KEYS = {"source", "title", "citation", "url", "system", "metric", "trace", "options", "rows", "tables",
               "notes"}
 _ROW_KEYS = {"id", "published", "machine", "options", "note", "metric", "trace", "citation"}
-_TRACE_KEYS = {"preset", "path", "prompt", "decode", "batch", "sequences", "seed", "top_k", "prefill_chunk"}
+_TRACE_KEYS = {"preset", "path", "prompt", "decode", "batch", "sequences", "seed", "top_k", "prefill_chunk", "model"}
 _GROUPS = ("strategy", "prefetch", "offload", "backend")  # Hydra config groups: their choice comes first
 
 
@@ -137,6 +137,12 @@ def _check_trace(t: dict, where: str) -> dict:
 
         if t["preset"] not in PRESETS:
             raise MoesimError(f"{where}.preset: unknown synthetic preset {t['preset']!r}; known: {', '.join(PRESETS)}")
+    if t.get("model") is not None:
+        from .models import MODEL_SPECS
+
+        if "path" in t or str(t["model"]) not in MODEL_SPECS:
+            raise MoesimError(f"{where}.model: expected a catalogue model ({', '.join(MODEL_SPECS)}) beside 'preset', "
+                              f"got {t['model']!r}")
     return t
 
 
@@ -233,7 +239,8 @@ _traces: dict = {}  # trace shape (as JSON) -> Trace, within one process
 
 def case_trace(shape: dict):
     """The trace a row replays: the synthetic preset's routing knobs at the row's shape (prompt and decode
-    tokens per sequence, batch, sequences, seed; top_k: the model routing that many experts), or a file."""
+    tokens per sequence, batch, sequences, seed; top_k: the model routing that many experts; model: another
+    catalogue model routed with the preset's knobs, per-layer knobs stretched to its layers), or a file."""
     key = json.dumps(shape, sort_keys=True)
     if key in _traces:
         return _traces[key]
@@ -243,9 +250,12 @@ def case_trace(shape: dict):
         tr = load_trace(shape["path"])
     else:
         from .models import model_spec
-        from .synthetic import PRESETS, generate
+        from .synthetic import PRESETS, generate, resampled
 
         cfg, model = PRESETS[shape["preset"]]
+        if shape.get("model"):
+            model = str(shape["model"])
+            cfg = resampled(cfg, model_spec(model).layers)
         changes = {"seed": shape.get("seed", cfg.seed), "sequences": shape.get("sequences", cfg.sequences),
                    "batch": shape.get("batch", cfg.batch),
                    "prefill_chunk": shape.get("prefill_chunk", cfg.prefill_chunk)}
@@ -269,7 +279,14 @@ def row_overrides(options: dict) -> list[str]:
 
     first = [k for k in _GROUPS if k in options]
     rest = [k for k in options if k not in _GROUPS]
-    return [o for k in first + rest for o in _overrides(str(k), options[k])]
+    out = []
+    for k in first + rest:
+        v = options[k]
+        if k == "disk.storage" and isinstance(v, dict):  # a storage profile inline: one Hydra dict (run.yaml's is null)
+            out.append(f"{k}={{{','.join(f'{a}:{b!r}' for a, b in v.items())}}}")
+        else:
+            out += _overrides(str(k), v)
+    return out
 
 
 def predict(row: Row) -> dict:
