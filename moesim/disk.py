@@ -33,15 +33,20 @@ QD1_LATENCY_US = round(1e6 / 19_000, 1)
 
 @dataclass(frozen=True)
 class Storage:
-    """A disk as the sim sees it: achieved sequential read rate and a fixed latency per read."""
+    """A disk as the sim sees it: achieved sequential read rate, a fixed latency per read, and how many reads the
+    reader keeps in flight. An expert is stored contiguously, so each read is one sequential read of its bytes
+    (a drive's 4 KiB random-read rate is what `latency_us` stands for). With `queue_depth` q a read is submitted
+    once fewer than q are outstanding; its latency overlaps the reads ahead of it, its transfer waits for theirs
+    (one read rate shared). q = 1: one read at a time, latency then transfer."""
 
     name: str
     read_gbps: float  # achieved sequential read, GB/s (1e9 bytes/s)
     latency_us: float  # fixed cost of one read
     source: str = ""
+    queue_depth: int = 1  # reads in flight at most (the reader's; the torch backend reads one at a time)
 
     def read_ms(self, nbytes: int) -> float:
-        """One read of `nbytes` (one expert's weights), ms."""
+        """One read of `nbytes` (one expert's weights) on an idle disk, ms."""
         return self.latency_us * 1e-3 + nbytes / (self.read_gbps * 1e9) * 1e3
 
     def to_dict(self) -> dict:
@@ -175,7 +180,7 @@ def save_storage(storage: Storage, path) -> object:
 
 def load_storage(value) -> Storage:
     """A preset name of STORAGE, a YAML file `calibrate disk=` wrote (or one like it), or a mapping {name,
-    read_gbps, latency_us[, source]}."""
+    read_gbps, latency_us[, queue_depth][, source]}."""
     if isinstance(value, Storage):
         return value
     from pathlib import Path
@@ -196,10 +201,13 @@ def load_storage(value) -> Storage:
         from .hardware import _plain
 
         d = _plain(value)
-        unknown = set(d) - {"name", "read_gbps", "latency_us", "source"}
+        unknown = set(d) - {"name", "read_gbps", "latency_us", "source", "queue_depth"}
         if unknown:
             raise MoesimError(f"disk.storage: unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected "
-                              f"name, read_gbps, latency_us, source")
+                              f"name, read_gbps, latency_us, queue_depth, source")
+        q = d.get("queue_depth", 1)
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 1024:
+            raise MoesimError(f"disk.storage.queue_depth={q!r}: expected a whole number of reads in flight, 1 to 1024")
         for k in ("read_gbps", "latency_us"):
             v = d.get(k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
@@ -207,7 +215,7 @@ def load_storage(value) -> Storage:
                 raise MoesimError(f"disk.storage.{k}={v!r}: expected a number " + (
                     "> 0 (GB/s)" if k == "read_gbps" else ">= 0 (us)"))
         return Storage(str(d.get("name", "custom")), float(d["read_gbps"]), float(d["latency_us"]),
-                       str(d.get("source", "given in the run's config")))
+                       str(d.get("source", "given in the run's config")), q)
     text = str(value)
     if text not in STORAGE:
         raise MoesimError(f"disk.storage={text!r}: unknown; presets: {', '.join(STORAGE)}, or a mapping with "
@@ -305,3 +313,12 @@ class DiskTier:
                 "read_ms": self.storage.read_ms(nbytes), "disk_busy_ms": busy,
                 "disk_busy_share": busy / run_ms if run_ms and busy is not None else None,
                 "unkept_reads": counts["unkept"]}
+
+
+def disk_queue(storage: Storage, nbytes: int):
+    """The disk's timeline state for reads of `nbytes` (the compiled core's moesim.core.clock.disk_read):
+    [read ms, latency ms, queue depth, reads so far, the ends of the last queue-depth reads...] (float64)."""
+    import numpy as np
+
+    q = storage.queue_depth
+    return np.array([storage.read_ms(nbytes), storage.latency_us * 1e-3, q, 0] + [0.0] * q, np.float64)

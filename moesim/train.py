@@ -160,7 +160,8 @@ def train_policy(trace, out, train: float = 0.5, slots: int = 8, hidden: int = 1
 
     if not (isinstance(slots, int) and 1 <= slots):
         raise MoesimError(f"slots={slots!r}: expected a whole number of expert slots per layer >= 1")
-    if not (isinstance(rounds, int) and rounds >= 1) or not 0 < sample <= 1 or not (isinstance(hidden, int) and hidden >= 1):
+    if not (isinstance(rounds, int) and rounds >= 1) or not 0 < sample <= 1 or not (
+            isinstance(hidden, int) and hidden >= 1):
         raise MoesimError(f"rounds={rounds!r}, sample={sample!r}, hidden={hidden!r}: expected rounds >= 1, "
                           f"0 < sample <= 1, hidden >= 1")
     L, E = trace.n_layers, trace.spec.experts
@@ -206,7 +207,8 @@ def train_policy(trace, out, train: float = 0.5, slots: int = 8, hidden: int = 1
         tmp.unlink(missing_ok=True)
     meta = {"model": trace.spec.name, "layers": L, "experts": E, "hidden": hidden, "slots_per_layer": slots,
             "train_sequences": n_seqs, "train_tokens": cut, "trace": trace.describe(),
-            "source": trace.source.get("origin", trace.source.get("importer", "")) if isinstance(trace.source, dict) else "",
+            "source": (trace.source.get("origin", trace.source.get("importer", ""))
+                       if isinstance(trace.source, dict) else ""),
             "rounds": rounds, "sample": sample, "epochs": epochs, "seed": seed, "label_cap": LABEL_CAP,
             "train_hit_rates": rates}
     save_model(out, model, meta)

@@ -627,13 +627,15 @@ def test_the_disk_tier_equals_the_python_driver(host_policy):
     from moesim.profiler import Profiler
 
     prefetchers, offloads = _parts()
-    storage = Storage("toy", read_gbps=0.002, latency_us=30.0)  # a read takes several copies' time
+    storages = (Storage("toy", read_gbps=0.002, latency_us=30.0),  # a read takes several copies' time
+                Storage("toy-q3", read_gbps=0.004, latency_us=300.0, queue_depth=3))  # latencies overlap
     host_params = POLICY_PARAMS[host_policy][-1]
     hcls = core.reference_class(host_policy)
     make_host = lambda: hcls(**host_params)  # noqa: E731
     reads = 0
     for seed, scope, reset in ((0, "per_layer", False), (1, "global", True)):
         trace = random_trace(seed, max_batch=1 + 2 * seed, predicted=True)
+        storage = storages[seed]
         need = max_request(trace)
         slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
         host_slots = max(2 * need + 1, trace.spec.total_experts // 2)

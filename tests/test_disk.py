@@ -95,6 +95,33 @@ def test_a_copy_waits_for_its_read_and_reads_queue_on_the_disk():
     assert backend.disk_busy_ms == pytest.approx(4 * read)
 
 
+def test_queue_depth_overlaps_latencies_not_transfers():
+    """Three reads issued at once, latency 1 ms, transfer 0.5 ms. Queue depth 1: one after another (1.5, 3.0,
+    4.5). Queue depth 2: the second read's latency overlaps the first (it transfers once the first has: 2.0);
+    the third is submitted when the first ends (1.5) and transfers after its latency (2.5 to 3.0). The disk's
+    busy time is the union of its reads: 4.5 and 3.0 ms. The compiled core's clock keeps the same queue."""
+    from moesim.core.clock import DISK_BUSY, DISK_FREE, new_clock
+    from moesim.core.clock import disk_read
+    from moesim.disk import disk_queue
+
+    nbytes = SPEC.bytes_per_expert
+    for q, ends in ((1, [1.5, 3.0, 4.5]), (2, [1.5, 2.0, 3.0])):
+        storage = Storage("t", read_gbps=nbytes / 5e5, latency_us=1000.0, queue_depth=q)  # 0.5 ms + 1 ms a read
+        backend = SimBackend("rtx-4090")
+        backend.setup(SPEC, 4, Profiler(SPEC.layers))
+        backend.setup_disk(storage)
+        for key in range(3):
+            backend.read(key)
+        assert [backend._host_ready[k] for k in range(3)] == pytest.approx(ends)
+        assert backend.disk_busy_ms == pytest.approx(ends[-1])
+        ck, dq = new_clock(), disk_queue(storage, nbytes)
+        assert [disk_read(ck, dq) for _ in range(3)] == pytest.approx(ends)
+        assert ck[DISK_FREE] == pytest.approx(ends[-1]) and ck[DISK_BUSY] == pytest.approx(ends[-1])
+    assert load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 8}).queue_depth == 8
+    with pytest.raises(MoesimError, match="disk.storage.queue_depth=0: expected a whole number"):
+        load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 0})
+
+
 def test_host_compute_waits_for_its_read():
     from strategies.host import Host
 

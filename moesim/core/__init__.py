@@ -319,16 +319,18 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         dst, dprm = cache_state(trace, spec, disk.n_slots, "global", disk.make_policy, True)
         loop.reset(dst.I, dst.F, dprm)
         hready = np.zeros(trace.n_layers * trace.spec.experts)
-        read_ms = disk.storage.read_ms(nbytes)
+        from ..disk import disk_queue
+
+        dq = disk_queue(disk.storage, nbytes)
     else:
-        dst, dprm, hready, read_ms = st, prm, np.zeros(0), -1.0  # not read: read_ms < 0
+        dst, dprm, hready, dq = st, prm, np.zeros(0), np.array([-1.0])  # no disk: dq[0] < 0
     dcnt = np.zeros(loop.N_CNT, np.int64)
     t1 = time.perf_counter()
     args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
             bool(getattr(prefetcher, "flat", False)), *offl, cnt, served, ck, record, dense.attention, dense.cls,
-            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, read_ms]
+            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, dq]
     # the notice times a call of no steps (resets[:0]): compiling or loading the kernel, not a long replay
     # (a 2.4 s replay of the real trace had said "compiling" on every first call of a process)
     with compile_notice(loop.run_sim):

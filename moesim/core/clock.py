@@ -5,7 +5,7 @@ in the same order, and tests/test_core.py holds the two to identical events).
     ck = new_clock()                          # float64 [N_CK]: the timelines' state
     start = copy(ck, ready, pf_slot, slot, prefetch, copy_ms, serial, after)
     start, end, free, n_device = device_part(...); end = host_part(...)
-    end = disk_read(ck, read_ms)              # the disk tier: one read from disk, issued now
+    end = disk_read(ck, dq)                   # the disk tier: one read from disk, issued now
 
 Times are ms from the start of the replay. `ready` (float64 [slots]) holds when the last copy into each slot
 completes, `pf_slot` (uint8 [slots]) whether that copy was a prefetch not used yet.
@@ -96,12 +96,26 @@ def device_part(ck, ready, pf_slot, served, out, counts, wa, wb, device_ms, shar
 
 
 @njit(**HOT)
-def disk_read(ck, read_ms):
-    """SimBackend.read: one read from disk issued now, after the disk's queue; returns when it ends."""
-    now, free = ck[NOW], ck[DISK_FREE]
-    end = (now if now > free else free) + read_ms
+def disk_read(ck, dq):
+    """SimBackend.read: one read from disk issued now; returns when it ends. dq: moesim.disk.disk_queue's state
+    [read ms, latency ms, queue depth q, reads so far, the ends of the last q reads (a ring)]."""
+    now, free, read_ms = ck[NOW], ck[DISK_FREE], dq[0]
+    q = int(dq[2])
+    if q == 1:
+        end = (now if now > free else free) + read_ms
+        busy = read_ms
+    else:  # submitted once the read q places ahead has ended; the transfer after the read just ahead
+        i = int(dq[3])
+        oldest = dq[4 + i % q]  # 0.0 until q reads were issued
+        submit = now if now > oldest else oldest
+        lat = dq[1]
+        xfer = submit + lat if submit + lat > free else free
+        end = xfer + (read_ms - lat)
+        busy = end - (submit if submit > free else free)
+        dq[4 + i % q] = end
+        dq[3] = i + 1
     ck[DISK_FREE] = end
-    ck[DISK_BUSY] += read_ms
+    ck[DISK_BUSY] += busy
     return end
 
 

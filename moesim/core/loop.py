@@ -303,7 +303,7 @@ def _small_fifo(ids, ptr, L, E, cap, reset):
 
 
 @njit(**HOT)
-def host_read(dI, dF, dseqs, dkpos, dkoff, dprm, dcnt, pos, dmark, kid, one, onxt, dout, ck, hready, read_ms):
+def host_read(dI, dF, dseqs, dkpos, dkoff, dprm, dcnt, pos, dmark, kid, one, onxt, dout, ck, hready, dq):
     """moesim.disk.DiskTier.need, then SimBackend.read: `kid` looked up in the disk tier's host cache (state dI,
     dF; one pool; its counters dcnt) pinned with `dmark`, and where it misses, inserted and read from disk:
     hready[kid] = the read's end. Returns 0 or a kernel status."""
@@ -319,7 +319,7 @@ def host_read(dI, dF, dseqs, dkpos, dkoff, dprm, dcnt, pos, dmark, kid, one, onx
         dcnt[STREAMS] += 1  # every host slot pinned, or the policy refuses: read for this use only
     if dprm.code == 2 and dF[UNIT, dI[PART, layer]] == math.inf:
         return LFU_OVERFLOW
-    hready[kid] = disk_read(ck, read_ms)
+    hready[kid] = disk_read(ck, dq)
     return 0
 
 
@@ -367,7 +367,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_rows, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster,
             oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail, agg, dI, dF, dseqs,
-            dkpos, dkoff, dprm, dcnt, hready, read_ms):
+            dkpos, dkoff, dprm, dcnt, hready, dq):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -384,9 +384,10 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     agg: float64 [AGG + L] to keep sums instead of events (copies and computes come back empty; steps still
     count them): the devices' stall, device and host compute ms (AGG_* rows), then each layer's stall; empty:
     keep every event.
-    The disk tier (moesim/disk.py), where read_ms >= 0: its host cache's state dI, dF, dseqs, dkpos, dkoff and
+    The disk tier (moesim/disk.py), where dq[0] >= 0: its host cache's state dI, dF, dseqs, dkpos, dkoff and
     constants dprm (as the cache's; one pool), its counters dcnt; hready float64 [L * E]: when each key's last
-    read from disk ends; read_ms: one read. Every miss (and prefetch) asks the host cache first (host_read).
+    read from disk ends; dq: the disk's queue (moesim.disk.disk_queue; read and updated by
+    clock.disk_read). Every miss (and prefetch) asks the host cache first (host_read).
     Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
     step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
     _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS), copies[:, 6] each copy's slot. The script: per computed
@@ -402,7 +403,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     tcnt = np.empty(w, counts.dtype)
     torder = np.empty(w, np.int64)
     src, src_nxt, src_cnt = tids, tnxt, tcnt  # every request is read from the copies (request_rows)
-    disk = read_ms >= 0.0
+    disk = dq[0] >= 0.0
     one, onxt, dout = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((3, 1), np.int64)  # host_read's
     dmark = 0  # pin mark of the host cache's running request
     steps = np.empty((S, 6))
@@ -458,7 +459,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                     if disk:  # its copy, or its host compute, reads it from host memory
                         dmark += 1
                         h = host_read(dI, dF, dseqs, dkpos, dkoff, dprm, dcnt, pos, dmark, kid, one, onxt, dout, ck,
-                                      hready, read_ms)
+                                      hready, dq)
                         if h < 0:
                             return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
                     after = hready[kid] if disk else 0.0
@@ -532,7 +533,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                 if disk:
                                     dmark += 1
                                     h = host_read(dI, dF, dseqs, dkpos, dkoff, dprm, dcnt, pos, dmark, kid, one, onxt,
-                                                  dout, ck, hready, read_ms)
+                                                  dout, ck, hready, dq)
                                     if h < 0:
                                         return (h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
                                                 step_waves[:0])

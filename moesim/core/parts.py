@@ -133,7 +133,7 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
         learned = (len(obj.t["b1"]), flat_model(obj.t))
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
                        trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
-                       koff, max(learned[0] + N_FEATURES, 2 * E) if learned else 0)
+                       koff, max(learned[0] + N_FEATURES, 2 * E) if learned else 0, learned[1] if learned else None)
     P = L if scope == "per_layer" else 1
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):
@@ -149,7 +149,7 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     prm = Params(POLICY_CODES[name], L, E, P, cm, decay, math.log(decay), decay == 1.0,
                  int(getattr(obj, "period", 1)), float(getattr(obj, "alpha", 0.0)), classes,
                  float(getattr(obj, "decay_per_pos", 0.0)), int(getattr(obj, "ratio", 1)),
-                 *learned)
+                 *learned[:1])
     return st, prm
 
 

@@ -16,9 +16,9 @@ import math
 from numba import njit
 
 from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, DC, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT,
-                    FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LPH, LUSE, LW, MEMBERS, NEXT,
-                    NOW, NTOUCH, PART, PIN, PREV, PSEQ, Q, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC, TS, TS2, UNIT,
-                    heap_min_unpinned, heap_push, heap_remove,
+                    FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LPH, LPM, LUSE, LW, MEMBERS,
+                    NEXT, NOW, NTOUCH, PART, PIN, PREV, PSEQ, Q, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC, TS, TS2,
+                    UNIT, heap_min_unpinned, heap_push, heap_remove,
                     link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
                     sift_up)
 
@@ -335,7 +335,8 @@ def _pc_victim(I, prm, p, mark):
 
 # learned (strategies/learned.py): the request updates every key's history (learned_request, from Cache.lookup); a
 # victim is the unpinned member with the largest output of the network (_lp_out), ties to the older last
-# request, then the lower key. The model is prm.model (strategies/learned.py flat_model), hidden prm.hidden.
+# request, then the lower key. The model (strategies/learned.py flat_model) is F's rows from LPM on, read flat:
+# m = F.reshape(-1) from LPM * W; hidden prm.hidden.
 LP_NF = 12  # strategies/learned.py N_FEATURES
 LP_NO_GAP = 1e5  # NO_GAP
 LP_LN2 = math.log(2.0)
@@ -343,18 +344,18 @@ LP_HL = (4.0, 32.0, 256.0)  # HALF_LIVES
 
 
 @njit(**HOT)
-def _lp_tables(prm):
-    """Offsets into prm.model of pop, P and P2."""
+def _lp_tables(F, prm):
+    """(offset of the model in F.reshape(-1), and those of pop, P and P2 from it)."""
     H, nf = prm.hidden, LP_NF
     pop = 2 * nf + H * nf + H + H * H + H + H + 1
     P = pop + prm.L * prm.E
-    return pop, P, P + prm.L * prm.E * prm.E
+    return LPM * F.shape[1], pop, P, P + prm.L * prm.E * prm.E
 
 
 @njit(**HOT)
 def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
     """Learned._request: the request of `layer` at `pos` is the expert ids ids[a:b] (all its waves)."""
-    E, m = prm.E, prm.model
+    E, m = prm.E, F.reshape(-1)
     t = pos // prm.L
     seq = seqs[t]
     if seq != I[PSEQ, p]:  # a new sequence: its counts and the previous request's scores start empty
@@ -374,9 +375,9 @@ def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
         if F[LPH, x] != 0.0:
             F[LPH, E + n] = x
             n += 1
-    _, oP, oP2 = _lp_tables(prm)
+    o, _, oP, oP2 = _lp_tables(F, prm)
     base = layer * E
-    rowP, rowP2 = oP + layer * E * E, oP2 + layer * E * E
+    rowP, rowP2 = o + oP + layer * E * E, o + oP2 + layer * E * E
     for e in range(E):
         kid = base + e
         F[TS2, kid] = F[Q, kid]
@@ -412,7 +413,7 @@ def learned_features(I, F, prm, p, pos, kid):
     g1, g2 = I[G1, kid], I[G2, kid]
     n = t - I[SSTART, p] + 1
     c = I[SCNT, kid]
-    oPop, _, _ = _lp_tables(prm)
+    o, oPop, _, _ = _lp_tables(F, prm)
     F[LPH, 0] = math.log1p(t - last) if last >= 0 else math.log1p(LP_NO_GAP)
     F[LPH, 1] = math.log1p(g1) if g1 >= 0 else math.log1p(LP_NO_GAP)
     F[LPH, 2] = math.log1p(g2) if g2 >= 0 else math.log1p(LP_NO_GAP)
@@ -421,7 +422,7 @@ def learned_features(I, F, prm, p, pos, kid):
     F[LPH, 6] = c / n
     F[LPH, 7] = math.log1p(n)
     F[LPH, 8] = F[TS, kid]
-    F[LPH, 9] = prm.model[oPop + kid]
+    F[LPH, 9] = F.reshape(-1)[o + oPop + kid]
     F[LPH, 10] = F[TS2, kid]
     F[LPH, 11] = 1.0 if c > 0 else 0.0
 
@@ -429,7 +430,8 @@ def learned_features(I, F, prm, p, pos, kid):
 @njit(**HOT)
 def _lp_out(I, F, prm, p, pos, kid):
     """The network's output for `kid` at `pos` (strategies/learned.py mlp of Learned.features)."""
-    m, H, nf = prm.model, prm.hidden, LP_NF
+    H, nf = prm.hidden, LP_NF
+    m = F.reshape(-1)[LPM * F.shape[1]:]  # the model (a view)
     ow1 = 2 * nf
     ob1 = ow1 + H * nf
     ow2 = ob1 + H

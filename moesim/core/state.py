@@ -63,6 +63,9 @@ K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
 DC, TS, TS2, Q = 6, 9, 10, 11  # DC: rows 6, 7, 8
 LPH = 12  # learned: scratch of its network (features, then the first hidden layer)
 N_FROWS = 13
+LPM = N_FROWS  # learned: its model (strategies/learned.py flat_model), flat in the rows after the others. Not a
+#                Params field: an array there is passed with every call of every policy (LRU's timed replay of
+#                the real trace took 1.23 s instead of 0.87)
 AB_STALE = -2
 NO_SEQ = -(1 << 62)  # PSEQ before any request: no trace has this sequence id
 
@@ -94,8 +97,7 @@ class Params(NamedTuple):
     classes: int  # class_lru: class lists
     decay_per_pos: float  # class_lru: ln of the decayed use count's factor per request position
     ratio: int = 1  # page_cache: inactive_is_low's inactive_ratio
-    hidden: int = 0  # learned: units per hidden layer of its network
-    model: np.ndarray = np.zeros(0)  # learned: its tables and network, flat (strategies/learned.py: flat_model)
+    hidden: int = 0  # learned: units per hidden layer of its network (its model: F's rows from LPM on)
 
 
 def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +111,11 @@ def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.
 
 def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: np.ndarray | None = None,
               seqs: np.ndarray | None = None, kpos: np.ndarray | None = None,
-              koff: np.ndarray | None = None, width: int = 0) -> tuple[State, int]:
+              koff: np.ndarray | None = None, width: int = 0, model: np.ndarray | None = None
+              ) -> tuple[State, int]:
     """(empty cache state for `n_slots` slots in `scope`, capmax). Policy data (static keys, layer weights) is
-    the caller's to fill in before the first `reset`. `width`: at least this many columns (learned's scratch)."""
+    the caller's to fill in before the first `reset`. `width`: at least this many columns (learned's scratch);
+    `model`: learned's flat model, stored from row LPM on (F.reshape(-1)[LPM * W:])."""
     if n_slots < 1:
         raise MoesimError(f"n_slots={n_slots}: expected at least one slot")
     part_of_layer, cap = partitions(L, n_slots, scope)
@@ -121,7 +125,11 @@ def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: n
     I[CAP, :P] = cap
     I[BASE, :P] = np.concatenate([[0], np.cumsum(cap)[:-1]])
     I[PART, :L] = part_of_layer
-    F = np.zeros((N_FROWS, I.shape[1]))
+    W = I.shape[1]
+    extra = 0 if model is None else -(-len(model) // W)
+    F = np.zeros((N_FROWS + extra, W))
+    if model is not None:
+        F.reshape(-1)[LPM * W:LPM * W + len(model)] = model
     F[LW, :L] = 1.0
     empty = np.zeros(0, np.int64)
     if koff is not None:
