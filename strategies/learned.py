@@ -154,7 +154,8 @@ class Learned(CachePolicy):
         if self.t["pop"].shape != (L, E):  # a sweep or plan over other models lists it as not applicable
             raise NotApplicable(f"strategy.cache.model={self.model}: trained for {self.t['pop'].shape[0]} layers x "
                               f"{self.t['pop'].shape[1]} experts ({self.meta.get('model', '?')}); the trace's model "
-                              f"{ctx.spec.name} has {L} x {E}")
+                              f"{ctx.spec.name} has {L} x {E}; train one for it with `python -m moesim train-policy "
+                              f"trace=...`")
         self.L, self.E = L, E
         self.trace = ctx.trace
         self.starts = ctx.trace.step_starts.tolist()
