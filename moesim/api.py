@@ -14,6 +14,7 @@ same file from the command line and calls the same `replay_config`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -290,21 +291,51 @@ def trace_label(trace) -> str:
 
 
 def _overrides(key: str, value) -> list[str]:
-    """`key=value` as Hydra overrides; a dict (model={"scale": 0.5}) becomes one per leaf (model.scale=0.5)."""
+    """`key=value` as Hydra overrides; a dict (model={"scale": 0.5}) becomes one per leaf (model.scale=0.5),
+    except where run.yaml's value is null (disk.storage): there the dict is the value, one Hydra dict."""
     if isinstance(value, dict):
+        if key in _null_run_keys():
+            return [f"{key}={_hydra_value(value, key)}"]
         return [o for k, v in value.items() for o in _overrides(f"{key}.{k}", v)]
+    return [f"{key}={_hydra_value(value, key)}"]
+
+
+def _hydra_value(value, key: str) -> str:
+    """`value` as Hydra's override grammar writes it (a dict as {a:1,b:x})."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v, f'{key}.{k}')}" for k, v in value.items()) + "}"
     if value is None:
-        return [f"{key}=null"]
+        return "null"
     if isinstance(value, bool):
-        return [f"{key}={str(value).lower()}"]
+        return str(value).lower()
     if isinstance(value, (int, float)):
-        return [f"{key}={value!r}"]
+        return repr(value)
     if isinstance(value, (str, os.PathLike)):
         from .sweep import _quote
 
         text = os.fspath(value)
-        return [f"{key}={text if _PLAIN.fullmatch(text) else _quote(text)}"]
+        return text if _PLAIN.fullmatch(text) else _quote(text)
     raise MoesimError(f"{key}={value!r}: expected a string, number, bool, None or (for a nested block) a dict")
+
+
+@functools.lru_cache(maxsize=1)
+def _null_run_keys() -> frozenset:
+    """Dotted keys of moesim/conf/run.yaml whose value is null (a mapping given there replaces it whole)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    out = set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if v is None:
+                out.add(prefix + str(k))
+            elif isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+
+    walk(OmegaConf.to_container(OmegaConf.load(str(files("moesim.conf").joinpath("run.yaml")))), "")
+    return frozenset(out)
 
 
 def _listed(value, name: str) -> list:

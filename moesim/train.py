@@ -187,7 +187,7 @@ def train_policy(trace, out, train: float = 0.5, slots: int = 8, hidden: int = 1
         for r in range(rounds):
             save_model(tmp, model, {})
             st, prm = cache_state(part, part.spec, slots * L, "per_layer", lambda: Learned(str(tmp)))
-            I = st.I.copy()
+            I = st.I
             I[KPTR, :L * E] = koff[:-1]  # each key's pointer into its request positions
             t1 = time.perf_counter()
             n, h, q = _collect(I, st.F, st.seqs, prm, req.ids, req.ptr, kpos, koff, sample, seed + r, LABEL_CAP,

@@ -279,14 +279,7 @@ def row_overrides(options: dict) -> list[str]:
 
     first = [k for k in _GROUPS if k in options]
     rest = [k for k in options if k not in _GROUPS]
-    out = []
-    for k in first + rest:
-        v = options[k]
-        if k == "disk.storage" and isinstance(v, dict):  # a storage profile inline: one Hydra dict (run.yaml's is null)
-            out.append(f"{k}={{{','.join(f'{a}:{b!r}' for a, b in v.items())}}}")
-        else:
-            out += _overrides(str(k), v)
-    return out
+    return [o for k in first + rest for o in _overrides(str(k), options[k])]
 
 
 def predict(row: Row) -> dict:

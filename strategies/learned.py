@@ -173,8 +173,7 @@ class Learned(CachePolicy):
         self.resident: set[Key] = set()
         self.seq = None
         self.sstart = 0
-        self.seen_pos = -1
-        self.now = 0
+        self.now = -1  # the position of the latest request read (victims are ranked there)
 
     def _request(self, pos: int) -> None:
         """The request at `pos`, read from the trace (the router has run): every key's history moves on."""
@@ -209,9 +208,8 @@ class Learned(CachePolicy):
             self.scnt[key] = self.scnt.get(key, 0) + 1
 
     def _at(self, pos: int) -> None:
-        self.now = pos
-        if pos != self.seen_pos:
-            self.seen_pos = pos
+        if pos != self.now:
+            self.now = pos
             self._request(pos)
 
     def on_access(self, pos: int, keys: Iterable[Key]) -> None:

@@ -122,6 +122,15 @@ def test_queue_depth_overlaps_latencies_not_transfers():
         load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 0})
 
 
+def test_a_storage_profile_given_inline_to_the_library():
+    """disk={"storage": {...}} (run.yaml's storage is null): the mapping is the profile, not keys under it."""
+    from moesim.api import simulate
+
+    s = simulate("gpt-oss-like", "lru", tokens=600, disk={"storage": {"read_gbps": 2.0, "latency_us": 50.0,
+                                                                     "queue_depth": 2}, "ram": "25%"}).summary
+    assert s["disk"]["storage"]["queue_depth"] == 2 and s["disk"]["storage"]["read_gbps"] == 2.0
+
+
 def test_host_compute_waits_for_its_read():
     from strategies.host import Host
 

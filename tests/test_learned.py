@@ -124,6 +124,15 @@ def test_cli_trains_and_run_replays_it(structured, tmp_path):
     assert p.returncode == 2 and "train=1.0" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_the_compiled_constants_are_the_python_classs():
+    """moesim/core/policies.py copies strategies/learned.py's constants (the core imports no strategy)."""
+    from moesim.core import policies
+    from strategies import learned
+
+    assert (policies.LP_NF, policies.LP_NO_GAP, policies.LP_HL) == (learned.N_FEATURES, learned.NO_GAP,
+                                                                     learned.HALF_LIVES)
+
+
 def test_the_disk_tier_refuses_the_learned_policy():
     from moesim.api import simulate
 

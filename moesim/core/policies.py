@@ -24,7 +24,7 @@ from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, DC, EAM, EPOCH0, EROWS
 
 POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lfru": 3, "belady": 4, "static": 5, "class_lru": 6,
                 "activation_aware": 7, "visit_count": 8, "page_cache": 9, "learned": 10}
-LEARNED = 10
+LEARNED = POLICY_CODES["learned"]
 REFUSING = 8  # the code of the one built-in policy whose victim may be none (strategies.CachePolicy.refuses)
 RESCALE_AT = 1e100  # strategies/lfu.py: RESCALE_AT
 AA_EPS = 1e-6  # strategies/activation_aware.py: EPS
@@ -333,7 +333,8 @@ def _pc_victim(I, prm, p, mark):
     return v
 
 
-# learned (strategies/learned.py): the request updates every key's history (learned_request, from Cache.lookup); a
+# learned (strategies/learned.py): the request updates every key's history (learned_request, called by the replay
+# loops run_hits and run_sim before a request's waves); a
 # victim is the unpinned member with the largest output of the network (_lp_out), ties to the older last
 # request, then the lower key. The model (strategies/learned.py flat_model) is F's rows from LPM on, read flat:
 # m = F.reshape(-1) from LPM * W; hidden prm.hidden.
