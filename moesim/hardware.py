@@ -393,9 +393,9 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     _preset("rtx-4090", 4, 1008, 165.2, 24, DESKTOP_I9_13900K_HOST, "NVIDIA Ada whitepaper (RTX 4090), PCIe Gen4 x16"),
     # RTX 5090 (spheron.network/blog/nvidia-rtx-5090-specs, its datasheet table): 32 GB GDDR7, 1,792 GB/s, "FP16
     # Tensor Performance (sparse) 838.4 TFLOPS", PCIe Gen 5 x16; Tom's Hardware's review (as reprinted in Linux
-    # Format, May 2025) gives the same 1,792 GB/s and 838 FP16. Dense = 419.2; with FP32 accumulate GeForce cards
-    # run at half the FP16-accumulate rate (the Ada whitepaper's RTX 4090: 165.2 of 330.3), so 209.6: moesim's
-    # assumption that Blackwell GeForce keeps that ratio (no page opened states it). Host: the 4090's desktop.
+    # Format, May 2025) gives the same 1,792 GB/s and 838 FP16. Dense = 419.2. With FP32 accumulate, half that,
+    # 209.6: moesim's assumption that GeForce cards run FP32 accumulation at half the FP16 rate (no page opened
+    # states it for the RTX 5090). Host: the 4090's desktop (moesim's choice).
     _preset("rtx-5090", 5, 1792, 209.6, 32, DESKTOP_I9_13900K_HOST,
             "RTX 5090 spec (spheron.network datasheet), FP32-accumulate rate assumed half of FP16, PCIe Gen5 x16"),
     # RTX 3060 12GB: 360 GB/s GDDR6 (192-bit, 15 Gbps; NVIDIA spec page). BF16 with FP32 accumulate derived:
