@@ -23,9 +23,9 @@ import numpy as np
 
 from ..errors import MoesimError
 from .loop import OFF_COST, OFF_FIDDLER, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT
-from .policies import POLICY_CODES
+from .policies import LP_ROWS, POLICY_CODES, lp_tables
 from .requests import encode, next_uses
-from .state import CAP, LW, SCOUNT, STATIC, Params, State, new_state
+from .state import CAP, LW, SCOUNT, STATIC, Params, State, learned_rows, new_state
 
 # class -> (compiled name, the constructor parameters the compiled path reads, directly or through the
 # class's own setup). A parameter missing here is refused by name.
@@ -133,7 +133,11 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
         learned = (len(obj.t["b1"]), flat_model(obj.t))
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
                        trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
-                       koff, max(learned[0] + N_FEATURES, 2 * E) if learned else 0, learned[1] if learned else None)
+                       koff, N_FEATURES + learned[0] if learned else 0, learned[1] if learned else None,
+                       LP_ROWS if learned else 0)
+    if learned:  # its tables by age follow the model
+        learned = (learned[0], learned_rows(len(learned[1]), st.F.shape[1]))
+        st.F[learned[1]:learned[1] + 4] = lp_tables(st.F.shape[1])
     P = L if scope == "per_layer" else 1
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):
@@ -149,7 +153,7 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     prm = Params(POLICY_CODES[name], L, E, P, cm, decay, math.log(decay), decay == 1.0,
                  int(getattr(obj, "period", 1)), float(getattr(obj, "alpha", 0.0)), classes,
                  float(getattr(obj, "decay_per_pos", 0.0)), int(getattr(obj, "ratio", 1)),
-                 *learned[:1])
+                 *learned)
     return st, prm
 
 

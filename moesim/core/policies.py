@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit
 
 from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, DC, EAM, EPOCH0, EROWS, FHEAD, FNEXT, FPREV, FREQ, FRONT,
-                    FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LPH, LPM, LUSE, LW, MEMBERS,
-                    NEXT, NOW, NTOUCH, PART, PIN, PREV, PSEQ, Q, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC, TS, TS2,
+                    FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LN, LNP, LPH, LPM, LPRV, LQZ,
+                    LOST, LREQ, LUSE, LW, MEMBERS,
+                    NEXT, NOW, NTOUCH, PART, PIN, PREV, PSEQ, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC,
                     UNIT, heap_min_unpinned, heap_push, heap_remove,
                     link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
                     sift_up)
@@ -333,15 +335,30 @@ def _pc_victim(I, prm, p, mark):
     return v
 
 
-# learned (strategies/learned.py): the request updates every key's history (learned_request, called by the replay
-# loops run_hits and run_sim before a request's waves); a
-# victim is the unpinned member with the largest output of the network (_lp_out), ties to the older last
-# request, then the lower key. The model (strategies/learned.py flat_model) is F's rows from LPM on, read flat:
-# m = F.reshape(-1) from LPM * W; hidden prm.hidden.
+# learned (strategies/learned.py): the request updates the history of its keys (learned_request, called by the
+# replay loops run_hits and run_sim before a request's waves); a victim is the unpinned member with the largest
+# output of the network (_lp_victim), ties to the older last request, then the lower key. The model
+# (strategies/learned.py flat_model) is F's rows from LPM on, read flat: m = F.reshape(-1) from LPM * W; hidden
+# prm.hidden. From row prm.lrow: LP_ROWS + hidden rows, one column per age or candidate (lp_tables, _lp_victim).
 LP_NF = 12  # strategies/learned.py N_FEATURES
 LP_NO_GAP = 1e5  # NO_GAP
 LP_LN2 = math.log(2.0)
 LP_HL = (4.0, 32.0, 256.0)  # HALF_LIVES
+# rows from prm.lrow: log1p(age) and exp(-age ln2 / half-life) for ages 0..W-1 (filled by CPython's math, the
+# reference's: the same numbers bit for bit; older ages are computed), then per key the network's output at the
+# request position I[LOST, key] - 1 (its features change only when a request is read: the evictions of one
+# request reuse it)
+LP_LOG, LP_EXP, LP_OUT = 0, 1, 4
+LP_ROWS = 5
+
+
+def lp_tables(W: int) -> np.ndarray:
+    """float64 [4, W]: learned's tables by age in steps (its rows from prm.lrow)."""
+    t = np.empty((4, W))
+    t[LP_LOG] = [math.log1p(a) for a in range(W)]
+    for h in range(3):
+        t[LP_EXP + h] = [math.exp(-a * LP_LN2 / LP_HL[h]) for a in range(W)]
+    return t
 
 
 @njit(**HOT)
@@ -354,9 +371,21 @@ def _lp_tables(F, prm):
 
 
 @njit(**HOT)
+def _lp_log1p(F, prm, a):
+    """math.log1p(a) for a whole number of steps a >= 0."""
+    return F[prm.lrow + LP_LOG, a] if a < F.shape[1] else math.log1p(a)
+
+
+@njit(**HOT)
+def _lp_decay(F, prm, a, h):
+    """math.exp(-a * ln2 / LP_HL[h]) for a whole number of steps a >= 0."""
+    return F[prm.lrow + LP_EXP + h, a] if a < F.shape[1] else math.exp(-a * LP_LN2 / LP_HL[h])
+
+
+@njit(**HOT)
 def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
     """Learned._request: the request of `layer` at `pos` is the expert ids ids[a:b] (all its waves)."""
-    E, m = prm.E, F.reshape(-1)
+    E = prm.E
     t = pos // prm.L
     seq = seqs[t]
     if seq != I[PSEQ, p]:  # a new sequence: its counts and the previous request's scores start empty
@@ -364,46 +393,43 @@ def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
         I[SSTART, p] = t
         for lay in range(prm.L):
             if I[PART, lay] == p:
+                I[LQZ, lay] = 1
                 for e in range(E):
                     I[SCNT, lay * E + e] = 0
-                    F[Q, lay * E + e] = 0.0
-    for e in range(E):  # the request as flags in the scratch row, then its ids ascending after them
-        F[LPH, e] = 0.0
-    for i in range(a, b):
-        F[LPH, ids[i]] = 1.0
-    n = 0
-    for x in range(E):
-        if F[LPH, x] != 0.0:
-            F[LPH, E + n] = x
-            n += 1
-    o, _, oP, oP2 = _lp_tables(F, prm)
     base = layer * E
-    rowP, rowP2 = o + oP + layer * E * E, o + oP2 + layer * E * E
-    for e in range(E):
-        kid = base + e
-        F[TS2, kid] = F[Q, kid]
-        s = 0.0
-        s2 = 0.0
-        for j in range(n):  # in expert order, as the reference sums them
-            x = int(F[LPH, E + j])
-            s += m[rowP + x * E + e]
-            s2 += m[rowP2 + x * E + e]
-        F[TS, kid] = s
-        F[Q, kid] = s2
-    for x in range(E):
-        kid = base + x
-        if F[LPH, x] != 0.0:
-            last = I[LUSE, kid]
-            if last >= 0:
-                I[G2, kid] = I[G1, kid]
-                I[G1, kid] = t - last
-                for h in range(3):
-                    F[DC + h, kid] = F[DC + h, kid] * math.exp(-(t - last) * LP_LN2 / LP_HL[h]) + 1.0
-            else:
-                for h in range(3):
-                    F[DC + h, kid] = 1.0
-            I[LUSE, kid] = t
-            I[SCNT, kid] += 1
+    if I[LQZ, layer] == 1:  # the request before this one, for TS2
+        I[LQZ, layer] = 0
+        I[LNP, layer] = 0
+    else:
+        for j in range(I[LN, layer]):
+            I[LPRV, base + j] = I[LREQ, base + j]
+        I[LNP, layer] = I[LN, layer]
+    n = 0
+    for i in range(a, b):  # this request's ids, ascending and distinct (insertion: a request holds few)
+        x = ids[i]
+        j = n
+        while j > 0 and I[LREQ, base + j - 1] > x:
+            j -= 1
+        if j > 0 and I[LREQ, base + j - 1] == x:
+            continue
+        for k in range(n, j, -1):
+            I[LREQ, base + k] = I[LREQ, base + k - 1]
+        I[LREQ, base + j] = x
+        n += 1
+    I[LN, layer] = n
+    for j in range(n):
+        kid = base + I[LREQ, base + j]
+        last = I[LUSE, kid]
+        if last >= 0:
+            I[G2, kid] = I[G1, kid]
+            I[G1, kid] = t - last
+            for h in range(3):
+                F[DC + h, kid] = F[DC + h, kid] * _lp_decay(F, prm, t - last, h) + 1.0
+        else:
+            for h in range(3):
+                F[DC + h, kid] = 1.0
+        I[LUSE, kid] = t
+        I[SCNT, kid] += 1
 
 
 @njit(**HOT)
@@ -413,24 +439,41 @@ def learned_features(I, F, prm, p, pos, kid):
     last = I[LUSE, kid]
     g1, g2 = I[G1, kid], I[G2, kid]
     n = t - I[SSTART, p] + 1
-    c = I[SCNT, kid]
-    o, oPop, _, _ = _lp_tables(F, prm)
-    F[LPH, 0] = math.log1p(t - last) if last >= 0 else math.log1p(LP_NO_GAP)
-    F[LPH, 1] = math.log1p(g1) if g1 >= 0 else math.log1p(LP_NO_GAP)
-    F[LPH, 2] = math.log1p(g2) if g2 >= 0 else math.log1p(LP_NO_GAP)
+    cnt = I[SCNT, kid]
+    E = prm.E
+    o, oPop, oP, oP2 = _lp_tables(F, prm)
+    m = F.reshape(-1)
+    no_gap = math.log1p(LP_NO_GAP)
+    F[LPH, 0] = _lp_log1p(F, prm, t - last) if last >= 0 else no_gap
+    F[LPH, 1] = _lp_log1p(F, prm, g1) if g1 >= 0 else no_gap
+    F[LPH, 2] = _lp_log1p(F, prm, g2) if g2 >= 0 else no_gap
     for h in range(3):
-        F[LPH, 3 + h] = F[DC + h, kid] * math.exp(-(t - last) * LP_LN2 / LP_HL[h]) if last >= 0 else 0.0
-    F[LPH, 6] = c / n
-    F[LPH, 7] = math.log1p(n)
-    F[LPH, 8] = F[TS, kid]
-    F[LPH, 9] = F.reshape(-1)[o + oPop + kid]
-    F[LPH, 10] = F[TS2, kid]
-    F[LPH, 11] = 1.0 if c > 0 else 0.0
+        F[LPH, 3 + h] = F[DC + h, kid] * _lp_decay(F, prm, t - last, h) if last >= 0 else 0.0
+    F[LPH, 6] = cnt / n
+    F[LPH, 7] = _lp_log1p(F, prm, n)
+    layer, e = kid // E, kid % E
+    base = layer * E
+    s = 0.0
+    rowP = o + oP + layer * E * E + e
+    for j in range(I[LN, layer]):  # sum over the latest request of P[layer, a, e], in expert order
+        s += m[rowP + I[LREQ, base + j] * E]
+    F[LPH, 8] = s
+    F[LPH, 9] = m[o + oPop + kid]
+    s = 0.0
+    rowP2 = o + oP2 + layer * E * E + e
+    for j in range(I[LNP, layer]):  # the request before it, with P2
+        s += m[rowP2 + I[LPRV, base + j] * E]
+    F[LPH, 10] = s
+    F[LPH, 11] = 1.0 if cnt > 0 else 0.0
 
 
 @njit(**HOT)
 def _lp_out(I, F, prm, p, pos, kid):
-    """The network's output for `kid` at `pos` (strategies/learned.py mlp of Learned.features)."""
+    """The network's output for `kid` at `pos` (strategies/learned.py mlp of Learned.features), computed once
+    per request position."""
+    at = prm.lrow + LP_OUT
+    if I[LOST, kid] == pos + 1:
+        return F[at, kid]
     H, nf = prm.hidden, LP_NF
     m = F.reshape(-1)[LPM * F.shape[1]:]  # the model (a view)
     ow1 = 2 * nf
@@ -453,6 +496,8 @@ def _lp_out(I, F, prm, p, pos, kid):
         for j in range(H):
             s += m[ow2 + i * H + j] * F[LPH, nf + j]
         out += m[ow3 + i] * (s if s > 0 else 0.0)
+    F[at, kid] = out
+    I[LOST, kid] = pos + 1
     return out
 
 

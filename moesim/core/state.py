@@ -51,21 +51,26 @@ CHEAD, CTAIL = range(37, 39)  # class_lru: per partition p and class c, at colum
 KPTR = 39  # per key: Belady's pointer into its request positions (next_after)
 AB = 40  # per layer: activation_aware's least key of the layer (AB_STALE: to be found again; -1: none)
 # learned (strategies/learned.py), per key: step of its last request (-1: none), the two gaps before it (-1:
-# none), its requests in the current sequence; per partition: the step its current sequence started at
-LUSE, G1, G2, SCNT, SSTART = range(41, 46)
-N_IROWS = 46
+# none), its requests in the current sequence; per partition: the step its current sequence started at.
+# Per layer l, at columns l * E + j: the ids of its latest request, ascending (LREQ), and of the one before in the
+# same sequence (LPRV); at column l: their counts (LN, LNP) and LQZ, 1 when a new sequence began since the
+# latest request (the next request's one-before is then empty). The transition scores are summed from these
+# when a victim is chosen, for its candidates only (each request once summed them for all E experts). LOST, per
+# key: 1 + the request position its network output was computed at (0: none)
+LUSE, G1, G2, SCNT, SSTART, LREQ, LPRV, LN, LNP, LQZ, LOST = range(41, 52)
+N_IROWS = 52
 # rows of F: per key, K1: first rank (LFU: stored count; Belady: -next use; LFRU: log f; class_lru: its
 # decayed use count), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
 # LFRU time of the latest use; per layer, LW: activation_aware's layer weight
 K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
-# learned, per key: its decayed request counts (one row per half-life, at its last request), its transition
-# scores from the latest request of its layer (TS) and from the one before (TS2), and the latter-to-be (Q)
-DC, TS, TS2, Q = 6, 9, 10, 11  # DC: rows 6, 7, 8
-LPH = 12  # learned: scratch of its network (features, then the first hidden layer)
-N_FROWS = 13
+# learned, per key: its decayed request counts (one row per half-life, at its last request)
+DC = 6  # rows 6, 7, 8
+LPH = 9  # learned: scratch of one key's features (moesim/core/policies.py learned_features)
+N_FROWS = 10
 LPM = N_FROWS  # learned: its model (strategies/learned.py flat_model), flat in the rows after the others. Not a
 #                Params field: an array there is passed with every call of every policy (LRU's timed replay of
-#                the real trace took 1.23 s instead of 0.87)
+#                the real trace took 1.23 s instead of 0.87). After the model, from row Params.lrow: LP_ROWS
+#                rows (moesim/core/policies.py: tables by age, outputs per key)
 AB_STALE = -2
 NO_SEQ = -(1 << 62)  # PSEQ before any request: no trace has this sequence id
 
@@ -98,6 +103,7 @@ class Params(NamedTuple):
     decay_per_pos: float  # class_lru: ln of the decayed use count's factor per request position
     ratio: int = 1  # page_cache: inactive_is_low's inactive_ratio
     hidden: int = 0  # learned: units per hidden layer of its network (its model: F's rows from LPM on)
+    lrow: int = 0  # learned: F's first row after the model
 
 
 def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +117,12 @@ def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.
 
 def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: np.ndarray | None = None,
               seqs: np.ndarray | None = None, kpos: np.ndarray | None = None,
-              koff: np.ndarray | None = None, width: int = 0, model: np.ndarray | None = None
-              ) -> tuple[State, int]:
+              koff: np.ndarray | None = None, width: int = 0, model: np.ndarray | None = None,
+              rows_after: int = 0) -> tuple[State, int]:
     """(empty cache state for `n_slots` slots in `scope`, capmax). Policy data (static keys, layer weights) is
     the caller's to fill in before the first `reset`. `width`: at least this many columns (learned's scratch);
-    `model`: learned's flat model, stored from row LPM on (F.reshape(-1)[LPM * W:])."""
+    `model`: learned's flat model, stored from row LPM on (F.reshape(-1)[LPM * W:]), and `rows_after` more rows
+    after it (learned_rows(...) gives the first)."""
     if n_slots < 1:
         raise MoesimError(f"n_slots={n_slots}: expected at least one slot")
     part_of_layer, cap = partitions(L, n_slots, scope)
@@ -126,7 +133,7 @@ def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: n
     I[BASE, :P] = np.concatenate([[0], np.cumsum(cap)[:-1]])
     I[PART, :L] = part_of_layer
     W = I.shape[1]
-    extra = 0 if model is None else -(-len(model) // W)
+    extra = 0 if model is None else learned_rows(len(model), W) - N_FROWS + rows_after
     F = np.zeros((N_FROWS + extra, W))
     if model is not None:
         F.reshape(-1)[LPM * W:LPM * W + len(model)] = model
@@ -135,6 +142,11 @@ def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: n
     if koff is not None:
         I[KPTR, :L * E] = koff[:-1]
     return State(I, F, *(x if x is not None else empty for x in (nxt, seqs, kpos, koff))), cm
+
+
+def learned_rows(model_len: int, W: int) -> int:
+    """F's first row after a learned model of `model_len` numbers in rows of `W`."""
+    return LPM + -(-model_len // W)
 
 
 @njit(cache=True, nogil=True)
@@ -157,8 +169,11 @@ def reset(I, F, prm):
     I[G1] = -1
     I[G2] = -1
     I[SCNT] = 0
+    I[LN] = 0
+    I[LNP] = 0
+    I[LQZ] = 0
+    I[LOST] = 0
     F[DC:DC + 3] = 0.0
-    F[TS:Q + 1] = 0.0
     cm = prm.cm
     for p in range(prm.P):
         c = I[CAP, p]
