@@ -468,6 +468,12 @@ def disk_tier(cfg, trace, spec):
     if name == "learned":  # its features are a layer's whole requests; the host cache sees single loads
         raise MoesimError("disk.policy=learned: the learned policy ranks a layer's residents from its requests and "
                           "is trained for the device cache; give the host cache another policy (lru, page_cache, ...)")
+    import dataclasses
+
+    from .disk import request_bytes
+
+    storage = dataclasses.replace(storage, request_bytes=request_bytes(block.get("read_size", "auto"), name,
+                                                                       spec.bytes_per_expert))
     tier = DiskTier(spec, ram.slots, cls, storage, trace)
     tier.wants_bound = name == "belady"  # the host's own Belady: bound to the host's requests before the replay
     return tier
@@ -873,8 +879,10 @@ def disk_rows(d) -> list[tuple[str, str]]:
     st = d.get("storage") or {}
     rate = d.get("host_hit_rate")
     share = d.get("disk_busy_share")
+    n = d.get("requests_per_read") or 1
+    each = f", {n} requests of {st.get('request_bytes', 0) // 1024} KiB" if n > 1 else ""
     rows = [("disk / host cache", f"{st.get('name')} ({st.get('read_gbps')} GB/s, {d.get('read_ms', 0):.2f} ms per "
-                                  f"expert) / {d.get('host_slots')} slots ({d.get('host_gib', 0):.2f} GiB)"),
+                                  f"expert{each}) / {d.get('host_slots')} slots ({d.get('host_gib', 0):.2f} GiB)"),
             ("host hit rate", "n/a" if rate is None else f"{rate:.4f}  ({d.get('host_hits')} of "
                                                          f"{d.get('host_requests')} device misses)"),
             ("bytes disk->host", f"{d.get('bytes_disk', 0) / 2**30:.2f} GiB, {d.get('disk_mib_per_token', 0):.1f} "

@@ -44,10 +44,20 @@ class Storage:
     latency_us: float  # fixed cost of one read
     source: str = ""
     queue_depth: int = 1  # reads in flight at most (the reader's; the torch backend reads one at a time)
+    request_bytes: int = 0  # the reader's: bytes per read request (0: an expert in one request; disk.read_size)
 
     def read_ms(self, nbytes: int) -> float:
         """One read of `nbytes` (one expert's weights) on an idle disk, ms."""
         return self.latency_us * 1e-3 + nbytes / (self.read_gbps * 1e9) * 1e3
+
+    def requests(self, nbytes: int) -> tuple[int, float, float]:
+        """How an expert of `nbytes` is read: (requests, ms of each but the last, ms of the last), each request
+        paying the latency (request_bytes: the mmap reader's read-around window; 0: one request)."""
+        r = self.request_bytes
+        if r <= 0 or r >= nbytes:
+            return 1, self.read_ms(nbytes), self.read_ms(nbytes)
+        n = -(-nbytes // r)
+        return n, self.read_ms(r), self.read_ms(nbytes - (n - 1) * r)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,10 +211,11 @@ def load_storage(value) -> Storage:
         from .hardware import _plain
 
         d = _plain(value)
-        unknown = set(d) - {"name", "read_gbps", "latency_us", "source", "queue_depth"}
+        unknown = set(d) - {"name", "read_gbps", "latency_us", "source", "queue_depth", "request_bytes"}
         if unknown:
             raise MoesimError(f"disk.storage: unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected "
-                              f"name, read_gbps, latency_us, queue_depth, source")
+                              f"name, read_gbps, latency_us, queue_depth, source (and request_bytes, which "
+                              f"disk.read_size sets)")
         q = d.get("queue_depth", 1)
         if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 1024:
             raise MoesimError(f"disk.storage.queue_depth={q!r}: expected a whole number of reads in flight, 1 to 1024")
@@ -305,20 +316,45 @@ class DiskTier:
         nbytes = spec.bytes_per_expert
         req, hits, reads, busy = counts["requests"], counts["hits"], counts["reads"], counts["busy_ms"]
         # busy: the sim's disk timeline; None on a backend that measures (torch: its reads, in `measured`)
+        n, full, last = self.storage.requests(nbytes)
         return {"storage": self.storage.to_dict(), "host_slots": self.n_slots, "host_gib": self.n_slots * nbytes / 2**30,
                 "host_policy": "Belady over host requests" if self.host_bound else type(self.make_policy()).__name__,
                 "host_requests": req, "host_hits": hits,
                 "host_hit_rate": hits / req if req else None, "disk_reads": reads, "bytes_disk": reads * nbytes,
                 "disk_mib_per_token": reads * nbytes / 2**20 / max(n_tokens, 1),
-                "read_ms": self.storage.read_ms(nbytes), "disk_busy_ms": busy,
+                "read_ms": (n - 1) * full + last, "requests_per_read": n, "disk_busy_ms": busy,
                 "disk_busy_share": busy / run_ms if run_ms and busy is not None else None,
                 "unkept_reads": counts["unkept"]}
 
 
 def disk_queue(storage: Storage, nbytes: int):
-    """The disk's timeline state for reads of `nbytes` (the compiled core's moesim.core.clock.disk_read):
-    [read ms, latency ms, queue depth, reads so far, the ends of the last queue-depth reads...] (float64)."""
+    """The disk's timeline state for experts of `nbytes` (the compiled core's moesim.core.clock.disk_read):
+    [ms of a request, latency ms, queue depth, requests so far, requests per expert, ms of an expert's last
+    request, the ends of the last queue-depth requests...] (float64; Storage.requests)."""
     import numpy as np
 
     q = storage.queue_depth
-    return np.array([storage.read_ms(nbytes), storage.latency_us * 1e-3, q, 0] + [0.0] * q, np.float64)
+    n, full, last = storage.requests(nbytes)
+    return np.array([full, storage.latency_us * 1e-3, q, 0, n, last] + [0.0] * q, np.float64)
+
+
+READ_AROUND = 128 << 10  # bytes: Linux's default readahead window, VM_READAHEAD_PAGES (docs/disk.md, "Reads through mmap")
+
+
+def request_bytes(value, policy: str, nbytes: int) -> int:
+    """`disk.read_size` as bytes per read request: auto (page_cache: READ_AROUND, the kernel's read-around of a
+    faulting mapped file; any other policy: 0, an expert in one request), expert (0), or a size (4KiB multiple)."""
+    from .units import parse_bytes
+
+    if value is None or str(value) == "auto":
+        return READ_AROUND if policy == "page_cache" else 0
+    if str(value) == "expert":
+        return 0
+    try:
+        b = parse_bytes(value, "disk.read_size")
+    except MoesimError:
+        b = None
+    if b is None or b <= 0 or b % ALIGN:
+        raise MoesimError(f"disk.read_size={value!r}: expected auto, expert, or a size in whole 4 KiB pages "
+                          f"(e.g. 128KiB, 1MiB)")
+    return int(b)

@@ -122,6 +122,57 @@ def test_queue_depth_overlaps_latencies_not_transfers():
         load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 0})
 
 
+def test_an_expert_read_in_read_around_windows():
+    """request_bytes r: an expert of 2.5 r is read as three requests (r, r, r/2), each paying the latency. Latency
+    1 ms, a window transfers in 0.5 ms: queue depth 1 ends at 1.5, 3.0, 4.25; queue depth 2 overlaps the second
+    latency (1.5, 2.0) and submits the third when the first ends (1.5 + 1 = 2.5, + 0.25 = 2.75). The sim backend
+    and the compiled clock agree."""
+    from moesim.core.clock import DISK_BUSY, new_clock
+    from moesim.core.clock import disk_read
+    from moesim.disk import disk_queue
+
+    nbytes = SPEC.bytes_per_expert
+    r = nbytes * 2 // 5  # nbytes = 2.5 r, within a byte (hence rel=1e-3 below)
+    for q, end in ((1, 4.25), (2, 2.75)):
+        storage = Storage("t", read_gbps=r / 5e5, latency_us=1000.0, queue_depth=q, request_bytes=r)
+        assert storage.requests(nbytes) == pytest.approx((3, 1.5, 1.25), rel=1e-3)
+        backend = SimBackend("rtx-4090")
+        backend.setup(SPEC, 4, Profiler(SPEC.layers))
+        backend.setup_disk(storage)
+        backend.read(0)
+        assert backend._host_ready[0] == pytest.approx(end, rel=1e-3)
+        assert backend.disk_busy_ms == pytest.approx(end, rel=1e-3)
+        ck = new_clock()
+        assert disk_read(ck, disk_queue(storage, nbytes)) == backend._host_ready[0]
+        assert ck[DISK_BUSY] == pytest.approx(backend.disk_busy_ms)
+    assert dataclasses.replace(DISK, request_bytes=nbytes).requests(nbytes) == (1, DISK.read_ms(nbytes),
+                                                                               DISK.read_ms(nbytes))
+
+
+def test_read_size_defaults_to_the_kernels_read_around_under_page_cache():
+    """disk.read_size=auto: 128 KiB requests for disk.policy=page_cache (a mapped file read by faults), one request
+    per expert otherwise; a size must be whole 4 KiB pages. The run's summary says how an expert was read."""
+    from moesim.api import simulate
+    from moesim.disk import READ_AROUND, request_bytes
+
+    assert READ_AROUND == 128 * 1024
+    assert request_bytes("auto", "page_cache", 10 << 20) == READ_AROUND and request_bytes("auto", "lru", 1) == 0
+    assert request_bytes("expert", "page_cache", 1) == 0 and request_bytes("1MiB", "lru", 1) == 1 << 20
+    for bad in ("1000", "0", "fast", -4096):
+        with pytest.raises(MoesimError, match="disk.read_size=.*expected auto, expert, or a size in whole 4 KiB"):
+            request_bytes(bad, "lru", 1)
+    runs = {policy: simulate("gpt-oss-like", "lru", tokens=400, disk={"storage": "nvme-pcie4", "ram": "25%",
+                                                                      "policy": policy}).summary["disk"]
+            for policy in ("lru", "page_cache")}
+    from moesim.api import load_trace
+
+    nbytes = load_trace("gpt-oss-like").spec.bytes_per_expert
+    assert runs["lru"]["requests_per_read"] == 1 and runs["lru"]["storage"]["request_bytes"] == 0
+    assert runs["page_cache"]["requests_per_read"] == -(-nbytes // READ_AROUND)
+    # the same drive read in windows: each pays the latency, so an expert takes longer
+    assert runs["page_cache"]["read_ms"] > runs["lru"]["read_ms"]
+
+
 def test_a_storage_profile_given_inline_to_the_library():
     """disk={"storage": {...}} (run.yaml's storage is null): the mapping is the profile, not keys under it."""
     from moesim.api import simulate
@@ -198,11 +249,12 @@ def test_run_prints_and_reports_the_disk_tier(capsys, tmp_path):
     assert "host hit rate" in html and "bytes disk-&gt;host" in html
 
 
-@pytest.mark.parametrize("worker", ["false", "true"])
-def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path, worker):
+@pytest.mark.parametrize("worker,read_size", [("false", "expert"), ("true", "8KiB")])
+def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path, worker, read_size):
     """The torch backend writes the experts to a file and reads each host miss from it (O_DIRECT where the file
     system takes it): for the same decisions its reads and bytes equal the sim's, and the file is gone after.
-    With the copy worker a read into a host slot first waits for the copy still reading it."""
+    With the copy worker a read into a host slot first waits for the copy still reading it. With disk.read_size
+    each expert is read in requests of that size, as many as the sim counts."""
     pytest.importorskip("torch")
     from moesim.api import compose_run, load_trace, replay_config
 
@@ -211,6 +263,7 @@ def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path, worker):
     for backend in ("sim", "torch"):
         cfg = compose_run("gpt-oss-like", "lru", "15%", "rtx-4090", backend=backend, overrides=[
             "tokens=12", "model.scale=0.05", "disk.storage=nvme-pcie4", "disk.ram=20%", "disk.policy=lru",
+            f"disk.read_size={read_size}",
             *([f"backend.disk_dir={tmp_path}", "backend.device=cpu", f"backend.copy_worker={worker}"]
               if backend == "torch" else [])])
         got[backend] = replay_config(cfg, tr).summary["disk"]
@@ -220,6 +273,8 @@ def test_torch_reads_from_disk_the_bytes_the_sim_counts(tmp_path, worker):
     m = real["measured"]
     assert m["reads"] == real["disk_reads"] > 0 and m["bytes"] == real["bytes_disk"] and m["gbps"] > 0
     assert m["io"] == "O_DIRECT" or m["io"].startswith("buffered")
+    assert m["requests"] == m["reads"] * real["requests_per_read"] and sim["requests_per_read"] == real["requests_per_read"]
+    assert (real["requests_per_read"] > 1) == (read_size != "expert")
     assert list(tmp_path.iterdir()) == []  # the experts' file was deleted
 
 

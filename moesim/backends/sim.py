@@ -14,11 +14,12 @@ Three timelines (four with a disk tier), as a GPU server has them (times in ms f
     copies on the copy engine) plus expert_ms(where="host") of each host expert. The layer ends at the
     later of its device and host parts. With `host_after_device` (an offload policy whose system runs them in
     sequence: Fiddler) the host experts start when the device experts end.
-  - disk (with the disk tier, moesim/disk.py): reads in issue order, each taking storage.read_ms(bytes per
-    expert) on an idle disk: with queue_depth 1 one at a time; with q, a read is submitted once fewer than q are
+  - disk (with the disk tier, moesim/disk.py): an expert's read is storage.requests(bytes per expert) requests
+    (one, or the mmap reader's read-around windows), in issue order, each taking storage.read_ms(its bytes) on
+    an idle disk: with queue_depth 1 one at a time; with q, a request is submitted once fewer than q are
     outstanding, its latency overlapping theirs, its transfer after theirs. A read is issued when the engine
     finds the host cache missing an expert it needs, and that expert's copy (or host compute) starts no earlier
-    than the read's end.
+    than its last request's end.
 Issue time: a copy is issued at the compute timeline's current time: a demand miss is found when its layer
 is about to run (the previous layer's end); a prefetch the engine issues once layer l is routed is issued at
 that same time, queued behind l's own misses, so its copy overlaps l's compute.
@@ -88,39 +89,45 @@ class SimBackend(Backend):
         self.disk_busy_ms = 0.0  # ms the disk spent reading
         self.disk_reads = 0
         if self._storage is not None:
-            self._read_ms = self._storage.read_ms(spec.bytes_per_expert)
+            self._requests = self._storage.requests(spec.bytes_per_expert)
 
     def setup_disk(self, storage, host_slots: int | None = None) -> None:
         """Experts live on `storage` (moesim.disk.Storage), before or after `setup`: the engine calls read(key,
         slot) before a copy or host compute of an expert the host cache does not hold (the sim needs no slots)."""
         self._storage = storage
         if self.spec is not None:
-            self._read_ms = storage.read_ms(self.spec.bytes_per_expert)
+            self._requests = storage.requests(self.spec.bytes_per_expert)
 
     def read(self, key, slot: int | None = None) -> None:
-        """Read `key`'s weights from disk into host memory: the disk's timeline (see the module docstring), issued
-        now; its copy or host compute waits for it."""
+        """Read `key`'s weights from disk into host memory: the disk's timeline (see the module docstring), its
+        requests issued now; its copy or host compute waits for the last."""
+        n, full, last = self._requests
+        for r in range(n):
+            end = self._request(full if r < n - 1 else last)
+        self._host_ready[key] = end
+        self.disk_reads += 1
+
+    def _request(self, read_ms: float) -> float:
         q = self._storage.queue_depth
         free = self._disk_free
         if q == 1:
             start = self._now if self._now > free else free
-            end = start + self._read_ms
-            busy = self._read_ms
-        else:  # submitted once the read q places ahead has ended; the transfer after the read just ahead
+            end = start + read_ms
+            busy = read_ms
+        else:  # submitted once the request q places ahead has ended; the transfer after the one just ahead
             ends = self._disk_ends
             oldest = ends[0] if len(ends) == q else 0.0
             submit = self._now if self._now > oldest else oldest
             lat = self._storage.latency_us * 1e-3
             xfer = submit + lat if submit + lat > free else free
-            end = xfer + (self._read_ms - lat)
-            busy = end - (submit if submit > free else free)  # what the read adds to the disk's busy time
+            end = xfer + (read_ms - lat)
+            busy = end - (submit if submit > free else free)  # what the request adds to the disk's busy time
             if len(ends) == q:
                 ends.pop(0)
             ends.append(end)
         self._disk_free = end
-        self._host_ready[key] = end
         self.disk_busy_ms += busy
-        self.disk_reads += 1
+        return end
 
     def begin_step(self, step: int, n_tokens: int) -> None:
         self._step, self._n_tokens, self._step_start = step, n_tokens, self._now

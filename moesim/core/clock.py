@@ -97,22 +97,33 @@ def device_part(ck, ready, pf_slot, served, out, counts, wa, wb, device_ms, shar
 
 @njit(**HOT)
 def disk_read(ck, dq):
-    """SimBackend.read: one read from disk issued now; returns when it ends. dq: moesim.disk.disk_queue's state
-    [read ms, latency ms, queue depth q, reads so far, the ends of the last q reads (a ring)]."""
-    now, free, read_ms = ck[NOW], ck[DISK_FREE], dq[0]
+    """SimBackend.read: one expert read from disk, its requests issued now; returns when the last ends. dq:
+    moesim.disk.disk_queue's state [ms of a request, latency ms, queue depth q, requests so far, requests per
+    expert n, ms of the last request, the ends of the last q requests (a ring)]."""
+    n = int(dq[4])
+    end = 0.0
+    for r in range(n):
+        end = _disk_request(ck, dq, dq[0] if r < n - 1 else dq[5])
+    return end
+
+
+@njit(**HOT)
+def _disk_request(ck, dq, read_ms):
+    """One request of `read_ms` on an idle disk, issued now; returns when it ends."""
+    now, free = ck[NOW], ck[DISK_FREE]
     q = int(dq[2])
     if q == 1:
         end = (now if now > free else free) + read_ms
         busy = read_ms
-    else:  # submitted once the read q places ahead has ended; the transfer after the read just ahead
+    else:  # submitted once the request q places ahead has ended; the transfer after the one just ahead
         i = int(dq[3])
-        oldest = dq[4 + i % q]  # 0.0 until q reads were issued
+        oldest = dq[6 + i % q]  # 0.0 until q requests were issued
         submit = now if now > oldest else oldest
         lat = dq[1]
         xfer = submit + lat if submit + lat > free else free
         end = xfer + (read_ms - lat)
         busy = end - (submit if submit > free else free)
-        dq[4 + i % q] = end
+        dq[6 + i % q] = end
         dq[3] = i + 1
     ck[DISK_FREE] = end
     ck[DISK_BUSY] += busy

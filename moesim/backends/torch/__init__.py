@@ -150,7 +150,7 @@ class TorchBackend(Backend):
             gen = torch.Generator().manual_seed(self.seed)
             bound = 1.0 / math.sqrt(max(H, Fd))
             self._file = ExpertFile.create(L * E, self._nbytes, lambda k: self._codec.random(k, gen, bound, "cpu"),
-                                           self.disk_dir)
+                                           self.disk_dir, self._disk[0].request_bytes)
             self._host_rows = aligned_rows(host_rows, self._file.stride, dev.type == "cuda" and self.pinned)
             self.host_pool = self._host_rows[:, :self._nbytes]
             self._host_slot: dict = {}  # key -> the host slot it was last read into

@@ -3,10 +3,12 @@ cache of slots, so that a run measures real reads.
 
     f = ExpertFile.create(n_experts, nbytes, fill, directory)  # writes the file once (each expert padded)
     seconds = f.read(index, host_row)                           # one expert into an aligned host row
+    ExpertFile.create(..., request_bytes=128 << 10)             # each expert in requests of that many bytes
     f.close()                                                   # closes and deletes the file
 
 Each expert sits at index * stride, stride = nbytes rounded up to ALIGN, so that a read is one aligned
-request. Reads use O_DIRECT where the file system takes it: the OS page cache then cannot hide the disk. Where it
+request (or, with `request_bytes`, aligned requests of that size one after another, as a reader of a mapped file
+gets them from the kernel's read-around; moesim/disk.py request_bytes). Reads use O_DIRECT where the file system takes it: the OS page cache then cannot hide the disk. Where it
 does not (tmpfs; O_DIRECT missing), reads are buffered, and the expert's pages are dropped from the page cache
 before each read (posix_fadvise DONTNEED). `io` says which of the two ran.
 """
@@ -41,15 +43,17 @@ def aligned_rows(rows: int, stride: int, pinned: bool) -> torch.Tensor:
 class ExpertFile:
     """A file of `n` experts of `nbytes` each (at index * stride), open for reads."""
 
-    def __init__(self, path: str, n: int, nbytes: int):
+    def __init__(self, path: str, n: int, nbytes: int, request_bytes: int = 0):
         self.path, self.n, self.nbytes, self.stride = path, n, nbytes, stride_of(nbytes)
+        self.request = request_bytes if 0 < request_bytes < self.stride else self.stride  # bytes per request
         self.fd, self.io = open_for_reads(path)
         self.reads = 0
+        self.requests = 0
         self.bytes = 0  # expert bytes read (the padding not counted)
         self.seconds = 0.0
 
     @classmethod
-    def create(cls, n: int, nbytes: int, fill, directory: str | None = None) -> "ExpertFile":
+    def create(cls, n: int, nbytes: int, fill, directory: str | None = None, request_bytes: int = 0) -> "ExpertFile":
         """Write `n` experts, `fill(rows)` giving uint8 [k, nbytes] for the next k of them, into a new file in
         `directory` (default: the system's temporary directory), then open it for reads."""
         import shutil
@@ -86,7 +90,7 @@ class ExpertFile:
                         bar.update(k)
                 os.fsync(f.fileno())
             _drop_cache(path)
-            return cls(path, n, nbytes)
+            return cls(path, n, nbytes, request_bytes)
         except BaseException:
             os.unlink(path)
             raise
@@ -99,8 +103,12 @@ class ExpertFile:
         off = index * self.stride
         if self.io != "O_DIRECT":
             os.posix_fadvise(self.fd, off, self.stride, os.POSIX_FADV_DONTNEED)
+        buf = row.numpy()
+        got = 0
         t0 = time.perf_counter()
-        got = os.preadv(self.fd, [row.numpy()], off)
+        for a in range(0, self.stride, self.request):  # one request, or the read-around windows in turn
+            got += os.preadv(self.fd, [buf[a:a + self.request]], off + a)
+            self.requests += 1
         dt = time.perf_counter() - t0
         if got != self.stride:
             raise MoesimError(f"{self.path}: read {got} of {self.stride} bytes of expert {index}")
@@ -111,7 +119,8 @@ class ExpertFile:
 
     def stats(self) -> dict:
         """What the reads measured: count, bytes, seconds, GB/s, and how they ran."""
-        return {"reads": self.reads, "bytes": self.bytes, "seconds": self.seconds,
+        return {"reads": self.reads, "requests": self.requests, "request_bytes": self.request,
+                "bytes": self.bytes, "seconds": self.seconds,
                 "gbps": self.bytes / self.seconds / 1e9 if self.seconds else None, "io": self.io,
                 "file_bytes": self.n * self.stride}
 
