@@ -148,8 +148,9 @@ def _formats(spec) -> str:
 
 
 # DeepSeek-V3 as people run it (issue 19): GGUF file types, (moesim's formats per tensor class, the published size,
-# where it was read). bartowski's sizes are of DeepSeek-V3-0324, the same architecture; unsloth's 1.58-bit file is of
-# DeepSeek-R1 (the same architecture), its routed experts in IQ1_S and "attention and other layers in 4 or 6bit"
+# where it was read). bartowski's sizes are of DeepSeek-V3-0324, the same architecture; unsloth's 1.58-bit file and
+# the Q2_K file llama-bench measured are of DeepSeek-R1 (the same architecture; 671.03 B parameters in llama-bench
+# for both), the 1.58-bit one's routed experts in IQ1_S and "attention and other layers in 4 or 6bit"
 _BARTOWSKI = ("bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF model card, its file table (read in a copy at "
               "voozh.deno.dev/url/https://huggingface.co/bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF)")
 DEEPSEEK_GGUF = [
@@ -157,7 +158,10 @@ DEEPSEEK_GGUF = [
     ("Q6_K", recipe("q6_k"), "550.80 GB", _BARTOWSKI),
     ("Q5_K_M", recipe("q5_k_m"), "475.40 GB", _BARTOWSKI),
     ("Q4_K_M", recipe("q4_k_m"), "404.43 GB", _BARTOWSKI),
-    ("Q2_K", recipe("q2_k"), "not found", None),
+    ("Q2_K", recipe("q2_k"), "211.03 GiB = 226.59 GB (DeepSeek-R1)",
+     "llama-bench's `deepseek2 671B Q2_K - Medium | 211.03 GiB | 671.03 B` line for DeepSeek R1 in Jeff Geerling's "
+     "post on a cluster of four Framework mainboards, geerlingguy/jeffgeerling-com@19afb210b8a7d3cd897cced24caa2cffa94e1c66:"
+     "content/blog/2025/08/i-clustered-four-framework-mainboards-test-huge-llms/index.md"),
     ("1.58-bit dynamic (UD-IQ1_S)", {"experts": "iq1_s", "attention": "q4_k", "dense": "q4_k", "embed": "q6_k"},
      "131 GB (DeepSeek-R1)", "unsloth's r/LocalLLaMA post \"1.58bit DeepSeek R1 - 131GB Dynamic GGUF\" (read in a copy at "
      "monstersandmenfilm.com/p/LocalLLaMA/comments/1ibbloy)"),

@@ -102,6 +102,32 @@ def test_deepseek_v4_flash_routed_experts_in_mxfp4_match_the_published_expert_pa
     assert abs(s.layers * s.experts * s.bytes_per_expert / 147.18e9 - 1) < 0.001
 
 
+def test_deepseek_v3_gguf_file_types_near_the_published_files():
+    """The disk tier's DeepSeek-V3 file types (docs/models.md, from scripts/model_table.py DEEPSEEK_GGUF): moesim's
+    bytes within 7% of each published file found, which leaves out llama.cpp's per-layer type bumps (Q4_K_M: 6.5%
+    under) and a quantizer's own mix (unsloth's 1.58-bit: 5.3% over)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from moesim.models import with_formats
+    from moesim.whole import weight_bytes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from model_table import DEEPSEEK_GGUF
+    finally:
+        sys.path.pop(0)
+    found = {}
+    for name, formats, published, _ in DEEPSEEK_GGUF:
+        gb = re.findall(r"([0-9.]+) GB", published)
+        if gb:
+            total = sum(weight_bytes(with_formats(MODEL_SPECS["deepseek-v3"], **formats)).values())
+            found[name] = total / (float(gb[-1]) * 1e9) - 1
+    assert {"Q8_0", "Q4_K_M", "Q2_K"} <= set(found)
+    assert all(abs(e) < 0.07 for e in found.values()), found
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED_TOTAL))
 def test_parameter_count_near_the_publishers(name):
     weight_params = pytest.importorskip("moesim.whole").weight_params
