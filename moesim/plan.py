@@ -18,7 +18,8 @@ What it does, in order:
      (placements follow the size: llama_cpp_ncmoe's host layers are L - slots // E), each replayed by the
      compiled core with the whole model timed, keeping sums instead of events (core.simulate(events=False)),
      and the bound (Belady + oracle prefetch, 4 layers ahead) at each size; presets whose configuration is
-     another's (lru and mixtral_offloading, lfru and vllm_lfru) replay once;
+     another's (lru and mixtral_offloading, lfru and vllm_lfru) replay once, and so do the demand caches (no
+     prefetcher, no offload policy) at a size where every expert fits (none of them evicts there);
   4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
      reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
      report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
@@ -27,6 +28,7 @@ traces/README.md), else the synthetic preset fitted to it (moesim/synthetic.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -222,12 +224,23 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     for name, twin in same.items():
         if twin != name:
             notes.append(f"{name} runs the same cache, prefetch, offload and scope as {twin}: replayed once")
+    # where every expert fits, a demand cache (no prefetcher, no offload policy) never evicts: each takes free slots
+    # in the same order, so all of them give the same replay there, one of them replays it (tests/test_plan.py)
+    full = [size for size in grid if size >= L * real.experts] if len(grid) > 1 else []
+    demand = [n for n in names if same[n] == n and not configs[n].strategy.get("prefetch")
+              and not configs[n].strategy.get("offload")]
+    demand.sort(key=lambda n: n != "lru")
+    skip = {(n, size) for n in demand[1:] for size in full}
+    if full and len(demand) > 1:
+        notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches ({', '.join(demand)}) "
+                     f"evict nothing and give the same replay there: {demand[0]}'s")
     # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
     todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
-            if same[name] == name]
+            if same[name] == name and (name, size) not in skip]
     todo += [(BOUND, size, size, True) for size in grid]
     least = K if one_pool else K * L
     rows = _run_all(tr, todo, configs, least, max(1, int(jobs)), progress)
+    rows += [_full_size_row(rows, name, size, demand[0]) for name, size in sorted(skip)]
     rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
              for r in rows if r.strategy == twin and not r.bound]
     if max_slots == L * real.experts:
@@ -255,6 +268,17 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
                                   "tokens_per_s": r.tokens_per_s, "settings": equivalent(r.strategy, r.slots, real)}
     p.seconds = time.perf_counter() - t0
     return p
+
+
+def _full_size_row(rows: list, name: str, size: int, rep: str) -> Row:
+    """Strategy `name` at `size`, where every expert fits: `rep`'s replay there under its name, unless `name`
+    failed at the other sizes (not applicable to this trace): then that status."""
+    own = [r for r in rows if r.strategy == name and not r.bound]
+    bad = next((r for r in own if r.status != "ok"), None)
+    if bad is not None:
+        return Row(name, size, size, status=bad.status)
+    r = next(r for r in rows if r.strategy == rep and r.size == size and not r.bound)
+    return dataclasses.replace(r, strategy=name, seconds=0.0)
 
 
 def _same_runs(configs: dict, names: list) -> dict:

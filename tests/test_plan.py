@@ -145,6 +145,24 @@ def test_a_preset_that_is_another_s_configuration_replays_once(small):
     assert "layer_offload" not in default_strategies() and "mixtral_offloading" in default_strategies()
 
 
+def test_where_every_expert_fits_the_demand_caches_replay_once(small):
+    """At a size that holds every expert no demand cache evicts, so one replay serves them all (with a note); each
+    one run on its own there gives exactly that replay's figures. A strategy with an offload policy still replays."""
+    names = ["lru", "lfru", "static", "fifo", "visit_count", "fiddler"]
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", sizes=2, strategies=names)  # 24 GiB: all 768 fit
+    full = p.sizes[-1]
+    assert full == 24 * 32 and any("every expert fits" in n for n in p.notes)
+    at = {r.strategy: r for r in p.rows if r.size == full and not r.bound}
+    assert at["lru"].seconds > 0 and at["fiddler"].seconds > 0
+    for name in ("lfru", "static", "fifo", "visit_count"):
+        assert at[name].seconds == 0.0 and at[name].tokens_per_s == at["lru"].tokens_per_s, name
+        s = moesim.simulate(str(small), strategy=name, budget=str(full), hardware="rtx-4090").summary
+        assert s["decode_tokens_per_s"] == pytest.approx(at[name].tokens_per_s, rel=1e-12), name
+        assert s["hit_rate"] == pytest.approx(at[name].hit_rate, rel=1e-12), name
+    small_size = {r.strategy: r for r in p.rows if r.size == p.sizes[0] and not r.bound}
+    assert all(small_size[n].seconds > 0 for n in names)  # below it each replays
+
+
 def test_the_default_trace_is_the_shipped_real_one_where_there_is_one():
     from moesim.plan import default_trace
 
