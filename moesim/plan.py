@@ -313,6 +313,10 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
         groups.setdefault(job[0], []).append((i, job))
     order = sorted(groups.values(), key=lambda g: not configs[g[0][1][0]].strategy.get("prefetch"))
     done: list = []
+    if jobs > 1 and not _spawnable():
+        print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file to "
+              f"import (it was read from standard input): the replays run in this process", file=sys.stderr)
+        jobs = 1
     if jobs > 1:
         import multiprocessing as mp
 
@@ -327,6 +331,19 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
                 done.append((i, _job(job)))
                 _said(done[-1][1], len(done), len(todo), progress)
     return [r for _, r in sorted(done, key=lambda x: x[0])]
+
+
+def _spawnable() -> bool:
+    """Whether a spawned process can import this program's main module again (multiprocessing.spawn runs it by
+    name or from its file): not where it came from standard input (`python -`: its file is '<stdin>'), where every
+    worker would fail to start and the pool wait for them forever."""
+    import os
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.isfile(path)
 
 
 def _group(jobs: list) -> list:

@@ -124,6 +124,19 @@ def test_replays_in_several_processes_give_the_same_plan(small):
     assert one.recommendation == two.recommendation
 
 
+def test_several_processes_from_a_program_read_from_standard_input(small):
+    """`python -` has no main file a spawned worker could import: every worker would fail to start and the pool
+    wait forever. The plan says so and replays in its own process."""
+    import subprocess
+    import sys
+
+    code = (f"import moesim; p = moesim.plan(trace={str(small)!r}, hardware='rtx-4090', vram=8, sizes=2, "
+            f"strategies=['lru'], jobs=2); print(p.recommendation['strategy'])")
+    r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "lru", r.stderr
+    assert "read from standard input" in r.stderr and "the replays run in this process" in r.stderr
+
+
 def test_a_model_that_fits_whole_says_so(small):
     p = moesim.plan(trace=str(small), hardware="rtx-4090", sizes=2, strategies=["lru"])  # 24 GiB: all 768 fit
     assert p.max_slots == 24 * 32 and any("no offloading is needed" in n for n in p.notes)
