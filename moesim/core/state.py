@@ -29,20 +29,21 @@ RES, PIN, SLOT, PREV, NEXT, HPOS, K2, SEEN, MIDX, STATIC, SCOUNT, PFU, CLS, EAM,
 # RES: resident (0/1); PIN: the pin mark of the request that pins it (a number used once per request);
 # SLOT: device slot; PREV/NEXT: linked list, oldest first (LRU, LFRU: by last use; FIFO: by insert; static:
 # its LRU area; class_lru: its class's list; -1 ends); HPOS: index in the partition's heap; K2: second rank
-# (LFU, LFRU, activation_aware: touch number; Belady: kid; class_lru: position of the last use; visit_count:
-# visits since loaded); SEEN: LFRU,
+# (LFU, LFRU, activation_aware: touch number; Belady, visit_count: kid; class_lru: position of the last use);
+# SEEN: LFRU,
 # class_lru: has a history since the last reset; MIDX: index in the partition's member list (static,
-# activation_aware, visit_count); STATIC: never a victim while the LRU area has one; SCOUNT: calibration requests of a
+# activation_aware, learned); STATIC: never a victim while the LRU area has one; SCOUNT: calibration requests of a
 # static key; PFU: prefetched and not requested yet; CLS: class_lru's class; EAM, FREQ: activation_aware's
 # requests in the current sequence and since the start
 # rows of I, per partition p:
 CAP, SIZE, BASE, NFREE, HEAD, TAIL, HSIZE, EPOCH0, NTOUCH, PSEQ = range(15, 25)
 # CAP: slots; SIZE: residents; BASE: first slot; NFREE: free slots left; HEAD/TAIL: oldest/newest of the
-# list; HSIZE: heap size; EPOCH0: LFU aging epochs folded into its counts; NTOUCH: touches so far;
+# list; HSIZE: heap size (visit_count: per layer, its heap's); EPOCH0: LFU aging epochs folded into its counts; NTOUCH: touches so far;
 # PSEQ: activation_aware's current sequence (NO_SEQ before the first request)
 # rows of I, per partition p and index i < capmax, at column p * capmax + i:
-FREE, HEAP, MEMBERS, STACK = range(25, 29)  # free slots (a stack: pop takes the last); min-heap of kids;
-#                                              member list; scratch of _heap_min_unpinned
+FREE, HEAP, MEMBERS, STACK = range(25, 29)  # free slots (a stack: pop takes the last); min-heap of kids
+#                                              (visit_count: one per layer, at columns layer * E + i); member
+#                                              list; scratch of _heap_min_unpinned
 PART, EROWS, FROWS = range(29, 32)  # per layer: its partition; activation_aware's row totals of EAM, FREQ
 # LFRU's front (moesim/core/policies.py): FRONT, FPREV, FNEXT per key: on the front (0/1), its older and
 # younger neighbours there (-1 ends); FHEAD, FTAIL per partition: its oldest and youngest member
@@ -60,7 +61,7 @@ AB = 40  # per layer: activation_aware's least key of the layer (AB_STALE: to be
 LUSE, G1, G2, SCNT, SSTART, LREQ, LPRV, LN, LNP, LQZ, LOST = range(41, 52)
 N_IROWS = 52
 # rows of F: per key, K1: first rank (LFU: stored count; Belady: -next use; LFRU: log f; class_lru: its
-# decayed use count), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
+# decayed use count; visit_count: -visits since loaded), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
 # LFRU time of the latest use; per layer, LW: activation_aware's layer weight
 K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
 # learned, per key: its decayed request counts (one row per half-life, at its last request)
@@ -174,6 +175,7 @@ def reset(I, F, prm):
     I[LQZ] = 0
     I[LOST] = 0
     F[DC:DC + 3] = 0.0
+    I[HSIZE] = 0  # visit_count keeps a heap per layer: sizes at every layer's column
     cm = prm.cm
     for p in range(prm.P):
         c = I[CAP, p]
