@@ -85,13 +85,24 @@ def sequence_so_far(tr, chunk: int = CHUNK_STEPS):
         s1 = min(S, s0 + chunk)
         X = step_matrix(tr, s0, s1).astype(np.float64)  # [c, L, E]
         sq = step_seq[s0:s1]
-        before = np.cumsum(X, axis=0) - X  # sums of the chunk's earlier steps
+        before = _running_sum(X) - X  # sums of the chunk's earlier steps
         start = np.r_[True, sq[1:] != sq[:-1]]
         first = np.maximum.accumulate(np.where(start, np.arange(s1 - s0), 0))  # first step of each one's sequence
         eam = before - before[first]  # this sequence's steps before each step, within the chunk
         eam[sq == carry_seq] += carry  # and before the chunk
         yield s0, s1, eam
         carry, carry_seq = eam[-1] + X[-1], sq[-1]
+
+
+def _running_sum(X: np.ndarray) -> np.ndarray:
+    """np.cumsum(X, axis=0), the same additions in the same order, a row at a time: numpy's own walks the
+    axis element by element (4 ms against 0.5 for a chunk of the real trace)."""
+    out = np.empty_like(X)
+    if len(X):
+        out[0] = X[0]
+    for i in range(1, len(X)):
+        np.add(out[i - 1], X[i], out=out[i])
+    return out
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:

@@ -79,10 +79,10 @@ def step_matrix(trace, s0: int, s1: int) -> np.ndarray:
     lo, hi = int(starts[s0]), int(starts[s1])
     e = np.asarray(trace.experts[lo:hi], dtype=np.int64)  # [n, L, K]
     step_of_token = np.repeat(np.arange(s1 - s0), np.diff(starts[s0:s1 + 1]))
-    out = np.zeros((s1 - s0, trace.n_layers, trace.spec.experts), np.float32)
+    shape = (s1 - s0, trace.n_layers, trace.spec.experts)
     t, l, k = np.nonzero(e >= 0)
-    np.add.at(out, (step_of_token[t], l, e[t, l, k]), 1.0)
-    return out
+    flat = np.ravel_multi_index((step_of_token[t], l, e[t, l, k]), shape)
+    return np.bincount(flat, minlength=int(np.prod(shape))).astype(np.float32).reshape(shape)  # counts: exact
 
 
 def rank(scores: np.ndarray, width: int) -> np.ndarray:
