@@ -190,7 +190,8 @@ def save_storage(storage: Storage, path) -> object:
 
 def load_storage(value) -> Storage:
     """A preset name of STORAGE, a YAML file `calibrate disk=` wrote (or one like it), or a mapping {name,
-    read_gbps, latency_us[, queue_depth][, source]}."""
+    read_gbps, latency_us[, queue_depth][, source][, request_bytes]} (a run's request_bytes is its
+    disk.read_size's: moesim.api.disk_tier sets it)."""
     if isinstance(value, Storage):
         return value
     from pathlib import Path
@@ -225,8 +226,11 @@ def load_storage(value) -> Storage:
                     k == "read_gbps" and v == 0):
                 raise MoesimError(f"disk.storage.{k}={v!r}: expected a number " + (
                     "> 0 (GB/s)" if k == "read_gbps" else ">= 0 (us)"))
+        r = d.get("request_bytes", 0)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise MoesimError(f"disk.storage.request_bytes={r!r}: expected a whole number of bytes >= 0")
         return Storage(str(d.get("name", "custom")), float(d["read_gbps"]), float(d["latency_us"]),
-                       str(d.get("source", "given in the run's config")), q)
+                       str(d.get("source", "given in the run's config")), q, r)
     text = str(value)
     if text not in STORAGE:
         raise MoesimError(f"disk.storage={text!r}: unknown; presets: {', '.join(STORAGE)}, or a mapping with "
@@ -338,7 +342,8 @@ def disk_queue(storage: Storage, nbytes: int):
     return np.array([full, storage.latency_us * 1e-3, q, 0, n, last] + [0.0] * q, np.float64)
 
 
-READ_AROUND = 128 << 10  # bytes: Linux's default readahead window, VM_READAHEAD_PAGES (docs/disk.md, "Reads through mmap")
+READ_AROUND = 128 << 10  # bytes: Linux's default readahead window, VM_READAHEAD_PAGES (docs/disk.md, "Reads
+#                          through mmap")
 
 
 def request_bytes(value, policy: str, nbytes: int) -> int:

@@ -232,8 +232,8 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     demand.sort(key=lambda n: n != "lru")
     skip = {(n, size) for n in demand[1:] for size in full}
     if full and len(demand) > 1:
-        notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches ({', '.join(demand)}) "
-                     f"evict nothing and give the same replay there: {demand[0]}'s")
+        notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches "
+                     f"({', '.join(demand)}) evict nothing and give the same replay there: {demand[0]}'s")
     # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
     todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
             if same[name] == name and (name, size) not in skip]

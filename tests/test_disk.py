@@ -120,6 +120,9 @@ def test_queue_depth_overlaps_latencies_not_transfers():
     assert load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 8}).queue_depth == 8
     with pytest.raises(MoesimError, match="disk.storage.queue_depth=0: expected a whole number"):
         load_storage({"read_gbps": 1, "latency_us": 1, "queue_depth": 0})
+    assert load_storage({"read_gbps": 1, "latency_us": 1, "request_bytes": 8192}).request_bytes == 8192
+    with pytest.raises(MoesimError, match="disk.storage.request_bytes=-1: expected a whole number of bytes"):
+        load_storage({"read_gbps": 1, "latency_us": 1, "request_bytes": -1})
 
 
 def test_an_expert_read_in_read_around_windows():

@@ -135,9 +135,11 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
                        trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
                        koff, N_FEATURES + learned[0] if learned else 0, learned[1] if learned else None,
                        LP_ROWS if learned else 0)
-    if learned:  # its tables by age follow the model
-        learned = (learned[0], learned_rows(len(learned[1]), st.F.shape[1]))
-        st.F[learned[1]:learned[1] + 4] = lp_tables(st.F.shape[1])
+    if learned:  # its tables by age follow the model; Params gets (hidden units, their first row)
+        tables = lp_tables(st.F.shape[1])
+        lrow = learned_rows(len(learned[1]), st.F.shape[1])
+        st.F[lrow:lrow + len(tables)] = tables
+        learned = (learned[0], lrow)
     P = L if scope == "per_layer" else 1
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):

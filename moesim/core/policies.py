@@ -20,7 +20,7 @@ from .state import (AB, AB_STALE, ABP, CHEAD, CLS, CTAIL, DC, EAM, EPOCH0, EROWS
                     FROWS, FTAIL, G1, G2, HEAD, HEAP, HOT, HPOS, HSIZE, K1, K2, LAST, LN, LNP, LPH, LPM, LPRV, LQZ,
                     LOST, LREQ, LUSE, LW, MEMBERS,
                     NEXT, NOW, NTOUCH, PART, PIN, PREV, PSEQ, SCNT, SCOUNT, SEEN, SIZE, SSTART, STATIC,
-                    UNIT, heap_min_unpinned, heap_push, heap_remove,
+                    UNIT, heap_min_unpinned, heap_push, heap_remove, less,
                     link_append, link_between, list_append, list_remove, member_add, member_remove, sift_down,
                     sift_up)
 
@@ -295,7 +295,7 @@ def _visit_victim(I, F, prm, p, mark, pos):
             x = heap_min_unpinned(I, F, layer, off, mark)
             if x < 0:
                 continue
-        if best < 0 or F[K1, x] < F[K1, best] or (F[K1, x] == F[K1, best] and I[K2, x] < I[K2, best]):
+        if best < 0 or less(I, F, x, best):
             best = x
     return best
 
@@ -347,7 +347,7 @@ def _pc_victim(I, prm, p, mark):
 # replay loops run_hits and run_sim before a request's waves); a victim is the unpinned member with the largest
 # output of the network (_lp_victim), ties to the older last request, then the lower key. The model
 # (strategies/learned.py flat_model) is F's rows from LPM on, read flat: m = F.reshape(-1) from LPM * W; hidden
-# prm.hidden. From row prm.lrow: LP_ROWS + hidden rows, one column per age or candidate (lp_tables, _lp_victim).
+# prm.hidden. From row prm.lrow: LP_ROWS rows (below).
 LP_NF = 12  # strategies/learned.py N_FEATURES
 LP_NO_GAP = 1e5  # NO_GAP
 LP_LN2 = math.log(2.0)

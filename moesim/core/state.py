@@ -38,8 +38,8 @@ RES, PIN, SLOT, PREV, NEXT, HPOS, K2, SEEN, MIDX, STATIC, SCOUNT, PFU, CLS, EAM,
 # rows of I, per partition p:
 CAP, SIZE, BASE, NFREE, HEAD, TAIL, HSIZE, EPOCH0, NTOUCH, PSEQ = range(15, 25)
 # CAP: slots; SIZE: residents; BASE: first slot; NFREE: free slots left; HEAD/TAIL: oldest/newest of the
-# list; HSIZE: heap size (visit_count: per layer, its heap's); EPOCH0: LFU aging epochs folded into its counts; NTOUCH: touches so far;
-# PSEQ: activation_aware's current sequence (NO_SEQ before the first request)
+# list; HSIZE: heap size (visit_count: per layer, its heap's); EPOCH0: LFU aging epochs folded into its counts;
+# NTOUCH: touches so far; PSEQ: activation_aware's current sequence (NO_SEQ before the first request)
 # rows of I, per partition p and index i < capmax, at column p * capmax + i:
 FREE, HEAP, MEMBERS, STACK = range(25, 29)  # free slots (a stack: pop takes the last); min-heap of kids
 #                                              (visit_count: one per layer, at columns layer * E + i); member
@@ -61,8 +61,8 @@ AB = 40  # per layer: activation_aware's least key of the layer (AB_STALE: to be
 LUSE, G1, G2, SCNT, SSTART, LREQ, LPRV, LN, LNP, LQZ, LOST = range(41, 52)
 N_IROWS = 52
 # rows of F: per key, K1: first rank (LFU: stored count; Belady: -next use; LFRU: log f; class_lru: its
-# decayed use count; visit_count: -visits since loaded), LAST: LFRU last use; per partition, UNIT: what one LFU use adds to a stored count, NOW:
-# LFRU time of the latest use; per layer, LW: activation_aware's layer weight
+# decayed use count; visit_count: -visits since loaded), LAST: LFRU last use; per partition, UNIT: what one LFU
+# use adds to a stored count, NOW: LFRU time of the latest use; per layer, LW: activation_aware's layer weight
 K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
 # learned, per key: its decayed request counts (one row per half-life, at its last request)
 DC = 6  # rows 6, 7, 8

@@ -7,9 +7,9 @@ cache of slots, so that a run measures real reads.
     f.close()                                                   # closes and deletes the file
 
 Each expert sits at index * stride, stride = nbytes rounded up to ALIGN, so that a read is one aligned
-request (or, with `request_bytes`, aligned requests of that size one after another, as a reader of a mapped file
-gets them from the kernel's read-around; moesim/disk.py request_bytes). Reads use O_DIRECT where the file system takes it: the OS page cache then cannot hide the disk. Where it
-does not (tmpfs; O_DIRECT missing), reads are buffered, and the expert's pages are dropped from the page cache
+request (or, with `request_bytes`, aligned requests of that size one after another, as a reader of a mapped
+file gets them from the kernel's read-around; moesim/disk.py request_bytes). Reads use O_DIRECT where the file
+system takes it: the OS page cache then cannot hide the disk. Where it does not (tmpfs; O_DIRECT missing), reads are buffered, and the expert's pages are dropped from the page cache
 before each read (posix_fadvise DONTNEED). `io` says which of the two ran.
 """
 from __future__ import annotations
