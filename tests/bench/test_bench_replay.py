@@ -122,7 +122,9 @@ def test_lru_cache_only_vs_libcachesim(benchmark, bench_trace, tmp_path):
     trace = bench_trace
     L = trace.n_layers
     ours, fast_wall = timed(benchmark, core.hit_counts, (trace, "lru", {}, SLOTS, SCOPE), rounds=5, warmup_rounds=1)
-    fast_cpu = best_time(lambda: core.hit_counts(trace, "lru", {}, SLOTS, SCOPE), rounds=5, clock=time.process_time)[0]
+    # best of 9: the kernel takes ~0.13 s, and in CI (2026-12-07) its best of 5 once came out 15% slow (97 against
+    # 110-118 M requests/s alone), for a ratio of 2.75 where four runs alone gave 3.14-3.34
+    fast_cpu = best_time(lambda: core.hit_counts(trace, "lru", {}, SLOTS, SCOPE), rounds=9, clock=time.process_time)[0]
     flags = core.hit_flags(trace, "lru", {}, SLOTS, SCOPE)
     assert int(flags.sum()) == ours["hits"]
     streams = write_layer_streams(trace, flags, tmp_path)
