@@ -19,7 +19,9 @@ What it does, in order:
      compiled core with the whole model timed, keeping sums instead of events (core.simulate(events=False)),
      and the bound (Belady + oracle prefetch, 4 layers ahead) at each size; presets whose configuration is
      another's (lru and mixtral_offloading, lfru and vllm_lfru) replay once, and so do the demand caches (no
-     prefetcher, no offload policy) at a size where every expert fits (none of them evicts there);
+     prefetcher, no offload policy) at a size where every expert fits (none of them evicts there), and the
+     per-layer ones at top-k slots per layer where every request names top-k experts (each evicts all the
+     latest request did not name);
   4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
      reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
      report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
@@ -146,7 +148,8 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     (moesim.disk.STORAGE) the model is read from when it is larger than VRAM + `ram` (then `ram` is needed)."""
     import dataclasses
 
-    from .api import build, compose_run, load_trace, resolve_strategy, run_model, trace_label
+    from .api import build, compose_run, load_trace, resolve_strategy, run_model, run_scope, trace_label
+    from .core import encode
     from .api import vram_plan as run_plan
     from .engine import scratch_slots
     from .hardware import load_hardware
@@ -211,12 +214,14 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
     names = list(strategies) if strategies else default_strategies()
     one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
-    configs, scratch = {}, {}  # composed once per strategy (each size sets its budget); stream scratch slots,
-    for name in names:  # which come out of the same VRAM
+    configs, scratch, refuses = {}, {}, {}  # composed once per strategy (each size sets its budget); stream
+    for name in names:  # scratch slots, which come out of the same VRAM; whether its cache may refuse to evict
         configs[name] = config(name, "global" if one_pool else None)
         st = configs[name].strategy
         offload = build(st.offload, "offload") if st.get("offload") else None
-        scratch[name] = scratch_slots(real, build(st.cache, "strategy.cache"), offload)
+        policy = build(st.cache, "strategy.cache")
+        scratch[name] = scratch_slots(real, policy, offload)
+        refuses[name] = bool(getattr(policy, "refuses", False))
     configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
         *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else []),
         *(["disk.policy=belady"] if tier else [])]))
@@ -230,17 +235,50 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     demand = [n for n in names if same[n] == n and not configs[n].strategy.get("prefetch")
               and not configs[n].strategy.get("offload")]
     demand.sort(key=lambda n: n != "lru")
-    skip = {(n, size) for n in demand[1:] for size in full}
+    skip = {(n, size): demand[0] for n in demand[1:] for size in full}
     if full and len(demand) > 1:
         notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches "
                      f"({', '.join(demand)}) evict nothing and give the same replay there: {demand[0]}'s")
+    # at top-k slots per layer, where every request names top-k experts, a layer's partition holds just its latest
+    # request: a miss finds as many unpinned residents as the request has misses, so every one of them is evicted
+    # whatever the policy (one that may refuse aside), and the per-layer demand caches give the same replay. Kept
+    # to grids with a third size, where each strategy still replays on its own (and says if it cannot run)
+    forced = [n for n in demand if not refuses[n] and run_scope(configs[n]) == "per_layer"]
+    counts = np.diff(encode(tr).ptr)
+    if (not one_pool and len(forced) > 1 and len(grid) > len(full) + 1 and grid[0] == K * L and len(counts)
+            and counts.min() == counts.max() == K):
+        skip.update({(n, grid[0]): forced[0] for n in forced[1:]})
+        notes.append(f"at {grid[0]} slots each layer holds top-k = {K} experts and every request names {K}: the "
+                     f"per-layer demand caches ({', '.join(forced)}) evict every expert the latest request did not "
+                     f"name, whatever their policy, and give the same replay there: {forced[0]}'s")
+    # a static split whose device layers' experts all fit replays the same at every size with the same host layers
+    moved = {}  # (name, size) -> the size whose replay it is
+    for name in names:
+        if same[name] != name:
+            continue
+        first = {}
+        for size in grid:
+            if (name, size) in skip:
+                continue
+            slots = min(size, max_slots - scratch[name])
+            key = _placement(configs[name], tr, slots) if slots >= (K if one_pool else K * L) else None
+            if key is not None and key in first:
+                moved[(name, size)] = first[key]
+            elif key is not None:
+                first[key] = size
+    for name in dict.fromkeys(n for n, _ in moved):
+        notes.append(f"{name} keeps the same layers on the host at " + ", ".join(
+            f"{size} slots as at {moved[(n, size)]}" for n, size in moved if n == name)
+            + ": nothing else is ever evicted there, so each replays once")
     # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
     todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
-            if same[name] == name and (name, size) not in skip]
+            if same[name] == name and (name, size) not in skip and (name, size) not in moved]
     todo += [(BOUND, size, size, True) for size in grid]
     least = K if one_pool else K * L
     rows = _run_all(tr, todo, configs, least, max(1, int(jobs)), progress)
-    rows += [_full_size_row(rows, name, size, demand[0]) for name, size in sorted(skip)]
+    rows += [_shared_row(rows, name, size, rep) for (name, size), rep in sorted(skip.items())]
+    rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name, tr)
+             for (name, size), at in sorted(moved.items())]
     rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
              for r in rows if r.strategy == twin and not r.bound]
     if max_slots == L * real.experts:
@@ -270,15 +308,63 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     return p
 
 
-def _full_size_row(rows: list, name: str, size: int, rep: str) -> Row:
-    """Strategy `name` at `size`, where every expert fits: `rep`'s replay there under its name, unless `name`
-    failed at the other sizes (not applicable to this trace): then that status."""
+def _shared_row(rows: list, name: str, size: int, rep: str) -> Row:
+    """Strategy `name` at `size`, where its replay is `rep`'s (every expert fits, or every eviction is forced):
+    `rep`'s row there under its name, unless `name` failed at the other sizes (not applicable to this trace):
+    then that status."""
     own = [r for r in rows if r.strategy == name and not r.bound]
     bad = next((r for r in own if r.status != "ok"), None)
     if bad is not None:
         return Row(name, size, size, status=bad.status)
     r = next(r for r in rows if r.strategy == rep and r.size == size and not r.bound)
     return dataclasses.replace(r, strategy=name, seconds=0.0)
+
+
+def _placement(cfg, trace, slots: int):
+    """For a static split (llama.cpp's --n-cpu-moe, KTransformers' placement), without a prefetcher: the layers it
+    keeps on the host at `slots` slots, where the other layers' experts all fit the cache (then none is ever
+    evicted: each is loaded on its first use and stays, so the replay depends on these layers alone, not on the
+    slots); else None."""
+    from strategies import Context
+    from strategies.static_split import StaticSplit
+
+    from .api import build, run_scope
+
+    st = cfg.strategy
+    if not st.get("offload") or st.get("prefetch"):
+        return None
+    off = build(st.offload, "offload")
+    if not isinstance(off, StaticSplit):
+        return None
+    L, E = trace.n_layers, trace.spec.experts
+    scope = run_scope(cfg)
+    try:
+        off.setup(Context(trace, trace.spec, tuple(range(L)), slots, scope))
+    except MoesimError:
+        return None  # its replay says why
+    device = L - len(off.host)
+    fits = slots >= device * E if scope == "global" else (device == 0 or slots // L >= E)
+    return off.host if fits else None
+
+
+def _moved_row(rows: list, name: str, size: int, at: int, slots: int, cfg, model, hardware: str, trace) -> Row:
+    """Strategy `name` at `size` (`slots` slots), whose replay is its own at size `at` (_placement): that row
+    with this size's VRAM plan."""
+    import copy
+
+    from .api import vram_plan
+    from .hardware import load_hardware
+    from .whole import contexts
+
+    r = next(r for r in rows if r.strategy == name and r.size == at and not r.bound)
+    if r.status != "ok":
+        return dataclasses.replace(r, size=size, slots=slots, seconds=0.0)
+    cfg = copy.deepcopy(cfg)
+    cfg.budget = str(slots)
+    plan_, _, _, _ = vram_plan(cfg, model, load_hardware(hardware), contexts(trace, model.sliding_window))
+    d = plan_.to_dict()
+    return dataclasses.replace(r, size=size, slots=slots, vram_gib=d.get("total", 0) / GIB,
+                               expert_gib=d.get("experts", 0) / GIB, seconds=0.0)
 
 
 def _same_runs(configs: dict, names: list) -> dict:

@@ -107,6 +107,32 @@ def ranked_rows(trace, rows, width: int | None = None) -> np.ndarray:
     """int16 [S, L, width]: per step and layer, the distinct ids of `rows` (int [T, L, P]: the trace's
     experts, or its predicted guesses) over the step's tokens, most chosen first, ties in order of first
     appearance (a batch-1 step: the row itself, best first); -1 padded. `width` None: the widest."""
+    single = _single_token_rows(trace, rows, width)
+    return single if single is not None else _ranked_chunks(trace, rows, width)
+
+
+def _single_token_rows(trace, rows, width: int | None):
+    """ranked_rows where every step is one token and no row names an expert twice or holds a -1: then each
+    row is its own ranking (every count is 1, so the order of first appearance decides); else None. The real
+    decode traces are so: their oracle table takes 0.1 s instead of 3.7."""
+    S, L, E = trace.n_steps, trace.n_layers, trace.spec.experts
+    if S == 0 or trace.n_tokens != S:
+        return None
+    r = np.asarray(rows[:S])
+    if r.ndim != 3 or r.shape[1] != L or not (r >= 0).all():
+        return None
+    ordered = np.sort(r, axis=-1)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        return None
+    P = r.shape[2]
+    out = np.full((S, L, P if width is None else min(width, E)), -1, np.int16)
+    c = min(P, out.shape[2])
+    out[:, :, :c] = r[:, :, :c]
+    return out
+
+
+def _ranked_chunks(trace, rows, width: int | None) -> np.ndarray:
+    """ranked_rows for any trace: per chunk of steps, each expert's count and first appearance, ranked."""
     starts = trace.step_starts
     S, L, E = trace.n_steps, trace.n_layers, trace.spec.experts
     chunks = []

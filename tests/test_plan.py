@@ -173,7 +173,56 @@ def test_where_every_expert_fits_the_demand_caches_replay_once(small):
         assert s["decode_tokens_per_s"] == pytest.approx(at[name].tokens_per_s, rel=1e-12), name
         assert s["hit_rate"] == pytest.approx(at[name].hit_rate, rel=1e-12), name
     small_size = {r.strategy: r for r in p.rows if r.size == p.sizes[0] and not r.bound}
-    assert all(small_size[n].seconds > 0 for n in names)  # below it each replays
+    assert all(small_size[n].seconds > 0 for n in names)  # below it each replays (two sizes: none is shared)
+
+
+def test_at_top_k_per_layer_the_per_layer_demand_caches_replay_once(small):
+    """At top-k slots per layer, where every request of the trace names top-k experts (decode, one token a
+    step), a per-layer demand cache evicts every expert the latest request did not name, whatever its policy: one
+    replay serves them all, and each run on its own gives exactly its figures. A cache in one pool (visit_count),
+    one that offloads (class_lru_host) and every cache at the larger sizes replay on their own."""
+    names = ["lru", "lfu", "class_lru", "static", "fifo", "lfru", "activation_aware", "visit_count", "class_lru_host"]
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=3, strategies=names)
+    least = p.sizes[0]
+    assert least == 4 * 24 and any("evict every expert the latest request did not name" in n for n in p.notes)
+    at = {r.strategy: r for r in p.rows if r.size == least and not r.bound}
+    assert at["lru"].seconds > 0 and at["visit_count"].seconds > 0 and at["class_lru_host"].seconds > 0
+    for name in ("lfu", "class_lru", "static", "fifo", "lfru", "activation_aware"):
+        assert at[name].seconds == 0.0 and at[name].tokens_per_s == at["lru"].tokens_per_s, name
+        s = moesim.simulate(str(small), strategy=name, budget=str(least), hardware="rtx-4090").summary
+        assert s["decode_tokens_per_s"] == pytest.approx(at[name].tokens_per_s, rel=1e-12), name
+        assert s["hit_rate"] == pytest.approx(at[name].hit_rate, rel=1e-12), name
+    assert all(r.seconds > 0 for r in p.rows if r.size == p.sizes[1] and not r.bound)
+    # requests of several tokens name more experts than top-k (or fewer): the policy has a choice, nothing is shared
+    batch = generate(dataclasses.replace(PRESETS["gpt-oss-like-batch8"][0], sequences=8, decode_tokens=(8, 16),
+                                         prompt_tokens=(4, 8)), model_spec("gpt-oss-20b"))
+    q = moesim.plan(trace=batch, hardware="rtx-4090", vram=8, sizes=3, strategies=["lru", "lfu"])
+    assert all(r.seconds > 0 for r in q.rows if not r.bound and r.status == "ok")
+
+
+def test_a_static_split_replays_once_per_placement(small):
+    """ktransformers keeps every layer's experts on the host at any size, and llama_cpp_ncmoe keeps L - slots // E:
+    where the host layers are the same and the other layers' experts all fit, the replay is the same, so it runs
+    once; each size's row has its own VRAM, and a run on its own there gives exactly its figures."""
+    from moesim.api import compose_run, resolve_strategy
+    from moesim.plan import _placement
+
+    p = moesim.plan(trace=str(small), hardware="rtx-4090", vram=8, sizes=3, strategies=["ktransformers", "lru"])
+    kt = sorted((r for r in p.rows if r.strategy == "ktransformers"), key=lambda r: r.size)
+    assert [r.seconds > 0 for r in kt] == [True, False, False]
+    assert any("ktransformers keeps the same layers on the host" in n for n in p.notes)
+    assert kt[0].vram_gib < kt[1].vram_gib < kt[2].vram_gib  # the plan reserves each size's slots
+    for r in kt:
+        s = moesim.simulate(str(small), strategy="ktransformers", budget=str(r.slots), hardware="rtx-4090").summary
+        assert s["decode_tokens_per_s"] == pytest.approx(r.tokens_per_s, rel=1e-12)
+        assert s["vram_plan"]["total"] / 2**30 == pytest.approx(r.vram_gib, rel=1e-12)
+    assert all(r.seconds > 0 for r in p.rows if r.strategy == "lru")  # an LRU cache evicts: every size replays
+    tr = moesim.load_trace(str(small))
+    cfg = resolve_strategy(compose_run(str(small), "llama_cpp_ncmoe", "auto", "rtx-4090"))
+    assert _placement(cfg, tr, 96) == _placement(cfg, tr, 127) == frozenset(range(21))  # 3 layers' experts fit
+    assert _placement(cfg, tr, 128) == frozenset(range(20))
+    lru = resolve_strategy(compose_run(str(small), "lru", "auto", "rtx-4090"))
+    assert _placement(lru, tr, 96) is None
 
 
 def test_the_default_trace_is_the_shipped_real_one_where_there_is_one():

@@ -335,3 +335,28 @@ def test_activation_match_ranks_every_later_expert_by_the_matched_counts_nearer_
     assert p.predict(1, 1) == [(2, 1), (2, 0), (2, 2), (2, 3)]
     assert p.predict(2, 2) == []
     assert p.table.shape[0] == 3  # one ranking per (past sequence, layer), not per position
+
+
+def test_a_one_token_step_is_its_own_ranking():
+    """ranked_rows (the oracle's table, and others'): where every step is one token naming distinct experts, the
+    ranking of each step and layer is the row itself (the fast path) and equals the counted ranking, at every
+    width; a step of several tokens, or a row naming an expert twice, takes the counted ranking."""
+    from moesim.synthetic import PRESETS, generate
+    from moesim.models import model_spec
+    from strategies.prefetch_table import _ranked_chunks, _single_token_rows, ranked_rows
+
+    cfg, model = PRESETS["gpt-oss-like"]
+    decode = generate(dataclasses.replace(cfg, sequences=3, decode_tokens=(20, 30)), model_spec(model))
+    for width in (None, 2, 4, 40):
+        fast = _single_token_rows(decode, decode.experts, width)
+        assert fast is not None
+        assert np.array_equal(fast, _ranked_chunks(decode, decode.experts, width)), width
+        assert np.array_equal(ranked_rows(decode, decode.experts, width), fast)
+    twice = np.array(decode.experts)
+    twice[5, 2, 1] = twice[5, 2, 0]  # token 5 names an expert of layer 2 twice: it ranks first, counted twice
+    assert _single_token_rows(decode, twice, None) is None
+    assert np.array_equal(ranked_rows(decode, twice, None), _ranked_chunks(decode, twice, None))
+    bcfg, _ = PRESETS["gpt-oss-like-batch8"]
+    batch = generate(dataclasses.replace(bcfg, sequences=8, decode_tokens=(8, 16), prompt_tokens=(4, 8)),
+                     model_spec(model))
+    assert _single_token_rows(batch, batch.experts, None) is None
