@@ -665,3 +665,40 @@ def test_the_disk_tier_equals_the_python_driver(host_policy):
             reads += got.disk["reads"]
             assert 0 < got.disk["hits"] < got.disk["requests"], (device, pf, off)
     assert reads > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo"])
+@pytest.mark.parametrize("serial", [False, True])
+def test_the_stamp_path_times_lru_and_fifo_as_the_cache_state_does(policy, serial, monkeypatch):
+    """simulate(events=False) of LRU or FIFO per layer with demand misses only: the stamp kernels decide the hits
+    and run_sim times them (`pre`). The same counters, steps, sums and served requests as the cache state's
+    replay, bit for bit, with copies beside the compute or holding it (serial), resets per sequence or none,
+    steps of one token and of several; a request wider than a partition takes the cache state."""
+    from moesim.api import load_trace
+    from moesim.core import encode, loop
+    from strategies.fifo import FIFO
+    from strategies.lru import LRU
+
+    calls = []
+    kernel = loop._small_kernel
+    monkeypatch.setattr(loop, "_small_kernel", lambda *a: calls.append(1) or kernel(*a))
+    hw = dataclasses.replace(load_hardware("rtx-4090"), serial_copies=serial)
+    make = {"lru": LRU, "fifo": FIFO}[policy]
+    decode = load_trace("gpt-oss-like").slice_tokens(0, 500)
+    batch = load_trace("gpt-oss-like-batch8").slice_tokens(0, 3000)
+    L = decode.n_layers
+    for tr, slots in ((decode, 6 * L), (batch, 31 * L), (batch, 12 * L)):
+        for reset in (False, True):
+            runs = []
+            for stamps in (True, False):
+                monkeypatch.setattr(core, "STAMPS", stamps)
+                n = len(calls)
+                r = core.simulate(tr, tr.spec, slots, "per_layer", make, hardware=hw, reset_per_seq=reset,
+                                  events=False)
+                runs.append((r, len(calls) > n))
+            (fast, took), (slow, _) = runs
+            assert took == (encode(tr).width <= slots // L)
+            assert fast.counters == slow.counters and fast.request_stats == slow.request_stats
+            assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
+            np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
+            assert fast.profiler.metrics() == slow.profiler.metrics()

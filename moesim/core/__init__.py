@@ -62,6 +62,9 @@ from ..engine import scratch_slots  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
+# simulate's stamp path for LRU and FIFO (see there); tests/test_core.py switches it off to compare
+STAMPS = True
+
 __all__ = ["hit_counts", "hit_flags", "simulate", "uncovered", "encode", "reset_steps", "SimRun", "Script"]
 
 
@@ -157,7 +160,7 @@ def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str
     cap = n_slots // L
     if policy in ("lru", "fifo") and scope == "per_layer" and req.width <= cap:  # no waves: the stamp kernels
         hits, evictions, status, where = loop._small_kernel(req.ids, req.ptr, L, req.n_experts, cap, resets,
-                                                            policy == "fifo")
+                                                            policy == "fifo", np.zeros(0, np.uint8))
         if status < 0:
             raise kernel_error(status, req, cap, where)
         n = int(req.ptr[-1])
@@ -325,12 +328,24 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     else:
         dst, dprm, hready, dq = st, prm, np.zeros(0), np.array([-1.0])  # no disk: dq[0] < 0
     dcnt = np.zeros(loop.N_CNT, np.int64)
+    resets = reset_steps(trace, reset_per_seq)
+    pre, evictions = np.zeros(0, np.uint8), 0
+    cap = n_slots // trace.n_layers
+    if (STAMPS and not events and not record and prefetcher is None and offload is None and disk is None
+            and prm.code in (0, 1) and scope == "per_layer" and 0 < req.width <= cap):
+        # LRU or FIFO, a partition per layer, nothing but demand misses: the stamp kernels decide the hits (a sixth
+        # of the list-based state's time), and run_sim times them (loop.run_sim: `pre`)
+        pre = np.zeros(len(req.ids), np.uint8)
+        hits, evictions, status, where = loop._small_kernel(req.ids, req.ptr, req.n_layers, req.n_experts, cap,
+                                                            resets, prm.code == 1, pre)
+        if status < 0:
+            raise kernel_error(status, req, cap, where)
     t1 = time.perf_counter()
     args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
-            reset_steps(trace, reset_per_seq), req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
+            resets, req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
             hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
             bool(getattr(prefetcher, "flat", False)), *offl, cnt, served, ck, record, dense.attention, dense.cls,
-            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, dq]
+            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, dq, pre]
     # the notice times a call of no steps (resets[:0]): compiling or loading the kernel, not a long replay
     # (a 2.4 s replay of the real trace had said "compiling" on every first call of a process)
     with compile_notice(loop.run_sim):
@@ -339,6 +354,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
+    if len(pre):
+        cnt[loop.EVICTIONS] = evictions
     totals = None
     if not events:
         n_loads = int(steps[-1, 4]) if len(steps) else 0

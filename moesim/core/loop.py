@@ -191,25 +191,27 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
 
 
 @njit(cache=True, nogil=True)
-def _small_kernel(ids, ptr, L, E, cap, reset, fifo):
+def _small_kernel(ids, ptr, L, E, cap, reset, fifo, flags):
     """LRU (or FIFO) with one partition of `cap` slots per layer, the default case, in its fastest form: per
     layer, the slots' keys and last-use stamps (FIFO: insert stamps) in two short rows, the victim found by a
     scan of `cap` stamps. The same decisions as the list-based kernel: hits are stamped in row order, then
     misses, so the oldest stamp is the list head; for LRU the pinned keys hold the newest stamps, so the
-    oldest is pinned only when all are. Returns (hits, evictions, status, position)."""
+    oldest is pinned only when all are. With len(flags) == len(ids), flags[i] = 1 where element i was a hit.
+    Returns (hits, evictions, status, position)."""
     if fifo:
-        return _small_fifo(ids, ptr, L, E, cap, reset)
-    return _small_lru(ids, ptr, L, E, cap, reset)
+        return _small_fifo(ids, ptr, L, E, cap, reset, flags)
+    return _small_lru(ids, ptr, L, E, cap, reset, flags)
 
 
 @njit(cache=True, nogil=True)
-def _small_lru(ids, ptr, L, E, cap, reset):
+def _small_lru(ids, ptr, L, E, cap, reset, flags):
     # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
     where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer, -1 if not resident
     skey = np.zeros((L, cap + 1), np.int64)  # [L, cap] key in each slot (column cap: scratch)
     sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
     n = np.zeros(L, np.int64)  # slots in use per layer (they fill in slot order, as Partition.free hands out)
     miss = np.empty(width(ptr), np.int64)  # the running request's misses, in row order
+    flag = len(flags) > 0
     clock = 0
     hits = 0
     evictions = 0
@@ -229,6 +231,8 @@ def _small_lru(ids, ptr, L, E, cap, reset):
                 hit = j >= 0
                 clock += hit
                 sstamp[layer, j if hit else cap] = clock
+                if flag:
+                    flags[i] = hit
                 miss[n_miss] = kid
                 n_miss += 1 - hit
             hits += b - a - n_miss
@@ -257,7 +261,7 @@ def _small_lru(ids, ptr, L, E, cap, reset):
 
 
 @njit(cache=True, nogil=True)
-def _small_fifo(ids, ptr, L, E, cap, reset):
+def _small_fifo(ids, ptr, L, E, cap, reset, flags):
     where = np.full(L * E, -1, np.int64)
     pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
     skey = np.zeros((L, max(cap, 1)), np.int64)
@@ -279,6 +283,8 @@ def _small_fifo(ids, ptr, L, E, cap, reset):
                 pin[kid] = pos + 1
                 if where[kid] >= 0:
                     hits += 1
+                if len(flags):
+                    flags[i] = where[kid] >= 0
             for i in range(a, b):
                 kid = base + ids[i]
                 if where[kid] >= 0:
@@ -367,7 +373,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_rows, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster,
             oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail, agg, dI, dF, dseqs,
-            dkpos, dkoff, dprm, dcnt, hready, dq):
+            dkpos, dkoff, dprm, dcnt, hready, dq, pre):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -388,6 +394,11 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     constants dprm (as the cache's; one pool), its counters dcnt; hready float64 [L * E]: when each key's last
     read from disk ends; dq: the disk's queue (moesim.disk.disk_queue; read and updated by
     clock.disk_read). Every miss (and prefetch) asks the host cache first (host_read).
+    pre: uint8 [N] where a demand cache's hits were decided already (moesim.core.simulate: the stamp kernels),
+    1 where element i hits; empty: the cache state decides. A hit then reads slot 0, never written (its copy
+    ended before the layer that loaded it computed, so no later layer waits for it), and a miss copies into
+    slot 1 + its place in the request: the same times, not the same slot numbers (no prefetch, no offload, no
+    disk tier, sums only).
     Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
     step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
     _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS), copies[:, 6] each copy's slot. The script: per computed
@@ -418,8 +429,10 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     n_rows = 0
     step_waves = np.zeros(S if record else 0, np.int64)
     n_scratch = oi[5]  # scratch slots after the cache's n_slots (streamed experts)
-    ready = np.zeros(max(n_slots + n_scratch, 1))  # ms: when the last copy into each slot completes
-    pf_slot = np.zeros(max(n_slots + n_scratch, 1), np.uint8)  # the slot's last copy was a prefetch not used yet
+    decided = len(pre) > 0
+    n_ready = max(n_slots + n_scratch, w + 1 if decided else 1)
+    ready = np.zeros(n_ready)  # ms: when the last copy into each slot completes
+    pf_slot = np.zeros(n_ready, np.uint8)  # the slot's last copy was a prefetch not used yet
     D = pf.shape[1]
     mark = 0  # pin mark of the running request (or wave)
     for s in range(S):
@@ -446,9 +459,20 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             for wa in range(lo, max(hi, lo + 1), cap):  # an empty request still computes (shared experts)
                 wb = min(wa + cap, hi)
                 mark += 1
-                h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
-                if h < 0:
-                    return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
+                if decided:
+                    h = 0
+                    for i in range(wa, wb):
+                        hit = pre[torder[i]]
+                        out[0, i - wa] = -2 if hit else -1
+                        out[1, i - wa] = 0 if hit else 1 + i - wa
+                        out[2, i - wa] = 0
+                        h += hit
+                    cnt[REQUESTS] += wb - wa
+                    cnt[HITS] += h
+                else:
+                    h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
+                    if h < 0:
+                        return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
                 n_host = 0
                 n_stream = 0
                 for i in range(wa, wb):  # misses in row order: fetch, compute on the host, or stream
@@ -479,7 +503,11 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                     copy(ck, ready, pf_slot, slot, False, copy_ms, serial, after)
                                     n_cp += 1
                         continue
-                    slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
+                    if decided:
+                        slot = out[1, i - wa]
+                        cnt[LOADS_N] += 1
+                    else:
+                        slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:  # streamed (the decision, or a policy that refuses to evict): the cache never sees it
                         if decision != STREAM and prm.code != REFUSING:
                             return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
