@@ -360,3 +360,27 @@ def test_a_one_token_step_is_its_own_ranking():
     batch = generate(dataclasses.replace(bcfg, sequences=8, decode_tokens=(8, 16), prompt_tokens=(4, 8)),
                      model_spec(model))
     assert _single_token_rows(batch, batch.experts, None) is None
+
+
+def test_every_table_ends_each_ranking_at_its_first_minus_one():
+    """The compiled loop stops reading a ranking at its first -1 (moesim/core/loop.py run_sim): every built-in
+    table prefetcher's rankings are -1 only past their end, on a decode trace and on a batched one with
+    prefill, with and without a per_layer cut."""
+    from moesim.synthetic import PRESETS, generate
+    from moesim.models import model_spec
+    from strategies.whole_layer import WholeLayer
+
+    spec = model_spec("gpt-oss-20b")
+    decode = generate(dataclasses.replace(PRESETS["gpt-oss-like"][0], sequences=4, decode_tokens=(20, 40)), spec)
+    batch = generate(dataclasses.replace(PRESETS["gpt-oss-like-batch8"][0], sequences=8, decode_tokens=(8, 16),
+                                         prompt_tokens=(4, 8)), spec)
+    for tr in (decode, batch):
+        calib = tr.slice_tokens(0, tr.n_tokens // 3)
+        for per_layer in (None, 3):
+            for pf in (Oracle(lookahead=3, per_layer=per_layer), WholeLayer(lookahead=2, per_layer=per_layer),
+                       Transition(lookahead=2, per_layer=per_layer, calibrate_trace=calib),
+                       History(lookahead=2, per_layer=per_layer, calibrate_trace=calib),
+                       ActivationMatch(per_layer=per_layer, calibrate_trace=calib)):
+                pf.setup(Context(tr, spec, tuple(range(tr.n_layers)), 8 * tr.n_layers, "per_layer"))
+                t = pf.table
+                assert (t >= 0).any() and not ((t[..., 1:] >= 0) & (t[..., :-1] < 0)).any(), type(pf).__name__

@@ -435,11 +435,13 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     pf_slot = np.zeros(n_ready, np.uint8)  # the slot's last copy was a prefetch not used yet
     D = pf.shape[1]
     mark = 0  # pin mark of the running request (or wave)
+    gone = 0  # loads less evictions at the last reset: the residents are cnt[LOADS_N] - cnt[EVICTIONS] - gone
     for s in range(S):
         if resets[s]:
             cnt[PF_WASTED] += cnt[PF_UNUSED]  # reset away before their first request
             cnt[PF_UNUSED] = 0
             reset(I, F, prm)
+            gone = cnt[LOADS_N] - cnt[EVICTIONS]
         step_start = ck[NOW]
         ck[NOW] += dhead[s]
         oload[:] = 0  # Host.begin_step
@@ -526,29 +528,35 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                     return (LFU_OVERFLOW, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
                             step_waves[:0])
                 row = pf_rows[pos] if D > 0 else -1
-                if row >= 0 and wa == lo:  # prefetch what the table ranks, before the layer computes
+                # prefetch what the table ranks, before the layer computes; not where the copy queue is full (the
+                # first missing key would stop it: nothing is issued) or every key is resident (nothing is missing)
+                if (row >= 0 and wa == lo and cnt[LOADS_N] - cnt[EVICTIONS] - gone < L * E
+                        and not (pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap)):
                     missing = False
-                    for d in range(D):
+                    for d in range(D):  # a ranking ends at its first -1 (strategies/prefetch_table.py)
                         for j in range(pf.shape[2]):
                             kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
-                            if kid >= 0 and I[RES, kid] == 0:
+                            if kid < 0:
+                                break
+                            if I[RES, kid] == 0:
                                 missing = True
                                 break
                         if missing:
                             break
-                    if missing and pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap:
-                        missing = False  # the queue is full: the first missing key would stop it, nothing is issued
                     if missing:
                         for d in range(D):  # pinned meanwhile: one prefetch never evicts another
                             for j in range(pf.shape[2]):
                                 kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
-                                if kid >= 0:
-                                    I[PIN, kid] = mark
+                                if kid < 0:
+                                    break
+                                I[PIN, kid] = mark
                         full = False
                         for d in range(D):
                             for j in range(pf.shape[2]):
                                 kid = _pf_kid(pf, row, d, j, layer, L, E, pf_flat)
-                                if kid < 0 or I[RES, kid] == 1:
+                                if kid < 0:
+                                    break
+                                if I[RES, kid] == 1:
                                     continue
                                 m, e = kid // E, kid % E
                                 if pf_cap >= 0 and inflight_bytes(ck, copy_ms, nbytes) + nbytes > pf_cap:
