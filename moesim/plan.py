@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -386,18 +387,28 @@ def _init(work: dict) -> None:
     _WORK.update(work)
 
 
+def _load(ref: dict) -> None:
+    """A replay process's start: the trace from its file, the configs from their YAML (see _run_all)."""
+    from omegaconf import OmegaConf
+
+    from .trace import load_trace
+
+    _init(dict(tr=load_trace(ref["trace"]), least=ref["least"],
+               configs={n: OmegaConf.create(y) for n, y in ref["configs"].items()}))
+
+
 def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> list:
-    """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order. `jobs` processes at once,
-    each taking all sizes of one strategy at a time (a learned prefetch table is then built once), those with
-    a prefetcher first (the longest: the last to start should be short). The processes are spawned, not forked:
-    a fork of a process whose thread pools (BLAS, numba, the importers') hold a lock can hang (a plan of the
-    real trace did)."""
-    work = dict(tr=tr, configs=configs, least=least)
-    _init(work)
+    """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order. `jobs` processes at once.
+    A strategy with a prefetcher runs all its sizes in one task (its prediction table is built once per process)
+    and those tasks start first (the longest); the others run a size per task, so the last to finish are short.
+    The processes are spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers')
+    hold a lock can hang (a plan of the real trace did)."""
+    _init(dict(tr=tr, configs=configs, least=least))
     groups: dict = {}
     for i, job in enumerate(todo):
-        groups.setdefault(job[0], []).append((i, job))
-    order = sorted(groups.values(), key=lambda g: not configs[g[0][1][0]].strategy.get("prefetch"))
+        groups.setdefault(job[0] if configs[job[0]].strategy.get("prefetch") else (job[0], job[1]), []).append(
+            (i, job))
+    order = sorted(groups.values(), key=lambda g: (not configs[g[0][1][0]].strategy.get("prefetch"), -len(g)))
     done: list = []
     if jobs > 1 and not _spawnable():
         print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file to "
@@ -405,12 +416,37 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
         jobs = 1
     if jobs > 1:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
+        from multiprocessing import resource_tracker
 
-        with mp.get_context("spawn").Pool(jobs, initializer=_init, initargs=(work,)) as pool:
-            for rows in pool.imap_unordered(_group, order):
-                for row in rows:
-                    done.append(row)
-                    _said(row[1], len(done), len(todo), progress)
+        from omegaconf import OmegaConf
+
+        from .trace import save_trace
+
+        # a worker that fails to start (a script that calls plan at its top level, imported again by each worker)
+        # dies before it reads its arguments, and the parent, writing them into a pipe it holds open itself,
+        # would wait forever once they pass the pipe's 64 KiB (the trace alone does). So the arguments are a
+        # few KiB: the trace's file, the configs as YAML. The resource tracker starts first: started by the first
+        # spawn, it inherited that pipe too.
+        resource_tracker.ensure_running()
+        with tempfile.TemporaryDirectory(prefix="moesim-plan-") as tmp:
+            path = Path(tmp) / "trace.moetrace.safetensors"
+            save_trace(tr, path)
+            ref = {"trace": str(path), "least": least,
+                   "configs": {n: OmegaConf.to_yaml(c) for n, c in configs.items()}}
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_load,
+                                     initargs=(ref,)) as pool:
+                try:
+                    for future in as_completed([pool.submit(_group, g) for g in order]):
+                        for row in future.result():
+                            done.append(row)
+                            _said(row[1], len(done), len(todo), progress)
+                except BrokenProcessPool:
+                    raise MoesimError(
+                        f"plan: a replay process (jobs={jobs}) ended abruptly: out of memory, killed, or it could "
+                        f"not start. Each one imports the calling program again: in a script, call moesim.plan "
+                        f"under `if __name__ == \"__main__\":`; or give jobs=1") from None
     else:
         for g in order:
             for i, job in g:

@@ -137,6 +137,19 @@ def test_several_processes_from_a_program_read_from_standard_input(small):
     assert "read from standard input" in r.stderr and "the replays run in this process" in r.stderr
 
 
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(small, tmp_path):
+    """Each replay process imports the calling script again; one that calls plan at its top level makes every
+    worker fail to start. The plan ends with an error that says what to do, instead of waiting forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plan_it.py"
+    script.write_text(f"import moesim\nmoesim.plan(trace={str(small)!r}, hardware='rtx-4090', vram=8, sizes=2, "
+                      f"strategies=['lru', 'fifo'], jobs=2)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and 'if __name__ == "__main__":' in r.stderr and "jobs=1" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_model_that_fits_whole_says_so(small):
     p = moesim.plan(trace=str(small), hardware="rtx-4090", sizes=2, strategies=["lru"])  # 24 GiB: all 768 fit
     assert p.max_slots == 24 * 32 and any("no offloading is needed" in n for n in p.notes)
