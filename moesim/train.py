@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .core.loop import HITS, N_CNT, REQUESTS, insert, lookup, request_rows
+from .core.loop import HITS, N_CNT, REQUESTS, _own, insert, lookup, order_wide
 from .core.policies import learned_features, learned_request
 from .core.requests import width
 from .core.state import CAP, KPTR, LPH, MEMBERS, NFREE, PART, PIN, SIZE, next_after, reset
@@ -44,6 +44,7 @@ def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, row
     torder = np.empty(w, np.int64)
     none = np.empty(0, np.int64)
     none32 = np.empty(0, np.int32)
+    src, _, _ = _own(ids, none, none32, I, prm, w)  # requests read from here (moesim.core.loop.order_wide)
     reset(I, F, prm)
     nr = 0
     mark = 0
@@ -54,12 +55,13 @@ def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, row
             a, b = ptr[pos], ptr[pos + 1]
             p = I[PART, layer]
             cap = I[CAP, p]
-            request_rows(I, prm, layer, ids, none, none32, a, b, cap, tids, none, none32, torder)
+            if b - a > cap:
+                order_wide(I, prm, layer, src, none, none32, a, b, tids, none, none32, torder)
             learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b)
-            for wa in range(0, b - a, cap):
-                wb = min(wa + cap, b - a)
+            for wa in range(a, b, cap):
+                wb = min(wa + cap, b)
                 mark += 1
-                lookup(I, F, seqs, none, prm, cnt, pos, mark, layer, tids, wa, wb, out)
+                lookup(I, F, seqs, none, prm, cnt, pos, mark, layer, src, wa, wb, out)
                 for i in range(wa, wb):
                     if out[0, i - wa] == -2:
                         continue
@@ -76,7 +78,7 @@ def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, row
                             d = nu // L - s if nu < n_steps * L else label_cap
                             labels[nr] = math.log1p(min(d, label_cap))
                             nr += 1
-                    insert(I, F, seqs, prm, cnt, pos, mark, layer * E + tids[i], 0, False)
+                    insert(I, F, seqs, prm, cnt, pos, mark, layer * E + src[i], 0, False)
     return nr, cnt[HITS], cnt[REQUESTS]
 
 

@@ -121,22 +121,32 @@ def hits_first(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder):
 
 
 @njit(**HOT)
-def request_rows(I, prm, layer, ids, nxt, counts, a, b, cap, tids, tnxt, tcnt, torder):
-    """The request ids[a:b] (with its next uses and token counts, where given) copied into the t-arrays, in
-    row order, or hits first where it is wider than `cap` (hits_first). The loops read requests from these
-    copies only: an array variable reassigned per layer (ids or the copies) costs two atomic reference counts
-    per layer and keeps the compiler from holding the array's pointers (timed replays of the real trace,
-    sums only: LRU at 18 slots per layer 1.14 -> 0.77 s, LFU at 4 per layer 2.70 -> 1.70 s)."""
-    if b - a > cap:
-        hits_first(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder)
-        return
-    for i in range(a, b):
-        tids[i - a] = ids[i]
+def order_wide(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder):
+    """A request wider than its partition, ids[a:b] (with its next uses and token counts, where given), put in
+    place in the order its waves serve it, hits first (hits_first, through the t-arrays); torder[j] = the
+    element now at a + j. The callers keep their own copy of the arrays where a request may be wide, and read
+    every request from it, narrow or wide: an array variable reassigned per layer (the copies or not) costs two
+    atomic reference counts per layer and keeps the compiler from holding the array's pointers, and copying
+    every request into scratch arrays had cost a fifth of a timed replay."""
+    hits_first(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder)
+    for j in range(b - a):
+        ids[a + j] = tids[j]
         if len(nxt):
-            tnxt[i - a] = nxt[i]
+            nxt[a + j] = tnxt[j]
         if len(counts):
-            tcnt[i - a] = counts[i]
-        torder[i - a] = i
+            counts[a + j] = tcnt[j]
+
+
+@njit(cache=True, nogil=True)
+def _own(ids, nxt, counts, I, prm, w):
+    """(ids, nxt, counts): copies where some request (w ids at most) is wider than the smallest partition, which
+    order_wide reorders in place; else the arrays themselves."""
+    least = w
+    for p in range(prm.P):
+        least = min(least, I[CAP, p])
+    if w <= least:
+        return ids, nxt, counts
+    return ids.copy(), nxt.copy(), counts.copy()
 
 
 @njit(cache=True, nogil=True)
@@ -146,11 +156,11 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
     L = prm.L
     w = width(ptr)
     out = np.zeros((3, w), np.int64)
-    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see hits_first)
+    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see order_wide)
     tnxt = np.empty(w if len(nxt) else 0, np.int64)
     torder = np.empty(w, np.int64)
     no_counts = np.empty(0, np.int32)
-    src, src_nxt = tids, tnxt  # every request is read from the copies (request_rows)
+    src, src_nxt, _ = _own(ids, nxt, no_counts, I, prm, w)  # every request is read from these (order_wide)
     mark = 0  # pin mark of the running request (or wave)
     for s in range(len(resets)):
         if resets[s]:
@@ -161,10 +171,12 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
             cap = I[CAP, I[PART, layer]]
-            request_rows(I, prm, layer, ids, nxt, no_counts, a, b, cap, tids, tnxt, no_counts, torder)
+            wide = b - a > cap
+            if wide:
+                order_wide(I, prm, layer, src, src_nxt, no_counts, a, b, tids, tnxt, no_counts, torder)
             if prm.code == LEARNED:  # the whole request (all its waves) moves every key's history on
                 learned_request(I, F, seqs, prm, I[PART, layer], pos, layer, ids, a, b)
-            lo, hi = 0, b - a
+            lo, hi = a, b  # element positions: out[:, i - wa] is element i's
             for wa in range(lo, max(hi, lo + 1), cap):  # waves (one, mostly; an empty request is one too)
                 wb = min(wa + cap, hi)
                 mark += 1
@@ -186,7 +198,7 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
                         return LFU_OVERFLOW, pos
                 if len(flags):
                     for i in range(wa, wb):
-                        flags[torder[i]] = out[0, i - wa] == -2
+                        flags[torder[i - a] if wide else i] = out[0, i - wa] == -2
     return 0, 0
 
 
@@ -409,11 +421,11 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     S = len(resets)
     w = width(ptr)
     out = np.zeros((3, w), np.int64)
-    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see hits_first)
+    tids = np.empty(w, ids.dtype)  # a wide request, hits first (see order_wide)
     tnxt = np.empty(w if len(nxt) else 0, np.int64)
     tcnt = np.empty(w, counts.dtype)
     torder = np.empty(w, np.int64)
-    src, src_nxt, src_cnt = tids, tnxt, tcnt  # every request is read from the copies (request_rows)
+    src, src_nxt, src_cnt = _own(ids, nxt, counts, I, prm, w)  # every request is read from these (order_wide)
     disk = dq[0] >= 0.0
     one, onxt, dout = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((3, 1), np.int64)  # host_read's
     dmark = 0  # pin mark of the host cache's running request
@@ -452,11 +464,12 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
             cap = I[CAP, I[PART, layer]]
-            # waves of at most `cap` experts, hits first
-            request_rows(I, prm, layer, ids, nxt, counts, a, b, cap, tids, tnxt, tcnt, torder)
+            wide = b - a > cap  # waves of at most `cap` experts, hits first
+            if wide:
+                order_wide(I, prm, layer, src, src_nxt, src_cnt, a, b, tids, tnxt, tcnt, torder)
             if prm.code == LEARNED:  # the whole request (all its waves) moves every key's history on
                 learned_request(I, F, seqs, prm, I[PART, layer], pos, layer, ids, a, b)
-            lo, hi = 0, b - a
+            lo, hi = a, b  # element positions: out[:, i - wa] is element i's
             base = layer * E
             for wa in range(lo, max(hi, lo + 1), cap):  # an empty request still computes (shared experts)
                 wb = min(wa + cap, hi)
@@ -464,7 +477,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                 if decided:
                     h = 0
                     for i in range(wa, wb):
-                        hit = pre[torder[i]]
+                        hit = pre[torder[i - a] if wide else i]
                         out[0, i - wa] = -2 if hit else -1
                         out[1, i - wa] = 0 if hit else 1 + i - wa
                         out[2, i - wa] = 0
