@@ -21,7 +21,8 @@ What it does, in order:
      another's (lru and mixtral_offloading, lfru and vllm_lfru) replay once, and so do the demand caches (no
      prefetcher, no offload policy) at a size where every expert fits (none of them evicts there), and the
      per-layer ones at top-k slots per layer where every request names top-k experts (each evicts all the
-     latest request did not name);
+     latest request did not name); a static split (ktransformers, llama_cpp_ncmoe) replays once per set of
+     host layers (the other layers' experts all fit: nothing is evicted);
   4. the answer: a table ranked by tokens/s at the largest size, the recommendation, the least VRAM that
      reaches `target`, and the real system's settings for it where one exists; `out` gets plan.json and
      report.html (the frontier: tokens/s against VRAM, one line per strategy, the bound dashed).
