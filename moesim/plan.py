@@ -269,9 +269,12 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
             elif key is not None:
                 first[key] = size
     for name in dict.fromkeys(n for n, _ in moved):
-        notes.append(f"{name} keeps the same layers on the host at " + ", ".join(
-            f"{size} slots as at {moved[(n, size)]}" for n, size in moved if n == name)
-            + ": nothing else is ever evicted there, so each replays once")
+        to = {}
+        for (n, size), at in moved.items():
+            if n == name:
+                to.setdefault(at, []).append(size)
+        notes.append(f"{name} keeps the same layers on the host, and evicts nothing else, at " + "; ".join(
+            f"{', '.join(map(str, sizes))} slots as at {at}" for at, sizes in to.items()) + ": replayed once")
     # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
     todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
             if same[name] == name and (name, size) not in skip and (name, size) not in moved]
@@ -394,8 +397,9 @@ def _load(ref: dict) -> None:
 
     from .trace import load_trace
 
-    _init(dict(tr=load_trace(ref["trace"]), least=ref["least"],
-               configs={n: OmegaConf.create(y) for n, y in ref["configs"].items()}))
+    tr = load_trace(ref["trace"])
+    tr.path = Path(ref["path"]) if ref["path"] else None  # messages name the trace the user gave, not the copy
+    _init(dict(tr=tr, least=ref["least"], configs={n: OmegaConf.create(y) for n, y in ref["configs"].items()}))
 
 
 def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> list:
@@ -434,7 +438,7 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
         with tempfile.TemporaryDirectory(prefix="moesim-plan-") as tmp:
             path = Path(tmp) / "trace.moetrace.safetensors"
             save_trace(tr, path)
-            ref = {"trace": str(path), "least": least,
+            ref = {"trace": str(path), "path": str(tr.path) if tr.path else None, "least": least,
                    "configs": {n: OmegaConf.to_yaml(c) for n, c in configs.items()}}
             with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_load,
                                      initargs=(ref,)) as pool:
