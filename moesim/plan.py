@@ -216,13 +216,13 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
     names = list(strategies) if strategies else default_strategies()
     one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
-    configs, scratch, refuses = {}, {}, {}  # composed once per strategy (each size sets its budget); stream
-    for name in names:  # scratch slots, which come out of the same VRAM; whether its cache may refuse to evict
-        configs[name] = config(name, "global" if one_pool else None)
+    configs, scratch, refuses, offloads = {}, {}, {}, {}  # composed once per strategy (each size sets its budget);
+    for name in names:  # stream scratch slots, which come out of the same VRAM; whether its cache may refuse to
+        configs[name] = config(name, "global" if one_pool else None)  # evict; its offload policy, built
         st = configs[name].strategy
-        offload = build(st.offload, "offload") if st.get("offload") else None
+        offloads[name] = build(st.offload, "offload") if st.get("offload") else None
         policy = build(st.cache, "strategy.cache")
-        scratch[name] = scratch_slots(real, policy, offload)
+        scratch[name] = scratch_slots(real, policy, offloads[name])
         refuses[name] = bool(getattr(policy, "refuses", False))
     configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
         *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else []),
@@ -246,24 +246,25 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     # whatever the policy (one that may refuse aside), and the per-layer demand caches give the same replay. Kept
     # to grids with a third size, where each strategy still replays on its own (and says if it cannot run)
     forced = [n for n in demand if not refuses[n] and run_scope(configs[n]) == "per_layer"]
-    counts = np.diff(encode(tr).ptr)
-    if (not one_pool and len(forced) > 1 and len(grid) > len(full) + 1 and grid[0] == K * L and len(counts)
-            and counts.min() == counts.max() == K):
+    widths = np.diff(encode(tr).ptr)  # experts each request names
+    if (not one_pool and len(forced) > 1 and len(grid) > len(full) + 1 and grid[0] == K * L and len(widths)
+            and widths.min() == widths.max() == K):
         skip.update({(n, grid[0]): forced[0] for n in forced[1:]})
         notes.append(f"at {grid[0]} slots each layer holds top-k = {K} experts and every request names {K}: the "
                      f"per-layer demand caches ({', '.join(forced)}) evict every expert the latest request did not "
                      f"name, whatever their policy, and give the same replay there: {forced[0]}'s")
     # a static split whose device layers' experts all fit replays the same at every size with the same host layers
+    least = K if one_pool else K * L  # slots a replay needs at least
     moved = {}  # (name, size) -> the size whose replay it is
     for name in names:
-        if same[name] != name:
+        if same[name] != name or offloads[name] is None:
             continue
         first = {}
         for size in grid:
             if (name, size) in skip:
                 continue
             slots = min(size, max_slots - scratch[name])
-            key = _placement(configs[name], tr, slots) if slots >= (K if one_pool else K * L) else None
+            key = _placement(configs[name], tr, slots, offloads[name]) if slots >= least else None
             if key is not None and key in first:
                 moved[(name, size)] = first[key]
             elif key is not None:
@@ -279,7 +280,6 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
     todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
             if same[name] == name and (name, size) not in skip and (name, size) not in moved]
     todo += [(BOUND, size, size, True) for size in grid]
-    least = K if one_pool else K * L
     rows = _run_all(tr, todo, configs, least, max(1, int(jobs)), progress)
     rows += [_shared_row(rows, name, size, rep) for (name, size), rep in sorted(skip.items())]
     rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name, tr)
@@ -325,11 +325,11 @@ def _shared_row(rows: list, name: str, size: int, rep: str) -> Row:
     return dataclasses.replace(r, strategy=name, seconds=0.0)
 
 
-def _placement(cfg, trace, slots: int):
+def _placement(cfg, trace, slots: int, offload=None):
     """For a static split (llama.cpp's --n-cpu-moe, KTransformers' placement), without a prefetcher: the layers it
     keeps on the host at `slots` slots, where the other layers' experts all fit the cache (then none is ever
     evicted: each is loaded on its first use and stays, so the replay depends on these layers alone, not on the
-    slots); else None."""
+    slots); else None. `offload`: cfg's offload policy, built already (else it is built here)."""
     from strategies import Context
     from strategies.static_split import StaticSplit
 
@@ -338,7 +338,7 @@ def _placement(cfg, trace, slots: int):
     st = cfg.strategy
     if not st.get("offload") or st.get("prefetch"):
         return None
-    off = build(st.offload, "offload")
+    off = offload if offload is not None else build(st.offload, "offload")
     if not isinstance(off, StaticSplit):
         return None
     L, E = trace.n_layers, trace.spec.experts

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .core.loop import HITS, N_CNT, REQUESTS, _own, insert, lookup, order_wide
+from .core.loop import HITS, N_CNT, REQUESTS, insert, lookup, order_wide, request_arrays
 from .core.policies import learned_features, learned_request
 from .core.requests import width
 from .core.state import CAP, KPTR, LPH, MEMBERS, NFREE, PART, PIN, SIZE, next_after, reset
@@ -44,7 +44,7 @@ def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, row
     torder = np.empty(w, np.int64)
     none = np.empty(0, np.int64)
     none32 = np.empty(0, np.int32)
-    src, _, _ = _own(ids, none, none32, I, prm, w)  # requests read from here (moesim.core.loop.order_wide)
+    src, _, _ = request_arrays(ids, none, none32, I, prm, w)  # requests are read from here (order_wide)
     reset(I, F, prm)
     nr = 0
     mark = 0

@@ -138,7 +138,7 @@ def order_wide(I, prm, layer, ids, nxt, counts, a, b, tids, tnxt, tcnt, torder):
 
 
 @njit(cache=True, nogil=True)
-def _own(ids, nxt, counts, I, prm, w):
+def request_arrays(ids, nxt, counts, I, prm, w):
     """(ids, nxt, counts): copies where some request (w ids at most) is wider than the smallest partition, which
     order_wide reorders in place; else the arrays themselves."""
     least = w
@@ -160,7 +160,7 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
     tnxt = np.empty(w if len(nxt) else 0, np.int64)
     torder = np.empty(w, np.int64)
     no_counts = np.empty(0, np.int32)
-    src, src_nxt, _ = _own(ids, nxt, no_counts, I, prm, w)  # every request is read from these (order_wide)
+    src, src_nxt, _ = request_arrays(ids, nxt, no_counts, I, prm, w)  # every request is read from these
     mark = 0  # pin mark of the running request (or wave)
     for s in range(len(resets)):
         if resets[s]:
@@ -276,6 +276,7 @@ def _small_lru(ids, ptr, L, E, cap, reset, flags):
 def _small_fifo(ids, ptr, L, E, cap, reset, flags):
     where = np.full(L * E, -1, np.int64)
     pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
+    flag = len(flags) > 0
     skey = np.zeros((L, max(cap, 1)), np.int64)
     sstamp = np.zeros((L, max(cap, 1)), np.int64)  # insert stamps
     n = np.zeros(L, np.int64)
@@ -295,7 +296,7 @@ def _small_fifo(ids, ptr, L, E, cap, reset, flags):
                 pin[kid] = pos + 1
                 if where[kid] >= 0:
                     hits += 1
-                if len(flags):
+                if flag:
                     flags[i] = where[kid] >= 0
             for i in range(a, b):
                 kid = base + ids[i]
@@ -425,7 +426,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     tnxt = np.empty(w if len(nxt) else 0, np.int64)
     tcnt = np.empty(w, counts.dtype)
     torder = np.empty(w, np.int64)
-    src, src_nxt, src_cnt = _own(ids, nxt, counts, I, prm, w)  # every request is read from these (order_wide)
+    src, src_nxt, src_cnt = request_arrays(ids, nxt, counts, I, prm, w)  # every request is read from these
     disk = dq[0] >= 0.0
     one, onxt, dout = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((3, 1), np.int64)  # host_read's
     dmark = 0  # pin mark of the host cache's running request
