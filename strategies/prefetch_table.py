@@ -114,7 +114,8 @@ def ranked_rows(trace, rows, width: int | None = None) -> np.ndarray:
 def _single_token_rows(trace, rows, width: int | None):
     """ranked_rows where every step is one token and no row names an expert twice or holds a -1: then each
     row is its own ranking (every count is 1, so the order of first appearance decides); else None. The real
-    decode traces are so: their oracle table takes 0.1 s instead of 3.7."""
+    decode trace is so: its ranking takes 0.18-0.34 s instead of 3.3-4.7 s (ranked_rows against _ranked_chunks
+    of the gpt-oss-20b trace's experts, two runs on the project's 2-core VM)."""
     S, L, E = trace.n_steps, trace.n_layers, trace.spec.experts
     if S == 0 or trace.n_tokens != S:
         return None
