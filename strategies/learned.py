@@ -111,8 +111,10 @@ def load_model(ref) -> tuple[dict, dict]:
 
 
 def flat_model(t: dict) -> np.ndarray:
-    """The model as one float64 array for the compiled core: mu, sd, w1, b1, w2, b2, w3, b3, pop, P, P2."""
-    return np.concatenate([t[k].ravel() for k in TENSORS]).astype(np.float64)
+    """The model as one float64 array for the compiled core: mu, sd, w1, b1, w2, b2, w3, b3, pop, P, P2, with w1
+    and w2 transposed (input-major: the core adds one input to every unit at a time, each unit's sum in `mlp`'s
+    order)."""
+    return np.concatenate([(t[k].T if k in ("w1", "w2") else t[k]).ravel() for k in TENSORS]).astype(np.float64)
 
 
 def network(t: dict) -> tuple:

@@ -133,7 +133,7 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
         learned = (len(obj.t["b1"]), flat_model(obj.t))
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
                        trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
-                       koff, N_FEATURES + learned[0] if learned else 0, learned[1] if learned else None,
+                       koff, N_FEATURES + 2 * learned[0] if learned else 0, learned[1] if learned else None,
                        LP_ROWS if learned else 0)
     if learned:  # its tables by age follow the model; Params gets (hidden units, their first row)
         tables = lp_tables(st.F.shape[1])

@@ -493,16 +493,27 @@ def _lp_out(I, F, prm, p, pos, kid):
     learned_features(I, F, prm, p, pos, kid)
     for j in range(nf):  # standardised in place
         F[LPH, j] = (F[LPH, j] - m[j]) / m[nf + j]
-    for i in range(H):  # first hidden layer: columns [nf, nf + H)
-        s = m[ob1 + i]
-        for j in range(nf):
-            s += m[ow1 + i * nf + j] * F[LPH, j]
-        F[LPH, nf + i] = s if s > 0 else 0.0
+    # each layer adds one input to every unit at a time (w1, w2 input-major): the units' sums are independent, so
+    # they run side by side in vector registers, and each is summed in the reference's order (the same bits);
+    # a sum per unit in turn waited on each add (the latency of H * (nf + H) adds in a row)
+    h1, h2 = nf, nf + H  # columns of the hidden layers' sums in the scratch row
+    for i in range(H):
+        F[LPH, h1 + i] = m[ob1 + i]
+    for j in range(nf):
+        x = F[LPH, j]
+        for i in range(H):
+            F[LPH, h1 + i] += m[ow1 + j * H + i] * x
+    for i in range(H):
+        v = F[LPH, h1 + i]
+        F[LPH, h1 + i] = v if v > 0 else 0.0
+        F[LPH, h2 + i] = m[ob2 + i]
+    for j in range(H):
+        x = F[LPH, h1 + j]
+        for i in range(H):
+            F[LPH, h2 + i] += m[ow2 + j * H + i] * x
     out = m[ob3]
-    for i in range(H):  # second hidden layer, each unit into the output at once
-        s = m[ob2 + i]
-        for j in range(H):
-            s += m[ow2 + i * H + j] * F[LPH, nf + j]
+    for i in range(H):
+        s = F[LPH, h2 + i]
         out += m[ow3 + i] * (s if s > 0 else 0.0)
     F[at, kid] = out
     I[LOST, kid] = pos + 1

@@ -66,7 +66,7 @@ N_IROWS = 52
 K1, LAST, UNIT, NOW, LW, ABP = range(6)  # ABP, per layer: the priority of AB
 # learned, per key: its decayed request counts (one row per half-life, at its last request)
 DC = 6  # rows 6, 7, 8
-LPH = 9  # learned: scratch of one key's features (moesim/core/policies.py learned_features)
+LPH = 9  # learned: scratch of one key's features and its network's hidden sums (moesim/core/policies.py _lp_out)
 N_FROWS = 10
 LPM = N_FROWS  # learned: its model (strategies/learned.py flat_model), flat in the rows after the others. Not a
 #                Params field: an array there is passed with every call of every policy (LRU's timed replay of
