@@ -141,6 +141,18 @@ def test_encode_matches_engine_step_requests():
             assert req.token_counts()[a:b].tolist() == (list(counts) if counts is not None else [1] * len(ids))
 
 
+def test_key_positions_are_beladys_request_positions():
+    from moesim.core.parts import _key_positions
+    from strategies.belady import request_positions
+
+    for trace in (random_trace(6, max_batch=4), random_trace(7, max_batch=1, p_missing=0.0)):
+        got = _key_positions(trace)
+        want = request_positions(trace, tuple(range(trace.n_layers)))
+        assert got[1].tolist() == want[1].tolist()
+        assert got[0].tolist() == want[0].tolist()
+        assert _key_positions(trace) is got  # kept on the trace
+
+
 def test_wide_requests_are_served_in_waves():
     """Batched steps whose layer needs more experts than its slots: the engine serves them in waves of at
     most that many, hits first; so does the core (counters and sim events)."""

@@ -105,6 +105,29 @@ def next_use(ids, ptr, L, E):
     return nxt
 
 
+@njit(cache=True, nogil=True)
+def key_positions(ids, ptr, L, E):
+    """(positions int64 [N], offsets int64 [L * E + 1]): each key's request positions, ascending, at
+    positions[offsets[kid]:offsets[kid + 1]]: a counting sort of the elements by key, one pass to count and one
+    to place (numpy's stable argsort with its repeat and casts took 1.9 s on the real trace)."""
+    offsets = np.zeros(L * E + 1, np.int64)
+    for pos in range(len(ptr) - 1):
+        base = (pos % L) * E + 1
+        for i in range(ptr[pos], ptr[pos + 1]):
+            offsets[base + ids[i]] += 1
+    for k in range(L * E):
+        offsets[k + 1] += offsets[k]
+    fill = offsets[:-1].copy()
+    positions = np.empty(ptr[-1], np.int64)
+    for pos in range(len(ptr) - 1):  # positions ascend, so each key's run does too
+        base = (pos % L) * E
+        for i in range(ptr[pos], ptr[pos + 1]):
+            kid = base + ids[i]
+            positions[fill[kid]] = pos
+            fill[kid] += 1
+    return positions, offsets
+
+
 def reset_steps(trace, reset_per_seq: bool) -> np.ndarray:
     """uint8 [S]: 1 where the engine empties the cache before the step (a step holding a sequence not seen
     before, except the first such step), as moesim.engine.replay does with reset_per_seq."""
