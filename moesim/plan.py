@@ -404,16 +404,16 @@ def _load(ref: dict) -> None:
 
 def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> list:
     """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order. `jobs` processes at once.
-    A strategy with a prefetcher runs all its sizes in one task (its prediction table is built once per process)
-    and those tasks start first (the longest); the others run a size per task, so the last to finish are short.
+    A strategy with a prefetcher or a learned policy runs all its sizes in one task (`_together`: the table is
+    built once, the learned policy's hits decided at once) and those tasks start first (the longest); the others
+    run a size per task, so the last to finish are short.
     The processes are spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers')
     hold a lock can hang (a plan of the real trace did)."""
     _init(dict(tr=tr, configs=configs, least=least))
     groups: dict = {}
     for i, job in enumerate(todo):
-        groups.setdefault(job[0] if configs[job[0]].strategy.get("prefetch") else (job[0], job[1]), []).append(
-            (i, job))
-    order = sorted(groups.values(), key=lambda g: (not configs[g[0][1][0]].strategy.get("prefetch"), -len(g)))
+        groups.setdefault(job[0] if _together(configs[job[0]]) else (job[0], job[1]), []).append((i, job))
+    order = sorted(groups.values(), key=lambda g: (not _together(configs[g[0][1][0]]), -len(g)))
     done: list = []
     if jobs > 1 and not _spawnable():
         print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file to "
@@ -454,10 +454,18 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
                         f"under `if __name__ == \"__main__\":`; or give jobs=1") from None
     else:
         for g in order:
-            for i, job in g:
-                done.append((i, _job(job)))
-                _said(done[-1][1], len(done), len(todo), progress)
+            for row in _group(g):
+                done.append(row)
+                _said(row[1], len(done), len(todo), progress)
     return [r for _, r in sorted(done, key=lambda x: x[0])]
+
+
+def _together(cfg) -> bool:
+    """Whether a strategy's sizes replay in one task, in one process: a prefetcher's table is built once there,
+    and a learned policy's hits are decided for all of them at once (moesim.core.budgets_ahead)."""
+    from . import core
+
+    return bool(cfg.strategy.get("prefetch")) or (core.compiled_policy(cfg.strategy.cache) or ("",))[0] == "learned"
 
 
 def _spawnable() -> bool:
@@ -474,7 +482,10 @@ def _spawnable() -> bool:
 
 
 def _group(jobs: list) -> list:
-    return [(i, _job(job)) for i, job in jobs]
+    from . import core
+
+    with core.budgets_ahead([job[2] for _, job in jobs]):  # the slots each replays with
+        return [(i, _job(job)) for i, job in jobs]
 
 
 def _said(r, i: int, n: int, progress: bool) -> None:

@@ -71,7 +71,7 @@ def _collect(I, F, seqs, prm, ids, ptr, kpos, koff, sample, seed, label_cap, row
                             x = I[MEMBERS, off + j]
                             if I[PIN, x] == mark:
                                 continue
-                            learned_features(I, F, prm, p, pos, x)
+                            learned_features(I, F, prm, pos, x)
                             for f in range(rows.shape[1]):
                                 rows[nr, f] = F[LPH, f]
                             nu = next_after(I, kpos, koff, x, pos)

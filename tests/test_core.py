@@ -714,3 +714,45 @@ def test_the_stamp_path_times_lru_and_fifo_as_the_cache_state_does(policy, seria
             assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
             np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
             assert fast.profiler.metrics() == slow.profiler.metrics()
+
+
+def test_a_learned_policys_budgets_decided_together_replay_as_each_alone(monkeypatch):
+    """core.budgets_ahead (plan's replays of a learned policy): the hits of every budget come from one pass
+    (loop.run_hits_budgets, the policy's history and outputs computed once) and run_sim times each budget's. The
+    same counters, steps, sums and served requests as each budget replayed on its own, with resets per sequence
+    or none and steps of several tokens; a budget whose partitions a request does not fit replays on its own."""
+    from moesim.core import encode, loop
+    from strategies.learned import Learned
+
+    calls = []
+    kernel = loop.run_hits_budgets
+
+    class Counting:  # the kernel, counting its budgets per call
+        signatures = property(lambda self: kernel.signatures)
+
+        def __call__(self, *a):
+            calls.append(len(a[-2]))
+            return kernel(*a)
+
+    monkeypatch.setattr(loop, "run_hits_budgets", Counting())
+    hw = load_hardware("rtx-4090")
+    trace = random_trace(11, T=400, max_batch=3)
+    L = trace.n_layers
+    w = encode(trace).width
+    model = random_model(L, trace.spec.experts, H=4, seed=2)
+    make = lambda: Learned(model=model)  # noqa: E731
+    budgets = [(w - 1) * L, w * L, (w + 1) * L, (w + 2) * L]  # the first: a request wider than its partitions
+    for reset in (False, True):
+        alone = [core.simulate(trace, trace.spec, b, "per_layer", make, hardware=hw, reset_per_seq=reset,
+                               events=False) for b in budgets]
+        calls.clear()
+        with core.budgets_ahead(budgets):
+            together = [core.simulate(trace, trace.spec, b, "per_layer", make, hardware=hw, reset_per_seq=reset,
+                                      events=False) for b in budgets]
+        assert calls[1:] == [3]  # one pass (after the call of no steps) for the three budgets that fit
+        for a, t in zip(alone, together):
+            assert a.counters == t.counters and a.request_stats == t.request_stats
+            np.testing.assert_array_equal(a.profiler.arrays()[0], t.profiler.arrays()[0])
+            assert a.profiler.metrics() == t.profiler.metrics()
+        assert alone[1].counters["evictions"] > 0 and alone[1].counters["hits"] > 0
+    assert not core._DECIDED and not core._AHEAD

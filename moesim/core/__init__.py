@@ -57,15 +57,20 @@ import numpy as np  # noqa: E402
 from ..errors import MoesimError  # noqa: E402
 from ..profiler import Profiler  # noqa: E402
 from . import loop  # noqa: E402
-from .parts import CACHE, cache_state, offload_arrays, prefetch_table, uncovered  # noqa: E402
+from .parts import CACHE, cache_state, class_path, offload_arrays, prefetch_table, uncovered  # noqa: E402
+from .policies import LEARNED  # noqa: E402
 from ..engine import scratch_slots  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
 # simulate's stamp path for LRU and FIFO (see there); tests/test_core.py switches it off to compare
 STAMPS = True
+# budgets_ahead: the budgets whose hits simulate decides together, and those decided and not taken yet
+_AHEAD: tuple = ()
+_DECIDED: dict = {}
 
-__all__ = ["hit_counts", "hit_flags", "simulate", "uncovered", "encode", "reset_steps", "SimRun", "Script"]
+__all__ = ["hit_counts", "hit_flags", "simulate", "budgets_ahead", "uncovered", "encode", "reset_steps", "SimRun",
+           "Script"]
 
 
 def reference_class(policy: str):
@@ -190,6 +195,48 @@ def _hits(trace, make_policy, n_slots, scope, resets, flags) -> np.ndarray:
     if status < 0:
         raise _error(status, req, st, where)
     return cnt
+
+
+@contextmanager
+def budgets_ahead(budgets):
+    """Within it, `simulate` of the learned policy per layer with demand misses only, keeping sums (what plan
+    replays), decides the hits of every budget (n_slots) in `budgets` at its first call for one of them, in one
+    pass (loop.run_hits_budgets: the policy's history and its network's outputs are the trace's, computed once
+    for all budgets instead of once per budget), and each call times its budget's (run_sim's `pre`). The same
+    counters, steps and sums as a replay on its own (tests/test_core.py)."""
+    global _AHEAD
+    _AHEAD = tuple(int(b) for b in budgets)
+    _DECIDED.clear()
+    try:
+        yield
+    finally:
+        _AHEAD = ()
+        _DECIDED.clear()
+
+
+def _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq):
+    """(hit flags, evictions) of budget n_slots from budgets_ahead's pass, or None where it cannot run."""
+    obj = make_policy()
+    key = (id(trace), class_path(obj), repr(sorted(vars(obj).items())), bool(reset_per_seq))
+    if (key, n_slots) not in _DECIDED:
+        req = encode(trace)
+        L = req.n_layers
+        budgets = [b for b in dict.fromkeys(_AHEAD) if b // L >= max(req.width, 1)]  # no waves
+        if n_slots not in budgets:
+            return None
+        st, prm = cache_state(trace, spec, budgets[0], "per_layer", make_policy, copies=[b // L for b in budgets])
+        loop.reset(st.I, st.F, prm)
+        flags = np.zeros((len(budgets), len(req.ids)), np.uint8)
+        cnt = np.zeros((len(budgets), loop.N_CNT), np.int64)
+        with compile_notice(loop.run_hits_budgets):
+            loop.run_hits_budgets(st.I, st.F, st.seqs, prm, req.ids, req.ptr, resets[:0], flags, cnt)
+        status, _, _ = loop.run_hits_budgets(st.I, st.F, st.seqs, prm, req.ids, req.ptr, resets, flags, cnt)
+        if status < 0:  # the replay on its own says what went wrong
+            return None
+        for k, b in enumerate(budgets):
+            _DECIDED[(key, b)] = (flags[k], int(cnt[k, loop.EVICTIONS]), trace)
+    flags, evictions, _ = _DECIDED.pop((key, n_slots))
+    return flags, evictions
 
 
 class ArrayProfiler(Profiler):
@@ -331,8 +378,9 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     resets = reset_steps(trace, reset_per_seq)
     pre, evictions = np.zeros(0, np.uint8), 0
     cap = n_slots // trace.n_layers
-    if (STAMPS and not events and not record and prefetcher is None and offload is None and disk is None
-            and prm.code in (0, 1) and scope == "per_layer" and 0 < req.width <= cap):
+    demand = (not events and not record and prefetcher is None and offload is None and disk is None
+              and scope == "per_layer")
+    if STAMPS and demand and prm.code in (0, 1) and 0 < req.width <= cap:
         # LRU or FIFO, a partition per layer, nothing but demand misses: the stamp kernels decide the hits (a sixth
         # of the list-based state's time), and run_sim times them (loop.run_sim: `pre`)
         pre = np.zeros(len(req.ids), np.uint8)
@@ -340,6 +388,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
                                                             resets, prm.code == 1, pre)
         if status < 0:
             raise kernel_error(status, req, cap, where)
+    elif demand and prm.code == LEARNED and n_slots in _AHEAD:  # decided with other budgets (budgets_ahead)
+        pre, evictions = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, 0)
     t1 = time.perf_counter()
     args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
             resets, req.step_tokens, shared_ms, device_ms, host_ms, act_ms,

@@ -203,6 +203,41 @@ def run_hits(I, F, nxt, seqs, prm, ids, ptr, resets, flags, cnt):
 
 
 @njit(cache=True, nogil=True)
+def run_hits_budgets(I, F, seqs, prm, ids, ptr, resets, flags, cnt):
+    """run_hits of the learned policy at K budgets at once, per layer (state: parts.cache_state(copies=...)): the
+    partition of budget k and layer l is k * L + l. The policy's history, and its network's outputs at each
+    request position, are the trace's whatever a cache holds: they move once per request for every budget
+    (a victim of budget k's partition reads them at its trace key). flags uint8 [K, N]: 1 where element i hit at
+    budget k; cnt int64 [K, N_CNT]. Every request fits every partition (no waves: the caller checks).
+    Returns (status, position, budget)."""
+    L = prm.L
+    K = len(flags)
+    out = np.zeros((3, width(ptr)), np.int64)
+    none = np.empty(0, np.int64)
+    mark = 0
+    for s in range(len(resets)):
+        if resets[s]:
+            reset(I, F, prm)
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            learned_request(I, F, seqs, prm, layer, pos, layer, ids, a, b)
+            for k in range(K):
+                v = k * L + layer  # this budget's copy of the layer
+                c = cnt[k]
+                mark += 1
+                h = lookup(I, F, seqs, none, prm, c, pos, mark, v, ids, a, b, out)
+                if h < b - a:
+                    base = v * prm.E
+                    for i in range(a, b):
+                        if out[0, i - a] != -2 and insert(I, F, seqs, prm, c, pos, mark, base + ids[i], 0, False) < 0:
+                            return ALL_PINNED, pos, k
+                for i in range(a, b):
+                    flags[k, i] = out[0, i - a] == -2
+    return 0, 0, 0
+
+
+@njit(cache=True, nogil=True)
 def _small_kernel(ids, ptr, L, E, cap, reset, fifo, flags):
     """LRU (or FIFO) with one partition of `cap` slots per layer, the default case, in its fastest form: per
     layer, the slots' keys and last-use stamps (FIFO: insert stamps) in two short rows, the victim found by a

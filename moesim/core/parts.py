@@ -104,12 +104,13 @@ def _context(trace, spec, layers, capacity, scope):
     return Context(trace, spec, layers, capacity, scope)
 
 
-def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetch: bool = False
-                ) -> tuple[State, Params]:
+def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetch: bool = False,
+                copies: list | None = None) -> tuple[State, Params]:
     """The empty cache state and constants of the built-in policy `make_policy()` builds, set up as
     moesim.cache.Cache sets up one instance per partition (static: each partition's static set).
     `with_prefetch`: a prefetcher will insert keys outside the requests (Belady then needs every key's
-    request positions)."""
+    request positions). `copies`: the learned policy's per_layer caches at several budgets side by side (slots
+    per layer of each; see new_state), for loop.run_hits_budgets."""
     obj = make_policy()
     name = builtin(obj, CACHE)
     if name is None:
@@ -134,13 +135,16 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     st, cm = new_state(L, E, n_slots, scope, classes, next_uses(trace) if name == "belady" and not hasattr(obj, "given") else None,
                        trace.step_seq().astype(np.int64) if name in ("activation_aware", "learned") else None, kpos,
                        koff, N_FEATURES + 2 * learned[0] if learned else 0, learned[1] if learned else None,
-                       LP_ROWS if learned else 0)
+                       LP_ROWS if learned else 0, copies)
     if learned:  # its tables by age follow the model; Params gets (hidden units, their first row)
         tables = lp_tables(st.F.shape[1])
         lrow = learned_rows(len(learned[1]), st.F.shape[1])
         st.F[lrow:lrow + len(tables)] = tables
         learned = (learned[0], lrow)
-    P = L if scope == "per_layer" else 1
+    P = L * (len(copies) if copies is not None else 1) if scope == "per_layer" else 1
+    if copies is not None and (name != "learned" or scope != "per_layer"):
+        raise MoesimError(f"cache_state: copies of budgets are built for the learned policy per layer, not {name} "
+                          f"in {scope} scope")
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):
             layers = everything if scope == "global" else (p,)

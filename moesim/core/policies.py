@@ -441,14 +441,15 @@ def learned_request(I, F, seqs, prm, p, pos, layer, ids, a, b):
 
 
 @njit(**HOT)
-def learned_features(I, F, prm, p, pos, kid):
-    """Learned.features of `kid` at `pos`, into the scratch row F[LPH, 0:12]."""
+def learned_features(I, F, prm, pos, kid):
+    """Learned.features of `kid` (a key of the trace: < L * E) at `pos`, into the scratch row F[LPH, 0:12]."""
     t = pos // prm.L
+    E = prm.E
+    layer, e = kid // E, kid % E
     last = I[LUSE, kid]
     g1, g2 = I[G1, kid], I[G2, kid]
-    n = t - I[SSTART, p] + 1
+    n = t - I[SSTART, I[PART, layer]] + 1
     cnt = I[SCNT, kid]
-    E = prm.E
     o, oPop, oP, oP2 = _lp_tables(F, prm)
     m = F.reshape(-1)
     no_gap = math.log1p(LP_NO_GAP)
@@ -459,7 +460,6 @@ def learned_features(I, F, prm, p, pos, kid):
         F[LPH, 3 + h] = F[DC + h, kid] * _lp_decay(F, prm, t - last, h) if last >= 0 else 0.0
     F[LPH, 6] = cnt / n
     F[LPH, 7] = _lp_log1p(F, prm, n)
-    layer, e = kid // E, kid % E
     base = layer * E
     s = 0.0
     rowP = o + oP + layer * E * E + e
@@ -476,9 +476,10 @@ def learned_features(I, F, prm, p, pos, kid):
 
 
 @njit(**HOT)
-def _lp_out(I, F, prm, p, pos, kid):
+def _lp_out(I, F, prm, pos, kid):
     """The network's output for `kid` at `pos` (strategies/learned.py mlp of Learned.features), computed once
-    per request position."""
+    per request position. `kid` is a key of the trace (< L * E): the history and the outputs are the trace's,
+    whatever the cache holds (run_hits_budgets keeps several budgets' caches beside one history)."""
     at = prm.lrow + LP_OUT
     if I[LOST, kid] == pos + 1:
         return F[at, kid]
@@ -490,7 +491,7 @@ def _lp_out(I, F, prm, p, pos, kid):
     ob2 = ow2 + H * H
     ow3 = ob2 + H
     ob3 = ow3 + H
-    learned_features(I, F, prm, p, pos, kid)
+    learned_features(I, F, prm, pos, kid)
     for j in range(nf):  # standardised in place
         F[LPH, j] = (F[LPH, j] - m[j]) / m[nf + j]
     # each layer adds one input to every unit at a time (w1, w2 input-major): the units' sums are independent, so
@@ -523,18 +524,24 @@ def _lp_out(I, F, prm, p, pos, kid):
 @njit(**HOT)
 def _lp_victim(I, F, prm, p, off, mark, pos):
     """Learned.victim: the unpinned member with the largest output; ties to the older last request, then
-    the lower key; -1 if none."""
+    the lower key; -1 if none. A member may be a budget's copy of a trace key (run_hits_budgets: key + k * L * E),
+    whose history and output are the trace key's."""
     best = -1
     bo = 0.0
+    hb = 0  # the best's trace key
+    LE = prm.L * prm.E
     for i in range(I[SIZE, p]):
         x = I[MEMBERS, off + i]
         if I[PIN, x] == mark:
             continue
-        o = _lp_out(I, F, prm, p, pos, x)
-        if best < 0 or o > bo or (o == bo and (I[LUSE, x] < I[LUSE, best]
-                                               or (I[LUSE, x] == I[LUSE, best] and x < best))):
+        h = x
+        while h >= LE:  # no division: this runs for every candidate
+            h -= LE
+        o = _lp_out(I, F, prm, pos, h)
+        if best < 0 or o > bo or (o == bo and (I[LUSE, h] < I[LUSE, hb] or (I[LUSE, h] == I[LUSE, hb] and x < best))):
             best = x
             bo = o
+            hb = h
     return best
 
 

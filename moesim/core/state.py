@@ -119,14 +119,21 @@ def partitions(n_layers: int, n_slots: int, scope: str) -> tuple[np.ndarray, np.
 def new_state(L: int, E: int, n_slots: int, scope: str, classes: int = 1, nxt: np.ndarray | None = None,
               seqs: np.ndarray | None = None, kpos: np.ndarray | None = None,
               koff: np.ndarray | None = None, width: int = 0, model: np.ndarray | None = None,
-              rows_after: int = 0) -> tuple[State, int]:
+              rows_after: int = 0, copies: np.ndarray | None = None) -> tuple[State, int]:
     """(empty cache state for `n_slots` slots in `scope`, capmax). Policy data (static keys, layer weights) is
     the caller's to fill in before the first `reset`. `width`: at least this many columns (learned's scratch);
     `model`: learned's flat model, stored from row LPM on (F.reshape(-1)[LPM * W:]), and `rows_after` more rows
-    after it (learned_rows(...) gives the first)."""
-    if n_slots < 1:
-        raise MoesimError(f"n_slots={n_slots}: expected at least one slot")
-    part_of_layer, cap = partitions(L, n_slots, scope)
+    after it (learned_rows(...) gives the first). `copies`: per_layer partitions of several budgets side by side
+    (moesim/core/loop.py run_hits_budgets): copies[k] slots per layer for budget k, whose partition of layer l is
+    k * L + l, with keys key + k * L * E (n_slots is then not read)."""
+    if copies is not None:
+        K = len(copies)
+        part_of_layer, cap = np.arange(K * L, dtype=np.int64), np.repeat(np.asarray(copies, np.int64), L)
+        L *= K  # the copies' layers
+    else:
+        if n_slots < 1:
+            raise MoesimError(f"n_slots={n_slots}: expected at least one slot")
+        part_of_layer, cap = partitions(L, n_slots, scope)
     P, nk = len(cap), L * E
     cm = max(int(cap.max()), 1)
     I = np.zeros((N_IROWS, max(nk, P * cm, L, P * classes, width)), np.int64)
