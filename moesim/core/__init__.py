@@ -339,7 +339,7 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
     st, prm = cache_state(trace, spec, n_slots, scope, make_policy, prefetcher is not None)
     pf, pf_rows, pf_cap = prefetch_table(trace, prefetcher, n_slots, scope, nbytes)
     counts = req.token_counts()
-    max_count = int(counts.max()) if len(counts) else 1
+    max_count = 1 if req.counts is None else int(counts.max()) if len(counts) else 1  # 1: the ones
     offl = offload_arrays(trace, offload, n_slots, scope, cost if cost is not None else Cost(hw, spec), max_count,
                           nbytes)
     offl[0][5] = scratch_slots(trace.spec, make_policy(), offload)  # as the Python driver's

@@ -33,8 +33,19 @@ class Requests(NamedTuple):
         return len(self.step_tokens)
 
     def token_counts(self) -> np.ndarray:
-        """int32 [N]: `counts`, or ones."""
-        return self.counts if self.counts is not None else np.ones(len(self.ids), np.int32)
+        """int32 [N]: `counts`, or ones, shared by the traces of N elements (a plan's every replay had made its own,
+        16 ms for the real trace). Not to be written: the kernels reorder a copy (loop.request_arrays), and a
+        read-only array would be another type to them (compiled again)."""
+        if self.counts is not None:
+            return self.counts
+        ones = _ONES.get(len(self.ids))
+        if ones is None:
+            _ONES.clear()  # one length at a time: a process replays one trace
+            ones = _ONES[len(self.ids)] = np.ones(len(self.ids), np.int32)
+        return ones
+
+
+_ONES: dict = {}
 
 
 def encode(trace) -> Requests:
