@@ -256,6 +256,21 @@ def test_static_defaults_and_calibration_trace(tmp_path):
     assert sorted(e for _, e in q.static) == sorted(np.argsort(-c1, kind="stable")[:3].tolist())
 
 
+def test_request_counts_count_the_steps_that_request_each_expert():
+    rng = np.random.default_rng(5)
+    T, L, E, K = 80, 3, 6, 2
+    rows = [[[int(x) for x in rng.choice(E, K, replace=False)] for _ in range(L)] for _ in range(T)]
+    steps = np.cumsum(rng.random(T) < 0.5).astype(np.int32)  # several tokens per step: an expert counts once
+    tr = trace_of(rows, E=E, L=L, steps=steps)
+    experts = np.asarray(tr.experts)
+    got = request_counts(tr, (2, 0))
+    for i, layer in enumerate((2, 0)):
+        for e in range(E):
+            assert got[i, e] == sum(e in experts[tr.step_starts[s]:tr.step_starts[s + 1], layer]
+                                    for s in range(tr.n_steps))
+    assert got.sum() < T * K * 2  # some step requested an expert twice
+
+
 def test_calibration_trace_comes_through_context(tmp_path):
     """A Context's `open_trace` serves the calibrate_trace reference; a trace of another model is refused by
     name, from a path or a Trace."""
