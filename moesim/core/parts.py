@@ -181,10 +181,10 @@ def _key_positions(trace) -> tuple[np.ndarray, np.ndarray]:
 def prefetch_table(trace, prefetcher, n_slots: int, scope: str, nbytes: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(table int16 [R, lookahead, width], rows int64 [S * L]: the table row of each request position, -1 for
     none; cap in bytes or -1) of a built-in prefetcher, set up as moesim.engine.replay sets it up; no
-    prefetcher: an empty table."""
+    prefetcher: an empty table and no rows (the loop reads rows only where the table has a lookahead)."""
     S_L = trace.n_steps * trace.n_layers
     if prefetcher is None:
-        return np.zeros((0, 0, 0), np.int16), np.full(S_L, -1, np.int64), -1
+        return np.zeros((0, 0, 0), np.int16), np.zeros(0, np.int64), -1
     from ..units import parse_inflight
 
     check_params(type(prefetcher), PREFETCH, "prefetch")
