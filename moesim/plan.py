@@ -410,10 +410,11 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
     The processes are spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers')
     hold a lock can hang (a plan of the real trace did)."""
     _init(dict(tr=tr, configs=configs, least=least))
+    together = {name: _together(cfg) for name, cfg in configs.items()}
     groups: dict = {}
     for i, job in enumerate(todo):
-        groups.setdefault(job[0] if _together(configs[job[0]]) else (job[0], job[1]), []).append((i, job))
-    order = sorted(groups.values(), key=lambda g: (not _together(configs[g[0][1][0]]), -len(g)))
+        groups.setdefault(job[0] if together[job[0]] else (job[0], job[1]), []).append((i, job))
+    order = sorted(groups.values(), key=lambda g: (not together[g[0][1][0]], -len(g)))
     done: list = []
     if jobs > 1 and not _spawnable():
         print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file to "
@@ -453,10 +454,12 @@ def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> 
                         f"not start. Each one imports the calling program again: in a script, call moesim.plan "
                         f"under `if __name__ == \"__main__\":`; or give jobs=1") from None
     else:
+        def one(row):
+            done.append(row)
+            _said(row[1], len(done), len(todo), progress)
+
         for g in order:
-            for row in _group(g):
-                done.append(row)
-                _said(row[1], len(done), len(todo), progress)
+            _group(g, one)
     return [r for _, r in sorted(done, key=lambda x: x[0])]
 
 
@@ -481,11 +484,17 @@ def _spawnable() -> bool:
     return path is None or os.path.isfile(path)
 
 
-def _group(jobs: list) -> list:
+def _group(jobs: list, on_row=None) -> list:
+    """The rows (index, Row) of one task's jobs; `on_row` is told each as it is done (jobs=1: progress per row)."""
     from . import core
 
+    rows = []
     with core.budgets_ahead([job[2] for _, job in jobs]):  # the slots each replays with
-        return [(i, _job(job)) for i, job in jobs]
+        for i, job in jobs:
+            rows.append((i, _job(job)))
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
 
 
 def _said(r, i: int, n: int, progress: bool) -> None:

@@ -8,6 +8,7 @@ Python part runs in the Python driver (moesim/engine.py), which calls the parts'
     core.hit_counts(trace, "lru", {}, n_slots=192, scope="per_layer")     # Counters.to_dict()
     run = core.simulate(trace, spec, 192, "global", make_policy, prefetcher, offload, "h200")
     run.counters, run.prefetch, run.profiler.metrics(), run.device_bytes
+    with core.budgets_ahead([120, 240]): ...    # simulate decides a learned policy's hits at both in one pass
 
     python -m pytest tests/test_core.py              # identical to the Python driver + strategies/, every part
     python -m pytest tests/bench --benchmark-enable   # rates against the Python loop and libCacheSim

@@ -1,6 +1,7 @@
 """The compiled drivers: every step of a trace through the cache state, the compiled policies and (timed) the
 sim clocks. `run_sim` is the timed replay of moesim.engine.replay + moesim.backends.sim.SimBackend with every
-built-in cache policy, prefetcher and offload policy; `run_hits` is the cache-only replay (hit counts, curves).
+built-in cache policy, prefetcher and offload policy; `run_hits` is the cache-only replay (hit counts, curves);
+`run_hits_budgets` is the learned policy's at several budgets in one pass (moesim.core.budgets_ahead).
 
 Per step and layer (request position pos = step * L + layer), as moesim/engine.py serves it: look up the
 layer's experts (pinned with a mark used once), decide each miss (fetch, or compute on the host), prefetch

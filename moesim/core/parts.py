@@ -116,6 +116,9 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
     if name is None:
         raise MoesimError(f"strategy.cache: {class_path(obj)} is not compiled; run it with moesim.engine.replay")
     check_params(type(obj), CACHE, "strategy.cache")
+    if copies is not None and (name != "learned" or scope != "per_layer"):
+        raise MoesimError(f"cache_state: copies of budgets are built for the learned policy per layer, not {name} "
+                          f"in {scope} scope")
     L, E = trace.n_layers, trace.spec.experts
     everything = tuple(range(L))
     if name in ("lfu", "lfru", "class_lru", "activation_aware", "page_cache", "learned"):  # derived in setup
@@ -142,9 +145,6 @@ def cache_state(trace, spec, n_slots: int, scope: str, make_policy, with_prefetc
         st.F[lrow:lrow + len(tables)] = tables
         learned = (learned[0], lrow)
     P = L * (len(copies) if copies is not None else 1) if scope == "per_layer" else 1
-    if copies is not None and (name != "learned" or scope != "per_layer"):
-        raise MoesimError(f"cache_state: copies of budgets are built for the learned policy per layer, not {name} "
-                          f"in {scope} scope")
     if name == "static":  # the reference policy picks the static keys of each partition
         for p in range(P):
             layers = everything if scope == "global" else (p,)
