@@ -679,37 +679,48 @@ def test_the_disk_tier_equals_the_python_driver(host_policy):
     assert reads > 0
 
 
-@pytest.mark.parametrize("policy", ["lru", "fifo"])
+def some_dense(trace, on: bool = True):
+    """A dense part of random ms per step and layer class (moesim.whole.DenseTimes), or none."""
+    from moesim.whole import DenseTimes
+
+    if not on:
+        return None
+    rng = np.random.default_rng(5)
+    S, L = trace.n_steps, trace.n_layers
+    return DenseTimes(rng.uniform(0.01, 0.3, (S, 2)), rng.integers(0, 2, L), rng.uniform(0, 0.5, S),
+                      rng.uniform(0, 0.5, S))
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "class_lru", "activation_aware", "static", "lfru"])
 @pytest.mark.parametrize("serial", [False, True])
-def test_the_stamp_path_times_lru_and_fifo_as_the_cache_state_does(policy, serial, monkeypatch):
-    """simulate(events=False) of LRU or FIFO per layer with demand misses only: the stamp kernels decide the hits
-    and run_sim times them (`pre`). The same counters, steps, sums and served requests as the cache state's
-    replay, bit for bit, with copies beside the compute or holding it (serial), resets per sequence or none,
-    steps of one token and of several; a request wider than a partition takes the cache state."""
+def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypatch):
+    """simulate(events=False) of a demand cache per layer: its hits decided first (by its slot kernel,
+    moesim/core/slots.py, where it has one; lfru by the cache-only replay) and timed by loop.time_hits. The same
+    counters, steps, sums and served requests as run_sim's replay on the cache state, bit for bit, with copies
+    beside the compute or holding it (serial), resets per sequence or none, steps of one token and of several,
+    with a dense part or none; a request wider than a partition takes the cache state."""
     from moesim.api import load_trace
-    from moesim.core import encode, loop
-    from strategies.fifo import FIFO
-    from strategies.lru import LRU
+    from moesim.core import encode, slots
 
     calls = []
-    kernel = loop._small_kernel
-    monkeypatch.setattr(loop, "_small_kernel", lambda *a: calls.append(1) or kernel(*a))
+    find = slots.slot_kernel
+    monkeypatch.setattr(core, "slot_kernel", lambda *a: (lambda k: calls.append(k is not None) or k)(find(*a)))
     hw = dataclasses.replace(load_hardware("rtx-4090"), serial_copies=serial)
-    make = {"lru": LRU, "fifo": FIFO}[policy]
+    cls = core.reference_class(policy)
     decode = load_trace("gpt-oss-like").slice_tokens(0, 500)
     batch = load_trace("gpt-oss-like-batch8").slice_tokens(0, 3000)
     L = decode.n_layers
-    for tr, slots in ((decode, 6 * L), (batch, 31 * L), (batch, 12 * L)):
+    for tr, n_slots in ((decode, 6 * L), (batch, 31 * L), (batch, 12 * L)):
         for reset in (False, True):
             runs = []
-            for stamps in (True, False):
-                monkeypatch.setattr(core, "STAMPS", stamps)
+            for decide in (True, False):
+                monkeypatch.setattr(core, "DECIDE", decide)
                 n = len(calls)
-                r = core.simulate(tr, tr.spec, slots, "per_layer", make, hardware=hw, reset_per_seq=reset,
-                                  events=False)
-                runs.append((r, len(calls) > n))
-            (fast, took), (slow, _) = runs
-            assert took == (encode(tr).width <= slots // L)
+                r = core.simulate(tr, tr.spec, n_slots, "per_layer", cls, hardware=hw, reset_per_seq=reset,
+                                  events=False, dense=some_dense(tr, reset))
+                runs.append((r, calls[n:]))
+            (fast, took), (slow, none) = runs
+            assert none == [] and took == ([policy != "lfru"] if encode(tr).width <= n_slots // L else [])
             assert fast.counters == slow.counters and fast.request_stats == slow.request_stats
             assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
             np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
@@ -743,12 +754,13 @@ def test_a_learned_policys_budgets_decided_together_replay_as_each_alone(monkeyp
     make = lambda: Learned(model=model)  # noqa: E731
     budgets = [(w - 1) * L, w * L, (w + 1) * L, (w + 2) * L]  # the first: a request wider than its partitions
     for reset in (False, True):
+        dense = some_dense(trace, reset)
         alone = [core.simulate(trace, trace.spec, b, "per_layer", make, hardware=hw, reset_per_seq=reset,
-                               events=False) for b in budgets]
+                               events=False, dense=dense) for b in budgets]
         calls.clear()
         with core.budgets_ahead(budgets):
             together = [core.simulate(trace, trace.spec, b, "per_layer", make, hardware=hw, reset_per_seq=reset,
-                                      events=False) for b in budgets]
+                                      events=False, dense=dense) for b in budgets]
         assert calls[1:] == [3]  # one pass (after the call of no steps) for the three budgets that fit
         for a, t in zip(alone, together):
             assert a.counters == t.counters and a.request_stats == t.request_stats

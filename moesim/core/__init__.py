@@ -62,10 +62,12 @@ from .parts import CACHE, cache_state, class_path, offload_arrays, prefetch_tabl
 from .policies import LEARNED  # noqa: E402
 from ..engine import scratch_slots  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
+from .slots import slot_kernel  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
-# simulate's stamp path for LRU and FIFO (see there); tests/test_core.py switches it off to compare
-STAMPS = True
+# simulate decides a demand cache's hits before it times them, and hit_counts takes the slot kernels (slots.py);
+# tests/test_core.py switches both off to compare with the cache state's replays (run_sim, run_hits)
+DECIDE = True
 # budgets_ahead: the budgets whose hits simulate decides together, and those decided and not taken yet
 _AHEAD: tuple = ()
 _DECIDED: dict = {}
@@ -159,20 +161,8 @@ def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str
                reset_per_seq: bool = False) -> dict:
     """Cache-only replay, compiled: the counters moesim.engine.hit_counts gives for the reference policy
     `policy` built from `params`, with `n_slots` slots in `scope` (as Counters.to_dict())."""
-    make = _policy_factory(policy, params)
-    resets = reset_steps(trace, reset_per_seq)
-    req = encode(trace)
-    L = req.n_layers
-    cap = n_slots // L
-    if policy in ("lru", "fifo") and scope == "per_layer" and req.width <= cap:  # no waves: the stamp kernels
-        hits, evictions, status, where = loop._small_kernel(req.ids, req.ptr, L, req.n_experts, cap, resets,
-                                                            policy == "fifo", np.zeros(0, np.uint8))
-        if status < 0:
-            raise kernel_error(status, req, cap, where)
-        n = int(req.ptr[-1])
-        return {"requests": n, "hits": int(hits), "misses": n - int(hits), "loads": n - int(hits),
-                "prefetch_loads": 0, "evictions": int(evictions), "host_computes": 0, "streams": 0}
-    return counters(_hits(trace, make, n_slots, scope, resets, np.zeros(0, np.uint8)))
+    return counters(_hits(trace, _policy_factory(policy, params), n_slots, scope, reset_steps(trace, reset_per_seq),
+                          None))
 
 
 def hit_flags(trace, policy: str, params: dict | None, n_slots: int, scope: str = "per_layer",
@@ -185,12 +175,33 @@ def hit_flags(trace, policy: str, params: dict | None, n_slots: int, scope: str 
 
 
 def _hits(trace, make_policy, n_slots, scope, resets, flags) -> np.ndarray:
-    req = encode(trace)
     st, prm = cache_state(trace, trace.spec, n_slots, scope, make_policy)
     loop.reset(st.I, st.F, prm)
+    return _decide(st, prm, encode(trace), n_slots, scope, resets, flags)
+
+
+def _decide(st, prm, req, n_slots, scope, resets, flags) -> np.ndarray:
+    """The counters (loop's cnt) of the cache-only replay from the state `st` (reset), `flags` (uint8 [N], or
+    None) set to where each element hits: by a slot kernel where one decides this cache (moesim/core/slots.py: a
+    partition per layer, no request wider than it), else by run_hits on the state."""
     cnt = np.zeros(loop.N_CNT, np.int64)
-    args = [st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets, flags, cnt]
-    with compile_notice(loop.run_hits):  # around a call of no steps: compiling or loading, not replaying
+    cap = n_slots // req.n_layers
+    found = slot_kernel(st, prm) if DECIDE and scope == "per_layer" and 0 < req.width <= cap else None
+    if found is not None:
+        kernel, extra = found
+        f = np.zeros(len(req.ids), np.uint8) if flags is None else flags
+        args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, *extra]
+        with compile_notice(kernel):  # around a call of no steps: compiling or loading, not replaying
+            kernel(*args[:5], resets[:0], *args[6:])
+        hits, evictions, status, where = kernel(*args)
+        if status < 0:
+            raise kernel_error(status, req, cap, where)
+        n = len(req.ids)
+        cnt[[loop.REQUESTS, loop.HITS, loop.LOADS_N, loop.EVICTIONS]] = (n, hits, n - hits, evictions)
+        return cnt
+    args = [st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets,
+            np.zeros(0, np.uint8) if flags is None else flags, cnt]
+    with compile_notice(loop.run_hits):
         loop.run_hits(*args[:7], resets[:0], *args[8:])
     status, where = loop.run_hits(*args)
     if status < 0:
@@ -216,7 +227,7 @@ def budgets_ahead(budgets):
 
 
 def _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq):
-    """(hit flags, evictions) of budget n_slots from budgets_ahead's pass, or None where it cannot run."""
+    """(hit flags, cache counters) of budget n_slots from budgets_ahead's pass, or None where it cannot run."""
     obj = make_policy()
     key = (id(trace), class_path(obj), repr(sorted(vars(obj).items())), bool(reset_per_seq))
     if (key, n_slots) not in _DECIDED:
@@ -235,9 +246,9 @@ def _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq):
         if status < 0:  # the replay on its own says what went wrong
             return None
         for k, b in enumerate(budgets):
-            _DECIDED[(key, b)] = (flags[k], int(cnt[k, loop.EVICTIONS]), trace)
-    flags, evictions, _ = _DECIDED.pop((key, n_slots))
-    return flags, evictions
+            _DECIDED[(key, b)] = (flags[k], cnt[k], trace)
+    flags, decided, _ = _DECIDED.pop((key, n_slots))
+    return flags, decided
 
 
 class ArrayProfiler(Profiler):
@@ -377,41 +388,47 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         dst, dprm, hready, dq = st, prm, np.zeros(0), np.array([-1.0])  # no disk: dq[0] < 0
     dcnt = np.zeros(loop.N_CNT, np.int64)
     resets = reset_steps(trace, reset_per_seq)
-    pre, evictions = np.zeros(0, np.uint8), 0
-    cap = n_slots // trace.n_layers
-    demand = (not events and not record and prefetcher is None and offload is None and disk is None
-              and scope == "per_layer")
-    if STAMPS and demand and prm.code in (0, 1) and 0 < req.width <= cap:
-        # LRU or FIFO, a partition per layer, nothing but demand misses: the stamp kernels decide the hits (a sixth
-        # of the list-based state's time), and run_sim times them (loop.run_sim: `pre`)
-        pre = np.zeros(len(req.ids), np.uint8)
-        hits, evictions, status, where = loop._small_kernel(req.ids, req.ptr, req.n_layers, req.n_experts, cap,
-                                                            resets, prm.code == 1, pre)
-        if status < 0:
-            raise kernel_error(status, req, cap, where)
-    elif demand and prm.code == LEARNED and n_slots in _AHEAD:  # decided with other budgets (budgets_ahead)
-        pre, evictions = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, 0)
+    pre, decided = np.zeros(0, np.uint8), None  # decided: the counters of hits decided before they are timed
+    if (DECIDE and not events and not record and prefetcher is None and offload is None and disk is None
+            and 0 < req.width <= st.I[CAP, :prm.P].min()):
+        # a demand cache keeping sums, no request wider than a partition: its hits do not depend on the clocks, so
+        # they are decided first (a slot kernel, the learned policy's pass over several budgets, or the cache-only
+        # replay) and time_hits times them
+        if prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":  # decided with other budgets
+            pre, decided = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, None)
+        if decided is None:
+            pre = np.zeros(len(req.ids), np.uint8)
+            decided = _decide(st, prm, req, n_slots, scope, resets, pre)
     t1 = time.perf_counter()
-    args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
-            resets, req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
-            hw.copy_ms(nbytes, pinned), own, bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap,
-            bool(getattr(prefetcher, "flat", False)), *offl, cnt, served, ck, record, dense.attention, dense.cls,
-            dense.head, dense.tail, agg, dst.I, dst.F, dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, dq, pre]
-    # the notice times a call of no steps (resets[:0]): compiling or loading the kernel, not a long replay
-    # (a 2.4 s replay of the real trace had said "compiling" on every first call of a process)
-    with compile_notice(loop.run_sim):
-        loop.run_sim(*args[:10], args[10][:0], *args[11:])
-    status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(*args)
+    copy_ms = hw.copy_ms(nbytes, pinned)
+    if decided is not None:  # hits decided, no request wider than its partition: timed with the clocks alone
+        args = [pre, req.ptr, counts, req.step_tokens, shared_ms, device_ms, copy_ms, own, bool(hw.serial_copies),
+                dense.attention, dense.cls, dense.head, dense.tail, served, ck, agg]
+        with compile_notice(loop.time_hits):  # a call of no steps
+            loop.time_hits(*args[:3], args[3][:0], *args[4:])
+        steps = loop.time_hits(*args)
+        cnt[:] = decided
+        status, where, copies, computes = 0, 0, np.empty((0, 7)), np.empty((0, 5))
+        waves = served_rows = step_waves = None  # record: never with decided hits
+    else:
+        args = [st.I, st.F, st.nxt, st.seqs, st.kpos, st.koff, prm, req.ids, counts, req.ptr,
+                resets, req.step_tokens, shared_ms, device_ms, host_ms, act_ms, copy_ms, own,
+                bool(hw.serial_copies), nbytes, n_slots, pf, pf_rows, pf_cap, bool(getattr(prefetcher, "flat", False)),
+                *offl, cnt, served, ck, record, dense.attention, dense.cls, dense.head, dense.tail, agg, dst.I, dst.F,
+                dst.seqs, dst.kpos, dst.koff, dprm, dcnt, hready, dq]
+        # the notice times a call of no steps (resets[:0]): compiling or loading the kernel, not a long replay
+        # (a 2.4 s replay of the real trace had said "compiling" on every first call of a process)
+        with compile_notice(loop.run_sim):
+            loop.run_sim(*args[:10], args[10][:0], *args[11:])
+        status, where, steps, copies, computes, waves, served_rows, step_waves = loop.run_sim(*args)
     t2 = time.perf_counter()
     if status < 0:
         raise _error(status, req, st, where)
-    if len(pre):
-        cnt[loop.EVICTIONS] = evictions
     totals = None
     if not events:
         n_loads = int(steps[-1, 4]) if len(steps) else 0
         totals = {"loads": n_loads, "prefetch_loads": int(cnt[loop.PF_LOADS]), "bytes_per_load": nbytes,
-                  "bytes_h2d": n_loads * nbytes, "copy_ms": hw.copy_ms(nbytes, pinned),
+                  "bytes_h2d": n_loads * nbytes, "copy_ms": copy_ms,
                   "stall_ms": float(agg[loop.AGG_STALL]), "device_compute_ms": float(agg[loop.AGG_DEVICE]),
                   "host_compute_ms": float(agg[loop.AGG_HOST]), "stall_ms_per_layer": agg[loop.AGG:].tolist()}
     profiler = ArrayProfiler(trace.n_layers, steps, np.ascontiguousarray(copies[:, :6]), computes, totals)

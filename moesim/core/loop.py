@@ -1,7 +1,8 @@
 """The compiled drivers: every step of a trace through the cache state, the compiled policies and (timed) the
 sim clocks. `run_sim` is the timed replay of moesim.engine.replay + moesim.backends.sim.SimBackend with every
 built-in cache policy, prefetcher and offload policy; `run_hits` is the cache-only replay (hit counts, curves);
-`run_hits_budgets` is the learned policy's at several budgets in one pass (moesim.core.budgets_ahead).
+`run_hits_budgets` is the learned policy's at several budgets in one pass (moesim.core.budgets_ahead);
+`time_hits` times hits decided already (a demand cache's, keeping sums).
 
 Per step and layer (request position pos = step * L + layer), as moesim/engine.py serves it: look up the
 layer's experts (pinned with a mark used once), decide each miss (fetch, or compute on the host), prefetch
@@ -16,7 +17,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .clock import LOADS, NOW, OWED, copy, device_part, disk_read, host_part, inflight_bytes
+from .clock import COPY_FREE, LOADS, NOW, OWED, PHASE, copy, device_part, disk_read, host_part, inflight_bytes
 from .policies import LEARNED, REFUSING, learned_request, evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
@@ -239,122 +240,76 @@ def run_hits_budgets(I, F, seqs, prm, ids, ptr, resets, flags, cnt):
 
 
 @njit(cache=True, nogil=True)
-def _small_kernel(ids, ptr, L, E, cap, reset, fifo, flags):
-    """LRU (or FIFO) with one partition of `cap` slots per layer, the default case, in its fastest form: per
-    layer, the slots' keys and last-use stamps (FIFO: insert stamps) in two short rows, the victim found by a
-    scan of `cap` stamps. The same decisions as the list-based kernel: hits are stamped in row order, then
-    misses, so the oldest stamp is the list head; for LRU the pinned keys hold the newest stamps, so the
-    oldest is pinned only when all are. With len(flags) == len(ids), flags[i] = 1 where element i was a hit.
-    Returns (hits, evictions, status, position)."""
-    if fifo:
-        return _small_fifo(ids, ptr, L, E, cap, reset, flags)
-    return _small_lru(ids, ptr, L, E, cap, reset, flags)
-
-
-@njit(cache=True, nogil=True)
-def _small_lru(ids, ptr, L, E, cap, reset, flags):
-    # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
-    where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer, -1 if not resident
-    skey = np.zeros((L, cap + 1), np.int64)  # [L, cap] key in each slot (column cap: scratch)
-    sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
-    n = np.zeros(L, np.int64)  # slots in use per layer (they fill in slot order, as Partition.free hands out)
-    miss = np.empty(width(ptr), np.int64)  # the running request's misses, in row order
-    flag = len(flags) > 0
-    clock = 0
-    hits = 0
-    evictions = 0
-    for s in range(len(reset)):
-        if reset[s]:
-            where[:] = -1
-            n[:] = 0
+def time_hits(pre, ptr, counts, step_tokens, shared_ms, device_ms, copy_ms, own, serial, dattn, dcls, dhead, dtail,
+              served, ck, agg):
+    """The timed replay of a demand cache whose hits are decided already (pre: uint8 [N], 1 where element i hits;
+    moesim.core.simulate: slots.py, run_hits, budgets_ahead), no request wider than its partition, keeping sums
+    (`agg`): run_sim's steps, sums, served requests and clocks bit for bit (clock.copy's and clock.device_part's
+    operations in their order), with the clocks in local variables, not in `ck`'s slots. A miss copies into slot 1 + its place in
+    the request; a hit reads a slot whose copy ended before the layer that loaded it computed (0.0), so it never
+    waits. The cache counters are the deciding kernel's. Returns steps [S, 6] (see run_sim)."""
+    S, L = len(step_tokens), len(dcls)
+    ready = np.zeros(width(ptr) + 1)  # ms: the end of each miss's copy, by its place in the request (+ 1)
+    steps = np.empty((S, 6))
+    n_cp = 0
+    n_cm = 0
+    now, cfree, phase = ck[NOW], ck[COPY_FREE], ck[PHASE]
+    stall, busy = agg[AGG_STALL], agg[AGG_DEVICE]
+    free_runs = served[0]
+    o_layer, o_expert, o_load, o_wb = own[0], own[1], own[2], own[3]
+    for s in range(S):
+        step_start = now
+        now += dhead[s]
+        shared = shared_ms[s]
         for layer in range(L):
+            now += dattn[s, dcls[layer]]
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
-            base = layer * E
-            first = clock + 1  # stamps of this request are >= first
-            n_miss = 0
-            for i in range(a, b):  # hits: stamped in row order; misses: listed
-                kid = base + ids[i]
-                j = where[kid]
-                hit = j >= 0
-                clock += hit
-                sstamp[layer, j if hit else cap] = clock
-                if flag:
-                    flags[i] = hit
-                miss[n_miss] = kid
-                n_miss += 1 - hit
-            hits += b - a - n_miss
-            for q in range(n_miss):
-                kid = miss[q]
-                if n[layer] < cap:
-                    j = n[layer]
-                    n[layer] += 1
-                else:
-                    j = 0
-                    m = sstamp[layer, 0]
-                    for c in range(1, cap):
-                        v = sstamp[layer, c]
-                        older = v < m
-                        m = v if older else m
-                        j = c if older else j
-                    if m >= first:
-                        return hits, evictions, ALL_PINNED, pos
-                    where[skey[layer, j]] = -1
-                    evictions += 1
-                clock += 1
-                sstamp[layer, j] = clock
-                skey[layer, j] = kid
-                where[kid] = j
-    return hits, evictions, 0, 0
-
-
-@njit(cache=True, nogil=True)
-def _small_fifo(ids, ptr, L, E, cap, reset, flags):
-    where = np.full(L * E, -1, np.int64)
-    pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
-    flag = len(flags) > 0
-    skey = np.zeros((L, max(cap, 1)), np.int64)
-    sstamp = np.zeros((L, max(cap, 1)), np.int64)  # insert stamps
-    n = np.zeros(L, np.int64)
-    clock = 0
-    hits = 0
-    evictions = 0
-    for s in range(len(reset)):
-        if reset[s]:
-            where[:] = -1
-            n[:] = 0
-        for layer in range(L):
-            pos = s * L + layer
-            a, b = ptr[pos], ptr[pos + 1]
-            base = layer * E
+            loads = 0.0
+            for i in range(a, b):  # clock.copy of each miss, in row order
+                if not pre[i]:
+                    loads += 1.0
+                    start = now if now > cfree else cfree
+                    if 0.0 > start:  # `after`: no disk tier
+                        start = 0.0
+                    end = start + copy_ms
+                    cfree = end
+                    if serial:
+                        if phase < 0.0:
+                            phase = start
+                        now = end
+                    ready[1 + i - a] = end
+            n_cp += int(loads)
+            start = now  # clock.device_part
+            free = start if phase < 0.0 else phase
+            phase = -1.0
+            duration = shared + o_wb * loads
+            waited = 0
             for i in range(a, b):
-                kid = base + ids[i]
-                pin[kid] = pos + 1
-                if where[kid] >= 0:
-                    hits += 1
-                if flag:
-                    flags[i] = where[kid] >= 0
-            for i in range(a, b):
-                kid = base + ids[i]
-                if where[kid] >= 0:
-                    continue
-                if n[layer] < cap:
-                    j = n[layer]
-                    n[layer] += 1
-                else:
-                    j = -1
-                    for c in range(cap):
-                        if (j < 0 or sstamp[layer, c] < sstamp[layer, j]) and pin[skey[layer, c]] != pos + 1:
-                            j = c
-                    if j < 0:
-                        return hits, evictions, ALL_PINNED, pos
-                    where[skey[layer, j]] = -1
-                    evictions += 1
-                clock += 1
-                sstamp[layer, j] = clock
-                skey[layer, j] = kid
-                where[kid] = j
-    return hits, evictions, 0, 0
+                r = 0.0 if pre[i] else ready[1 + i - a]
+                if r > free:
+                    waited += 1
+                    if r > start:
+                        start = r
+                duration += device_ms[counts[i]]
+            free_runs += b - a - waited
+            end = start + duration
+            stall += start - free  # _computed's sums
+            busy += end - start
+            agg[AGG + layer] += start - free
+            n_cm += 1
+            now = end + o_layer + o_expert * (b - a) + o_load * loads
+        now += dtail[s]
+        steps[s, 0] = s
+        steps[s, 1] = step_tokens[s]
+        steps[s, 2] = step_start
+        steps[s, 3] = now
+        steps[s, 4] = n_cp
+        steps[s, 5] = n_cm
+    ck[NOW], ck[COPY_FREE], ck[PHASE], ck[LOADS] = now, cfree, phase, 0.0
+    agg[AGG_STALL], agg[AGG_DEVICE] = stall, busy
+    served[0] = free_runs
+    return steps
 
 
 @njit(**HOT)
@@ -422,7 +377,7 @@ def offload_decision(ck, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, ki
 def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tokens, shared_ms, device_ms, host_ms,
             act_ms, copy_ms, own, serial, nbytes, n_slots, pf, pf_rows, pf_cap, pf_flat, oi, odev, ohl, oshare, ofaster,
             oroom, opart, oload, host_cap, cnt, served, ck, record, dattn, dcls, dhead, dtail, agg, dI, dF, dseqs,
-            dkpos, dkoff, dprm, dcnt, hready, dq, pre):
+            dkpos, dkoff, dprm, dcnt, hready, dq):
     """The timed replay (moesim.engine.replay through moesim.backends.sim.SimBackend) into `cnt` (counters),
     `served` (stall-free requests, late prefetches) and `ck` (clocks).
     counts: tokens per request element; shared_ms [S]: a step's shared experts per layer; device_ms, host_ms
@@ -443,11 +398,6 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     constants dprm (as the cache's; one pool), its counters dcnt; hready float64 [L * E]: when each key's last
     read from disk ends; dq: the disk's queue (moesim.disk.disk_queue; read and updated by
     clock.disk_read). Every miss (and prefetch) asks the host cache first (host_read).
-    pre: uint8 [N] where a demand cache's hits were decided already (moesim.core.simulate: the stamp kernels),
-    1 where element i hits; empty: the cache state decides. A hit then reads slot 0, never written (its copy
-    ended before the layer that loaded it computed, so no later layer waits for it), and a miss copies into
-    slot 1 + its place in the request: the same times, not the same slot numbers (no prefetch, no offload, no
-    disk tier, sums only).
     Returns (status, position, steps [S, 6], copies [C, 7], computes [M, 5], waves [V, 3], served [R, 4],
     step_waves [S]): steps, copies[:, :6] and computes are the rows the Profiler would hold (moesim/profiler.py:
     _STEP_COLUMNS, COPY_COLUMNS, COMPUTE_COLUMNS), copies[:, 6] each copy's slot. The script: per computed
@@ -478,8 +428,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
     n_rows = 0
     step_waves = np.zeros(S if record else 0, np.int64)
     n_scratch = oi[5]  # scratch slots after the cache's n_slots (streamed experts)
-    decided = len(pre) > 0
-    n_ready = max(n_slots + n_scratch, w + 1 if decided else 1)
+    n_ready = max(n_slots + n_scratch, 1)
     ready = np.zeros(n_ready)  # ms: when the last copy into each slot completes
     pf_slot = np.zeros(n_ready, np.uint8)  # the slot's last copy was a prefetch not used yet
     D = pf.shape[1]
@@ -511,20 +460,9 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
             for wa in range(lo, max(hi, lo + 1), cap):  # an empty request still computes (shared experts)
                 wb = min(wa + cap, hi)
                 mark += 1
-                if decided:
-                    h = 0
-                    for i in range(wa, wb):
-                        hit = pre[torder[i - a] if wide else i]
-                        out[0, i - wa] = -2 if hit else -1
-                        out[1, i - wa] = 0 if hit else 1 + i - wa
-                        out[2, i - wa] = 0
-                        h += hit
-                    cnt[REQUESTS] += wb - wa
-                    cnt[HITS] += h
-                else:
-                    h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
-                    if h < 0:
-                        return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
+                h = lookup(I, F, seqs, src_nxt, prm, cnt, pos, mark, layer, src, wa, wb, out)
+                if h < 0:
+                    return h, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0], step_waves[:0]
                 n_host = 0
                 n_stream = 0
                 for i in range(wa, wb):  # misses in row order: fetch, compute on the host, or stream
@@ -555,11 +493,7 @@ def run_sim(I, F, nxt, seqs, kpos, koff, prm, ids, counts, ptr, resets, step_tok
                                     copy(ck, ready, pf_slot, slot, False, copy_ms, serial, after)
                                     n_cp += 1
                         continue
-                    if decided:
-                        slot = out[1, i - wa]
-                        cnt[LOADS_N] += 1
-                    else:
-                        slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
+                    slot = -1 if decision == STREAM else insert(I, F, seqs, prm, cnt, pos, mark, kid, nu, False)
                     if slot < 0:  # streamed (the decision, or a policy that refuses to evict): the cache never sees it
                         if decision != STREAM and prm.code != REFUSING:
                             return (ALL_PINNED, pos, steps[:0], copies[:0], computes[:0], waves[:0], rows[:0],
