@@ -691,11 +691,11 @@ def some_dense(trace, on: bool = True):
                       rng.uniform(0, 0.5, S))
 
 
-@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "class_lru", "activation_aware", "static", "lfru"])
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "class_lru", "activation_aware", "static", "belady"])
 @pytest.mark.parametrize("serial", [False, True])
 def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypatch):
     """simulate(events=False) of a demand cache per layer: its hits decided first (by its slot kernel,
-    moesim/core/slots.py, where it has one; lfru by the cache-only replay) and timed by loop.time_hits. The same
+    moesim/core/slots.py, where it has one; belady by the cache-only replay) and timed by loop.time_hits. The same
     counters, steps, sums and served requests as run_sim's replay on the cache state, bit for bit, with copies
     beside the compute or holding it (serial), resets per sequence or none, steps of one token and of several,
     with a dense part or none; a request wider than a partition takes the cache state."""
@@ -720,7 +720,7 @@ def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypa
                                   events=False, dense=some_dense(tr, reset))
                 runs.append((r, calls[n:]))
             (fast, took), (slow, none) = runs
-            assert none == [] and took == ([policy != "lfru"] if encode(tr).width <= n_slots // L else [])
+            assert none == [] and took == ([policy != "belady"] if encode(tr).width <= n_slots // L else [])
             assert fast.counters == slow.counters and fast.request_stats == slow.request_stats
             assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
             np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])

@@ -5,7 +5,7 @@ they decide the hits only (moesim.core.loop.time_hits times them). The same deci
 state.py and policies.py, which stay the reference for every other run (tests/test_core.py holds both to the
 plain-Python classes of strategies/).
 
-    kernel, extra = slot_kernel(st, prm)      # None where there is none (lfru, learned, LFU with aging...)
+    kernel, extra = slot_kernel(st, prm)      # None where there is none (learned, LFU with aging...)
     hits, evictions, status, pos = kernel(ids, ptr, L, E, cap, resets, flags, *extra)
 
 Each kernel: per request position pos = step * L + layer, the request ids[ptr[pos]:ptr[pos + 1]] is pinned
@@ -38,6 +38,8 @@ def slot_kernel(st, prm) -> tuple | None:
         return small_kernel, (code == POLICY_CODES["fifo"],)
     if code == POLICY_CODES["lfu"] and prm.decay_is_one:
         return slots_lfu, ()
+    if code == POLICY_CODES["lfru"]:
+        return slots_lfru, (prm.log_decay, prm.alpha)
     if code == POLICY_CODES["class_lru"]:
         return slots_class_lru, (prm.classes, prm.decay_per_pos,
                                  np.array([2.0 ** c for c in range(prm.classes)]))  # ClassLRU.victim's 2.0 ** class
@@ -221,6 +223,89 @@ def slots_lfu(ids, ptr, L, E, cap, resets, flags):
                 srank[layer, j] = (1 << 32) | t
                 where[kid] = j
             touch[layer] = t
+    return hits, evictions, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def slots_lfru(ids, ptr, L, E, cap, resets, flags, log_decay, alpha):
+    """strategies/lfru.py LFRU: each key's log f (its decayed use count, kept when it is evicted, until a reset)
+    and last use; per layer its residents in order of last use (oldest first). The victim is the unpinned
+    resident of lowest score (log f + age * log(decay) - alpha * log1p(age)), ties to the older: the pinned keys
+    are the newest (the request's hits move to the end, its misses join there), and only a key whose log f is
+    under every older one's can win (the front of moesim/core/policies.py), so the scan stops at the first pinned
+    key and computes the score of those keys alone."""
+    where = np.full(L * E, -1, np.int64)  # index in its layer's row `order`
+    pin = np.zeros(L * E, np.int64)
+    seen = np.zeros(L * E, np.uint8)
+    logf = np.zeros(L * E)
+    last = np.zeros(L * E)  # time (steps) of the last use
+    order = np.zeros((L, cap), np.int64)
+    n = np.zeros(L, np.int64)
+    hits = 0
+    evictions = 0
+    for s in range(len(resets)):
+        if resets[s]:
+            where[:] = -1
+            seen[:] = 0
+            n[:] = 0
+        for layer in range(L):
+            pos = s * L + layer
+            t = pos / L  # LFRU's clock, as the reference computes it
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            for i in range(a, b):
+                pin[base + ids[i]] = pos + 1
+            for k in range(2):  # hits in row order, then misses
+                for i in range(a, b):
+                    kid = base + ids[i]
+                    m = n[layer]
+                    if k == 0:
+                        j = where[kid]
+                        flags[i] = j >= 0
+                        if j < 0:
+                            continue
+                        hits += 1
+                        for q in range(j + 1, m):  # to the newest end
+                            x = order[layer, q]
+                            order[layer, q - 1] = x
+                            where[x] = q - 1
+                    elif flags[i]:
+                        continue
+                    elif m == cap:
+                        v = -1
+                        best = math.inf
+                        least = math.inf  # the least log f older than the scanned key
+                        for q in range(m):
+                            x = order[layer, q]
+                            if pin[x] == pos + 1:
+                                break
+                            if logf[x] < least:
+                                least = logf[x]
+                                age = t - last[x]
+                                score = logf[x] + age * log_decay - alpha * math.log1p(age)  # the reference's
+                                if score < best:
+                                    v = q
+                                    best = score
+                        if v < 0:
+                            return hits, evictions, ALL_PINNED, pos
+                        where[order[layer, v]] = -1
+                        evictions += 1
+                        for q in range(v + 1, m):
+                            x = order[layer, q]
+                            order[layer, q - 1] = x
+                            where[x] = q - 1
+                    else:
+                        n[layer] = m + 1
+                        m += 1
+                    order[layer, m - 1] = kid
+                    where[kid] = m - 1
+                    if seen[kid] == 0:  # LFRU._use
+                        seen[kid] = 1
+                        logf[kid] = 0.0
+                    else:
+                        x = logf[kid] + (t - last[kid]) * log_decay
+                        logf[kid] = x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+                    last[kid] = t
     return hits, evictions, 0, 0
 
 
