@@ -727,6 +727,44 @@ def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypa
             assert fast.profiler.metrics() == slow.profiler.metrics()
 
 
+@pytest.mark.parametrize("policy", ["lru", "class_lru"])
+def test_offload_decided_without_the_clocks_is_timed_as_the_cache_state_does(policy, monkeypatch):
+    """simulate(events=False) with an offload policy that decides without the clocks (every built-in one but a cap
+    on the bytes in flight): a slot kernel decides what becomes of each element (fetched, streamed, on the host,
+    loaded behind its host compute) and loop.time_hits times it. The same counters, steps, sums and served
+    requests as run_sim's replay on the cache state, bit for bit, for LRU per layer and in one pool and class_lru
+    per layer, with batched steps, resets, a dense part and profiles where the host computes; a cap on the bytes
+    in flight, or class_lru in one pool, takes the cache state."""
+    from moesim.core import slots
+
+    _, offloads = _parts()
+    calls = []
+    find = slots.slot_kernel
+    monkeypatch.setattr(core, "slot_kernel", lambda *a: (lambda k: calls.append(k is not None) or k)(find(*a)))
+    cls = core.reference_class(policy)
+    for seed, scope, reset in ((0, "per_layer", False), (1, "global", True), (2, "per_layer", True)):
+        trace = random_trace(seed, max_batch=1 + 2 * (seed % 2))
+        need = max_request(trace)
+        n_slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        dense = some_dense(trace, reset)
+        for name, make in offloads.items():
+            for hw in (_host_profile(), CPU_PROFILE):
+                runs = []
+                for decide in (True, False):
+                    monkeypatch.setattr(core, "DECIDE", decide)
+                    calls.clear()
+                    runs.append((core.simulate(trace, trace.spec, n_slots, scope, cls, offload=make(), hardware=hw,
+                                               reset_per_seq=reset, events=False, dense=dense), list(calls)))
+                (fast, took), (slow, none) = runs
+                capped = name == "host-auto-fill-load"  # max_inflight: its loads wait for room on the copy engine
+                assert none == [] and took == ([] if capped else [policy == "lru" or scope == "per_layer"]), name
+                assert fast.counters == slow.counters and fast.request_stats == slow.request_stats, (name, scope)
+                np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
+                assert fast.profiler.metrics() == slow.profiler.metrics(), (name, scope)
+                if name != "fetch" and hw is not CPU_PROFILE:
+                    assert fast.counters["host_computes"] > 0, name
+
+
 def test_a_learned_policys_budgets_decided_together_replay_as_each_alone(monkeypatch):
     """core.budgets_ahead (plan's replays of a learned policy): the hits of every budget come from one pass
     (loop.run_hits_budgets, the policy's history and outputs computed once) and run_sim times each budget's. The

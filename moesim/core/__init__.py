@@ -62,7 +62,7 @@ from .parts import CACHE, cache_state, class_path, offload_arrays, prefetch_tabl
 from .policies import LEARNED  # noqa: E402
 from ..engine import scratch_slots  # noqa: E402
 from .requests import encode, reset_steps  # noqa: E402
-from .slots import slot_kernel  # noqa: E402
+from .slots import clockless, slot_kernel  # noqa: E402
 from .state import CAP, PART  # noqa: E402
 
 # simulate decides a demand cache's hits before it times them, and hit_counts takes the slot kernels (slots.py);
@@ -180,25 +180,26 @@ def _hits(trace, make_policy, n_slots, scope, resets, flags) -> np.ndarray:
     return _decide(st, prm, encode(trace), n_slots, scope, resets, flags)
 
 
-def _decide(st, prm, req, n_slots, scope, resets, flags) -> np.ndarray:
-    """The counters (loop's cnt) of the cache-only replay from the state `st` (reset), `flags` (uint8 [N], or
-    None) set to where each element hits: by a slot kernel where one decides this cache (moesim/core/slots.py: a
-    partition per layer, no request wider than it), else by run_hits on the state."""
+def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None) -> np.ndarray | None:
+    """The counters (loop's cnt) of the replay from the state `st` (reset) that decides, without the clocks, what
+    becomes of each element (`flags`: uint8 [N], or None; see loop.time_hits): by a slot kernel where one decides
+    this cache (moesim/core/slots.py: no request wider than a partition), else by run_hits on the state. With an
+    offload policy (`offload`: see slots.slot_kernel), None where no slot kernel takes it."""
     cnt = np.zeros(loop.N_CNT, np.int64)
-    cap = n_slots // req.n_layers
-    found = slot_kernel(st, prm) if DECIDE and scope == "per_layer" and 0 < req.width <= cap else None
+    cap = n_slots // req.n_layers if scope == "per_layer" else int(st.I[CAP, 0])
+    found = slot_kernel(st, prm, scope, offload) if DECIDE and 0 < req.width <= cap else None
     if found is not None:
         kernel, extra = found
         f = np.zeros(len(req.ids), np.uint8) if flags is None else flags
-        args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, *extra]
+        args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, cnt, *extra]
         with compile_notice(kernel):  # around a call of no steps: compiling or loading, not replaying
             kernel(*args[:5], resets[:0], *args[6:])
-        hits, evictions, status, where = kernel(*args)
+        status, where = kernel(*args)
         if status < 0:
             raise kernel_error(status, req, cap, where)
-        n = len(req.ids)
-        cnt[[loop.REQUESTS, loop.HITS, loop.LOADS_N, loop.EVICTIONS]] = (n, hits, n - hits, evictions)
         return cnt
+    if offload is not None:
+        return None
     args = [st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets,
             np.zeros(0, np.uint8) if flags is None else flags, cnt]
     with compile_notice(loop.run_hits):
@@ -388,24 +389,27 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         dst, dprm, hready, dq = st, prm, np.zeros(0), np.array([-1.0])  # no disk: dq[0] < 0
     dcnt = np.zeros(loop.N_CNT, np.int64)
     resets = reset_steps(trace, reset_per_seq)
-    pre, decided = np.zeros(0, np.uint8), None  # decided: the counters of hits decided before they are timed
-    if (DECIDE and not events and not record and prefetcher is None and offload is None and disk is None
-            and 0 < req.width <= st.I[CAP, :prm.P].min()):
-        # a demand cache keeping sums, no request wider than a partition: its hits do not depend on the clocks, so
-        # they are decided first (a slot kernel, the learned policy's pass over several budgets, or the cache-only
-        # replay) and time_hits times them
-        if prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":  # decided with other budgets
+    pre, decided = np.zeros(0, np.uint8), None  # decided: the counters of a replay decided before it is timed
+    if (DECIDE and not events and not record and prefetcher is None and disk is None
+            and (offload is None or clockless(offl[0], offl[8])) and 0 < req.width <= st.I[CAP, :prm.P].min()):
+        # keeping sums, no prefetcher, an offload policy (if any) that decides without the clocks, no request wider
+        # than a partition: what becomes of each element does not depend on the clocks, so it is decided first (a
+        # slot kernel, the learned policy's pass over several budgets, or the cache-only replay) and time_hits
+        # times it
+        if offload is None and prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":
             pre, decided = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, None)
         if decided is None:
             pre = np.zeros(len(req.ids), np.uint8)
-            decided = _decide(st, prm, req, n_slots, scope, resets, pre)
+            decided = _decide(st, prm, req, n_slots, scope, resets, pre,
+                              None if offload is None else (*offl[:8], counts, req.step_tokens))
     t1 = time.perf_counter()
     copy_ms = hw.copy_ms(nbytes, pinned)
     if decided is not None:  # hits decided, no request wider than its partition: timed with the clocks alone
-        args = [pre, req.ptr, counts, req.step_tokens, shared_ms, device_ms, copy_ms, own, bool(hw.serial_copies),
-                dense.attention, dense.cls, dense.head, dense.tail, served, ck, agg]
+        args = [pre, req.ids, req.ptr, req.n_experts, counts, req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
+                copy_ms, own, bool(hw.serial_copies), bool(offl[0][4]), dense.attention, dense.cls, dense.head,
+                dense.tail, served, ck, agg]
         with compile_notice(loop.time_hits):  # a call of no steps
-            loop.time_hits(*args[:3], args[3][:0], *args[4:])
+            loop.time_hits(*args[:5], args[5][:0], *args[6:])
         steps = loop.time_hits(*args)
         cnt[:] = decided
         status, where, copies, computes = 0, 0, np.empty((0, 7)), np.empty((0, 5))

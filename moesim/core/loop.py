@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .clock import COPY_FREE, LOADS, NOW, OWED, PHASE, copy, device_part, disk_read, host_part, inflight_bytes
+from .clock import COPY_FREE, HOST_FREE, LOADS, NOW, OWED, PHASE, copy, device_part, disk_read, host_part, inflight_bytes
 from .policies import LEARNED, REFUSING, learned_request, evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
@@ -239,35 +239,46 @@ def run_hits_budgets(I, F, seqs, prm, ids, ptr, resets, flags, cnt):
     return 0, 0, 0
 
 
+# what became of a request element in a replay decided before it is timed (time_hits): as uint8 flags, 1 is a hit
+FETCHED, DECIDED_HIT, ON_HOST, HOST_LOADED = 0, 1, 2, 3  # FETCHED: copied and waited for (a load, or streamed)
+
+
 @njit(cache=True, nogil=True)
-def time_hits(pre, ptr, counts, step_tokens, shared_ms, device_ms, copy_ms, own, serial, dattn, dcls, dhead, dtail,
-              served, ck, agg):
-    """The timed replay of a demand cache whose hits are decided already (pre: uint8 [N], 1 where element i hits;
-    moesim.core.simulate: slots.py, run_hits, budgets_ahead), no request wider than its partition, keeping sums
-    (`agg`): run_sim's steps, sums, served requests and clocks bit for bit (clock.copy's and clock.device_part's
-    operations in their order), with the clocks in local variables, not in `ck`'s slots. A miss copies into slot 1 + its place in
-    the request; a hit reads a slot whose copy ended before the layer that loaded it computed (0.0), so it never
-    waits. The cache counters are the deciding kernel's. Returns steps [S, 6] (see run_sim)."""
+def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_ms, act_ms, copy_ms, own, serial,
+              host_after, dattn, dcls, dhead, dtail, served, ck, agg):
+    """The timed replay of a cache whose decisions are known already (dec: uint8 [N], what became of element i:
+    FETCHED, DECIDED_HIT, ON_HOST, or HOST_LOADED: computed on the host, its key loaded behind it; from
+    moesim.core.simulate: slots.py, run_hits, budgets_ahead), no prefetch, no disk tier, no request wider than its
+    partition, keeping sums (`agg`): run_sim's steps, sums, served requests and clocks bit for bit (the operations
+    of clock.copy, device_part and host_part in their order), with the clocks in local variables, not in `ck`'s
+    slots. host_after: the offload policy's host part waits for the device part (oi[4]). Each key's last copy ends
+    at ready[key] (run_sim's slot of a resident key is its own). The cache counters are the deciding kernel's.
+    Returns steps [S, 6] (see run_sim)."""
     S, L = len(step_tokens), len(dcls)
-    ready = np.zeros(width(ptr) + 1)  # ms: the end of each miss's copy, by its place in the request (+ 1)
+    ready = np.zeros(L * E)  # ms: the end of each key's last copy
     steps = np.empty((S, 6))
     n_cp = 0
     n_cm = 0
-    now, cfree, phase = ck[NOW], ck[COPY_FREE], ck[PHASE]
-    stall, busy = agg[AGG_STALL], agg[AGG_DEVICE]
+    now, cfree, phase, hfree = ck[NOW], ck[COPY_FREE], ck[PHASE], ck[HOST_FREE]
+    stall, busy, hbusy = agg[AGG_STALL], agg[AGG_DEVICE], agg[AGG_HOST]
     free_runs = served[0]
     o_layer, o_expert, o_load, o_wb = own[0], own[1], own[2], own[3]
     for s in range(S):
         step_start = now
         now += dhead[s]
         shared = shared_ms[s]
+        n_tokens = step_tokens[s]
         for layer in range(L):
             now += dattn[s, dcls[layer]]
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
             loads = 0.0
-            for i in range(a, b):  # clock.copy of each miss, in row order
-                if not pre[i]:
+            n_host = 0
+            for i in range(a, b):  # clock.copy of each copied miss, in row order
+                d = dec[i]
+                n_host += d >= ON_HOST
+                if d == FETCHED or d == HOST_LOADED:
                     loads += 1.0
                     start = now if now > cfree else cfree
                     if 0.0 > start:  # `after`: no disk tier
@@ -278,7 +289,7 @@ def time_hits(pre, ptr, counts, step_tokens, shared_ms, device_ms, copy_ms, own,
                         if phase < 0.0:
                             phase = start
                         now = end
-                    ready[1 + i - a] = end
+                    ready[base + ids[i]] = end
             n_cp += int(loads)
             start = now  # clock.device_part
             free = start if phase < 0.0 else phase
@@ -286,28 +297,46 @@ def time_hits(pre, ptr, counts, step_tokens, shared_ms, device_ms, copy_ms, own,
             duration = shared + o_wb * loads
             waited = 0
             for i in range(a, b):
-                r = 0.0 if pre[i] else ready[1 + i - a]
+                if dec[i] >= ON_HOST:
+                    continue
+                r = ready[base + ids[i]]
                 if r > free:
                     waited += 1
                     if r > start:
                         start = r
                 duration += device_ms[counts[i]]
-            free_runs += b - a - waited
+            free_runs += b - a - n_host - waited
             end = start + duration
             stall += start - free  # _computed's sums
             busy += end - start
             agg[AGG + layer] += start - free
             n_cm += 1
+            if n_host:  # clock.host_part: after the device part (serial, or the policy's order) or beside it
+                tokens = 0
+                for i in range(a, b):
+                    if dec[i] >= ON_HOST:
+                        tokens += counts[i]
+                hdur = act_ms[min(n_tokens, tokens)]
+                for i in range(a, b):
+                    if dec[i] >= ON_HOST:
+                        hdur += host_ms[counts[i]]
+                inp = end if serial or host_after else free
+                hs = inp if inp > hfree else hfree
+                he = hs + hdur
+                hfree = he
+                hbusy += he - hs
+                n_cm += 1
+                end = max(end, he)
             now = end + o_layer + o_expert * (b - a) + o_load * loads
         now += dtail[s]
         steps[s, 0] = s
-        steps[s, 1] = step_tokens[s]
+        steps[s, 1] = n_tokens
         steps[s, 2] = step_start
         steps[s, 3] = now
         steps[s, 4] = n_cp
         steps[s, 5] = n_cm
-    ck[NOW], ck[COPY_FREE], ck[PHASE], ck[LOADS] = now, cfree, phase, 0.0
-    agg[AGG_STALL], agg[AGG_DEVICE] = stall, busy
+    ck[NOW], ck[COPY_FREE], ck[PHASE], ck[LOADS], ck[HOST_FREE] = now, cfree, phase, 0.0, hfree
+    agg[AGG_STALL], agg[AGG_DEVICE], agg[AGG_HOST] = stall, busy, hbusy
     served[0] = free_runs
     return steps
 

@@ -1,18 +1,21 @@
-"""The per-layer demand caches in their fastest form: each layer's partition a short row of slots (their keys and
-what the policy ranks them by), the victim found by a scan of the row. moesim.core.simulate and hit_counts take
-them for a cache of one partition per layer, nothing but demand misses and no request wider than a partition;
-they decide the hits only (moesim.core.loop.time_hits times them). The same decisions as the cache state of
-state.py and policies.py, which stay the reference for every other run (tests/test_core.py holds both to the
+"""The caches of one partition per layer (and LRU's one pool) in their fastest form: each partition a short row of
+slots (their keys and what the policy ranks them by), the victim found by a scan of the row (the global LRU: a
+list). moesim.core.simulate and hit_counts take them where no request is wider than a partition, no prefetcher
+runs and the offload policy, if any, decides without the clocks (slot_kernel says which); they decide what
+becomes of each request element, and moesim.core.loop.time_hits times it. The same decisions as the cache state
+of state.py and policies.py, which stay the reference for every other run (tests/test_core.py holds both to the
 plain-Python classes of strategies/).
 
-    kernel, extra = slot_kernel(st, prm)      # None where there is none (learned, LFU with aging...)
-    hits, evictions, status, pos = kernel(ids, ptr, L, E, cap, resets, flags, *extra)
+    kernel, extra = slot_kernel(st, prm, scope, offload)   # None where there is none (learned, LFU with aging...)
+    status, pos = kernel(ids, ptr, L, E, cap, resets, flags, cnt, *extra)
 
 Each kernel: per request position pos = step * L + layer, the request ids[ptr[pos]:ptr[pos + 1]] is pinned
-(pin[key] = pos + 1), its hits told to the policy in row order, then its misses inserted in row order, each into
-a free slot or a victim's among the unpinned residents. flags[i] = 1 where element i hits. Returns (hits,
-evictions, 0, 0), or (loop.ALL_PINNED, pos) where a miss found every resident pinned. On the real trace
-(gpt-oss-20b, 240 slots) LFU's hits took 0.36 s against 1.6 s in the cache state.
+(pin[key] = pos + 1), its hits told to the policy in row order, then its misses decided in row order (the
+offload policy's loop.offload_decision, where the kernel takes one: fetched, streamed, or computed on the host
+and maybe loaded) and inserted, each into a free slot or a victim's among the unpinned residents. flags[i]: what
+became of element i (loop.DECIDED_HIT, FETCHED, ON_HOST, HOST_LOADED); cnt: the loop's counters. Returns (0, 0),
+or (loop.ALL_PINNED, pos) where a fetched miss found every resident pinned. On the real trace (gpt-oss-20b, 240
+slots) LFU's hits took 0.36 s against 1.6 s in the cache state.
 """
 from __future__ import annotations
 
@@ -21,28 +24,46 @@ import math
 import numpy as np
 from numba import njit
 
+from .loop import (ALL_PINNED, EVICTIONS, FETCH, FETCHED, HITS, HOST, HOST_AND_LOAD, HOST_COMPUTES, HOST_LOADED,
+                   LOADS_N, OFF_COST, OFF_FIDDLER, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT, ON_HOST, REQUESTS, STREAM,
+                   STREAMS, offload_decision)
 from .policies import AA_EPS, POLICY_CODES
 from .requests import width
 from .state import LW, SCOUNT, STATIC
 
-ALL_PINNED = -1  # loop.ALL_PINNED
 BIG = 1 << 62  # a rank above every real one: a pinned slot's, in the scans
 
 
-def slot_kernel(st, prm) -> tuple | None:
-    """(kernel, extra): the kernel deciding the hits of the policy of `prm`, with the state `st` set up
-    (moesim.core.parts.cache_state), called as kernel(ids, ptr, L, E, cap, resets, flags, *extra); None where the
-    policy has none."""
+def clockless(oi, host_cap: int) -> bool:
+    """Whether an offload policy's arrays (moesim.core.parts.offload_arrays) decide without the clocks: all but a
+    cap on the bytes in flight (host_cap >= 0), which reads the copy engine's queue."""
+    return int(oi[0]) in (OFF_NONE, OFF_STATIC_SPLIT, OFF_FIDDLER) or (int(oi[0]) in (OFF_HOST, OFF_COST)
+                                                                      and host_cap < 0)
+
+
+def slot_kernel(st, prm, scope: str, offload: tuple | None = None) -> tuple | None:
+    """(kernel, extra): the kernel deciding the policy of `prm` in `scope`, with the state `st` set up
+    (moesim.core.parts.cache_state), called as kernel(ids, ptr, L, E, cap, resets, flags, cnt, *extra); None where
+    there is none. `offload`: (oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens) where an
+    offload policy runs (see loop.offload_decision; `clockless`), else None: only LRU and class_lru take one."""
     L, E, code = prm.L, prm.E, prm.code
-    if code in (POLICY_CODES["lru"], POLICY_CODES["fifo"]):
-        return small_kernel, (code == POLICY_CODES["fifo"],)
+    if code == POLICY_CODES["lru"]:
+        off = offload if offload is not None else no_offload(L, E)
+        return (slots_lru if scope == "per_layer" else slots_lru_global), (off,)
+    if scope != "per_layer":
+        return None
+    if code == POLICY_CODES["class_lru"]:
+        off = offload if offload is not None else no_offload(L, E)
+        return slots_class_lru, (prm.classes, prm.decay_per_pos,
+                                 np.array([2.0 ** c for c in range(prm.classes)]), off)  # ClassLRU's 2.0 ** class
+    if offload is not None:
+        return None
+    if code == POLICY_CODES["fifo"]:
+        return slots_fifo, ()
     if code == POLICY_CODES["lfu"] and prm.decay_is_one:
         return slots_lfu, ()
     if code == POLICY_CODES["lfru"]:
         return slots_lfru, (prm.log_decay, prm.alpha)
-    if code == POLICY_CODES["class_lru"]:
-        return slots_class_lru, (prm.classes, prm.decay_per_pos,
-                                 np.array([2.0 ** c for c in range(prm.classes)]))  # ClassLRU.victim's 2.0 ** class
     if code == POLICY_CODES["activation_aware"]:
         return slots_activation_aware, (st.seqs, st.F[LW, :L].copy())
     if code == POLICY_CODES["static"]:
@@ -50,87 +71,36 @@ def slot_kernel(st, prm) -> tuple | None:
     return None
 
 
-@njit(cache=True, nogil=True)
-def small_kernel(ids, ptr, L, E, cap, reset, flags, fifo):
-    """LRU (or FIFO): per layer, the slots' keys and last-use stamps (FIFO: insert stamps) in two short rows, the
-    victim found by a scan of `cap` stamps. Hits are stamped in row order, then misses, so the oldest stamp is
-    the list head; for LRU the pinned keys hold the newest stamps, so the oldest is pinned only when all are.
-    With len(flags) == len(ids), flags[i] = 1 where element i was a hit."""
-    if fifo:
-        return _small_fifo(ids, ptr, L, E, cap, reset, flags)
-    return _small_lru(ids, ptr, L, E, cap, reset, flags)
+def no_offload(L: int, E: int) -> tuple:
+    """The offload arguments of a run without an offload policy: every miss is fetched."""
+    z = np.zeros(1, np.int64)
+    return (np.zeros(7, np.int64), np.zeros(L * E, np.uint8), np.zeros(L, np.uint8), np.ones(1), np.zeros(1, np.uint8),
+            z, np.zeros(L, np.int64), np.zeros(L, np.int64), np.ones(1, np.int32), np.ones(1, np.int64))
 
 
 @njit(cache=True, nogil=True)
-def _small_lru(ids, ptr, L, E, cap, reset, flags):
-    # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
-    where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer, -1 if not resident
-    skey = np.zeros((L, cap + 1), np.int64)  # [L, cap] key in each slot (column cap: scratch)
-    sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
-    n = np.zeros(L, np.int64)  # slots in use per layer (they fill in slot order, as Partition.free hands out)
-    miss = np.empty(width(ptr), np.int64)  # the running request's misses, in row order
-    flag = len(flags) > 0
-    clock = 0
-    hits = 0
-    evictions = 0
-    for s in range(len(reset)):
-        if reset[s]:
-            where[:] = -1
-            n[:] = 0
-        for layer in range(L):
-            pos = s * L + layer
-            a, b = ptr[pos], ptr[pos + 1]
-            base = layer * E
-            first = clock + 1  # stamps of this request are >= first
-            n_miss = 0
-            for i in range(a, b):  # hits: stamped in row order; misses: listed
-                kid = base + ids[i]
-                j = where[kid]
-                hit = j >= 0
-                clock += hit
-                sstamp[layer, j if hit else cap] = clock
-                if flag:
-                    flags[i] = hit
-                miss[n_miss] = kid
-                n_miss += 1 - hit
-            hits += b - a - n_miss
-            for q in range(n_miss):
-                kid = miss[q]
-                if n[layer] < cap:
-                    j = n[layer]
-                    n[layer] += 1
-                else:
-                    j = 0
-                    m = sstamp[layer, 0]
-                    for c in range(1, cap):
-                        v = sstamp[layer, c]
-                        older = v < m
-                        m = v if older else m
-                        j = c if older else j
-                    if m >= first:
-                        return hits, evictions, ALL_PINNED, pos
-                    where[skey[layer, j]] = -1
-                    evictions += 1
-                clock += 1
-                sstamp[layer, j] = clock
-                skey[layer, j] = kid
-                where[kid] = j
-    return hits, evictions, 0, 0
+def _demand(cnt, n, hits, evictions):
+    """A demand cache's counters: every miss loaded."""
+    cnt[REQUESTS] += n
+    cnt[HITS] += hits
+    cnt[LOADS_N] += n - hits
+    cnt[EVICTIONS] += evictions
+    return 0, 0
 
 
 @njit(cache=True, nogil=True)
-def _small_fifo(ids, ptr, L, E, cap, reset, flags):
+def slots_fifo(ids, ptr, L, E, cap, resets, flags, cnt):
+    """strategies/fifo.py FIFO: per layer the slots' keys and insert stamps; the victim is the oldest unpinned."""
     where = np.full(L * E, -1, np.int64)
     pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
-    flag = len(flags) > 0
     skey = np.zeros((L, max(cap, 1)), np.int64)
     sstamp = np.zeros((L, max(cap, 1)), np.int64)  # insert stamps
     n = np.zeros(L, np.int64)
     clock = 0
     hits = 0
     evictions = 0
-    for s in range(len(reset)):
-        if reset[s]:
+    for s in range(len(resets)):
+        if resets[s]:
             where[:] = -1
             n[:] = 0
         for layer in range(L):
@@ -142,8 +112,7 @@ def _small_fifo(ids, ptr, L, E, cap, reset, flags):
                 pin[kid] = pos + 1
                 if where[kid] >= 0:
                     hits += 1
-                if flag:
-                    flags[i] = where[kid] >= 0
+                flags[i] = where[kid] >= 0
             for i in range(a, b):
                 kid = base + ids[i]
                 if where[kid] >= 0:
@@ -157,18 +126,18 @@ def _small_fifo(ids, ptr, L, E, cap, reset, flags):
                         if (j < 0 or sstamp[layer, c] < sstamp[layer, j]) and pin[skey[layer, c]] != pos + 1:
                             j = c
                     if j < 0:
-                        return hits, evictions, ALL_PINNED, pos
+                        return ALL_PINNED, pos
                     where[skey[layer, j]] = -1
                     evictions += 1
                 clock += 1
                 sstamp[layer, j] = clock
                 skey[layer, j] = kid
                 where[kid] = j
-    return hits, evictions, 0, 0
+    return _demand(cnt, ptr[len(resets) * L] - ptr[0], hits, evictions)
 
 
 @njit(cache=True, nogil=True)
-def slots_lfu(ids, ptr, L, E, cap, resets, flags):
+def slots_lfu(ids, ptr, L, E, cap, resets, flags, cnt):
     """strategies/lfu.py LFU without aging (decay 1): the victim is the unpinned resident of least (uses since its
     load, touch), its rank kept as one number, uses << 32 | touch (a layer's touches count its uses and loads;
     a trace of 2**31 requests would be needed to reach bit 32)."""
@@ -215,7 +184,7 @@ def slots_lfu(ids, ptr, L, E, cap, resets, flags):
                         m = v if less else m
                         j = c if less else j
                     if m == BIG:
-                        return hits, evictions, ALL_PINNED, pos
+                        return ALL_PINNED, pos
                     where[skey[layer, j]] = -1
                     evictions += 1
                 t += 1
@@ -223,11 +192,11 @@ def slots_lfu(ids, ptr, L, E, cap, resets, flags):
                 srank[layer, j] = (1 << 32) | t
                 where[kid] = j
             touch[layer] = t
-    return hits, evictions, 0, 0
+    return _demand(cnt, ptr[len(resets) * L] - ptr[0], hits, evictions)
 
 
 @njit(cache=True, nogil=True)
-def slots_lfru(ids, ptr, L, E, cap, resets, flags, log_decay, alpha):
+def slots_lfru(ids, ptr, L, E, cap, resets, flags, cnt, log_decay, alpha):
     """strategies/lfru.py LFRU: each key's log f (its decayed use count, kept when it is evicted, until a reset)
     and last use; per layer its residents in order of last use (oldest first). The victim is the unpinned
     resident of lowest score (log f + age * log(decay) - alpha * log1p(age)), ties to the older: the pinned keys
@@ -287,7 +256,7 @@ def slots_lfru(ids, ptr, L, E, cap, resets, flags, log_decay, alpha):
                                     v = q
                                     best = score
                         if v < 0:
-                            return hits, evictions, ALL_PINNED, pos
+                            return ALL_PINNED, pos
                         where[order[layer, v]] = -1
                         evictions += 1
                         for q in range(v + 1, m):
@@ -306,14 +275,17 @@ def slots_lfru(ids, ptr, L, E, cap, resets, flags, log_decay, alpha):
                         x = logf[kid] + (t - last[kid]) * log_decay
                         logf[kid] = x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
                     last[kid] = t
-    return hits, evictions, 0, 0
+    return _demand(cnt, ptr[len(resets) * L] - ptr[0], hits, evictions)
 
 
 @njit(cache=True, nogil=True)
-def slots_class_lru(ids, ptr, L, E, cap, resets, flags, C, decay_per_pos, scale):
+def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, scale, off):
     """strategies/class_lru.py ClassLRU: each key's decayed use count and last use (kept when it is evicted, until
     a reset), its class taken at its last use; the victim is the unpinned resident of largest age / 2**class,
-    ties to the lower class, then to the earlier placement (the order of its class's list)."""
+    ties to the lower class, then to the earlier placement (the order of its class's list). A miss computed on
+    the host is not a use."""
+    oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens = off
+    owed = np.zeros(8)  # loop.offload_decision's host share owed (clock.OWED)
     where = np.full(L * E, -1, np.int64)
     pin = np.zeros(L * E, np.int64)
     seen = np.zeros(L * E, np.uint8)
@@ -324,17 +296,17 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, C, decay_per_pos, scale)
     skey = np.zeros((L, cap), np.int64)
     n = np.zeros(L, np.int64)
     order = 0
-    hits = 0
-    evictions = 0
     for s in range(len(resets)):
         if resets[s]:
             where[:] = -1
             seen[:] = 0
             n[:] = 0
+        oload[:] = 0  # Host.begin_step
         for layer in range(L):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
             base = layer * E
+            cnt[REQUESTS] += b - a
             for i in range(a, b):
                 pin[base + ids[i]] = pos + 1
             for k in range(2):  # hits in row order, then misses
@@ -345,10 +317,15 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, C, decay_per_pos, scale)
                         flags[i] = hit
                         if not hit:
                             continue
-                        hits += 1
+                        cnt[HITS] += 1
                     elif flags[i]:
                         continue
                     else:
+                        d = FETCH if oi[0] == OFF_NONE else offload_decision(
+                            owed, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, counts[i], step_tokens[s])
+                        j = _miss(cnt, flags, i, d)
+                        if j < 0:
+                            continue
                         if n[layer] < cap:
                             j = n[layer]
                             n[layer] += 1
@@ -366,9 +343,13 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, C, decay_per_pos, scale)
                                     j = q
                                     best = age
                             if j < 0:
-                                return hits, evictions, ALL_PINNED, pos
+                                if d == HOST_AND_LOAD:  # nothing to evict: computed on the host alone
+                                    flags[i] = ON_HOST
+                                    continue
+                                return ALL_PINNED, pos
                             where[skey[layer, j]] = -1
-                            evictions += 1
+                            cnt[EVICTIONS] += 1
+                        cnt[LOADS_N] += 1
                         skey[layer, j] = kid
                         where[kid] = j
                     # ClassLRU._crf_now + _place: one more use
@@ -380,11 +361,186 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, C, decay_per_pos, scale)
                     cls[kid] = min(C - 1, int(math.floor(math.log2(f)))) if f >= 1 else 0
                     order += 1
                     placed[kid] = order
-    return hits, evictions, 0, 0
+    return 0, 0
 
 
 @njit(cache=True, nogil=True)
-def slots_activation_aware(ids, ptr, L, E, cap, resets, flags, seqs, weights):
+def _miss(cnt, flags, i, d):
+    """Element i missed and the offload policy decided `d`: its flag and counters. Returns 0 where it is to be
+    inserted (fetched, or loaded behind its host compute), -1 where not (streamed, or on the host alone)."""
+    if d == STREAM:
+        flags[i] = FETCHED
+        cnt[STREAMS] += 1
+        return -1
+    if d == HOST or d == HOST_AND_LOAD:
+        cnt[HOST_COMPUTES] += 1
+        flags[i] = ON_HOST if d == HOST else HOST_LOADED
+        return -1 if d == HOST else 0
+    flags[i] = FETCHED
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def slots_lru(ids, ptr, L, E, cap, resets, flags, cnt, off):
+    """strategies/lru.py LRU per layer: the slots' keys and last-use stamps in two short rows, the victim found by a
+    scan of `cap` stamps. Hits are stamped in row order, then inserted misses, so the oldest stamp is the list
+    head, and the pinned keys hold the newest stamps: the oldest is pinned only when all are."""
+    oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens = off
+    owed = np.zeros(8)
+    # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
+    where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer, -1 if not resident
+    skey = np.zeros((L, cap + 1), np.int64)  # [L, cap] key in each slot (column cap: scratch)
+    sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
+    n = np.zeros(L, np.int64)  # slots in use per layer
+    miss = np.empty(width(ptr), np.int64)  # the running request's misses (element positions), in row order
+    decide = oi[0] != OFF_NONE
+    clock = 0
+    hits = 0
+    for s in range(len(resets)):
+        if resets[s]:
+            where[:] = -1
+            n[:] = 0
+        oload[:] = 0  # Host.begin_step
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            first = clock + 1  # stamps of this request are >= first
+            n_miss = 0
+            for i in range(a, b):  # hits: stamped in row order; misses: listed
+                kid = base + ids[i]
+                j = where[kid]
+                hit = j >= 0
+                clock += hit
+                sstamp[layer, j if hit else cap] = clock
+                flags[i] = hit
+                miss[n_miss] = i
+                n_miss += 1 - hit
+            hits += b - a - n_miss
+            for q in range(n_miss):
+                i = miss[q]
+                kid = base + ids[i]
+                if decide and _miss(cnt, flags, i, offload_decision(
+                        owed, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, counts[i],
+                        step_tokens[s])) < 0:
+                    continue
+                if n[layer] < cap:
+                    j = n[layer]
+                    n[layer] += 1
+                else:
+                    j = 0
+                    m = sstamp[layer, 0]
+                    for c in range(1, cap):
+                        v = sstamp[layer, c]
+                        older = v < m
+                        m = v if older else m
+                        j = c if older else j
+                    if m >= first:
+                        if flags[i] == HOST_LOADED:  # nothing to evict: computed on the host alone
+                            flags[i] = ON_HOST
+                            continue
+                        return ALL_PINNED, pos
+                    where[skey[layer, j]] = -1
+                    cnt[EVICTIONS] += 1
+                cnt[LOADS_N] += 1
+                clock += 1
+                sstamp[layer, j] = clock
+                skey[layer, j] = kid
+                where[kid] = j
+    cnt[REQUESTS] += ptr[len(resets) * L] - ptr[0]
+    cnt[HITS] += hits
+    return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def slots_lru_global(ids, ptr, L, E, cap, resets, flags, cnt, off):
+    """strategies/lru.py LRU in one pool of `cap` slots: its residents in a list, oldest first (prev and next per
+    key); a hit moves to the newest end, the victim is the oldest unpinned."""
+    oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens = off
+    owed = np.zeros(8)
+    res = np.zeros(L * E, np.uint8)
+    pin = np.zeros(L * E, np.int64)
+    prev = np.full(L * E, -1, np.int64)
+    nxt = np.full(L * E, -1, np.int64)
+    head = -1
+    tail = -1
+    size = 0
+    decide = oi[0] != OFF_NONE
+    for s in range(len(resets)):
+        if resets[s]:
+            res[:] = 0
+            head = tail = -1
+            size = 0
+        oload[:] = 0  # Host.begin_step
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            cnt[REQUESTS] += b - a
+            for i in range(a, b):
+                pin[base + ids[i]] = pos + 1
+            for i in range(a, b):  # hits, in row order, to the newest end
+                kid = base + ids[i]
+                hit = res[kid] == 1
+                flags[i] = hit
+                if not hit:
+                    continue
+                cnt[HITS] += 1
+                if kid != tail:
+                    p, q = prev[kid], nxt[kid]
+                    if p >= 0:
+                        nxt[p] = q
+                    else:
+                        head = q
+                    prev[q] = p
+                    prev[kid] = tail
+                    nxt[kid] = -1
+                    nxt[tail] = kid
+                    tail = kid
+            for i in range(a, b):  # misses in row order
+                if flags[i]:
+                    continue
+                kid = base + ids[i]
+                if decide and _miss(cnt, flags, i, offload_decision(
+                        owed, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, counts[i],
+                        step_tokens[s])) < 0:
+                    continue
+                if size < cap:
+                    size += 1
+                else:
+                    v = head
+                    while v >= 0 and pin[v] == pos + 1:
+                        v = nxt[v]
+                    if v < 0:
+                        if flags[i] == HOST_LOADED:  # nothing to evict: computed on the host alone
+                            flags[i] = ON_HOST
+                            continue
+                        return ALL_PINNED, pos
+                    p, q = prev[v], nxt[v]
+                    if p >= 0:
+                        nxt[p] = q
+                    else:
+                        head = q
+                    if q >= 0:
+                        prev[q] = p
+                    else:
+                        tail = p
+                    res[v] = 0
+                    cnt[EVICTIONS] += 1
+                cnt[LOADS_N] += 1
+                res[kid] = 1
+                prev[kid] = tail
+                nxt[kid] = -1
+                if tail >= 0:
+                    nxt[tail] = kid
+                else:
+                    head = kid
+                tail = kid
+    return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def slots_activation_aware(ids, ptr, L, E, cap, resets, flags, cnt, seqs, weights):
     """strategies/activation_aware.py ActivationAware per layer: each key's uses in this sequence (EAM) and since
     the start (FREQ), the layer's totals; the victim is the unpinned resident of lowest (priority, touch)."""
     where = np.full(L * E, -1, np.int64)
@@ -451,7 +607,7 @@ def slots_activation_aware(ids, ptr, L, E, cap, resets, flags, seqs, weights):
                                     j = q
                                     best = prio
                             if j < 0:
-                                return hits, evictions, ALL_PINNED, pos
+                                return ALL_PINNED, pos
                             where[skey[layer, j]] = -1
                             evictions += 1
                         skey[layer, j] = kid
@@ -462,11 +618,11 @@ def slots_activation_aware(ids, ptr, L, E, cap, resets, flags, seqs, weights):
                     frows[layer] += 1
                     ntouch[layer] += 1
                     touched[kid] = ntouch[layer]
-    return hits, evictions, 0, 0
+    return _demand(cnt, ptr[len(resets) * L] - ptr[0], hits, evictions)
 
 
 @njit(cache=True, nogil=True)
-def slots_static(ids, ptr, L, E, cap, resets, flags, static, counts):
+def slots_static(ids, ptr, L, E, cap, resets, flags, cnt, static, counts):
     """strategies/static.py Static: its static keys (static[key] = 1, chosen at its setup) stay once loaded; the
     rest are LRU's, the victim the least recently used of them (stamps, as _small_lru's); where all of those are
     pinned, the unpinned static key of fewest counted requests (counts), ties to the lower key."""
@@ -521,11 +677,11 @@ def slots_static(ids, ptr, L, E, cap, resets, flags, static, counts):
                                     counts[x] == counts[skey[layer, j]] and x < skey[layer, j])):
                                 j = c
                         if j < 0:
-                            return hits, evictions, ALL_PINNED, pos
+                            return ALL_PINNED, pos
                     where[skey[layer, j]] = -1
                     evictions += 1
                 clock += 1
                 sstamp[layer, j] = BIG if static[kid] else clock
                 skey[layer, j] = kid
                 where[kid] = j
-    return hits, evictions, 0, 0
+    return _demand(cnt, ptr[len(resets) * L] - ptr[0], hits, evictions)
