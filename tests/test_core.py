@@ -691,14 +691,16 @@ def some_dense(trace, on: bool = True):
                       rng.uniform(0, 0.5, S))
 
 
-@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "class_lru", "activation_aware", "static", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "class_lru", "activation_aware", "static", "belady",
+                                    "visit_count"])
 @pytest.mark.parametrize("serial", [False, True])
 def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypatch):
-    """simulate(events=False) of a demand cache per layer: its hits decided first (by its slot kernel,
-    moesim/core/slots.py, where it has one; belady by the cache-only replay) and timed by loop.time_hits. The same
-    counters, steps, sums and served requests as run_sim's replay on the cache state, bit for bit, with copies
-    beside the compute or holding it (serial), resets per sequence or none, steps of one token and of several,
-    with a dense part or none; a request wider than a partition takes the cache state."""
+    """simulate(events=False) of a demand cache: its hits decided first (by its slot kernel, moesim/core/slots.py,
+    where it has one: per layer, and LRU's and visit_count's in one pool too; belady by the cache-only replay) and
+    timed by loop.time_hits. The same counters, steps, sums and served requests as run_sim's replay on the cache
+    state, bit for bit, with copies beside the compute or holding it (serial), resets per sequence or none,
+    steps of one token and of several, with a dense part or none; a request wider than a partition takes the
+    cache state."""
     from moesim.api import load_trace
     from moesim.core import encode, slots
 
@@ -710,17 +712,21 @@ def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypa
     decode = load_trace("gpt-oss-like").slice_tokens(0, 500)
     batch = load_trace("gpt-oss-like-batch8").slice_tokens(0, 3000)
     L = decode.n_layers
-    for tr, n_slots in ((decode, 6 * L), (batch, 31 * L), (batch, 12 * L)):
+    cases = [(decode, 6 * L, "per_layer"), (batch, 31 * L, "per_layer"), (batch, 12 * L, "per_layer")]
+    if policy in ("lru", "visit_count"):
+        cases += [(decode, 16 * L, "global"), (batch, 20 * L, "global"), (batch, 25 * L, "global")]
+    for tr, n_slots, scope in cases:
+        cap = n_slots // L if scope == "per_layer" else n_slots
         for reset in (False, True):
             runs = []
             for decide in (True, False):
                 monkeypatch.setattr(core, "DECIDE", decide)
                 n = len(calls)
-                r = core.simulate(tr, tr.spec, n_slots, "per_layer", cls, hardware=hw, reset_per_seq=reset,
-                                  events=False, dense=some_dense(tr, reset))
+                r = core.simulate(tr, tr.spec, n_slots, scope, cls, hardware=hw, reset_per_seq=reset, events=False,
+                                  dense=some_dense(tr, reset))
                 runs.append((r, calls[n:]))
             (fast, took), (slow, none) = runs
-            assert none == [] and took == ([policy != "belady"] if encode(tr).width <= n_slots // L else [])
+            assert none == [] and took == ([policy != "belady"] if encode(tr).width <= cap else [])
             assert fast.counters == slow.counters and fast.request_stats == slow.request_stats
             assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
             np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])

@@ -50,6 +50,8 @@ def slot_kernel(st, prm, scope: str, offload: tuple | None = None) -> tuple | No
     if code == POLICY_CODES["lru"]:
         off = offload if offload is not None else no_offload(L, E)
         return (slots_lru if scope == "per_layer" else slots_lru_global), (off,)
+    if code == POLICY_CODES["visit_count"] and offload is None:
+        return slots_visit_count, (scope == "global",)
     if scope != "per_layer":
         return None
     if code == POLICY_CODES["class_lru"]:
@@ -536,6 +538,75 @@ def slots_lru_global(ids, ptr, L, E, cap, resets, flags, cnt, off):
                 else:
                     head = kid
                 tail = kid
+    return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def slots_visit_count(ids, ptr, L, E, cap, resets, flags, cnt, pool):
+    """strategies/visit_count.py VisitCount, in one pool of `cap` slots (`pool`) or `cap` per layer: each resident's
+    visits since its load (1 at the load); the victim is the most visited resident of the layers before the
+    running one, ties to the lower key (the request's pinned keys are all of the running layer: never
+    candidates); none: the miss streams (refuses). Each layer's best resident is kept (a hit can only raise its
+    own key; an eviction scans the layer's E keys again), so a victim is the best of the earlier layers' bests."""
+    res = np.zeros(L * E, np.uint8)
+    visits = np.zeros(L * E, np.int64)
+    best = np.full(L, -1, np.int64)  # each layer's most visited resident (ties: the lower key), -1: none
+    n = np.zeros(L, np.int64)  # residents per layer (per-layer pools)
+    size = 0  # residents in the pool
+    hits = 0
+    for s in range(len(resets)):
+        if resets[s]:
+            res[:] = 0
+            best[:] = -1
+            n[:] = 0
+            size = 0
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            for i in range(a, b):  # hits: one more visit
+                kid = base + ids[i]
+                hit = res[kid] == 1
+                flags[i] = hit
+                if hit:
+                    hits += 1
+                    visits[kid] += 1
+                    x = best[layer]
+                    if visits[kid] > visits[x] or (visits[kid] == visits[x] and kid < x):
+                        best[layer] = kid
+            for i in range(a, b):  # misses in row order
+                if flags[i]:
+                    continue
+                kid = base + ids[i]
+                if (size if pool else n[layer]) >= cap:
+                    v = -1
+                    if pool:
+                        for m in range(layer):
+                            x = best[m]
+                            if x >= 0 and (v < 0 or visits[x] > visits[v] or (visits[x] == visits[v] and x < v)):
+                                v = x
+                    if v < 0:  # nothing may be evicted: streamed
+                        cnt[STREAMS] += 1
+                        continue
+                    res[v] = 0
+                    cnt[EVICTIONS] += 1
+                    m = v // E
+                    best[m] = -1
+                    for x in range(m * E, m * E + E):
+                        if res[x] == 1 and (best[m] < 0 or visits[x] > visits[best[m]]):
+                            best[m] = x  # ascending keys: a tie keeps the lower
+                    size -= 1
+                    n[m] -= 1
+                cnt[LOADS_N] += 1
+                res[kid] = 1
+                visits[kid] = 1
+                size += 1
+                n[layer] += 1
+                x = best[layer]
+                if x < 0 or visits[kid] > visits[x] or (visits[kid] == visits[x] and kid < x):
+                    best[layer] = kid
+    cnt[REQUESTS] += ptr[len(resets) * L] - ptr[0]
+    cnt[HITS] += hits
     return 0, 0
 
 
