@@ -32,6 +32,7 @@ from .requests import width
 from .state import LW, SCOUNT, STATIC
 
 BIG = 1 << 62  # a rank above every real one: a pinned slot's, in the scans
+EXP_TABLE = 4096  # class_lru: its decay factors by distance in request positions, kept below this
 
 
 def clockless(oi, host_cap: int) -> bool:
@@ -57,7 +58,7 @@ def slot_kernel(st, prm, scope: str, offload: tuple | None = None) -> tuple | No
     if code == POLICY_CODES["class_lru"]:
         off = offload if offload is not None else no_offload(L, E)
         return slots_class_lru, (prm.classes, prm.decay_per_pos,
-                                 np.array([2.0 ** c for c in range(prm.classes)]), off)  # ClassLRU's 2.0 ** class
+                                 np.array([2.0 ** -c for c in range(prm.classes)]), off)  # 1 / ClassLRU's 2.0 ** class
     if offload is not None:
         return None
     if code == POLICY_CODES["fifo"]:
@@ -298,6 +299,9 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, s
     skey = np.zeros((L, cap), np.int64)
     n = np.zeros(L, np.int64)
     order = 0
+    decay = np.empty(EXP_TABLE)  # the decay over d positions, as _crf_now computes it: most uses come soon
+    for d in range(EXP_TABLE):
+        decay[d] = math.exp(d * decay_per_pos)
     for s in range(len(resets)):
         if resets[s]:
             where[:] = -1
@@ -338,7 +342,7 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, s
                                 x = skey[layer, q]
                                 if pin[x] == pos + 1:
                                     continue
-                                age = (pos - last[x]) / scale[cls[x]]
+                                age = (pos - last[x]) * scale[cls[x]]  # exact: / 2.0 ** class
                                 if j < 0 or age > best or (age == best and (
                                         cls[x] < cls[skey[layer, j]] or (cls[x] == cls[skey[layer, j]]
                                                                          and placed[x] < placed[skey[layer, j]]))):
@@ -355,7 +359,9 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, s
                         skey[layer, j] = kid
                         where[kid] = j
                     # ClassLRU._crf_now + _place: one more use
-                    c = 0.0 if seen[kid] == 0 else crf[kid] * math.exp((pos - last[kid]) * decay_per_pos)
+                    gap = pos - last[kid]
+                    c = 0.0 if seen[kid] == 0 else crf[kid] * (
+                        decay[gap] if gap < EXP_TABLE else math.exp(gap * decay_per_pos))
                     f = c + 1.0
                     seen[kid] = 1
                     crf[kid] = f
