@@ -178,139 +178,144 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         return resolve_strategy(compose_run(label, name, "auto", hw_name, overrides=extra + (
             [f"scope={scope}"] if scope else [])))
 
-    cfg = config("lru", "global")
-    real = run_model(cfg, tr.spec)  # the model as stored (formats applied)
-    total = sum(weight_bytes(real).values())
-    tier = None
-    if disk is not None:
-        from .disk import load_storage
-
-        storage = load_storage(disk)
-        if ram is None:
-            raise MoesimError(f"plan: disk={disk} needs ram=<GiB of host memory for experts>")
-        if total > usable + _positive(ram, "ram") * GIB:  # the experts live on disk, `ram` GiB of them in RAM
-            tier = {"storage": storage.name, "ram_gib": float(ram), "policy": str(disk_policy),
-                    "host_slots": int(float(ram) * GIB // real.bytes_per_expert)}
-            extra += [f"disk.storage={storage.name}", f"disk.ram={float(ram)}GiB", f"disk.policy={disk_policy}"]
-    if ram is not None and tier is None and total > usable + _positive(ram, "ram") * GIB:
-        raise MoesimError(f"plan: {real.name} takes {total / GIB:.1f} GiB as stored, more than VRAM + RAM = "
-                          f"{usable / GIB:.1f} + {ram:g} GiB: it does not fit this machine (try a smaller format: "
-                          f"model.experts_format=q4_k)")
-    small = dataclasses.replace(hw, vram_gib=usable / GIB)  # the plan of the usable VRAM
+    replayers = _Replayers(tr, max(1, int(jobs)))  # started now: they import moesim and read the trace meanwhile
     try:
-        rest, budget, _, _ = run_plan(cfg, real, small, contexts(tr, real.sliding_window))
-    except MoesimError as e:
-        raise MoesimError(f"plan: {e}") from None
-    L, K = real.layers, real.top_k
-    max_slots = budget.slots
-    notes = []
-    if tier is not None:
-        notes.append(f"{real.name} takes {total / GIB:.1f} GiB, more than VRAM + RAM = {usable / GIB:.1f} + "
-                     f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} of "
-                     f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: Belady over the host's own requests)")
-    elif disk is not None:
-        notes.append(f"{real.name} fits in VRAM + RAM: nothing is read from disk={disk}")
-    lo = K * L if max_slots >= K * L else K
-    if lo == K:
-        notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
-    grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
-    names = list(strategies) if strategies else default_strategies()
-    one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
-    configs, scratch, refuses, offloads = {}, {}, {}, {}  # composed once per strategy (each size sets its budget);
-    for name in names:  # stream scratch slots, which come out of the same VRAM; whether its cache may refuse to
-        configs[name] = config(name, "global" if one_pool else None)  # evict; its offload policy, built
-        st = configs[name].strategy
-        offloads[name] = build(st.offload, "offload") if st.get("offload") else None
-        policy = build(st.cache, "strategy.cache")
-        scratch[name] = scratch_slots(real, policy, offloads[name])
-        refuses[name] = bool(getattr(policy, "refuses", False))
-    configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
-        *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else []),
-        *(["disk.policy=belady"] if tier else [])]))
-    same = _same_runs(configs, names)  # presets that are another's configuration under a new name replay once
-    for name, twin in same.items():
-        if twin != name:
-            notes.append(f"{name} runs the same cache, prefetch, offload and scope as {twin}: replayed once")
-    # where every expert fits, a demand cache (no prefetcher, no offload policy) never evicts: each takes free slots
-    # in the same order, so all of them give the same replay there, one of them replays it (tests/test_plan.py)
-    full = [size for size in grid if size >= L * real.experts] if len(grid) > 1 else []
-    demand = [n for n in names if same[n] == n and not configs[n].strategy.get("prefetch")
-              and not configs[n].strategy.get("offload")]
-    demand.sort(key=lambda n: n != "lru")
-    skip = {(n, size): demand[0] for n in demand[1:] for size in full}
-    if full and len(demand) > 1:
-        notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches "
-                     f"({', '.join(demand)}) evict nothing and give the same replay there: {demand[0]}'s")
-    # at top-k slots per layer, where every request names top-k experts, a layer's partition holds just its latest
-    # request: a miss finds as many unpinned residents as the request has misses, so every one of them is evicted
-    # whatever the policy (one that may refuse aside), and the per-layer demand caches give the same replay. Kept
-    # to grids with a third size, where each strategy still replays on its own (and says if it cannot run)
-    forced = [n for n in demand if not refuses[n] and run_scope(configs[n]) == "per_layer"]
-    widths = np.diff(encode(tr).ptr)  # experts each request names
-    if (not one_pool and len(forced) > 1 and len(grid) > len(full) + 1 and grid[0] == K * L and len(widths)
-            and widths.min() == widths.max() == K):
-        skip.update({(n, grid[0]): forced[0] for n in forced[1:]})
-        notes.append(f"at {grid[0]} slots each layer holds top-k = {K} experts and every request names {K}: the "
-                     f"per-layer demand caches ({', '.join(forced)}) evict every expert the latest request did not "
-                     f"name, whatever their policy, and give the same replay there: {forced[0]}'s")
-    # a static split whose device layers' experts all fit replays the same at every size with the same host layers
-    least = K if one_pool else K * L  # slots a replay needs at least
-    moved = {}  # (name, size) -> the size whose replay it is
-    for name in names:
-        if same[name] != name or offloads[name] is None:
-            continue
-        first = {}
-        for size in grid:
-            if (name, size) in skip:
+        cfg = config("lru", "global")
+        real = run_model(cfg, tr.spec)  # the model as stored (formats applied)
+        total = sum(weight_bytes(real).values())
+        tier = None
+        if disk is not None:
+            from .disk import load_storage
+
+            storage = load_storage(disk)
+            if ram is None:
+                raise MoesimError(f"plan: disk={disk} needs ram=<GiB of host memory for experts>")
+            if total > usable + _positive(ram, "ram") * GIB:  # the experts live on disk, `ram` GiB of them in RAM
+                tier = {"storage": storage.name, "ram_gib": float(ram), "policy": str(disk_policy),
+                        "host_slots": int(float(ram) * GIB // real.bytes_per_expert)}
+                extra += [f"disk.storage={storage.name}", f"disk.ram={float(ram)}GiB", f"disk.policy={disk_policy}"]
+        if ram is not None and tier is None and total > usable + _positive(ram, "ram") * GIB:
+            raise MoesimError(f"plan: {real.name} takes {total / GIB:.1f} GiB as stored, more than VRAM + RAM = "
+                              f"{usable / GIB:.1f} + {ram:g} GiB: it does not fit this machine (try a smaller format: "
+                              f"model.experts_format=q4_k)")
+        small = dataclasses.replace(hw, vram_gib=usable / GIB)  # the plan of the usable VRAM
+        try:
+            rest, budget, _, _ = run_plan(cfg, real, small, contexts(tr, real.sliding_window))
+        except MoesimError as e:
+            raise MoesimError(f"plan: {e}") from None
+        L, K = real.layers, real.top_k
+        max_slots = budget.slots
+        notes = []
+        if tier is not None:
+            notes.append(f"{real.name} takes {total / GIB:.1f} GiB, more than VRAM + RAM = {usable / GIB:.1f} + "
+                         f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} of "
+                         f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: Belady over the host's own requests)")
+        elif disk is not None:
+            notes.append(f"{real.name} fits in VRAM + RAM: nothing is read from disk={disk}")
+        lo = K * L if max_slots >= K * L else K
+        if lo == K:
+            notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
+        grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
+        names = list(strategies) if strategies else default_strategies()
+        one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
+        configs, scratch, refuses, offloads = {}, {}, {}, {}  # composed once per strategy (each size sets its budget);
+        for name in names:  # stream scratch slots, which come out of the same VRAM; whether its cache may refuse to
+            configs[name] = config(name, "global" if one_pool else None)  # evict; its offload policy, built
+            st = configs[name].strategy
+            offloads[name] = build(st.offload, "offload") if st.get("offload") else None
+            policy = build(st.cache, "strategy.cache")
+            scratch[name] = scratch_slots(real, policy, offloads[name])
+            refuses[name] = bool(getattr(policy, "refuses", False))
+        configs[BOUND] = resolve_strategy(compose_run(label, "belady", "auto", hw_name, overrides=[
+            *extra, "prefetch=oracle", "prefetch.lookahead=4", *(["scope=global"] if one_pool else []),
+            *(["disk.policy=belady"] if tier else [])]))
+        same = _same_runs(configs, names)  # presets that are another's configuration under a new name replay once
+        for name, twin in same.items():
+            if twin != name:
+                notes.append(f"{name} runs the same cache, prefetch, offload and scope as {twin}: replayed once")
+        # where every expert fits, a demand cache (no prefetcher, no offload policy) never evicts: each takes free slots
+        # in the same order, so all of them give the same replay there, one of them replays it (tests/test_plan.py)
+        full = [size for size in grid if size >= L * real.experts] if len(grid) > 1 else []
+        demand = [n for n in names if same[n] == n and not configs[n].strategy.get("prefetch")
+                  and not configs[n].strategy.get("offload")]
+        demand.sort(key=lambda n: n != "lru")
+        skip = {(n, size): demand[0] for n in demand[1:] for size in full}
+        if full and len(demand) > 1:
+            notes.append(f"at {', '.join(map(str, full))} slots every expert fits: the demand caches "
+                         f"({', '.join(demand)}) evict nothing and give the same replay there: {demand[0]}'s")
+        # at top-k slots per layer, where every request names top-k experts, a layer's partition holds just its latest
+        # request: a miss finds as many unpinned residents as the request has misses, so every one of them is evicted
+        # whatever the policy (one that may refuse aside), and the per-layer demand caches give the same replay. Kept
+        # to grids with a third size, where each strategy still replays on its own (and says if it cannot run)
+        forced = [n for n in demand if not refuses[n] and run_scope(configs[n]) == "per_layer"]
+        widths = np.diff(encode(tr).ptr)  # experts each request names
+        if (not one_pool and len(forced) > 1 and len(grid) > len(full) + 1 and grid[0] == K * L and len(widths)
+                and widths.min() == widths.max() == K):
+            skip.update({(n, grid[0]): forced[0] for n in forced[1:]})
+            notes.append(f"at {grid[0]} slots each layer holds top-k = {K} experts and every request names {K}: the "
+                         f"per-layer demand caches ({', '.join(forced)}) evict every expert the latest request did not "
+                         f"name, whatever their policy, and give the same replay there: {forced[0]}'s")
+        # a static split whose device layers' experts all fit replays the same at every size with the same host layers
+        least = K if one_pool else K * L  # slots a replay needs at least
+        moved = {}  # (name, size) -> the size whose replay it is
+        for name in names:
+            if same[name] != name or offloads[name] is None:
                 continue
-            slots = min(size, max_slots - scratch[name])
-            key = _placement(configs[name], tr, slots, offloads[name]) if slots >= least else None
-            if key is not None and key in first:
-                moved[(name, size)] = first[key]
-            elif key is not None:
-                first[key] = size
-    for name in dict.fromkeys(n for n, _ in moved):
-        to = {}
-        for (n, size), at in moved.items():
-            if n == name:
-                to.setdefault(at, []).append(size)
-        notes.append(f"{name} keeps the same layers on the host, and evicts nothing else, at " + "; ".join(
-            f"{', '.join(map(str, sizes))} slots as at {at}" for at, sizes in to.items()) + ": replayed once")
-    # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
-    todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
-            if same[name] == name and (name, size) not in skip and (name, size) not in moved]
-    todo += [(BOUND, size, size, True) for size in grid]
-    rows = _run_all(tr, todo, configs, least, max(1, int(jobs)), progress)
-    rows += [_shared_row(rows, name, size, rep) for (name, size), rep in sorted(skip.items())]
-    rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name, tr)
-             for (name, size), at in sorted(moved.items())]
-    rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
-             for r in rows if r.strategy == twin and not r.bound]
-    if max_slots == L * real.experts:
-        notes.append(f"every expert fits in {usable / GIB:.1f} GiB beside the rest of the model: no offloading is "
-                     f"needed at the largest size (the strategies differ only below it)")
-    p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows,
-             recommendation=None, target=target, notes=notes, disk=tier)
-    best = p.ranked()
-    if best:
-        b = best[0]
-        bound = p.bound_at(b.size)
-        p.recommendation = {"strategy": b.strategy, "slots": b.slots, "tokens_per_s": b.tokens_per_s,
-                            "vram_gib": b.vram_gib, "x_bound": b.tokens_per_s / bound if bound else None,
-                            "settings": equivalent(b.strategy, b.slots, real), "host_hit_rate": b.host_hit_rate,
-                            "disk_mib_per_token": b.disk_mib_per_token}
-        near = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= NEAR * b.tokens_per_s]
-        n = min(near, key=lambda r: (r.vram_gib, -r.tokens_per_s))
-        p.near_best = {"strategy": n.strategy, "slots": n.slots, "tokens_per_s": n.tokens_per_s,
-                       "vram_gib": n.vram_gib, "settings": equivalent(n.strategy, n.slots, real)}
-    if target is not None:
-        reach = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= target]
-        if reach:
-            r = min(reach, key=lambda r: (r.vram_gib, -r.tokens_per_s))
-            p.least_for_target = {"strategy": r.strategy, "slots": r.slots, "vram_gib": r.vram_gib,
-                                  "tokens_per_s": r.tokens_per_s, "settings": equivalent(r.strategy, r.slots, real)}
-    p.seconds = time.perf_counter() - t0
-    return p
+            first = {}
+            for size in grid:
+                if (name, size) in skip:
+                    continue
+                slots = min(size, max_slots - scratch[name])
+                key = _placement(configs[name], tr, slots, offloads[name]) if slots >= least else None
+                if key is not None and key in first:
+                    moved[(name, size)] = first[key]
+                elif key is not None:
+                    first[key] = size
+        for name in dict.fromkeys(n for n, _ in moved):
+            to = {}
+            for (n, size), at in moved.items():
+                if n == name:
+                    to.setdefault(at, []).append(size)
+            notes.append(f"{name} keeps the same layers on the host, and evicts nothing else, at " + "; ".join(
+                f"{', '.join(map(str, sizes))} slots as at {at}" for at, sizes in to.items()) + ": replayed once")
+        # strategy-major: a strategy's learned prefetch table is built once for all sizes (moesim.core.parts)
+        todo = [(name, size, min(size, max_slots - scratch.get(name, 0)), False) for name in names for size in grid
+                if same[name] == name and (name, size) not in skip and (name, size) not in moved]
+        todo += [(BOUND, size, size, True) for size in grid]
+        rows = _run_all(tr, todo, configs, least, replayers, progress)
+        replayers.close(wait=False)  # every replay is done
+        rows += [_shared_row(rows, name, size, rep) for (name, size), rep in sorted(skip.items())]
+        rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name, tr)
+                 for (name, size), at in sorted(moved.items())]
+        rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
+                 for r in rows if r.strategy == twin and not r.bound]
+        if max_slots == L * real.experts:
+            notes.append(f"every expert fits in {usable / GIB:.1f} GiB beside the rest of the model: no offloading is "
+                         f"needed at the largest size (the strategies differ only below it)")
+        p = Plan(str(model or tr.spec.name), hw_name, label, usable / GIB, int(max_slots), grid, rows,
+                 recommendation=None, target=target, notes=notes, disk=tier)
+        best = p.ranked()
+        if best:
+            b = best[0]
+            bound = p.bound_at(b.size)
+            p.recommendation = {"strategy": b.strategy, "slots": b.slots, "tokens_per_s": b.tokens_per_s,
+                                "vram_gib": b.vram_gib, "x_bound": b.tokens_per_s / bound if bound else None,
+                                "settings": equivalent(b.strategy, b.slots, real), "host_hit_rate": b.host_hit_rate,
+                                "disk_mib_per_token": b.disk_mib_per_token}
+            near = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= NEAR * b.tokens_per_s]
+            n = min(near, key=lambda r: (r.vram_gib, -r.tokens_per_s))
+            p.near_best = {"strategy": n.strategy, "slots": n.slots, "tokens_per_s": n.tokens_per_s,
+                           "vram_gib": n.vram_gib, "settings": equivalent(n.strategy, n.slots, real)}
+        if target is not None:
+            reach = [r for r in rows if not r.bound and r.status == "ok" and r.tokens_per_s >= target]
+            if reach:
+                r = min(reach, key=lambda r: (r.vram_gib, -r.tokens_per_s))
+                p.least_for_target = {"strategy": r.strategy, "slots": r.slots, "vram_gib": r.vram_gib,
+                                      "tokens_per_s": r.tokens_per_s, "settings": equivalent(r.strategy, r.slots, real)}
+        p.seconds = time.perf_counter() - t0
+        return p
+    finally:
+        replayers.close()
 
 
 def _shared_row(rows: list, name: str, size: int, rep: str) -> Row:
@@ -384,7 +389,7 @@ def _same_runs(configs: dict, names: list) -> dict:
     return same
 
 
-_WORK: dict = {}  # what each replay process holds: the trace and each strategy's run config (set by _init)
+_WORK: dict = {}  # what each replay process holds: the trace, each strategy's run config, the least slots
 
 
 def _init(work: dict) -> None:
@@ -392,68 +397,109 @@ def _init(work: dict) -> None:
 
 
 def _load(ref: dict) -> None:
-    """A replay process's start: the trace from its file, the configs from their YAML (see _run_all)."""
-    from omegaconf import OmegaConf
-
+    """A replay process's start: the trace from its file (see _Replayers)."""
     from .trace import load_trace
 
     tr = load_trace(ref["trace"])
     tr.path = Path(ref["path"]) if ref["path"] else None  # messages name the trace the user gave, not the copy
-    _init(dict(tr=tr, least=ref["least"], configs={n: OmegaConf.create(y) for n, y in ref["configs"].items()}))
+    _init(dict(tr=tr, configs={}, yaml={}))
 
 
-def _run_all(tr, todo, configs: dict, least: int, jobs: int, progress: bool) -> list:
-    """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order. `jobs` processes at once.
-    A strategy with a prefetcher or a learned policy runs all its sizes in one task (`_together`: the table is
-    built once, the learned policy's hits decided at once) and those tasks start first (the longest); the others
-    run a size per task, so the last to finish are short.
-    The processes are spawned, not forked: a fork of a process whose thread pools (BLAS, numba, the importers')
-    hold a lock can hang (a plan of the real trace did)."""
-    _init(dict(tr=tr, configs=configs, least=least))
-    together = {name: _together(cfg) for name, cfg in configs.items()}
-    groups: dict = {}
-    for i, job in enumerate(todo):
-        groups.setdefault(job[0] if together[job[0]] else (job[0], job[1]), []).append((i, job))
-    order = sorted(groups.values(), key=lambda g: (not together[g[0][1][0]], -len(g)))
-    done: list = []
-    if jobs > 1 and not _spawnable():
-        print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file to "
-              f"import (it was read from standard input): the replays run in this process", file=sys.stderr)
-        jobs = 1
-    if jobs > 1:
+def _ready() -> None:
+    """A task that only starts a replay process (a pool spawns one per task submitted, up to its size)."""
+
+
+def _task(group: list, least: int, configs: dict) -> list:
+    """A replay process's task: its configs as YAML (parsed once per process and strategy), then _group."""
+    from omegaconf import OmegaConf
+
+    for name, text in configs.items():
+        if _WORK["yaml"].get(name) != text:
+            _WORK["configs"][name] = OmegaConf.create(text)
+            _WORK["yaml"][name] = text
+    _WORK["least"] = least
+    return _group(group)
+
+
+class _Replayers:
+    """The replay processes of a plan with jobs > 1, spawned, not forked: a fork of a process whose thread pools
+    (BLAS, numba, the importers') hold a lock can hang (a plan of the real trace did). They start as soon as the
+    trace is known, so they import moesim and read it while the plan composes its configs (1.8 s of the real
+    trace's plan); each task brings the configs it names. jobs=1, or a program read from standard input: none
+    (the replays run in this process)."""
+
+    def __init__(self, tr, jobs: int):
+        self.pool, self._tmp = None, None
+        if jobs > 1 and not _spawnable():
+            print(f"plan: jobs={jobs} starts processes that import the calling program again, and it has no file "
+                  f"to import (it was read from standard input): the replays run in this process", file=sys.stderr)
+            jobs = 1
+        self.jobs = jobs
+        if jobs == 1:
+            return
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from concurrent.futures.process import BrokenProcessPool
+        from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import resource_tracker
-
-        from omegaconf import OmegaConf
 
         from .trace import save_trace
 
         # a worker that fails to start (a script that calls plan at its top level, imported again by each worker)
         # dies before it reads its arguments, and the parent, writing them into a pipe it holds open itself,
         # would wait forever once they pass the pipe's 64 KiB (the trace alone does). So the arguments are a
-        # few KiB: the trace's file, the configs as YAML. The resource tracker starts first: started by the first
-        # spawn, it inherited that pipe too.
+        # few KiB: the trace's file here, each task's configs as YAML. The resource tracker starts first: started
+        # by the first spawn, it inherited that pipe too.
         resource_tracker.ensure_running()
-        with tempfile.TemporaryDirectory(prefix="moesim-plan-") as tmp:
-            path = Path(tmp) / "trace.moetrace.safetensors"
-            save_trace(tr, path)
-            ref = {"trace": str(path), "path": str(tr.path) if tr.path else None, "least": least,
-                   "configs": {n: OmegaConf.to_yaml(c) for n, c in configs.items()}}
-            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_load,
-                                     initargs=(ref,)) as pool:
-                try:
-                    for future in as_completed([pool.submit(_group, g) for g in order]):
-                        for row in future.result():
-                            done.append(row)
-                            _said(row[1], len(done), len(todo), progress)
-                except BrokenProcessPool:
-                    raise MoesimError(
-                        f"plan: a replay process (jobs={jobs}) ended abruptly: out of memory, killed, or it could "
-                        f"not start. Each one imports the calling program again: in a script, call moesim.plan "
-                        f"under `if __name__ == \"__main__\":`; or give jobs=1") from None
+        self._tmp = tempfile.TemporaryDirectory(prefix="moesim-plan-")
+        path = Path(self._tmp.name) / "trace.moetrace.safetensors"
+        save_trace(tr, path)
+        self.pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_load,
+                                        initargs=({"trace": str(path), "path": str(tr.path) if tr.path else None},))
+        for _ in range(jobs):  # a pool spawns its processes as tasks come
+            self.pool.submit(_ready)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the processes: after every task is done they exit on their own (not waited for: 0.6 s of a plan
+        of the real trace); after an error, any task still running ends first."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=wait, cancel_futures=True)
+            self.pool = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _run_all(tr, todo, configs: dict, least: int, replayers: _Replayers, progress: bool) -> list:
+    """Every (name, size, slots, bound) of `todo` replayed; the rows in `todo`'s order, in `replayers`' processes
+    (or this one). A strategy with a prefetcher or a learned policy runs all its sizes in one task (`_together`:
+    the table is built once, the learned policy's hits decided at once) and those tasks start first (the
+    longest); the others run a size per task, so the last to finish are short."""
+    from omegaconf import OmegaConf
+
+    together = {name: _together(cfg) for name, cfg in configs.items()}
+    groups: dict = {}
+    for i, job in enumerate(todo):
+        groups.setdefault(job[0] if together[job[0]] else (job[0], job[1]), []).append((i, job))
+    order = sorted(groups.values(), key=lambda g: (not together[g[0][1][0]], -len(g)))
+    done: list = []
+    if replayers.pool is not None:
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        yaml = {name: OmegaConf.to_yaml(cfg) for name, cfg in configs.items()}
+        try:
+            futures = [replayers.pool.submit(_task, g, least, {g[0][1][0]: yaml[g[0][1][0]]}) for g in order]
+            for future in as_completed(futures):
+                for row in future.result():
+                    done.append(row)
+                    _said(row[1], len(done), len(todo), progress)
+        except BrokenProcessPool:
+            raise MoesimError(
+                f"plan: a replay process (jobs={replayers.jobs}) ended abruptly: out of memory, killed, or it could "
+                f"not start. Each one imports the calling program again: in a script, call moesim.plan under "
+                f"`if __name__ == \"__main__\":`; or give jobs=1") from None
     else:
+        _init(dict(tr=tr, configs=configs, least=least))
+
         def one(row):
             done.append(row)
             _said(row[1], len(done), len(todo), progress)
