@@ -692,11 +692,11 @@ def some_dense(trace, on: bool = True):
 
 
 @pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lfru", "class_lru", "activation_aware", "static", "belady",
-                                    "visit_count"])
+                                    "visit_count", "page_cache"])
 @pytest.mark.parametrize("serial", [False, True])
 def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypatch):
     """simulate(events=False) of a demand cache: its hits decided first (by its slot kernel, moesim/core/slots.py,
-    where it has one: per layer, and LRU's and visit_count's in one pool too; belady by the cache-only replay) and
+    where it has one: per layer, and LRU's and visit_count's in one pool too; page_cache by the cache-only replay) and
     timed by loop.time_hits. The same counters, steps, sums and served requests as run_sim's replay on the cache
     state, bit for bit, with copies beside the compute or holding it (serial), resets per sequence or none,
     steps of one token and of several, with a dense part or none; a request wider than a partition takes the
@@ -726,7 +726,7 @@ def test_decided_hits_are_timed_as_the_cache_state_does(policy, serial, monkeypa
                                   dense=some_dense(tr, reset))
                 runs.append((r, calls[n:]))
             (fast, took), (slow, none) = runs
-            assert none == [] and took == ([policy != "belady"] if encode(tr).width <= cap else [])
+            assert none == [] and took == ([policy != "page_cache"] if encode(tr).width <= cap else [])
             assert fast.counters == slow.counters and fast.request_stats == slow.request_stats
             assert fast.counters["loads"] > 0 and fast.counters["hits"] > 0
             np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
@@ -769,6 +769,51 @@ def test_offload_decided_without_the_clocks_is_timed_as_the_cache_state_does(pol
                 assert fast.profiler.metrics() == slow.profiler.metrics(), (name, scope)
                 if name != "fetch" and hw is not CPU_PROFILE:
                     assert fast.counters["host_computes"] > 0, name
+
+
+def test_belady_with_a_prefetcher_decided_without_the_clocks_is_timed_as_the_cache_state_does(monkeypatch):
+    """simulate(events=False) of Belady per layer with a prefetcher that has no cap on the bytes in flight (plan's
+    bound: oracle prefetch 4 layers ahead): its slot kernel decides the hits and the prefetches, loop.time_hits
+    times them. The same counters, prefetch outcomes, steps, sums and served requests (late prefetches included)
+    as run_sim's replay on the cache state, bit for bit, for several prefetchers, batched steps, resets, serial
+    copies and a dense part; a capped prefetcher, or one pool, takes the cache state."""
+    from strategies.oracle import Oracle
+    from strategies.transition import Transition
+
+    from moesim.core import slots
+
+    calls = []
+    find = slots.slot_kernel
+    monkeypatch.setattr(core, "slot_kernel", lambda *a: (lambda k: calls.append(k is not None) or k)(find(*a)))
+    cls = core.reference_class("belady")
+    prefetchers = {"oracle-4": lambda: Oracle(lookahead=4), "oracle-1-two": lambda: Oracle(per_layer=2),
+                   "transition": lambda: Transition(lookahead=2, calibrate_fraction=0.3),
+                   "oracle-capped": lambda: Oracle(lookahead=4, max_inflight="1 experts")}
+    late = 0
+    for seed, scope, reset, serial in ((0, "per_layer", False, False), (1, "per_layer", True, True),
+                                       (2, "global", True, False)):
+        trace = random_trace(seed, max_batch=1 + 2 * (seed % 2))
+        need = max_request(trace)
+        n_slots = (need + 1) * trace.n_layers if scope == "per_layer" else 2 * need + 1
+        hw = dataclasses.replace(load_hardware("rtx-4090"), serial_copies=serial)
+        dense = some_dense(trace, reset)
+        for name, make in prefetchers.items():
+            runs = []
+            for decide in (True, False):
+                monkeypatch.setattr(core, "DECIDE", decide)
+                calls.clear()
+                runs.append((core.simulate(trace, trace.spec, n_slots, scope, cls, make(), hardware=hw,
+                                           reset_per_seq=reset, events=False, dense=dense), list(calls)))
+            (fast, took), (slow, none) = runs
+            capped = name == "oracle-capped"
+            assert none == [] and took == ([] if capped else [scope == "per_layer"]), (name, scope)
+            assert fast.counters == slow.counters and fast.prefetch == slow.prefetch, (name, scope)
+            assert fast.request_stats == slow.request_stats, (name, scope)
+            np.testing.assert_array_equal(fast.profiler.arrays()[0], slow.profiler.arrays()[0])
+            assert fast.profiler.metrics() == slow.profiler.metrics(), (name, scope)
+            assert fast.counters["prefetch_loads"] > 0, name
+            late += fast.request_stats["late_prefetches"]
+    assert late > 0  # some prefetches arrived after their layer began
 
 
 def test_a_learned_policys_budgets_decided_together_replay_as_each_alone(monkeypatch):

@@ -14,9 +14,15 @@ Python part runs in the Python driver (moesim/engine.py), which calls the parts'
     python -m pytest tests/bench --benchmark-enable   # rates against the Python loop and libCacheSim
 
 Modules: requests.py (the trace as flat request arrays), state.py (cache state and its data structures),
-policies.py (the cache policies), clock.py (the sim's timelines), loop.py (the drivers), parts.py (from
-policy objects to the loop's arguments). The plain-Python policies of strategies/ are the reference:
-tests/test_core.py holds the core to identical counters and identical profiler events.
+policies.py (the cache policies), clock.py (the sim's timelines), loop.py (the drivers), slots.py (the caches
+of one partition per layer, and LRU's one pool, in their fastest form), parts.py (from policy objects to the
+loop's arguments). The plain-Python policies of strategies/ are the reference: tests/test_core.py holds the
+core to identical counters and identical profiler events.
+
+A replay that keeps sums (events=False: plan's), with no prefetcher and no disk tier, whose offload policy (if
+any) decides without the clocks, is run in two passes: what becomes of each request element is decided first
+(a slot kernel of slots.py, the learned policy's pass over several budgets, or run_hits on the cache state),
+then loop.time_hits times it. The same counters, steps and sums as run_sim's one pass (tests/test_core.py).
 """
 from __future__ import annotations
 
@@ -177,28 +183,30 @@ def hit_flags(trace, policy: str, params: dict | None, n_slots: int, scope: str 
 def _hits(trace, make_policy, n_slots, scope, resets, flags) -> np.ndarray:
     st, prm = cache_state(trace, trace.spec, n_slots, scope, make_policy)
     loop.reset(st.I, st.F, prm)
-    return _decide(st, prm, encode(trace), n_slots, scope, resets, flags)
+    return _decide(st, prm, encode(trace), n_slots, scope, resets, flags)[0]
 
 
-def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None) -> np.ndarray | None:
-    """The counters (loop's cnt) of the replay from the state `st` (reset) that decides, without the clocks, what
-    becomes of each element (`flags`: uint8 [N], or None; see loop.time_hits): by a slot kernel where one decides
-    this cache (moesim/core/slots.py: no request wider than a partition), else by run_hits on the state. With an
-    offload policy (`offload`: see slots.slot_kernel), None where no slot kernel takes it."""
+def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None, prefetch=None) -> tuple | None:
+    """(counters (loop's cnt), prefetches) of the replay from the state `st` (reset) that decides, without the
+    clocks, what becomes of each element (`flags`: uint8 [N], or None; see loop.time_hits): by a slot kernel
+    where one decides this cache (moesim/core/slots.py: no request wider than a partition), else by run_hits on
+    the state. prefetches: (keys in order, count up to each request position), or empty arrays. With an offload
+    policy or a prefetcher (`offload`, `prefetch`: see slots.slot_kernel), None where no slot kernel takes it."""
     cnt = np.zeros(loop.N_CNT, np.int64)
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     cap = n_slots // req.n_layers if scope == "per_layer" else int(st.I[CAP, 0])
-    found = slot_kernel(st, prm, scope, offload) if DECIDE and 0 < req.width <= cap else None
+    found = slot_kernel(st, prm, scope, offload, prefetch) if DECIDE and 0 < req.width <= cap else None
     if found is not None:
         kernel, extra = found
         f = np.zeros(len(req.ids), np.uint8) if flags is None else flags
         args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, cnt, *extra]
         with compile_notice(kernel):  # around a call of no steps: compiling or loading, not replaying
             kernel(*args[:5], resets[:0], *args[6:])
-        status, where = kernel(*args)
-        if status < 0:
-            raise kernel_error(status, req, cap, where)
-        return cnt
-    if offload is not None:
+        out = kernel(*args)
+        if out[0] < 0:
+            raise kernel_error(out[0], req, cap, out[1])
+        return cnt, (out[2:] if len(out) > 2 else none)
+    if offload is not None or prefetch is not None:
         return None
     args = [st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets,
             np.zeros(0, np.uint8) if flags is None else flags, cnt]
@@ -207,7 +215,7 @@ def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None) -> np.nda
     status, where = loop.run_hits(*args)
     if status < 0:
         raise _error(status, req, st, where)
-    return cnt
+    return cnt, none
 
 
 @contextmanager
@@ -389,25 +397,29 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         dst, dprm, hready, dq = st, prm, np.zeros(0), np.array([-1.0])  # no disk: dq[0] < 0
     dcnt = np.zeros(loop.N_CNT, np.int64)
     resets = reset_steps(trace, reset_per_seq)
+    t1 = time.perf_counter()  # the loop's time from here: deciding first is part of it
     pre, decided = np.zeros(0, np.uint8), None  # decided: the counters of a replay decided before it is timed
-    if (DECIDE and not events and not record and prefetcher is None and disk is None
+    prefetched = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # its prefetches: keys, count up to each position
+    if (DECIDE and not events and not record and pf_cap < 0 and disk is None
             and (offload is None or clockless(offl[0], offl[8])) and 0 < req.width <= st.I[CAP, :prm.P].min()):
-        # keeping sums, no prefetcher, an offload policy (if any) that decides without the clocks, no request wider
-        # than a partition: what becomes of each element does not depend on the clocks, so it is decided first (a
-        # slot kernel, the learned policy's pass over several budgets, or the cache-only replay) and time_hits
-        # times it
-        if offload is None and prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":
+        # keeping sums, no cap on the bytes in flight (a prefetcher's or an offload policy's), no disk tier, no
+        # request wider than a partition: what becomes of each element does not depend on the clocks, so it is
+        # decided first (a slot kernel, the learned policy's pass over several budgets, or the cache-only replay)
+        # and time_hits times it
+        if offload is None and prefetcher is None and prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":
             pre, decided = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, None)
         if decided is None:
             pre = np.zeros(len(req.ids), np.uint8)
-            decided = _decide(st, prm, req, n_slots, scope, resets, pre,
-                              None if offload is None else (*offl[:8], counts, req.step_tokens))
-    t1 = time.perf_counter()
+            got = _decide(st, prm, req, n_slots, scope, resets, pre,
+                          None if offload is None else (*offl[:8], counts, req.step_tokens),
+                          None if prefetcher is None else (pf, pf_rows, bool(getattr(prefetcher, "flat", False))))
+            if got is not None:
+                decided, prefetched = got
     copy_ms = hw.copy_ms(nbytes, pinned)
     if decided is not None:  # hits decided, no request wider than its partition: timed with the clocks alone
         args = [pre, req.ids, req.ptr, req.n_experts, counts, req.step_tokens, shared_ms, device_ms, host_ms, act_ms,
                 copy_ms, own, bool(hw.serial_copies), bool(offl[0][4]), dense.attention, dense.cls, dense.head,
-                dense.tail, served, ck, agg]
+                dense.tail, served, ck, agg, *prefetched]
         with compile_notice(loop.time_hits):  # a call of no steps
             loop.time_hits(*args[:5], args[5][:0], *args[6:])
         steps = loop.time_hits(*args)

@@ -245,17 +245,23 @@ FETCHED, DECIDED_HIT, ON_HOST, HOST_LOADED = 0, 1, 2, 3  # FETCHED: copied and w
 
 @njit(cache=True, nogil=True)
 def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_ms, act_ms, copy_ms, own, serial,
-              host_after, dattn, dcls, dhead, dtail, served, ck, agg):
+              host_after, dattn, dcls, dhead, dtail, served, ck, agg, pkeys, pend):
     """The timed replay of a cache whose decisions are known already (dec: uint8 [N], what became of element i:
     FETCHED, DECIDED_HIT, ON_HOST, or HOST_LOADED: computed on the host, its key loaded behind it; from
-    moesim.core.simulate: slots.py, run_hits, budgets_ahead), no prefetch, no disk tier, no request wider than its
-    partition, keeping sums (`agg`): run_sim's steps, sums, served requests and clocks bit for bit (the operations
-    of clock.copy, device_part and host_part in their order), with the clocks in local variables, not in `ck`'s
-    slots. host_after: the offload policy's host part waits for the device part (oi[4]). Each key's last copy ends
-    at ready[key] (run_sim's slot of a resident key is its own). The cache counters are the deciding kernel's.
-    Returns steps [S, 6] (see run_sim)."""
+    moesim.core.simulate: slots.py, run_hits, budgets_ahead), no disk tier, no request wider than its partition,
+    keeping sums (`agg`): run_sim's steps, sums, served requests and clocks bit for bit (the operations of
+    clock.copy, device_part and host_part in their order), with the clocks in local variables, not in `ck`'s
+    slots. host_after: the offload policy's host part waits for the device part (oi[4]). Prefetches, if any
+    (len(pend) = S * L): the keys pkeys[pend[pos - 1]:pend[pos]] are copied after request position pos's misses.
+    Each key's last copy ends at ready[key] (run_sim's slot of a resident key is its own), and whether it was a
+    prefetch not used yet is pf[key]. The cache counters are the deciding kernel's. Returns steps [S, 6] (see
+    run_sim)."""
     S, L = len(step_tokens), len(dcls)
     ready = np.zeros(L * E)  # ms: the end of each key's last copy
+    pf = np.zeros(L * E, np.uint8)  # its last copy was a prefetch not used yet
+    prefetching = len(pend) > 0
+    p_done = 0  # prefetches issued so far
+    late = served[1]
     steps = np.empty((S, 6))
     n_cp = 0
     n_cm = 0
@@ -290,6 +296,23 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
                             phase = start
                         now = end
                     ready[base + ids[i]] = end
+                    pf[base + ids[i]] = 0  # a demand copy replaces an unused prefetched one
+            if prefetching:  # then the prefetches, in their order
+                while p_done < pend[pos]:
+                    kid = pkeys[p_done]
+                    p_done += 1
+                    loads += 1.0
+                    start = now if now > cfree else cfree
+                    if 0.0 > start:
+                        start = 0.0
+                    end = start + copy_ms
+                    cfree = end
+                    if serial:
+                        if phase < 0.0:
+                            phase = start
+                        now = end
+                    ready[kid] = end
+                    pf[kid] = 1
             n_cp += int(loads)
             start = now  # clock.device_part
             free = start if phase < 0.0 else phase
@@ -299,11 +322,16 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
             for i in range(a, b):
                 if dec[i] >= ON_HOST:
                     continue
-                r = ready[base + ids[i]]
+                kid = base + ids[i]
+                r = ready[kid]
                 if r > free:
                     waited += 1
                     if r > start:
                         start = r
+                if pf[kid]:  # first use of a prefetched copy
+                    pf[kid] = 0
+                    if r > free:
+                        late += 1
                 duration += device_ms[counts[i]]
             free_runs += b - a - n_host - waited
             end = start + duration
@@ -338,6 +366,7 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
     ck[NOW], ck[COPY_FREE], ck[PHASE], ck[LOADS], ck[HOST_FREE] = now, cfree, phase, 0.0, hfree
     agg[AGG_STALL], agg[AGG_DEVICE], agg[AGG_HOST] = stall, busy, hbusy
     served[0] = free_runs
+    served[1] = late
     return steps
 
 

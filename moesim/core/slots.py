@@ -1,6 +1,6 @@
-"""The caches of one partition per layer (and LRU's one pool) in their fastest form: each partition a short row of
-slots (their keys and what the policy ranks them by), the victim found by a scan of the row (the global LRU: a
-list). moesim.core.simulate and hit_counts take them where no request is wider than a partition, no prefetcher
+"""The caches of one partition per layer (and LRU's and visit_count's one pool) in their fastest form: each
+partition a short row of slots (their keys and what the policy ranks them by), the victim found by a scan of the
+row (LRU's pool: a list; visit_count: each layer's best). moesim.core.simulate and hit_counts take them where no request is wider than a partition, no prefetcher
 runs and the offload policy, if any, decides without the clocks (slot_kernel says which); they decide what
 becomes of each request element, and moesim.core.loop.time_hits times it. The same decisions as the cache state
 of state.py and policies.py, which stay the reference for every other run (tests/test_core.py holds both to the
@@ -25,8 +25,9 @@ import numpy as np
 from numba import njit
 
 from .loop import (ALL_PINNED, EVICTIONS, FETCH, FETCHED, HITS, HOST, HOST_AND_LOAD, HOST_COMPUTES, HOST_LOADED,
-                   LOADS_N, OFF_COST, OFF_FIDDLER, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT, ON_HOST, REQUESTS, STREAM,
-                   STREAMS, offload_decision)
+                   LOADS_N, OFF_COST, OFF_FIDDLER, OFF_HOST, OFF_NONE, OFF_STATIC_SPLIT, ON_HOST, PF_LOADS, PF_UNUSED,
+                   PF_USED, PF_WASTED, REQUESTS, STREAM, STREAMS, _pf_kid, offload_decision)
+from .requests import NEVER
 from .policies import AA_EPS, POLICY_CODES
 from .requests import width
 from .state import LW, SCOUNT, STATIC
@@ -42,12 +43,21 @@ def clockless(oi, host_cap: int) -> bool:
                                                                       and host_cap < 0)
 
 
-def slot_kernel(st, prm, scope: str, offload: tuple | None = None) -> tuple | None:
+def slot_kernel(st, prm, scope: str, offload: tuple | None = None, prefetch: tuple | None = None) -> tuple | None:
     """(kernel, extra): the kernel deciding the policy of `prm` in `scope`, with the state `st` set up
     (moesim.core.parts.cache_state), called as kernel(ids, ptr, L, E, cap, resets, flags, cnt, *extra); None where
     there is none. `offload`: (oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens) where an
-    offload policy runs (see loop.offload_decision; `clockless`), else None: only LRU and class_lru take one."""
+    offload policy runs (see loop.offload_decision; `clockless`), else None: only LRU and class_lru take one.
+    `prefetch`: (table, rows, flat) of a prefetcher without a cap on the bytes in flight (loop.run_sim's pf,
+    pf_rows, pf_flat), else None: only Belady per layer takes one (the plan's bound); its kernel returns the keys
+    it prefetched too (slots_belady)."""
     L, E, code = prm.L, prm.E, prm.code
+    if code == POLICY_CODES["belady"] and scope == "per_layer" and offload is None and len(st.nxt):
+        pf = prefetch if prefetch is not None else (np.zeros((0, 0, 0), np.int16), np.zeros(0, np.int64), False)
+        kpos, koff = (st.kpos, st.koff) if len(st.koff) else (np.zeros(0, np.int64), np.zeros(L * E + 1, np.int64))
+        return slots_belady, (st.nxt, kpos, koff, *pf)
+    if prefetch is not None:
+        return None
     if code == POLICY_CODES["lru"]:
         off = offload if offload is not None else no_offload(L, E)
         return (slots_lru if scope == "per_layer" else slots_lru_global), (off,)
@@ -614,6 +624,138 @@ def slots_visit_count(ids, ptr, L, E, cap, resets, flags, cnt, pool):
     cnt[REQUESTS] += ptr[len(resets) * L] - ptr[0]
     cnt[HITS] += hits
     return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def slots_belady(ids, ptr, L, E, cap, resets, flags, cnt, nxt, kpos, koff, pf, pf_rows, flat):
+    """strategies/belady.py Belady per layer: each resident's next request position; the victim is the unpinned
+    resident requested last (ties: the lower key). A prefetcher's table (pf, pf_rows, flat: loop.run_sim's), if
+    any, is read as run_sim reads it with no cap on the bytes in flight: after a request's misses, where a key it
+    names is missing, all it names are pinned and the missing ones loaded in its order (next use: the key's next
+    request, loop.next_after), a key whose partition is all pinned skipped. Returns (status, pos, the prefetched
+    keys in order, int64 [S * L]: how many were prefetched up to each request position)."""
+    where = np.full(L * E, -1, np.int64)  # slot of a resident key within its layer
+    pin = np.zeros(L * E, np.int64)  # the mark of the request (and its prefetch) that pinned it
+    pfu = np.zeros(L * E, np.uint8)  # prefetched, not requested yet
+    kptr = koff[:L * E].copy()  # next_after's pointers
+    skey = np.zeros((L, cap), np.int64)
+    snext = np.zeros((L, cap), np.int64)  # each slot's key's next request position
+    n = np.zeros(L, np.int64)
+    D = pf.shape[1]
+    pkeys = np.empty(1024, np.int64)
+    n_pf = 0
+    pend = np.zeros(len(resets) * L if D > 0 else 0, np.int64)
+    mark = 0
+    gone = 0  # loads less evictions at the last reset
+    for s in range(len(resets)):
+        if resets[s]:
+            cnt[PF_WASTED] += cnt[PF_UNUSED]  # reset away before their first request
+            cnt[PF_UNUSED] = 0
+            where[:] = -1
+            pfu[:] = 0
+            n[:] = 0
+            gone = cnt[LOADS_N] - cnt[EVICTIONS]
+        for layer in range(L):
+            pos = s * L + layer
+            a, b = ptr[pos], ptr[pos + 1]
+            base = layer * E
+            mark += 1
+            cnt[REQUESTS] += b - a
+            for i in range(a, b):  # pin; hits: their next use
+                kid = base + ids[i]
+                pin[kid] = mark
+                j = where[kid]
+                flags[i] = j >= 0
+                if j >= 0:
+                    cnt[HITS] += 1
+                    snext[layer, j] = nxt[i]
+                    if pfu[kid]:  # a prefetched key's first request: the prefetch was used
+                        pfu[kid] = 0
+                        cnt[PF_USED] += 1
+                        cnt[PF_UNUSED] -= 1
+            for i in range(a, b):  # misses in row order
+                if not flags[i] and _belady_insert(cnt, where, pin, pfu, skey, snext, n, cap, E, mark,
+                                                   base + ids[i], nxt[i], False) < 0:
+                    return ALL_PINNED, pos, pkeys[:0], pend
+            if D == 0:
+                continue
+            row = pf_rows[pos]
+            if row >= 0 and cnt[LOADS_N] - cnt[EVICTIONS] - gone < L * E:
+                missing = False
+                for d in range(D):  # a ranking ends at its first -1
+                    for q in range(pf.shape[2]):
+                        kid = _pf_kid(pf, row, d, q, layer, L, E, flat)
+                        if kid < 0:
+                            break
+                        if where[kid] < 0:
+                            missing = True
+                            break
+                    if missing:
+                        break
+                if missing:
+                    for d in range(D):  # pinned meanwhile: one prefetch never evicts another
+                        for q in range(pf.shape[2]):
+                            kid = _pf_kid(pf, row, d, q, layer, L, E, flat)
+                            if kid < 0:
+                                break
+                            pin[kid] = mark
+                    for d in range(D):
+                        for q in range(pf.shape[2]):
+                            kid = _pf_kid(pf, row, d, q, layer, L, E, flat)
+                            if kid < 0:
+                                break
+                            if where[kid] >= 0:
+                                continue
+                            t, end = kptr[kid], koff[kid + 1]  # next_after
+                            while t < end and kpos[t] <= pos:
+                                t += 1
+                            kptr[kid] = t
+                            if _belady_insert(cnt, where, pin, pfu, skey, snext, n, cap, E, mark, kid,
+                                              kpos[t] if t < end else NEVER, True) < 0:
+                                continue  # its partition is all pinned: skipped
+                            if n_pf == len(pkeys):
+                                more = np.empty(2 * len(pkeys), np.int64)
+                                more[:n_pf] = pkeys
+                                pkeys = more
+                            pkeys[n_pf] = kid
+                            n_pf += 1
+            pend[pos] = n_pf
+    return 0, 0, pkeys[:n_pf].copy(), pend
+
+
+@njit(cache=True, nogil=True)
+def _belady_insert(cnt, where, pin, pfu, skey, snext, n, cap, E, mark, kid, next_use, prefetched):
+    """Insert `kid` into its layer's slots (a free one, else the victim's: the unpinned resident of the farthest
+    next use, ties to the lower key). Returns its slot, or -1 where every resident is pinned."""
+    p = kid // E
+    if n[p] < cap:
+        j = n[p]
+        n[p] += 1
+    else:
+        j = -1
+        for c in range(cap):
+            x = skey[p, c]
+            if pin[x] != mark and (j < 0 or snext[p, c] > snext[p, j] or (snext[p, c] == snext[p, j]
+                                                                           and x < skey[p, j])):
+                j = c
+        if j < 0:
+            return -1
+        v = skey[p, j]
+        where[v] = -1
+        cnt[EVICTIONS] += 1
+        if pfu[v]:  # prefetched, never requested: its copy was wasted
+            pfu[v] = 0
+            cnt[PF_WASTED] += 1
+            cnt[PF_UNUSED] -= 1
+    skey[p, j] = kid
+    snext[p, j] = next_use
+    where[kid] = j
+    cnt[LOADS_N] += 1
+    if prefetched:
+        cnt[PF_LOADS] += 1
+        pfu[kid] = 1
+        cnt[PF_UNUSED] += 1
+    return j
 
 
 @njit(cache=True, nogil=True)
