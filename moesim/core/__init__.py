@@ -167,8 +167,17 @@ def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str
                reset_per_seq: bool = False) -> dict:
     """Cache-only replay, compiled: the counters moesim.engine.hit_counts gives for the reference policy
     `policy` built from `params`, with `n_slots` slots in `scope` (as Counters.to_dict())."""
-    return counters(_hits(trace, _policy_factory(policy, params), n_slots, scope, reset_steps(trace, reset_per_seq),
-                          None))
+    make = _policy_factory(policy, params)
+    resets = reset_steps(trace, reset_per_seq)
+    req = encode(trace)
+    cap = n_slots // req.n_layers
+    if DECIDE and policy in ("lru", "fifo") and scope == "per_layer" and 0 < req.width <= cap:
+        # their slot kernels need no cache state: not built (a short trace's replay had taken twice as long)
+        from .slots import no_offload, slots_fifo, slots_lru
+
+        found = (slots_fifo, ()) if policy == "fifo" else (slots_lru, (no_offload(req.n_layers, req.n_experts),))
+        return counters(_slot_run(*found, req, cap, resets, None)[0])
+    return counters(_hits(trace, make, n_slots, scope, resets, None))
 
 
 def hit_flags(trace, policy: str, params: dict | None, n_slots: int, scope: str = "per_layer",
@@ -197,15 +206,7 @@ def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None, prefetch=
     cap = n_slots // req.n_layers if scope == "per_layer" else int(st.I[CAP, 0])
     found = slot_kernel(st, prm, scope, offload, prefetch) if DECIDE and 0 < req.width <= cap else None
     if found is not None:
-        kernel, extra = found
-        f = np.zeros(len(req.ids), np.uint8) if flags is None else flags
-        args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, cnt, *extra]
-        with compile_notice(kernel):  # around a call of no steps: compiling or loading, not replaying
-            kernel(*args[:5], resets[:0], *args[6:])
-        out = kernel(*args)
-        if out[0] < 0:
-            raise kernel_error(out[0], req, cap, out[1])
-        return cnt, (out[2:] if len(out) > 2 else none)
+        return _slot_run(*found, req, cap, resets, flags)
     if offload is not None or prefetch is not None:
         return None
     args = [st.I, st.F, st.nxt, st.seqs, prm, req.ids, req.ptr, resets,
@@ -216,6 +217,19 @@ def _decide(st, prm, req, n_slots, scope, resets, flags, offload=None, prefetch=
     if status < 0:
         raise _error(status, req, st, where)
     return cnt, none
+
+
+def _slot_run(kernel, extra, req, cap, resets, flags) -> tuple:
+    """(counters, prefetches) of a slot kernel's replay (see _decide)."""
+    cnt = np.zeros(loop.N_CNT, np.int64)
+    f = np.zeros(len(req.ids), np.uint8) if flags is None else flags
+    args = [req.ids, req.ptr, req.n_layers, req.n_experts, cap, resets, f, cnt, *extra]
+    with compile_notice(kernel):  # around a call of no steps: compiling or loading, not replaying
+        kernel(*args[:5], resets[:0], *args[6:])
+    out = kernel(*args)
+    if out[0] < 0:
+        raise kernel_error(out[0], req, cap, out[1])
+    return cnt, (out[2:] if len(out) > 2 else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
 
 
 @contextmanager
