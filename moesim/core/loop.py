@@ -286,32 +286,16 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
                 n_host += d >= ON_HOST
                 if d == FETCHED or d == HOST_LOADED:
                     loads += 1.0
-                    start = now if now > cfree else cfree
-                    if 0.0 > start:  # `after`: no disk tier
-                        start = 0.0
-                    end = start + copy_ms
-                    cfree = end
-                    if serial:
-                        if phase < 0.0:
-                            phase = start
-                        now = end
-                    ready[base + ids[i]] = end
+                    now, cfree, phase = _copy_now(now, cfree, phase, copy_ms, serial)
+                    ready[base + ids[i]] = cfree
                     pf[base + ids[i]] = 0  # a demand copy replaces an unused prefetched one
             if prefetching:  # then the prefetches, in their order
                 while p_done < pend[pos]:
                     kid = pkeys[p_done]
                     p_done += 1
                     loads += 1.0
-                    start = now if now > cfree else cfree
-                    if 0.0 > start:
-                        start = 0.0
-                    end = start + copy_ms
-                    cfree = end
-                    if serial:
-                        if phase < 0.0:
-                            phase = start
-                        now = end
-                    ready[kid] = end
+                    now, cfree, phase = _copy_now(now, cfree, phase, copy_ms, serial)
+                    ready[kid] = cfree
                     pf[kid] = 1
             n_cp += int(loads)
             start = now  # clock.device_part
@@ -368,6 +352,21 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
     served[0] = free_runs
     served[1] = late
     return steps
+
+
+@njit(**HOT)
+def _copy_now(now, cfree, phase, copy_ms, serial):
+    """clock.copy on clocks held in local variables (time_hits), no disk tier: (now, when the copy engine is free
+    again = the copy's end, phase)."""
+    start = now if now > cfree else cfree
+    if 0.0 > start:  # `after`: no disk tier
+        start = 0.0
+    end = start + copy_ms
+    if serial:  # the copy holds the thread that computes
+        if phase < 0.0:
+            phase = start
+        now = end
+    return now, end, phase
 
 
 @njit(**HOT)
