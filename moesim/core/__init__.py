@@ -176,7 +176,7 @@ def hit_counts(trace, policy: str, params: dict | None, n_slots: int, scope: str
         from .slots import no_offload, slots_fifo, slots_lru
 
         found = (slots_fifo, ()) if policy == "fifo" else (slots_lru, (no_offload(req.n_layers, req.n_experts),))
-        return counters(_slot_run(*found, req, cap, resets, None)[0])
+        return counters(_slot_run(*found, req, cap, resets, np.zeros(0, np.uint8))[0])  # no flags: counts only
     return counters(_hits(trace, make, n_slots, scope, resets, None))
 
 

@@ -106,6 +106,7 @@ def slots_fifo(ids, ptr, L, E, cap, resets, flags, cnt):
     """strategies/fifo.py FIFO: per layer the slots' keys and insert stamps; the victim is the oldest unpinned."""
     where = np.full(L * E, -1, np.int64)
     pin = np.zeros(L * E, np.int64)  # request position + 1 while pinned: FIFO's hits may be the oldest
+    flag = len(flags) > 0  # empty: counts only (core.hit_counts)
     skey = np.zeros((L, max(cap, 1)), np.int64)
     sstamp = np.zeros((L, max(cap, 1)), np.int64)  # insert stamps
     n = np.zeros(L, np.int64)
@@ -125,7 +126,8 @@ def slots_fifo(ids, ptr, L, E, cap, resets, flags, cnt):
                 pin[kid] = pos + 1
                 if where[kid] >= 0:
                     hits += 1
-                flags[i] = where[kid] >= 0
+                if flag:
+                    flags[i] = where[kid] >= 0
             for i in range(a, b):
                 kid = base + ids[i]
                 if where[kid] >= 0:
@@ -402,7 +404,8 @@ def _miss(cnt, flags, i, d):
 def slots_lru(ids, ptr, L, E, cap, resets, flags, cnt, off):
     """strategies/lru.py LRU per layer: the slots' keys and last-use stamps in two short rows, the victim found by a
     scan of `cap` stamps. Hits are stamped in row order, then inserted misses, so the oldest stamp is the list
-    head, and the pinned keys hold the newest stamps: the oldest is pinned only when all are."""
+    head, and the pinned keys hold the newest stamps: the oldest is pinned only when all are. Without an offload
+    policy, flags may be empty (core.hit_counts: counts only)."""
     oi, odev, ohl, oshare, ofaster, oroom, opart, oload, counts, step_tokens = off
     owed = np.zeros(8)
     # branch-free where the outcome is data (hit or miss, the oldest stamp): mispredicted branches were the cost
@@ -411,14 +414,18 @@ def slots_lru(ids, ptr, L, E, cap, resets, flags, cnt, off):
     sstamp = np.zeros((L, cap + 1), np.int64)  # [L, cap] last use of each slot's key (column cap: scratch)
     n = np.zeros(L, np.int64)  # slots in use per layer
     miss = np.empty(width(ptr), np.int64)  # the running request's misses (element positions), in row order
-    decide = oi[0] != OFF_NONE
+    decide = oi[0] != OFF_NONE  # then flags are given
+    flag = len(flags) > 0
     clock = 0
     hits = 0
+    loads = 0
+    evictions = 0
     for s in range(len(resets)):
         if resets[s]:
             where[:] = -1
             n[:] = 0
-        oload[:] = 0  # Host.begin_step
+        if decide:
+            oload[:] = 0  # Host.begin_step
         for layer in range(L):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
@@ -431,7 +438,8 @@ def slots_lru(ids, ptr, L, E, cap, resets, flags, cnt, off):
                 hit = j >= 0
                 clock += hit
                 sstamp[layer, j if hit else cap] = clock
-                flags[i] = hit
+                if flag:
+                    flags[i] = hit
                 miss[n_miss] = i
                 n_miss += 1 - hit
             hits += b - a - n_miss
@@ -454,19 +462,21 @@ def slots_lru(ids, ptr, L, E, cap, resets, flags, cnt, off):
                         m = v if older else m
                         j = c if older else j
                     if m >= first:
-                        if flags[i] == HOST_LOADED:  # nothing to evict: computed on the host alone
+                        if decide and flags[i] == HOST_LOADED:  # nothing to evict: computed on the host alone
                             flags[i] = ON_HOST
                             continue
                         return ALL_PINNED, pos
                     where[skey[layer, j]] = -1
-                    cnt[EVICTIONS] += 1
-                cnt[LOADS_N] += 1
+                    evictions += 1
+                loads += 1
                 clock += 1
                 sstamp[layer, j] = clock
                 skey[layer, j] = kid
                 where[kid] = j
     cnt[REQUESTS] += ptr[len(resets) * L] - ptr[0]
     cnt[HITS] += hits
+    cnt[LOADS_N] += loads
+    cnt[EVICTIONS] += evictions
     return 0, 0
 
 
