@@ -208,13 +208,15 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         notes = []
         if tier is not None:
             notes.append(f"{real.name} takes {total / GIB:.1f} GiB, more than VRAM + RAM = {usable / GIB:.1f} + "
-                         f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} of "
-                         f"them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: Belady over the host's own requests)")
+                         f"{tier['ram_gib']:g} GiB: every expert is read from {tier['storage']}, {tier['host_slots']} "
+                         f"of them ({tier['ram_gib']:g} GiB) stay in RAM ({tier['policy']}; the bound's host cache: "
+                         f"Belady over the host's own requests)")
         elif disk is not None:
             notes.append(f"{real.name} fits in VRAM + RAM: nothing is read from disk={disk}")
         lo = K * L if max_slots >= K * L else K
         if lo == K:
-            notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one pool")
+            notes.append(f"only {max_slots} experts fit, fewer than top-k x layers = {K * L}: every size runs in one "
+                         f"pool")
         grid = sizes_between(lo, max_slots, sizes, L if lo == K * L else 1)
         names = list(strategies) if strategies else default_strategies()
         one_pool = lo == K  # too few slots for a layer's top-k in every layer: one pool for all
@@ -285,7 +287,8 @@ def plan(model: str | None = None, hardware: str = "rtx-4090", host: str | None 
         rows = _run_all(tr, todo, configs, least, replayers, progress)
         replayers.close(wait=False)  # every replay is done
         rows += [_shared_row(rows, name, size, rep) for (name, size), rep in sorted(skip.items())]
-        rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name, tr)
+        rows += [_moved_row(rows, name, size, at, min(size, max_slots - scratch[name]), configs[name], real, hw_name,
+                            tr)
                  for (name, size), at in sorted(moved.items())]
         rows += [dataclasses.replace(r, strategy=name, seconds=0.0) for name, twin in same.items() if twin != name
                  for r in rows if r.strategy == twin and not r.bound]

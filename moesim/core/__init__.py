@@ -420,7 +420,8 @@ def simulate(trace, spec, n_slots: int, scope: str, make_policy, prefetcher=None
         # request wider than a partition: what becomes of each element does not depend on the clocks, so it is
         # decided first (a slot kernel, the learned policy's pass over several budgets, or the cache-only replay)
         # and time_hits times it
-        if offload is None and prefetcher is None and prm.code == LEARNED and n_slots in _AHEAD and scope == "per_layer":
+        if (offload is None and prefetcher is None and prm.code == LEARNED and n_slots in _AHEAD
+                and scope == "per_layer"):
             pre, decided = _decided(trace, spec, n_slots, make_policy, resets, reset_per_seq) or (pre, None)
         if decided is None:
             pre = np.zeros(len(req.ids), np.uint8)

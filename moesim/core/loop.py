@@ -17,7 +17,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .clock import COPY_FREE, HOST_FREE, LOADS, NOW, OWED, PHASE, copy, device_part, disk_read, host_part, inflight_bytes
+from .clock import (COPY_FREE, HOST_FREE, LOADS, NOW, OWED, PHASE, copy, device_part, disk_read, host_part,
+                    inflight_bytes)
 from .policies import LEARNED, REFUSING, learned_request, evict_one, on_access, on_insert, on_request
 from .requests import width
 from .state import (CAP, FREE, HOT, NFREE, PART, PFU, PIN, RES, SIZE, SLOT, UNIT, next_after, reset)
@@ -288,7 +289,8 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
                     loads += 1.0
                     now, cfree, phase = _copy_now(now, cfree, phase, copy_ms, serial)
                     ready[base + ids[i]] = cfree
-                    pf[base + ids[i]] = 0  # a demand copy replaces an unused prefetched one
+                    if prefetching:
+                        pf[base + ids[i]] = 0  # a demand copy replaces an unused prefetched one
             if prefetching:  # then the prefetches, in their order
                 while p_done < pend[pos]:
                     kid = pkeys[p_done]
@@ -312,7 +314,7 @@ def time_hits(dec, ids, ptr, E, counts, step_tokens, shared_ms, device_ms, host_
                     waited += 1
                     if r > start:
                         start = r
-                if pf[kid]:  # first use of a prefetched copy
+                if prefetching and pf[kid]:  # first use of a prefetched copy
                     pf[kid] = 0
                     if r > free:
                         late += 1

@@ -1,7 +1,8 @@
 """The caches of one partition per layer (and LRU's and visit_count's one pool) in their fastest form: each
 partition a short row of slots (their keys and what the policy ranks them by), the victim found by a scan of the
-row (LRU's pool: a list; visit_count: each layer's best). moesim.core.simulate and hit_counts take them where no request is wider than a partition, no prefetcher
-runs and the offload policy, if any, decides without the clocks (slot_kernel says which); they decide what
+row (LRU's pool: a list; visit_count: each layer's best). moesim.core.simulate and hit_counts take them where no
+request is wider than a partition, no prefetcher caps the bytes in flight (only Belady's kernel takes one) and
+the offload policy, if any, decides without the clocks (slot_kernel says which); they decide what
 becomes of each request element, and moesim.core.loop.time_hits times it. The same decisions as the cache state
 of state.py and policies.py, which stay the reference for every other run (tests/test_core.py holds both to the
 plain-Python classes of strategies/).
@@ -319,7 +320,8 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, s
             where[:] = -1
             seen[:] = 0
             n[:] = 0
-        oload[:] = 0  # Host.begin_step
+        if oi[0] != OFF_NONE:
+            oload[:] = 0  # Host.begin_step
         for layer in range(L):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
@@ -340,7 +342,8 @@ def slots_class_lru(ids, ptr, L, E, cap, resets, flags, cnt, C, decay_per_pos, s
                         continue
                     else:
                         d = FETCH if oi[0] == OFF_NONE else offload_decision(
-                            owed, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, counts[i], step_tokens[s])
+                            owed, oi, odev, ohl, oshare, ofaster, oroom, opart, oload, kid, layer, counts[i],
+                            step_tokens[s])
                         j = _miss(cnt, flags, i, d)
                         if j < 0:
                             continue
@@ -499,7 +502,8 @@ def slots_lru_global(ids, ptr, L, E, cap, resets, flags, cnt, off):
             res[:] = 0
             head = tail = -1
             size = 0
-        oload[:] = 0  # Host.begin_step
+        if oi[0] != OFF_NONE:
+            oload[:] = 0  # Host.begin_step
         for layer in range(L):
             pos = s * L + layer
             a, b = ptr[pos], ptr[pos + 1]
